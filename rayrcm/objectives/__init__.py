@@ -1,0 +1,29 @@
+"""Objective registry: one module per method, one line here per method.
+
+Each entry maps a name to ``(config dataclass, build(cfg, num_classes) -> Objective)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rayrcm.objectives import gaussian, rcm
+from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+from rayrcm.registry import Registry
+
+OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[Any, int], Objective]]] = Registry("method")
+OBJECTIVES.register("rcm")((rcm.RCMConfig, rcm.build))
+OBJECTIVES.register("gaussian")((gaussian.GaussianConfig, gaussian.build))
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    return OBJECTIVES.get(name)[0]
+
+
+def build_objective(cfg: Any, num_classes: int) -> Objective:
+    """Build the objective named by ``cfg.method.name`` from a full :class:`ExperimentConfig`."""
+    return OBJECTIVES.get(cfg.method.name)[1](cfg, num_classes)
+
+
+__all__ = ["OBJECTIVES", "LossOutput", "MethodConfig", "Objective", "build_objective", "method_config_class"]
