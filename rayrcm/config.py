@@ -299,6 +299,7 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     _check(all(c.isalnum() or c in "-_." for c in cfg.job_name), "train.name", cfg.job_name, "use letters, digits, '-', '_' or '.'")
 
     _check(bool(tr.experiment), "tracking.experiment", tr.experiment, "must not be empty")
+    _check(all(c.isalnum() or c in "-_" for c in tr.alias), "tracking.alias", tr.alias, "MLflow aliases use letters, digits, '_' and '-' only (e.g. sigma-0_50)")
     _check(not tr.alias or bool(tr.register_as), "tracking.alias", tr.alias, "needs tracking.register_as")
     cfg.method.validate(cfg)
     return cfg

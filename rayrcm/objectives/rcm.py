@@ -158,3 +158,13 @@ class RCMObjective(Objective):
 def build(cfg: Any, num_classes: int) -> RCMObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
     return RCMObjective(cfg.method, encoder, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.train.steps)
+
+
+def rcm_input_scale(sigma: float, sigma_data: float = 0.5, std: float = 0.5) -> float:
+    """``c_in`` for a classifier fine-tuned from an RCM encoder at fixed pixel noise ``sigma``.
+
+    The encoder was pretrained on inputs scaled by ``1 / sqrt(s^2 + sigma_data^2)`` with ``s`` the
+    noise std in normalized units (``sigma / std``); a classifier that sees noise ``sigma`` uses the
+    same factor as its fixed ``model.input_scale``.
+    """
+    return 1.0 / math.sqrt((sigma / std) ** 2 + sigma_data**2)

@@ -1,0 +1,26 @@
+"""MLflow "model from code" for rayrcm models: the logged artifact is rayrcm's ``model.pt``.
+
+``predict`` takes float32 pixels in [0, 1] shaped ``(B, 3, H, W)`` and returns class labels for a
+classifier (features for an encoder).
+"""
+
+import mlflow
+import numpy as np
+import torch
+
+
+class RayrcmModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from rayrcm.orchestration.tracking import build_from_file
+
+        self.model, self.meta = build_from_file(context.artifacts["model"])
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            out = self.model(x)
+        return out.argmax(1).numpy() if self.meta["stage"] == "classifier" else out.numpy()
+
+
+mlflow.models.set_model(RayrcmModel())

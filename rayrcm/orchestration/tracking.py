@@ -1,0 +1,197 @@
+"""MLflow tracking, in one place.
+
+* One experiment per recipe; one run per job, found again by the ``rayrcm.job`` tag, so restarts
+  and reruns of a job log into the same run id.
+* The driver creates the run and logs params once; rank 0 of the Ray Train workers logs metrics
+  with the explicit run id; no other process writes.
+* Models are logged as an MLflow ``pyfunc`` whose artifact is rayrcm's own ``model.pt``
+  (state dict + resolved config, loaded with ``weights_only=True``), chosen on purpose over
+  pickled modules (unsafe to load) and ``torch.export`` (needs fixed input shapes). Registered
+  versions are tagged with dataset, method, encoder and sigma, and can carry an alias.
+* :func:`resolve_model` turns ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``,
+  a bare run id or a local path into a local ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rayrcm.errors import ConfigError
+
+JOB_TAG = "rayrcm.job"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def normalize_uri(uri: str) -> str:
+    """Make sqlite paths absolute (workers run in other directories) and create their folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if "://" not in uri:  # a plain folder: MLflow's file store, refused by MLflow 3 by default
+        raise ConfigError("tracking.uri", uri, "use sqlite:///path/mlflow.db or http(s)://host:port of an mlflow server")
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with one line, when an MLflow server URI does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise ConfigError("tracking.uri", uri, f"MLflow server answered HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError("tracking.uri", uri, f"MLflow server unreachable ({reason})") from None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name)
+
+
+def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                  parent_run_id: str | None = None) -> str:
+    """The run of ``job`` (created on first use, reused on restart); params are logged once."""
+    from mlflow.entities import Param, RunStatus
+
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1)
+    if found:
+        run = found[0]
+        client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run.info.run_id
+    all_tags = {JOB_TAG: job, "mlflow.runName": job, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=all_tags, run_name=job)
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+class MetricLogger:
+    """Logs scalar metrics to one run by id. Create it in one process only (the driver or rank 0)."""
+
+    def __init__(self, uri: str, run_id: str, system_metrics: bool = False) -> None:
+        self.client, self.run_id = _client(uri), run_id
+        self._monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
+            self._monitor = SystemMetricsMonitor(run_id)
+            self._monitor.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+
+
+def log_model(uri: str, run_id: str, model_file: str | Path, *, register_as: str = "", alias: str = "",
+              version_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Log ``model.pt`` as the run's ``model`` and register/alias it when asked."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"model": str(model_file)},
+            pip_requirements=["rayrcm", "torch", "timm"],
+        )
+    out: dict[str, Any] = {"model_uri": info.model_uri}
+    if register_as:
+        client = _client(uri)
+        mv = mlflow.register_model(info.model_uri, register_as, tags=version_tags or {})
+        out.update(name=register_as, version=int(mv.version), registry_uri=f"models:/{register_as}/{mv.version}")
+        if alias:
+            client.set_registered_model_alias(register_as, alias, mv.version)
+            out["alias_uri"] = f"models:/{register_as}@{alias}"
+        client.set_tag(run_id, "rayrcm.registered_model", out.get("alias_uri", out["registry_uri"]))
+    return out
+
+
+def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local ``model.pt`` for a registry URI, a ``runs:/`` URI, a run id or a path."""
+    p = Path(ref).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for cand in (p / "model.pt", p / "artifacts" / "model.pt"):
+            if cand.is_file():
+                return cand
+        raise ConfigError("model", ref, "folder holds no model.pt")
+    if _RUN_ID.match(ref):
+        ref = f"runs:/{ref}/model"
+    if not ref.startswith(("models:/", "runs:/")):
+        raise ConfigError("model", ref, "not a file, a run id, runs:/<id>/model or models:/<name>@<alias>")
+    import mlflow
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    local = Path(dst or tempfile.mkdtemp(prefix="rayrcm-model-"))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(local)))
+    except Exception as err:  # MLflow raises several types for a missing model/alias/run
+        raise ConfigError("model", ref, f"cannot be resolved in {uri or 'the tracking server'} ({str(err).splitlines()[0][:200]})") from None
+    for cand in (got / "artifacts" / "model.pt", got / "model.pt", got):
+        if cand.is_file():
+            return cand
+    raise ConfigError("model", ref, "the artifact holds no model.pt")
+
+
+def build_from_file(path: str | Path):
+    """Rebuild the exported network from a ``model.pt`` (config inside) with ``strict=True``."""
+    from rayrcm.config import from_dict
+    from rayrcm.models import build_classifier, build_encoder
+    from rayrcm.train.checkpoint import load_model_file
+
+    blob = load_model_file(path)
+    meta = blob["meta"]
+    cfg = from_dict(meta["config"])
+    from dataclasses import replace
+
+    model_cfg = replace(cfg.model, init_from=None)
+    if meta["stage"] == "classifier":
+        model = build_classifier(model_cfg, meta["image_size"], meta["num_classes"])
+    else:
+        model = build_encoder(model_cfg, meta["image_size"])
+    model.load_state_dict(blob["model"], strict=True)
+    return model, meta
+
+
+def load_model(ref: str, uri: str | None = None):
+    """``(model, meta)`` for any model reference (see :func:`resolve_model`)."""
+    return build_from_file(resolve_model(ref, uri))

@@ -1,0 +1,121 @@
+"""The Ray Train worker function: builds everything from the config and runs the pure step loop.
+
+Every worker calls ``ray.train.report`` at the same steps (it is a barrier); rank 0 attaches the
+checkpoint and is the only process that writes to MLflow.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rayrcm.config import from_dict
+from rayrcm.data import MultiView, build_splits, build_transform
+from rayrcm.eval.accuracy import accuracies, count_correct
+from rayrcm.objectives import build_objective
+from rayrcm.train.checkpoint import MODEL_FILE, load_state, model_meta, save_model, save_state
+from rayrcm.train.loop import Loop, batches_from, run_steps
+from rayrcm.train.optim import build_optimizer, build_scheduler
+
+
+def fault_marker(storage_path: str, job: str, step: int) -> Path:
+    return Path(storage_path) / job / f".fault_injected_at_{step}"
+
+
+def _inject_fault(storage_path: str, job: str, step: int) -> None:
+    """Test hook: raise once at ``step``; a marker on shared storage keeps the retry from raising."""
+    marker = fault_marker(storage_path, job, step)
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise RuntimeError(f"injected worker failure at step {step} (train.fault_at_step)")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    t = cfg.train
+
+    splits = build_splits(cfg.data)
+    size, large = cfg.data.image_size, splits.large
+    train_set = MultiView(splits.train, [build_transform(v, size, large=large, hflip=cfg.data.hflip)
+                                         for v in cfg.method.views(cfg.data.augmentation)])
+    eval_set = MultiView(splits.test, [build_transform("none", size, large=large)])
+
+    torch.manual_seed(t.seed)  # identical initial weights on every worker
+    objective = build_objective(cfg, splits.num_classes)
+    exported = objective.export()
+    optimizer = build_optimizer(objective, exported, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+    meta = model_meta(config["cfg"], cfg.method.stage, splits.num_classes)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_state(d)
+        objective.load_state_dict(state["objective"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["step"])
+    objective.to(device)
+    model = ray.train.torch.prepare_model(objective) if world > 1 else objective
+
+    logger = None
+    if rank == 0 and config.get("run_id"):
+        from rayrcm.orchestration.tracking import MetricLogger
+
+        logger = MetricLogger(config["tracking_uri"], config["run_id"], cfg.tracking.system_metrics)
+    if rank == 0:
+        print(f"[rayrcm] {cfg.job_name}: {'resuming at' if start else 'starting'} step {start}/{t.steps}, "
+              f"{world} worker(s), {len(splits.train)} training images", flush=True)
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if rank == 0:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "images_per_s"))
+            print(f"[rayrcm] step {step}/{t.steps} {shown}", flush=True)
+            if logger is not None:
+                logger.log(step, metrics)
+
+    def report(step: int, metrics: dict[str, float], final: bool = False) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                save_state(d, objective, optimizer, scaler, step, meta)
+                if final:
+                    save_model(Path(d) / MODEL_FILE, objective.export(), meta)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+
+    before = (lambda s: _inject_fault(t.storage_path, cfg.job_name, s) if s == t.fault_at_step and rank == 0 else None)
+    per_worker = cfg.data.batch_size // world
+    batches = batches_from(train_set, per_worker, rank, world, t.seed, start, cfg.data.num_workers)
+    loop = Loop(model, objective, optimizer, scheduler, device, t.precision, cfg.optim.grad_clip, scaler)
+    metrics = run_steps(loop, batches, start=start, total=t.steps, seed=t.seed, rank=rank, batch_size=cfg.data.batch_size,
+                        log_every=t.log_every, checkpoint_every=t.checkpoint_every, on_log=on_log,
+                        on_checkpoint=report, before_step=before)
+
+    final = {k: v for k, v in metrics.items() if k == "loss"}
+    if cfg.method.stage == "classifier":
+        counts = count_correct(objective.export(), eval_set, t.eval_sigmas, device=device, rank=rank, world=world, seed=t.seed)
+        if world > 1:
+            counts = counts.to(device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        final.update(accuracies(counts, t.eval_sigmas))
+        if logger is not None:
+            logger.log(t.steps, final)
+    report(t.steps, final, final=True)
+    if logger is not None:
+        logger.close()

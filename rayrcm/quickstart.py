@@ -1,0 +1,77 @@
+"""The quickstart: the whole RCM pipeline on the bundled digits, on a local Ray cluster, in minutes.
+
+1. RCM contrastive-denoising pretraining of a small ViT (Ray Train, 2 workers, DDP).
+2. Gaussian noise augmentation fine-tuning at sigma = 0.25 from that encoder (found by run id).
+3. Clean and noisy test accuracy at sigma 0.25 and 0.5; everything in MLflow; the classifier
+   registered as ``rcm-digits`` with the alias ``sigma-0.25``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from rayrcm.config import ExperimentConfig, apply_overrides, from_dict
+from rayrcm.objectives.rcm import rcm_input_scale
+
+SIGMA = 0.25
+
+
+def sigma_alias(sigma: float) -> str:
+    """MLflow aliases allow only letters, digits, '_' and '-': sigma 0.25 -> ``sigma-0_25``."""
+    return f"sigma-{sigma:.2f}".replace(".", "_")
+
+
+def pretrain_config() -> ExperimentConfig:
+    return from_dict({
+        "data": {"name": "digits", "image_size": 16, "augmentation": "strong", "batch_size": 128},
+        "model": {"encoder": "vit_digits", "proj_hidden_dim": 512, "proj_dim": 128},
+        "method": {"name": "rcm", "levels_start": 10, "levels_end": 40},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 20, "grad_clip": 2.0},
+        "train": {"name": "quickstart-pretrain", "steps": 150, "workers": 2, "checkpoint_every": 50, "log_every": 25},
+        "tracking": {"experiment": "rayrcm-quickstart"},
+    })
+
+
+def finetune_config(encoder_ref: str = "") -> ExperimentConfig:
+    return from_dict({
+        "data": {"name": "digits", "image_size": 16, "augmentation": "weak", "batch_size": 128},
+        # RCM preconditioning at the training noise level, see rcm_input_scale
+        "model": {"encoder": "vit_digits", "init_from": encoder_ref or None, "input_scale": rcm_input_scale(SIGMA)},
+        "method": {"name": "gaussian", "sigma": SIGMA},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 20, "layer_decay": 0.75},
+        "train": {"name": "quickstart-finetune", "steps": 300, "workers": 2, "checkpoint_every": 100, "log_every": 50,
+                  "eval_sigmas": (0.25, 0.5)},
+        "tracking": {"experiment": "rayrcm-quickstart", "register_as": "rcm-digits", "alias": sigma_alias(SIGMA)},
+    })
+
+
+def run(overrides: list[str] | None = None) -> dict:
+    """Pretrain, fine-tune, evaluate; print a table and where to look. Returns the fine-tune result."""
+    from rayrcm.config import validate
+    from rayrcm.orchestration.trainer import fit
+
+    overrides = overrides or []
+    tic = time.perf_counter()
+    pre = apply_overrides(pretrain_config(), overrides)
+    ft = apply_overrides(finetune_config("placeholder"), overrides)
+    validate(pre), validate(replace(ft, model=replace(ft.model, init_from=None)))  # fail before any Ray work
+    pre_result = fit(pre)
+    ref = pre_result.run_id or str(pre_result.model_file)
+    ft = replace(ft, model=replace(ft.model, init_from=ref))
+    result = fit(ft)
+    m = result.metrics
+    rows = [("clean", m.get("test_acc_clean"))] + [(f"sigma={s:g}", m.get(f"test_acc_sigma_{s:g}")) for s in ft.train.eval_sigmas]
+    print("\nDigits test accuracy of the fine-tuned classifier (Gaussian noise aug, sigma=0.25):")
+    print("| input | accuracy |\n|---|---|")
+    for name, acc in rows:
+        print(f"| {name} | {acc:.3f} |" if acc is not None else f"| {name} | n/a |")
+    print(f"\nPretraining run: {pre_result.run_id}\nFine-tuning run: {result.run_id}")
+    if result.model.get("alias_uri"):
+        print(f"Registered model: {result.model['alias_uri']} (version {result.model['version']})")
+    print(f"Checkpoints: {result.model_file.parent}")
+    print(f"MLflow UI:   mlflow ui --backend-store-uri {ft.tracking.uri}")
+    print(f"Total time:  {time.perf_counter() - tic:.0f} s")
+    return {"pretrain": pre_result, "finetune": result}
+
+

@@ -1,0 +1,1 @@
+"""Training without Ray: optimizer groups, per-step schedules, checkpoints, the step loop."""

@@ -1,0 +1,63 @@
+"""Checkpoint files. Everything loads with ``weights_only=True`` and ``strict=True``.
+
+* ``state.pt``: the training state, ``{objective, optimizer, scaler, step, rng, meta}``; enough to
+  resume bit-for-bit (the objective's state includes EMA teachers).
+* ``model.pt``: the exported network, ``{model: state_dict, meta: {...}}``, where ``meta`` holds the
+  resolved config, encoder, method, stage, number of classes and the code version.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import rayrcm
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def model_meta(cfg_dict: dict, stage: str, num_classes: int) -> dict[str, Any]:
+    return {
+        "config": cfg_dict,
+        "encoder": cfg_dict["model"]["encoder"],
+        "method": cfg_dict["method"]["name"],
+        "stage": stage,
+        "num_classes": num_classes,
+        "image_size": cfg_dict["data"]["image_size"],
+        "code_version": rayrcm.__version__,
+    }
+
+
+def save_state(directory: str | Path, objective: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int, meta: dict) -> None:
+    state = {
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "step": step,
+        "rng": torch.get_rng_state(),
+        "meta": meta,
+    }
+    _atomic_save(state, Path(directory) / STATE_FILE)
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
+    _atomic_save({"model": model.state_dict(), "meta": meta}, Path(path))
+
+
+def load_model_file(path: str | Path) -> dict[str, Any]:
+    return torch.load(Path(path), map_location="cpu", weights_only=True)

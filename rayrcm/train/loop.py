@@ -1,0 +1,120 @@
+"""The step loop, free of Ray: batches by step index, autocast, clipping, schedule, callbacks.
+
+Resuming is exact: the data order is a function of ``(seed, epoch)``, and the global RNG is
+re-seeded from ``(seed, rank, step)`` before each batch is drawn, so step ``k`` sees the same
+augmentations, noise and noise level whether or not the run was interrupted before it (with
+``data.num_workers=0``; loader worker processes draw their own seeds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from rayrcm.objectives.base import Objective
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
+
+
+def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed: int, start_step: int, num_workers: int = 0) -> Iterator:
+    """Infinite per-worker batches, skipping the first ``start_step`` of them without loading them.
+
+    Epoch ``e`` permutes the dataset with seed ``(seed, e)`` and gives rank ``r`` every
+    ``world``-th index from ``r`` (DistributedSampler's split); the last partial batch is dropped.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    per_epoch = (n // world) // per_worker
+    if per_epoch < 1:
+        raise ValueError(f"dataset of {n} samples is too small for {world} workers x batch {per_worker}")
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)[rank::world][: per_epoch * per_worker].tolist()
+        loader = DataLoader(dataset, batch_size=per_worker, sampler=order[skip * per_worker:],
+                            num_workers=num_workers, generator=torch.Generator().manual_seed(epoch),
+                            persistent_workers=False, drop_last=True)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Loop:
+    """One optimizer step at a time for a (possibly DDP-wrapped) objective."""
+
+    model: nn.Module  # the objective, maybe wrapped in DDP
+    objective: Objective  # the unwrapped objective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+    precision: str = "fp32"
+    grad_clip: float = 0.0
+    scaler: torch.amp.GradScaler | None = None
+    _params: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self, step: int, batch) -> dict[str, float]:
+        views, target = batch
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        target = target.to(self.device, non_blocking=True)
+        self.scheduler.step_update(step)  # lr for this update, a pure function of the step
+        self.model.train()
+        with autocast_for(self.device, self.precision):
+            out = self.model(views, target, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(out.loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            out.loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.objective.on_step_end(step)
+        metrics = {"loss": float(out.loss.detach()), "lr": self.optimizer.param_groups[-1]["lr"]}
+        metrics.update({k: float(v) for k, v in out.metrics.items()})
+        return metrics
+
+
+def run_steps(loop: Loop, batches: Iterator, *, start: int, total: int, seed: int, rank: int, batch_size: int,
+              log_every: int, checkpoint_every: int,
+              on_log: Callable[[int, dict[str, float]], None],
+              on_checkpoint: Callable[[int, dict[str, float]], None],
+              before_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Run steps ``start .. total-1``; log every ``log_every`` and checkpoint every ``checkpoint_every``."""
+    metrics: dict[str, float] = {}
+    tic, done = time.perf_counter(), 0
+    for step in range(start, total):
+        if before_step is not None:
+            before_step(step)
+        torch.manual_seed(step_seed(seed, rank, step))
+        metrics = loop.step(step, next(batches))
+        done += 1
+        if (step + 1) % log_every == 0 or step + 1 == total:
+            elapsed = time.perf_counter() - tic
+            metrics["images_per_s"] = done * batch_size / max(elapsed, 1e-9)
+            on_log(step + 1, metrics)
+            tic, done = time.perf_counter(), 0
+        if (step + 1) % checkpoint_every == 0 and step + 1 != total:
+            on_checkpoint(step + 1, metrics)
+    return metrics

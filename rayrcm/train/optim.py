@@ -1,0 +1,59 @@
+"""Optimizer (timm's factory) with layer-wise lr decay on ViT encoders, and the per-step schedule.
+
+Layer decay multiplies the lr of encoder layer ``l`` of ``L`` by ``decay^(L - l)`` (BEiT/MAE style,
+timm's ``param_groups_layer_decay``); heads and projectors keep the full lr. The schedule is timm's
+cosine with linear warmup indexed by optimizer step, so resuming is "set the step".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rayrcm.config import OptimConfig
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    enc = getattr(model, "encoder", None)
+    return getattr(enc, "model", None) if enc is not None else getattr(model, "model", None)
+
+
+def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Parameter groups of ``module`` (the objective): no weight decay on biases and norms."""
+    from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+
+    inner = _encoder_of(exported) if exported is not None else None
+    if cfg.layer_decay < 1.0 and inner is not None and hasattr(inner, "group_matcher"):
+        nwd = inner.no_weight_decay() if hasattr(inner, "no_weight_decay") else set()
+        groups = param_groups_layer_decay(inner, cfg.weight_decay, no_weight_decay_list=nwd, layer_decay=cfg.layer_decay)
+        inner_ids = {id(p) for p in inner.parameters()}
+        rest = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in inner_ids]
+        decay = [p for n, p in rest if p.ndim > 1]
+        no_decay = [p for n, p in rest if p.ndim <= 1]
+        groups += [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}) if g["params"]]
+        return groups
+    return param_groups_weight_decay(module, cfg.weight_decay)
+
+
+def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"momentum": cfg.momentum} if cfg.name in ("sgd", "lars") else {}
+    groups = param_groups(module, exported, cfg)
+    return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """timm cosine schedule with linear warmup from 0, stepped per optimizer update."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - cfg.warmup_steps),
+        lr_min=cfg.min_lr,
+        warmup_t=cfg.warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
