@@ -35,11 +35,12 @@ def pretrain_config() -> ExperimentConfig:
 
 def finetune_config(encoder_ref: str = "") -> ExperimentConfig:
     return from_dict({
-        "data": {"name": "digits", "image_size": 16, "augmentation": "weak", "batch_size": 128},
+        # 16 px digits: random crops cost more accuracy than they add in 300 steps
+        "data": {"name": "digits", "image_size": 16, "augmentation": "none", "batch_size": 128},
         # RCM preconditioning at the training noise level, see rcm_input_scale
         "model": {"encoder": "vit_digits", "init_from": encoder_ref or None, "input_scale": rcm_input_scale(SIGMA)},
         "method": {"name": "gaussian", "sigma": SIGMA},
-        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 20, "layer_decay": 0.75},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 20},
         "train": {"name": "quickstart-finetune", "steps": 300, "workers": 2, "checkpoint_every": 100, "log_every": 50,
                   "eval_sigmas": (0.25, 0.5)},
         "tracking": {"experiment": "rayrcm-quickstart", "register_as": "rcm-digits", "alias": sigma_alias(SIGMA)},

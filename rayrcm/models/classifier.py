@@ -68,6 +68,11 @@ def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str)
         raise ConfigError("model.init_from", str(path), f"does not match encoder {expected_encoder!r} ({first})") from None
 
 
+def check_encoder_file(path: str | Path, cfg: ModelConfig, image_size: int) -> None:
+    """Fail early (before any cluster work) when ``path`` does not fit ``cfg.encoder``."""
+    load_encoder_file(build_encoder(cfg, image_size), path, cfg.encoder)
+
+
 def build_classifier(cfg: ModelConfig, image_size: int, num_classes: int) -> Classifier:
     """A fresh classifier; ``cfg.init_from`` (a local file by now) initializes the encoder."""
     encoder = build_encoder(cfg, image_size)

@@ -10,6 +10,7 @@ from typing import Any
 
 from rayrcm.config import ExperimentConfig, to_dict, to_flat_dict, validate
 from rayrcm.errors import ConfigError
+from rayrcm.models.classifier import check_encoder_file
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.train_worker import train_worker
 from rayrcm.train.checkpoint import MODEL_FILE
@@ -51,6 +52,7 @@ def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
     if cfg.model.init_from:
         dst = Path(cfg.train.storage_path) / cfg.job_name / "init"
         local = tracking.resolve_model(cfg.model.init_from, uri, dst)
+        check_encoder_file(local, cfg.model, cfg.data.image_size)
         cfg = replace(cfg, model=replace(cfg.model, init_from=str(local)))
     return cfg, uri
 
