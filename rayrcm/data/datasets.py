@@ -139,6 +139,13 @@ def _cifar(name: str, folder: str, classes: int) -> DatasetSpec:
                 folder = Path(self.root) / self.base_folder
                 return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
 
+            def _load_meta(self) -> None:
+                import pickle
+
+                with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+                    self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
         root = os.path.expanduser(cfg.path or "")
         return cls(root, train=True, download=False), cls(root, train=False, download=False), classes
 
