@@ -106,7 +106,7 @@ def train_worker(config: dict[str, Any]) -> None:
                         log_every=t.log_every, checkpoint_every=t.checkpoint_every, on_log=on_log,
                         on_checkpoint=report, before_step=before)
 
-    final = {k: v for k, v in metrics.items() if k == "loss"}
+    final: dict[str, float] = {}
     if cfg.method.stage == "classifier":
         counts = count_correct(objective.export(), eval_set, t.eval_sigmas, device=device, rank=rank, world=world, seed=t.seed)
         if world > 1:
@@ -116,6 +116,6 @@ def train_worker(config: dict[str, Any]) -> None:
         final.update(accuracies(counts, t.eval_sigmas))
         if logger is not None:
             logger.log(t.steps, final)
-    report(t.steps, final, final=True)
+    report(t.steps, {**{k: v for k, v in metrics.items() if k == "loss"}, **final}, final=True)
     if logger is not None:
         logger.close()
