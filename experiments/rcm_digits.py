@@ -15,7 +15,7 @@ import sys
 from rayrcm.cli import main as cli_main
 from rayrcm.config import apply_overrides, validate
 from rayrcm.errors import ConfigError
-from rayrcm.quickstart import finetune_config, pretrain_config, run
+from rayrcm.quickstart import finetune_config, pretrain_config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from rayrcm.cli import main
-from rayrcm.models import build_encoder
 from rayrcm.config import ModelConfig
+from rayrcm.models import build_encoder
 from rayrcm.train.checkpoint import save_model
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, load_recipe, to_dict, to_flat_dict, validate
+from rayrcm.config import (
+    ExperimentConfig,
+    apply_overrides,
+    from_dict,
+    load_recipe,
+    to_dict,
+    to_flat_dict,
+    validate,
+)
 from rayrcm.errors import ConfigError
 
 

@@ -78,7 +78,9 @@ def test_rerun_of_a_failed_job_resumes(reference, mlflow_server):
 
     tmp, ref = reference
     cfg = _cfg(tmp, mlflow_server, "rerun", "train.fault_at_step=3", "train.max_failures=0")
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="injected worker failure"):
         fit(cfg)
     client = MlflowClient(mlflow_server)
     failed = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.`rayrcm.job` = 'rerun'")

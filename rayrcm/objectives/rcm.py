@@ -45,7 +45,14 @@ from torch import nn
 
 from rayrcm.data.noise import karras_sigmas
 from rayrcm.errors import ConfigError
-from rayrcm.models import Encoder, Normalize, ProjectionHead, build_encoder, ema_update, make_frozen_copy
+from rayrcm.models import (
+    Encoder,
+    Normalize,
+    ProjectionHead,
+    build_encoder,
+    ema_update,
+    make_frozen_copy,
+)
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import info_nce
 

@@ -98,7 +98,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
-    before = (lambda s: _inject_fault(t.storage_path, cfg.job_name, s) if s == t.fault_at_step and rank == 0 else None)
+    def before(step: int) -> None:
+        if step == t.fault_at_step and rank == 0:
+            _inject_fault(t.storage_path, cfg.job_name, step)
+
     per_worker = cfg.data.batch_size // world
     batches = batches_from(train_set, per_worker, rank, world, t.seed, start, cfg.data.num_workers)
     loop = Loop(model, objective, optimizer, scheduler, device, t.precision, cfg.optim.grad_clip, scaler)
@@ -116,6 +119,6 @@ def train_worker(config: dict[str, Any]) -> None:
         final.update(accuracies(counts, t.eval_sigmas))
         if logger is not None:
             logger.log(t.steps, final)
-    report(t.steps, {**{k: v for k, v in metrics.items() if k == "loss"}, **final}, final=True)
+    report(t.steps, {**metrics, **final}, final=True)
     if logger is not None:
         logger.close()
