@@ -6,6 +6,7 @@ checkpoint and is the only process that writes to MLflow.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,15 @@ def _inject_fault(storage_path: str, job: str, step: int) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         raise RuntimeError(f"injected worker failure at step {step} (train.fault_at_step)")
+
+
+def say(message: str) -> None:
+    """One progress line to the worker's real stdout (Ray forwards it to the driver once).
+
+    Ray Train patches ``print`` and tees when a library (MLflow here) has wrapped
+    ``sys.stdout``, which would show every line twice.
+    """
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -78,13 +88,13 @@ def train_worker(config: dict[str, Any]) -> None:
 
         logger = MetricLogger(config["tracking_uri"], config["run_id"], cfg.tracking.system_metrics)
     if rank == 0:
-        print(f"[rayrcm] {cfg.job_name}: {'resuming at' if start else 'starting'} step {start}/{t.steps}, "
-              f"{world} worker(s), {len(splits.train)} training images", flush=True)
+        say(f"[rayrcm] {cfg.job_name}: {'resuming at' if start else 'starting'} step {start}/{t.steps}, "
+            f"{world} worker(s), {len(splits.train)} training images")
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         if rank == 0:
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "images_per_s"))
-            print(f"[rayrcm] step {step}/{t.steps} {shown}", flush=True)
+            say(f"[rayrcm] step {step}/{t.steps} {shown}")
             if logger is not None:
                 logger.log(step, metrics)
 
