@@ -56,7 +56,8 @@ def run(overrides: list[str] | None = None) -> dict:
     tic = time.perf_counter()
     pre = apply_overrides(pretrain_config(), overrides)
     ft = apply_overrides(finetune_config("placeholder"), overrides)
-    validate(pre), validate(replace(ft, model=replace(ft.model, init_from=None)))  # fail before any Ray work
+    validate(pre)  # fail on bad input before any Ray work
+    validate(replace(ft, model=replace(ft.model, init_from=None)))
     pre_result = fit(pre)
     ref = pre_result.run_id or str(pre_result.model_file)
     ft = replace(ft, model=replace(ft.model, init_from=ref))

@@ -19,6 +19,7 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +182,6 @@ def build_from_file(path: str | Path):
     blob = load_model_file(path)
     meta = blob["meta"]
     cfg = from_dict(meta["config"])
-    from dataclasses import replace
-
     model_cfg = replace(cfg.model, init_from=None)
     if meta["stage"] == "classifier":
         model = build_classifier(model_cfg, meta["image_size"], meta["num_classes"])
