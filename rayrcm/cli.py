@@ -3,6 +3,9 @@
     rayrcm quickstart [--set key=value ...]
     rayrcm train RECIPE [--set key=value ...]        # a .py or .yaml recipe, one training stage
     rayrcm config RECIPE [--set key=value ...]       # print the resolved, validated config
+    rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 ...]
+    rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
+    rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
 
 Bad input gives one line on stderr (``rayrcm: error: ...``) and exit status 2.
 """
@@ -14,11 +17,50 @@ import sys
 
 from rayrcm.errors import ConfigError
 
+# flag -> dotted key of rayrcm.certify.CertifyConfig
+CERTIFY_FLAGS = {
+    "model": "model", "dataset": "dataset", "data_path": "data_path", "split": "split", "name": "name", "out": "out_dir",
+    "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
+    "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
+    "chunk": "smoothing.chunk", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
+    "precision": "compute.precision", "channels_last": "compute.channels_last",
+    "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
+}
+
+
+def _certify_parser(sub, name: str, help_: str) -> None:
+    c = sub.add_parser(name, help=help_)
+    c.add_argument("--model", required=True, help="models:/name@alias, models:/name/<version>, a run id, runs:/<id>/model or a model.pt path")
+    c.add_argument("--dataset", help="default: the dataset the model was trained on")
+    c.add_argument("--data-path", help="default: the model's training data path")
+    c.add_argument("--split", help="test (default) or val")
+    c.add_argument("--sigma", help="noise std in [0, 1] pixel units (default 0.25)")
+    if name == "certify":
+        c.add_argument("--n0", help="selection samples (default 100)")
+    c.add_argument("--n", help="estimation samples (default 100000)")
+    c.add_argument("--alpha", help="failure probability (default 0.001)")
+    c.add_argument("--seed", help="noise seed (default 0)")
+    c.add_argument("--skip", help="certify every skip-th image (default 1)")
+    c.add_argument("--max", help="stop at this dataset index (default -1: the whole split)")
+    c.add_argument("--indices", help="explicit dataset indices, comma separated")
+    c.add_argument("--chunk", help="samples per unit of work (default 10000)")
+    c.add_argument("--batch", help="samples per forward pass (default 0: fill the device)")
+    c.add_argument("--workers", help="counting actors (default 1)")
+    c.add_argument("--gpu", action="store_const", const="true", help="one GPU per actor")
+    c.add_argument("--precision", help="fp32 (default), bf16 or fp16")
+    c.add_argument("--channels-last", action="store_const", const="true")
+    c.add_argument("--name", help="job name; rerunning a name resumes it")
+    c.add_argument("--out", help="results folder (default ./rayrcm_results/certify)")
+    c.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    c.add_argument("--experiment", help="MLflow experiment (default: the model's)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any CertifyConfig key, e.g. --set compute.flush_every=4")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayrcm", description="Robust representation learning and certification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="RCM pretrain + noisy fine-tune + evaluation on the bundled digits")
+    q = sub.add_parser("quickstart", help="RCM pretrain + noisy fine-tune + certification on the bundled digits")
     t = sub.add_parser("train", help="run one training stage of a recipe on Ray Train")
     c = sub.add_parser("config", help="print the resolved config of a recipe")
     for sp in (t, c):
@@ -26,11 +68,48 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (q, t, c):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=2e-4 (repeatable)")
+    _certify_parser(sub, "certify", "randomized-smoothing CERTIFY over a test set, sharded with Ray Data")
+    _certify_parser(sub, "predict", "randomized-smoothing PREDICT (abstaining prediction) over a test set")
+    a = sub.add_parser("analyze", help="certified accuracy, ACR, tables and curves from certification results")
+    a.add_argument("results", nargs="+", help="certification folders or Cohen-format .tsv files")
+    a.add_argument("--radii", help="comma-separated radii (default 0, 0.25, ..., 2.0 and beyond as needed)")
+    a.add_argument("--out", help="folder for table.md, table.tex, certified_accuracy.png")
+    a.add_argument("--no-log", action="store_true", help="do not log to the certifications' MLflow runs")
     return p
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from rayrcm.orchestration import certify_job
+
+    items = [f"mode={args.command}"]
+    for flag, key in CERTIFY_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            items.append(f"{key}={value}")
+    cfg = certify_job.config_from_args(items + args.overrides)
+    certify_job.run(cfg)
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from rayrcm.orchestration import certify_job
+
+    radii = None
+    if args.radii:
+        try:
+            radii = [float(r) for r in args.radii.split(",") if r.strip()]
+        except ValueError:
+            raise ConfigError("radii", args.radii, "comma-separated numbers, e.g. 0,0.25,0.5") from None
+    certify_job.analyze(args.results, radii=radii, out=args.out, log=not args.no_log)
+    return 0
 
 
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("certify", "predict"):
+        return _certify(args)
+    if args.command == "analyze":
+        return _analyze(args)
     from rayrcm.config import apply_overrides, load_recipe, to_dict, validate
 
     if args.command == "quickstart":

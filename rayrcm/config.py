@@ -321,3 +321,43 @@ def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
 def to_dict(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """Nested plain dict; :func:`from_dict` of it gives the same config back."""
     return {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+# ----------------------------------------------------------------------------- any dataclass
+
+
+def update_dataclass(obj: Any, tree: dict[str, Any], prefix: str = "") -> Any:
+    """``obj`` with ``tree`` applied: nested mappings go into nested dataclass fields; unknown keys
+    and badly typed values raise a one-line :class:`ConfigError` naming the dotted key."""
+    hints = _hints(type(obj))
+    current = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    changes = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in current:
+            where = prefix.rstrip(".") or "the config"
+            raise ConfigError(dotted, value, f"unknown key; {where} has: {', '.join(sorted(current))}")
+        if is_dataclass(current[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(dotted, value, "is a section; set its keys, e.g. " + f"{dotted}.<key>=...")
+            changes[key] = update_dataclass(current[key], value, dotted + ".")
+        else:
+            changes[key] = _coerce(dotted, value, hints[key])
+    return replace(obj, **changes)
+
+
+def parse_dotted(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=2"]`` -> ``{"a": {"b": "1"}, "c": "2"}`` (any depth)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(item, item, "overrides look like key=value or section.key=value")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, value, "mixes a section and a value")
+        node[parts[-1]] = value
+    return tree

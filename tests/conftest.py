@@ -24,14 +24,32 @@ def isolated_home(tmp_path_factory):
         os.environ["HOME"] = old
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(isolated_home):
-    """A real local Ray cluster (2 CPUs, token auth as Ray sets it), shut down at the end."""
+    """A real local Ray cluster (2 CPUs, token auth as Ray sets it), started on first use and kept
+    for the session (a module that needs a multi-node cluster shuts it down and makes its own)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(isolated_home):
+    """A real 2-node Ray cluster in this machine (``ray.cluster_utils.Cluster``): head and worker
+    node with 2 CPUs each; the driver is connected to it for the module."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=True)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
 
 
 def _free_port() -> int:

@@ -83,6 +83,28 @@ def build_splits(cfg: DataConfig) -> Splits:
     return Splits(Subset(pool, train_idx), Subset(pool, val_idx), test, num_classes, spec.large)
 
 
+def eval_split(cfg: DataConfig, split: str) -> tuple[Dataset, int, bool]:
+    """``(dataset, num_classes, large)`` for ``split`` in ``test`` / ``val`` (the held-out part of train)."""
+    splits = build_splits(cfg)
+    return (splits.test if split == "test" else splits.val), splits.num_classes, splits.large
+
+
+def eval_images(ds: Dataset, indices: list[int], size: int, *, large: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images ``(K, C, size, size)`` and labels ``(K,)`` of ``ds[indices]`` (the evaluation view)."""
+    from rayrcm.data.views import eval_transform_uint8
+
+    if not indices:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    t = eval_transform_uint8(size, large=large)
+    images, labels = [], []
+    for i in indices:
+        image, label = ds[i]
+        img = t(image)
+        images.append(img.expand(3, -1, -1) if img.shape[0] == 1 else img)
+        labels.append(int(label))
+    return torch.stack(images).contiguous(), torch.tensor(labels, dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------- digits
 
 

@@ -34,6 +34,13 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
     raise ValueError(f"unknown augmentation {kind!r}")
 
 
+def eval_transform_uint8(size: int, *, large: bool = False) -> v2.Transform:
+    """The ``"none"`` view without the final conversion: uint8 ``(C, size, size)``; ``/ 255`` gives the
+    float image (kept as uint8 so a certification's image list costs a quarter of the memory)."""
+    resize = [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)] if large else [v2.Resize((size, size), antialias=True)]
+    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.uint8, scale=True)])
+
+
 class MultiView(Dataset):
     """Wrap a dataset of (raw image, label) into ``((view_1, ..., view_k), label)``."""
 

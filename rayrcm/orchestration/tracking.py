@@ -160,6 +160,7 @@ def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = Non
         raise ConfigError("model", ref, "not a file, a run id, runs:/<id>/model or models:/<name>@<alias>")
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri:
         mlflow.set_tracking_uri(uri)
     local = Path(dst or tempfile.mkdtemp(prefix="rayrcm-model-"))
@@ -175,11 +176,16 @@ def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = Non
 
 def build_from_file(path: str | Path):
     """Rebuild the exported network from a ``model.pt`` (config inside) with ``strict=True``."""
-    from rayrcm.config import from_dict
-    from rayrcm.models import build_classifier, build_encoder
     from rayrcm.train.checkpoint import load_model_file
 
-    blob = load_model_file(path)
+    return build_from_blob(load_model_file(path))
+
+
+def build_from_blob(blob: dict):
+    """``(model, meta)`` from the contents of a ``model.pt``."""
+    from rayrcm.config import from_dict
+    from rayrcm.models import build_classifier, build_encoder
+
     meta = blob["meta"]
     cfg = from_dict(meta["config"])
     model_cfg = replace(cfg.model, init_from=None)
@@ -189,6 +195,29 @@ def build_from_file(path: str | Path):
         model = build_encoder(model_cfg, meta["image_size"])
     model.load_state_dict(blob["model"], strict=True)
     return model, meta
+
+
+def model_lineage(ref: str, uri: str) -> tuple[str | None, str | None]:
+    """``(run id, experiment name)`` of the run that logged the model ``ref``; ``(None, None)`` for a path."""
+    if Path(ref).expanduser().exists():
+        return None, None
+    client = _client(uri)
+    run_id = None
+    if _RUN_ID.match(ref):
+        run_id = ref
+    elif ref.startswith("runs:/"):
+        run_id = ref[len("runs:/"):].split("/")[0]
+    elif ref.startswith("models:/"):
+        name, _, version = ref[len("models:/"):].partition("/")
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            run_id = client.get_model_version_by_alias(name, alias).run_id
+        elif version.split("/")[0].isdigit():
+            run_id = client.get_model_version(name, version.split("/")[0]).run_id
+    if not run_id:
+        return None, None
+    run = client.get_run(run_id)
+    return run_id, client.get_experiment(run.info.experiment_id).name
 
 
 def load_model(ref: str, uri: str | None = None):

@@ -1,0 +1,20 @@
+"""Certified accuracy, ACR, tables and plots from certification rows (pandas/matplotlib; no Ray)."""
+
+from rayrcm.analysis.certified import (
+    STANDARD_RADII,
+    abstention_rate,
+    average_certified_radius,
+    certified_accuracy,
+    default_radii,
+    plot_curves,
+    summary_metrics,
+    summary_table,
+    to_latex,
+    to_markdown,
+)
+from rayrcm.analysis.results import read_results, write_cohen_tsv
+
+__all__ = [
+    "STANDARD_RADII", "abstention_rate", "average_certified_radius", "certified_accuracy", "default_radii",
+    "plot_curves", "read_results", "summary_metrics", "summary_table", "to_latex", "to_markdown", "write_cohen_tsv",
+]

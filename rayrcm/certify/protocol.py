@@ -1,0 +1,125 @@
+"""The certification protocol: a typed config, its validation, and the image list.
+
+The numbers reported by randomized-smoothing papers differ in exactly these choices, so every
+result records them (``protocol.json`` next to the rows, and the MLflow run's params): the image
+list, ``n0``, ``n``, ``alpha``, ``sigma``, the noise ``seed``, ``chunk``/``block`` (which fix the
+draws), the model reference and the SHA-256 of the model file actually certified.
+
+The image list follows Cohen et al.'s ``certify.py``: dataset indices ``i`` with
+``i % skip == 0`` and ``i < max`` (``max = -1``: to the end), or an explicit ``indices`` list.
+Beware class-sorted datasets: the first 500 images of an ImageNet-style ``val/`` folder cover
+only 10 classes, which is why the papers use ``skip`` (e.g. ``skip=100`` over 50,000 images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rayrcm.config import PRECISIONS, TrackingConfig
+from rayrcm.errors import ConfigError
+
+MODES = ("certify", "predict")
+SPLITS = ("test", "val")
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    """What is certified and how: these values decide the results."""
+
+    sigma: float = 0.25  # noise std in [0, 1] pixel units
+    n0: int = 100  # selection draws (certify)
+    n: int = 100_000  # estimation draws (certify) or draws (predict)
+    alpha: float = 0.001  # failure probability
+    seed: int = 0  # noise seed; with chunk and block it fixes every draw
+    skip: int = 1
+    max: int = -1  # Cohen's --max: stop at this dataset index; -1 = to the end
+    indices: tuple[int, ...] = ()  # explicit dataset indices (instead of skip/max)
+    chunk: int = 10_000  # draws per row of work (an image is spread over ceil(n / chunk) rows)
+    block: int = 100  # noise is drawn in blocks of this many samples; batches are multiples of it
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How fast. None of these changes the noise; ``precision`` changes the base classifier's
+    arithmetic (so it is recorded in the protocol), and batch size or memory format can flip an
+    argmax only through floating-point differences of the model itself."""
+
+    workers: int = 1  # counting actors (one per GPU with use_gpu)
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    batch: int = 0  # samples per forward pass; 0 = choose the largest useful batch on the device
+    precision: str = "fp32"  # fp32 (the published numbers), bf16 or fp16 autocast
+    channels_last: bool = False
+    flush_every: int = 8  # images per Parquet part written
+    progress_every_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    model: str = ""  # models:/name@alias, models:/name/3, runs:/<id>/model, a run id, or a model.pt path
+    mode: str = "certify"
+    dataset: str = ""  # default: the dataset the model was trained on
+    data_path: str = ""  # default: the model's training data path
+    split: str = "test"
+    name: str = ""  # job name (results folder and MLflow run); rerunning it resumes
+    out_dir: str = "./rayrcm_results/certify"
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment=""))  # "" = the model's experiment
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
+    """Check every value that can be checked without the model or the data; one-line errors."""
+    s, c = cfg.smoothing, cfg.compute
+    _check(bool(cfg.model), "model", cfg.model, "give a registry URI, a run id or a model.pt path")
+    _check(cfg.mode in MODES, "mode", cfg.mode, f"choose one of: {', '.join(MODES)}")
+    _check(cfg.split in SPLITS, "split", cfg.split, f"choose one of: {', '.join(SPLITS)}")
+    _check(s.sigma > 0, "sigma", s.sigma, "must be > 0 (pixel units, data in [0, 1])")
+    _check(0 < s.alpha < 1, "alpha", s.alpha, "must be in (0, 1)")
+    _check(s.n0 >= 1, "n0", s.n0, "must be >= 1")
+    _check(s.n >= 1, "n", s.n, "must be >= 1")
+    _check(s.skip >= 1, "skip", s.skip, "must be >= 1")
+    _check(s.max == -1 or s.max >= 1, "max", s.max, "must be >= 1, or -1 for the whole split")
+    _check(all(i >= 0 for i in s.indices), "indices", s.indices, "dataset indices are >= 0")
+    _check(len(set(s.indices)) == len(s.indices), "indices", s.indices, "must not repeat an index")
+    _check(s.block >= 1, "block", s.block, "must be >= 1")
+    _check(s.chunk >= 1 and s.chunk % s.block == 0, "chunk", s.chunk, f"must be a positive multiple of block={s.block}")
+    _check(c.workers >= 1, "workers", c.workers, "must be >= 1")
+    _check(c.batch >= 0, "batch", c.batch, "must be >= 0 (0 = automatic)")
+    _check(c.precision in PRECISIONS, "precision", c.precision, f"choose one of: {', '.join(PRECISIONS)}")
+    _check(c.gpus_per_worker > 0 and c.cpus_per_worker > 0, "compute.gpus_per_worker", (c.gpus_per_worker, c.cpus_per_worker), "resources per worker must be > 0")
+    _check(c.flush_every >= 1, "compute.flush_every", c.flush_every, "must be >= 1")
+    _check(not cfg.name or all(ch.isalnum() or ch in "-_." for ch in cfg.name), "name", cfg.name, "use letters, digits, '-', '_' or '.'")
+    return cfg
+
+
+def select_indices(size: int, s: SmoothingConfig) -> list[int]:
+    """The dataset indices to certify (Cohen's ``--skip``/``--max``, or ``indices``), checked against ``size``."""
+    if s.indices:
+        bad = [i for i in s.indices if i >= size]
+        _check(not bad, "indices", bad[:5], f"beyond the split's {size} images")
+        return list(s.indices)
+    _check(s.max <= size, "max", s.max, f"beyond the split's {size} images")
+    stop = size if s.max == -1 else s.max
+    return list(range(0, stop, s.skip))
+
+
+def short_sigma(sigma: float) -> str:
+    return f"{sigma:.2f}".replace(".", "_")
+
+
+def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_classes: int, indices: list[int]) -> dict:
+    """What decides the results (compared on resume; logged as params)."""
+    s = cfg.smoothing
+    return {
+        "mode": cfg.mode, "dataset": dataset, "split": cfg.split, "sigma": s.sigma, "n0": s.n0 if cfg.mode == "certify" else 0,
+        "n": s.n, "alpha": s.alpha, "seed": s.seed, "chunk": s.chunk, "block": s.block, "skip": s.skip, "max": s.max,
+        "explicit_indices": bool(s.indices), "num_images": len(indices), "num_classes": num_classes,
+        "precision": cfg.compute.precision, "model_sha256": model_sha256,
+    }

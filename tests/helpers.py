@@ -1,0 +1,18 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from rayrcm.config import ExperimentConfig, apply_overrides, to_dict
+from rayrcm.models import build_classifier
+from rayrcm.train.checkpoint import model_meta, save_model
+
+
+def make_model(path, *, num_classes=10, sigma=0.25, stage="classifier", seed=0):
+    """A small (untrained) 8 px digits classifier saved as a rayrcm ``model.pt``."""
+    torch.manual_seed(seed)
+    cfg = apply_overrides(ExperimentConfig(), ["method.name=gaussian", f"method.sigma={sigma}", "data.image_size=8",
+                                               "model.patch_size=4"])
+    save_model(path, build_classifier(cfg.model, 8, num_classes), model_meta(to_dict(cfg), stage, num_classes))
+    return path

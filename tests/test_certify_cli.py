@@ -1,0 +1,86 @@
+"""``rayrcm certify`` / ``predict`` / ``analyze``: bad input fails with one line before any Ray work;
+the protocol is resolved from the model; a model trained at another sigma is flagged."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from helpers import make_model
+
+from rayrcm.certify.protocol import SmoothingConfig, select_indices
+from rayrcm.cli import main
+from rayrcm.errors import ConfigError
+from rayrcm.orchestration import certify_job
+
+
+@pytest.fixture
+def model(tmp_path):
+    return make_model(tmp_path / "model.pt")
+
+
+def _fails(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("rayrcm: error:") and needle in err, err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sigma", "0"], "sigma=0.0"),
+    (["--sigma", "-0.25"], "sigma=-0.25"),
+    (["--alpha", "0"], "alpha=0.0"),
+    (["--alpha", "1.5"], "alpha=1.5"),
+    (["--n0", "0"], "n0=0"),
+    (["--n", "0"], "n=0"),
+    (["--skip", "0"], "skip=0"),
+    (["--max", "361"], "beyond the split's 360 images"),
+    (["--indices", "3,400"], "indices=[400]"),
+    (["--precision", "fp8"], "precision='fp8'"),
+    (["--dataset", "cifar10"], "data.path"),
+    (["--set", "smoothing.nosuch=1"], "smoothing.nosuch"),
+    (["--sigma", "abc"], "expected a value of type float"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+])
+def test_bad_certify_input_is_one_line(capsys, model, tmp_path, args, needle):
+    _fails(capsys, ["certify", "--model", str(model), "--out", str(tmp_path / "out"),
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *args], needle)
+
+
+def test_bad_models(capsys, tmp_path):
+    out = ["--out", str(tmp_path / "out"), "--set", "tracking.enabled=false"]
+    _fails(capsys, ["certify", "--model", str(make_model(tmp_path / "m7.pt", num_classes=7)), *out],
+           "has 7 classes but dataset digits has 10")
+    _fails(capsys, ["certify", "--model", str(make_model(tmp_path / "enc.pt", stage="encoder")), *out], "certification needs a classifier")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    _fails(capsys, ["certify", "--model", str(tmp_path / "junk.pt"), *out], "not a rayrcm model file")
+    _fails(capsys, ["predict", "--model", "no-such-model", *out], "model='no-such-model'")
+
+
+def test_analyze_bad_input(capsys, tmp_path):
+    _fails(capsys, ["analyze", str(tmp_path / "missing.tsv")], "no such file")
+    (tmp_path / "x.tsv").write_text("a\tb\n")
+    _fails(capsys, ["analyze", str(tmp_path / "x.tsv")], "missing columns")
+
+
+def test_image_list_follows_cohen_skip_and_max():
+    assert select_indices(100, SmoothingConfig(skip=20)) == [0, 20, 40, 60, 80]
+    assert select_indices(100, SmoothingConfig(skip=20, max=60)) == [0, 20, 40]
+    assert select_indices(100, SmoothingConfig(indices=(5, 3))) == [5, 3]
+    with pytest.raises(ConfigError, match="max=101"):
+        select_indices(100, SmoothingConfig(max=101))
+
+
+def test_prepare_resolves_the_protocol_and_warns_on_another_sigma(tmp_path):
+    path = make_model(tmp_path / "model.pt", sigma=0.25)
+    cfg = certify_job.config_from_args([f"model={path}", f"out_dir={tmp_path}", "tracking.enabled=false",
+                                        "smoothing.sigma=0.5", "smoothing.skip=4", "smoothing.n=500"])
+    p = certify_job.prepare(cfg)
+    assert p.protocol["dataset"] == "digits" and p.protocol["num_images"] == 90 and p.protocol["sigma"] == 0.5
+    assert p.images.shape == (90, 3, 8, 8) and str(p.images.dtype) == "torch.uint8"
+    assert p.name.startswith("certify-digits-test-") and "sigma-0_50-n500-skip4" in p.name
+    assert any("trained with noise sigma=0.25" in w and "sigma=0.5" in w for w in p.warnings)
+    cfg = certify_job.config_from_args([f"model={path}", f"out_dir={tmp_path}", "tracking.enabled=false", "smoothing.sigma=0.25"])
+    assert certify_job.prepare(cfg).warnings == []

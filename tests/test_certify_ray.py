@@ -1,0 +1,159 @@
+"""Certification on real Ray clusters: the counts and radii do not depend on the number of
+workers or nodes, on a killed actor, or on an interrupted and rerun job; the certification is
+tracked in a real MLflow server as a child of the run that trained the model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from helpers import make_model
+
+from rayrcm.certify import Smoother, certify
+from rayrcm.orchestration import certify_job, tracking
+
+pytestmark = pytest.mark.slow
+
+SKIP = 12  # 30 of the 360 digits test images
+
+
+def _cfg(model, out, name, workers=1, *extra):
+    return certify_job.config_from_args([
+        f"model={model}", f"out_dir={out}", f"name={name}", "tracking.enabled=false", "smoothing.sigma=0.25",
+        "smoothing.n0=100", "smoothing.n=1000", "smoothing.chunk=500", f"smoothing.skip={SKIP}", "compute.batch=200",
+        f"compute.workers={workers}", "compute.flush_every=1", "compute.progress_every_s=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, two_node_cluster):
+    tmp = tmp_path_factory.mktemp("certify")
+    model_file = make_model(tmp / "model.pt", seed=1)
+    p = certify_job.prepare(_cfg(model_file, tmp / "out", "reference"))
+    model, meta = tracking.build_from_file(model_file)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors
+    sm = Smoother(model, 10, sigma=0.25, batch=200, block=100, device="cpu")
+    ref = {}
+    for pos, idx in enumerate(p.indices):
+        cert, sel, est, _ = certify(sm, p.images[pos].float().div_(255), n0=100, n=1000, alpha=0.001, seed=0, index=idx, chunk=500)
+        ref[idx] = (cert, sel.tolist(), est.tolist())
+    torch.set_num_threads(threads)
+    assert len({c.prediction for c, *_ in ref.values()}) > 1, "a model with varied answers makes a sharper test"
+    return tmp, model_file, ref, two_node_cluster
+
+
+def _assert_reference(rows, ref):
+    assert sorted(rows["idx"]) == sorted(ref) and not rows["idx"].duplicated().any()
+    for r in rows.itertuples():
+        cert, sel, est = ref[r.idx]
+        assert list(r.counts_selection) == sel and list(r.counts_estimation) == est, r.idx
+        assert r.predict == cert.prediction and r.radius == cert.radius and r.p_a_lower == cert.p_a_lower
+
+
+def test_one_worker_and_three_workers_on_two_nodes_give_the_single_process_counts(setup):
+    import ray
+
+    tmp, model_file, ref, _ = setup
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    one = certify_job.run(_cfg(model_file, tmp / "out", "one-worker", 1))
+    three = certify_job.run(_cfg(model_file, tmp / "out", "three-workers", 3))  # 1 CPU each: spans both nodes
+    _assert_reference(one.rows, ref)
+    _assert_reference(three.rows, ref)
+    tsv = (three.out / "results.tsv").read_text().splitlines()
+    assert tsv[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(tsv) == 1 + len(ref)
+
+
+def _count_actors():
+    from ray._private import state
+
+    return [a for a in state.actors().values() if "CountActor" in a["ActorClassName"]]
+
+
+def test_a_killed_actor_does_not_change_any_result(setup):
+    tmp, model_file, ref, _ = setup
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.setdefault("result", certify_job.run(_cfg(model_file, tmp / "out", "killed", 2))))
+    job.start()
+    rows_dir = tmp / "out" / "killed" / "rows"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (rows_dir.is_dir() and any(rows_dir.glob("part-*.parquet"))):
+        time.sleep(0.1)
+    victim = next(a for a in _count_actors() if a["State"] == "ALIVE")
+    os.kill(victim["Pid"], signal.SIGKILL)  # a worker process of this test's own cluster
+    job.join(timeout=300)
+    result = out["result"]
+    assert result.computed == len(ref)
+    _assert_reference(result.rows, ref)
+    after = {a["ActorID"]: a for a in _count_actors()}
+    assert after[victim["ActorID"]]["NumRestarts"] >= 1, "the killed actor was restarted by Ray Data"
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("part-*.parquet")}
+
+
+def test_an_interrupted_job_rerun_finishes_the_rest_without_duplicates(setup):
+    tmp, model_file, ref, cluster = setup
+    argv = [sys.executable, "-m", "rayrcm.cli", "certify", "--model", str(model_file), "--out", str(tmp / "out"),
+            "--name", "interrupted", "--sigma", "0.25", "--n0", "100", "--n", "1000", "--chunk", "500", "--skip", str(SKIP),
+            "--batch", "200", "--workers", "1", "--set", "tracking.enabled=false", "--set", "compute.flush_every=1"]
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows_dir = tmp / "out" / "interrupted" / "rows"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(rows_dir.glob("part-*.parquet")) if rows_dir.is_dir() else []) < 3:
+        time.sleep(0.05)
+    proc.kill()  # the driver dies mid-job
+    proc.wait()
+    before = _digest(rows_dir)
+    done = len(certify_job.read_results(tmp / "out" / "interrupted"))
+    assert 3 <= done < len(ref), f"interrupted after {done} images"
+    result = certify_job.run(_cfg(model_file, tmp / "out", "interrupted", 2))
+    assert result.computed == len(ref) - done
+    _assert_reference(result.rows, ref)
+    after = _digest(rows_dir)
+    assert all(after[name] == digest for name, digest in before.items()), "finished parts are never rewritten"
+    again = certify_job.run(_cfg(model_file, tmp / "out", "interrupted", 2))
+    assert again.computed == 0 and _digest(rows_dir) == after
+
+
+def test_another_protocol_under_the_same_name_is_refused(setup):
+    from rayrcm.errors import ConfigError
+
+    tmp, model_file, _, _ = setup
+    with pytest.raises(ConfigError, match="another protocol"):
+        certify_job.prepare(_cfg(model_file, tmp / "out", "one-worker", 1, "smoothing.sigma=0.5"))
+
+
+def test_certification_is_tracked_under_the_model_run(setup, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    tmp, model_file, _, _ = setup
+    train_run = tracking.start_job_run(mlflow_server, "cert-e2e", "train-job", {"method.sigma": 0.25})
+    tracking.log_model(mlflow_server, train_run, model_file, register_as="cert-model", alias="sigma-0_25")
+    tracking.end_run(mlflow_server, train_run, ok=True)
+    cfg = _cfg("models:/cert-model@sigma-0_25", tmp / "out", "tracked", 2, f"tracking.uri={mlflow_server}",
+               "tracking.enabled=true", "smoothing.skip=60")
+    result = certify_job.run(cfg)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == train_run and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "cert-e2e"
+    p = run.data.params
+    assert (p["protocol.sigma"], p["protocol.n"], p["protocol.n0"], p["protocol.alpha"]) == ("0.25", "1000", "100", "0.001")
+    assert p["model"] == "models:/cert-model@sigma-0_25" and p["protocol.model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert run.data.metrics["certified_acc_0.00"] == pytest.approx(result.metrics["certified_acc_0.00"])
+    assert "acr" in run.data.metrics and run.data.metrics["images"] == 6
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"results.tsv", "protocol.json", "table.md", "table.tex", "certified_accuracy.png", "rows"} <= names
+    certify_job.analyze([str(result.out), str(tmp / "out" / "one-worker" / "results.tsv")])
+    assert {a.path for a in client.list_artifacts(result.run_id, "analysis")} >= {"analysis/table.md", "analysis/certified_accuracy.png"}
+    again = certify_job.run(cfg)
+    assert again.run_id == result.run_id and again.computed == 0
