@@ -28,6 +28,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/certify_engine.py
 
 clean:
 	rm -rf rayrcm_results mlflow.db .pytest_cache

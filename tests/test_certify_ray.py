@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import make_model
 
-from rayrcm.certify import Smoother, certify
+from rayrcm.certify import Smoother, certify, predict
 from rayrcm.orchestration import certify_job, tracking
 
 pytestmark = pytest.mark.slow
@@ -68,6 +68,22 @@ def test_one_worker_and_three_workers_on_two_nodes_give_the_single_process_count
     _assert_reference(three.rows, ref)
     tsv = (three.out / "results.tsv").read_text().splitlines()
     assert tsv[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(tsv) == 1 + len(ref)
+
+
+def test_predict_on_two_nodes_gives_the_single_process_answers(setup):
+    tmp, model_file, _, _ = setup
+    cfg = _cfg(model_file, tmp / "out", "predict", 3, "mode=predict", "smoothing.alpha=0.01")
+    p = certify_job.prepare(cfg)  # before the run: its images are the ones still to do
+    result = certify_job.run(cfg)
+    model, _ = tracking.build_from_file(model_file)
+    torch.set_num_threads(1)
+    sm = Smoother(model, 10, sigma=0.25, batch=200, block=100, device="cpu")
+    by_idx = {r.idx: r for r in result.rows.itertuples()}
+    assert len(by_idx) == len(p.indices)
+    for pos, idx in enumerate(p.indices):
+        pred, counts, _ = predict(sm, p.images[pos].float().div_(255), n=1000, alpha=0.01, seed=0, index=idx, chunk=500)
+        assert by_idx[idx].predict == pred.prediction and list(by_idx[idx].counts) == counts.tolist()
+    assert (result.out / "results.tsv").read_text().splitlines()[0] == "idx\tlabel\tpredict\tcorrect\ttime"
 
 
 def _count_actors():
@@ -157,3 +173,22 @@ def test_certification_is_tracked_under_the_model_run(setup, mlflow_server):
     assert {a.path for a in client.list_artifacts(result.run_id, "analysis")} >= {"analysis/table.md", "analysis/certified_accuracy.png"}
     again = certify_job.run(cfg)
     assert again.run_id == result.run_id and again.computed == 0
+
+
+def test_a_lost_node_does_not_change_any_result(setup):
+    tmp, model_file, ref, cluster = setup
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.setdefault("result", certify_job.run(_cfg(model_file, tmp / "out", "node-lost", 3))))
+    job.start()
+    rows_dir = tmp / "out" / "node-lost" / "rows"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (rows_dir.is_dir() and any(rows_dir.glob("part-*.parquet"))):
+        time.sleep(0.1)
+    worker_node = next(iter(cluster.worker_nodes))
+    cluster.remove_node(worker_node)  # its raylet and every actor on it die
+    cluster.add_node(num_cpus=2)  # a replacement node, as an autoscaler would provide
+    job.join(timeout=300)
+    assert not job.is_alive(), "the job did not finish after losing a node"
+    result = out["result"]
+    assert result.computed == len(ref)
+    _assert_reference(result.rows, ref)
