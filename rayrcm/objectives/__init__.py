@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rayrcm.objectives import gaussian, rcm
+from rayrcm.objectives import consistency, gaussian, rcm
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.registry import Registry
 
 OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[Any, int], Objective]]] = Registry("method")
 OBJECTIVES.register("rcm")((rcm.RCMConfig, rcm.build))
 OBJECTIVES.register("gaussian")((gaussian.GaussianConfig, gaussian.build))
+OBJECTIVES.register("consistency")((consistency.ConsistencyConfig, consistency.build))
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
