@@ -1,57 +1,62 @@
-"""RCM on the bundled digits: the quickstart's recipe, stage by stage.
+"""RCM on the bundled digits: the seed's pipeline at laptop scale, stage by stage.
 
     python experiments/rcm_digits.py pretrain   [--set key=value ...]
-    python experiments/rcm_digits.py finetune   --set model.init_from=<run id | models:/... | path> [...]
-    python experiments/rcm_digits.py certify    [--set model=models:/rcm-digits@sigma-0_25 --set smoothing.n=10000 ...]
+    python experiments/rcm_digits.py finetune   --sigma 0.25 --set model.init_from=<pretrain run id | models:/... | path>
+    python experiments/rcm_digits.py certify    --sigma 0.25 [--set smoothing.n=10000 ...]
     python experiments/rcm_digits.py analyze    RESULTS...
-    python experiments/rcm_digits.py quickstart [--set key=value ...]   # pretrain, finetune, certify
+    python experiments/rcm_digits.py quickstart [--set key=value ...]   # pretrain, Gaussian fine-tune, certify
+    (pretrain, finetune, certify) --dry-run    # print the resolved config
 
-``certify`` takes the keys of ``rayrcm.certify.CertifyConfig`` (``model``, ``smoothing.sigma``,
-``smoothing.n``, ``compute.workers``, ...). On a cluster:
-``ray job submit --working-dir . -- python experiments/rcm_digits.py quickstart``.
+``finetune`` is the seed's consistency fine-tuning (m = 2, eta = 0.5, lbd = 10 at sigma 0.25 and
+20 above) with digits-sized settings: 30 epochs of 10 steps at batch 128, lr 2e-3 scaled by
+batch / 256 as the seed scales it, no layer decay. ``certify`` uses n = 1,000 on every 4th test
+image. On a cluster: ``ray job submit --working-dir . -- python experiments/rcm_digits.py quickstart``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from rayrcm.cli import main as cli_main
-from rayrcm.config import apply_overrides, validate
-from rayrcm.errors import ConfigError
-from rayrcm.quickstart import certify_config, finetune_config, pretrain_config, sigma_alias
+from _rcm_seed import finetune_tree, stage_main
 
-STAGES = ["pretrain", "finetune", "certify", "analyze", "quickstart"]
+from rayrcm.config import ExperimentConfig, from_dict
+from rayrcm.quickstart import certify_config as quickstart_certify
+from rayrcm.quickstart import pretrain_config as quickstart_pretrain
+from rayrcm.quickstart import sigma_alias
+
+REGISTER_AS = "rcm-digits"
+EXPERIMENT = "rayrcm-digits"
+DATA = {"name": "digits", "image_size": 16, "val_fraction": 0.1}
+FINETUNE_CONFIG = {"warmup_epochs": 2, "schedule_epochs": 30, "scale_lr": True, "patch_size": 0, "hidden_dim": 512,
+                   "output_dim": 128, "gpus": 2}
+_COMMON = {"eta": 0.5, "epochs": 30, "layernorm": False, "lr_layer_decay": 1.0, "optimizer": "adamw", "lr": 2e-3,
+           "weight_decay": 0.0, "batch_size": 128, "augmentation_type": "weak", "mixup": 0.0, "cutmix": 0.0,
+           "label_smoothing": 0.0}
+FINETUNE = {0.25: {**_COMMON, "lbd": 10.0, "noise_aug": 0.5}, 0.5: {**_COMMON, "lbd": 20.0, "noise_aug": 1.0},
+            1.0: {**_COMMON, "lbd": 20.0, "noise_aug": 2.0}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=STAGES)
-    p.add_argument("results", nargs="*", help="analyze: certification folders or .tsv files")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    if args.stage == "quickstart":
-        return cli_main(["quickstart", *sum((["--set", o] for o in args.overrides), [])])
-    if args.stage == "analyze":
-        return cli_main(["analyze", *args.results])
-    try:
-        if args.stage == "certify":
-            from rayrcm.orchestration import certify_job
+def pretrain_config(size: str = "b") -> ExperimentConfig:
+    return quickstart_pretrain()
 
-            ft = finetune_config()
-            base = certify_config(f"models:/{ft.tracking.register_as}@{sigma_alias(ft.method.sigma)}", ft.tracking.uri)
-            certify_job.run(certify_job.config_from_args(args.overrides, base))
-            return None
-        from rayrcm.orchestration.trainer import fit
 
-        base = pretrain_config() if args.stage == "pretrain" else finetune_config()
-        result = fit(validate(apply_overrides(base, args.overrides)))
-        print(f"[rayrcm] {args.stage} done: run {result.run_id}, metrics {result.metrics}")
-    except ConfigError as err:
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    return None
+def finetune_config(sigma: float) -> ExperimentConfig:
+    tree = finetune_tree(FINETUNE[sigma], FINETUNE_CONFIG, data=DATA, encoder="vit_digits", register_as=REGISTER_AS,
+                         experiment=EXPERIMENT, workers=FINETUNE_CONFIG["gpus"])
+    tree["train"].update(use_gpu=False, checkpoint_epochs=5, log_every=50)
+    tree["model"].pop("patch_size")
+    return from_dict(tree)
+
+
+def certify_config(sigma: float) -> list[str]:
+    base = quickstart_certify(f"models:/{REGISTER_AS}@{sigma_alias(sigma)}", "sqlite:///mlflow.db")
+    return [f"model={base.model}", f"smoothing.sigma={sigma}", "smoothing.n0=100", "smoothing.n=1000",
+            "smoothing.skip=4", "smoothing.chunk=1000", "compute.workers=2"]
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "quickstart":
+        from rayrcm.cli import main as cli_main
+
+        cli_main(["quickstart", *sys.argv[2:]])
+    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config)

@@ -18,7 +18,7 @@ from typing import Any
 
 from rayrcm.errors import ConfigError
 
-AUGMENTATIONS = ("none", "weak", "strong", "autoaug")
+AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -29,8 +29,11 @@ class DataConfig:
     name: str = "digits"
     path: str | None = None
     image_size: int = 16
-    augmentation: str = "weak"
+    augmentation: str = "weak"  # none | weak | crop | strong | autoaug (rayrcm.data.views.build_transform)
     hflip: bool = False
+    crop_pct: float = 0.875  # large images: resize the short side to image_size / crop_pct, centre crop
+    crop_min: float = 0.4  # smallest area fraction of the "crop" augmentation
+    autoaug: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy of the "autoaug" augmentation
     batch_size: int = 128
     num_workers: int = 0
     val_fraction: float = 0.1
@@ -64,22 +67,28 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
     grad_clip: float = 0.0  # 0 = off
+    schedule_steps: int = 0  # length of warmup + cosine; 0 = train.steps (more: the cosine is cut short)
+    warmup_epochs: float = 0.0  # > 0: sets warmup_steps from the training set size (see resolve_epochs)
+    schedule_epochs: float = 0.0  # > 0: sets schedule_steps likewise
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = ""  # job name; rerunning the same name resumes. Default: <experiment>-<method>
     steps: int = 200
+    epochs: float = 0.0  # > 0: steps = ceil(epochs * floor(train images / global batch)) (resolve_epochs)
     workers: int = 1  # Ray Train workers; 0 runs the loop in the driver process
     use_gpu: bool = False
     precision: str = "fp32"
     checkpoint_every: int = 50
+    checkpoint_epochs: float = 0.0  # > 0: sets checkpoint_every from the training set size
     keep_checkpoints: int = 2
     max_failures: int = 1
     seed: int = 0
     log_every: int = 10
     storage_path: str = "./rayrcm_results"
     eval_sigmas: tuple[float, ...] = (0.25, 0.5)
+    select_metric: str = ""  # keep the checkpoint best on this validation metric (e.g. val_acc_sigma_0.25); "" = last
     fault_at_step: int = -1  # test hook: raise once at this step (first attempt only)
 
 
@@ -204,7 +213,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
         tree.setdefault(section, {})
         # method.name first, so the other method keys land in the right dataclass
         if leaf == "name" and section == "method":
-            tree[section] = {"name": value, **tree[section]}
+            tree[section] = {"name": value, **{k: v for k, v in tree[section].items() if k != "name"}}
         else:
             tree[section][leaf] = value
     return tree
@@ -263,6 +272,8 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     _check(d.image_size >= 4, "data.image_size", d.image_size, "must be >= 4")
     _check(d.augmentation in AUGMENTATIONS, "data.augmentation", d.augmentation, f"choose one of: {', '.join(AUGMENTATIONS)}")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _check(0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
+    _check(0 < d.crop_min <= 1, "data.crop_min", d.crop_min, "must be in (0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     for key in ("mixup", "cutmix"):
@@ -288,6 +299,13 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
 
     _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    _check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = use train.steps)")
+    _check(t.checkpoint_epochs >= 0, "train.checkpoint_epochs", t.checkpoint_epochs, "must be >= 0")
+    for key in ("warmup_epochs", "schedule_epochs", "schedule_steps"):
+        _check(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
+    allowed = ["val_acc_clean"] + [f"val_acc_sigma_{s:g}" for s in t.eval_sigmas]
+    _check(not t.select_metric or (t.select_metric in allowed and cfg.method.stage == "classifier"), "train.select_metric",
+           t.select_metric, f"choose one of: {', '.join(allowed)} (classifier stages only), or empty for the last checkpoint")
     _check(t.workers >= 0, "train.workers", t.workers, "must be >= 0 (0 = run in the driver)")
     _check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
@@ -303,6 +321,26 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     _check(not tr.alias or bool(tr.register_as), "tracking.alias", tr.alias, "needs tracking.register_as")
     cfg.method.validate(cfg)
     return cfg
+
+
+def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig:
+    """Turn ``train.epochs`` / ``train.checkpoint_epochs`` / ``optim.warmup_epochs`` /
+    ``optim.schedule_epochs`` into steps.
+
+    One epoch is ``floor(train_images / data.batch_size)`` optimizer steps (the last partial
+    batch is dropped, as the seeds' loaders do).
+    """
+    per_epoch = max(1, train_images // cfg.data.batch_size)
+    t, o = cfg.train, cfg.optim
+    if t.epochs > 0:
+        t = replace(t, steps=max(1, int(-(-t.epochs * per_epoch // 1))))
+    if t.checkpoint_epochs > 0:
+        t = replace(t, checkpoint_every=max(1, int(round(t.checkpoint_epochs * per_epoch))))
+    if o.warmup_epochs > 0:
+        o = replace(o, warmup_steps=int(round(o.warmup_epochs * per_epoch)))
+    if o.schedule_epochs > 0:
+        o = replace(o, schedule_steps=int(round(o.schedule_epochs * per_epoch)))
+    return replace(cfg, train=t, optim=o)
 
 
 def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,9 @@ def isolated_home(tmp_path_factory):
     old = os.environ.get("HOME")
     os.environ["HOME"] = str(home)
     os.environ.pop("RAY_ADDRESS", None)
+    # Ray's session folder (and its "current cluster" file, which a plain ray.init() would join):
+    # private to this test session; short, because Ray's socket paths must fit in 107 bytes
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rr", dir="/tmp")
     yield home
     if old is not None:
         os.environ["HOME"] = old

@@ -185,10 +185,18 @@ def test_a_lost_node_does_not_change_any_result(setup):
     while time.time() < deadline and not (rows_dir.is_dir() and any(rows_dir.glob("part-*.parquet"))):
         time.sleep(0.1)
     worker_node = next(iter(cluster.worker_nodes))
-    cluster.remove_node(worker_node)  # its raylet and every actor on it die
+    on_node = [a["Pid"] for a in _count_actors() if a["State"] == "ALIVE" and a["Address"]["NodeID"] == worker_node.node_id]
+    cluster.remove_node(worker_node)  # its raylet dies; the actors on it are lost to the job
     cluster.add_node(num_cpus=2)  # a replacement node, as an autoscaler would provide
-    job.join(timeout=300)
-    assert not job.is_alive(), "the job did not finish after losing a node"
-    result = out["result"]
-    assert result.computed == len(ref)
-    _assert_reference(result.rows, ref)
+    try:
+        job.join(timeout=300)
+        assert not job.is_alive(), "the job did not finish after losing a node"
+        result = out["result"]
+        assert result.computed == len(ref)
+        _assert_reference(result.rows, ref)
+    finally:
+        for pid in on_node:  # worker processes of the removed node, started by this test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

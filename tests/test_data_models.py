@@ -90,3 +90,25 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     save_model(path, clf.encoder, {})  # no metadata: the strict load still refuses
     with pytest.raises(ConfigError, match="does not match encoder 'resnet18'"):
         load_encoder_file(build_encoder(ModelConfig(encoder="resnet18"), 16), path, "resnet18")
+
+
+@pytest.mark.parametrize("kind", ["none", "weak", "crop", "strong", "autoaug"])
+@pytest.mark.parametrize("large", [False, True])
+def test_every_augmentation_gives_float_images_in_the_unit_range(kind, large):
+    from PIL import Image
+
+    from rayrcm.config import AUGMENTATIONS
+
+    assert kind in AUGMENTATIONS
+    t = build_transform(kind, 24, large=large, hflip=True)
+    torch.manual_seed(0)
+    for raw in (torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8), Image.new("RGB", (48, 40), (200, 10, 90))):
+        x = t(raw)
+        assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_crop_pct_one_is_a_short_side_resize_and_centre_crop():
+    img = torch.zeros(3, 20, 40, dtype=torch.uint8)
+    img[:, :, 10:30] = 255  # the centre 20x20 square is white
+    x = build_transform("none", 10, large=True, crop_pct=1.0)(img)
+    assert x.shape == (3, 10, 10) and x[:, :, 1:-1].min().item() == pytest.approx(1.0)  # only the edges blur

@@ -89,3 +89,21 @@ def test_rerun_of_a_failed_job_resumes(reference, mlflow_server):
     assert result.run_id == failed[0].info.run_id
     assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [2, 4, 6]
     _same_weights(result.model_file, ref.model_file)
+
+
+def test_consistency_fine_tuning_keeps_the_model_best_on_validation(reference, mlflow_server):
+    """Selection uses the held-out validation split, never the test set: the exported model is the
+    checkpoint with the highest val_acc_sigma_0.25 (first one on ties), and the test accuracies
+    reported are those of that model."""
+    from mlflow.tracking import MlflowClient
+
+    tmp, _ = reference
+    result = fit(_cfg(tmp, mlflow_server, "consistency-select", "method.name=consistency", "method.sigma=0.25",
+                      "method.lbd=10", "method.eta=0.5", "train.select_metric=val_acc_sigma_0.25"))
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(result.run_id, "val_acc_sigma_0.25")
+    assert [m.step for m in history] == [2, 4, 6]
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert result.metrics["selected_step"] == best.step and result.metrics["selected_value"] == pytest.approx(best.value)
+    _same_weights(result.model_file, tmp / "storage" / "consistency-select" / "best_model.pt")
+    assert "test_acc_sigma_0.25" in result.metrics

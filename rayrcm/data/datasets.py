@@ -89,13 +89,14 @@ def eval_split(cfg: DataConfig, split: str) -> tuple[Dataset, int, bool]:
     return (splits.test if split == "test" else splits.val), splits.num_classes, splits.large
 
 
-def eval_images(ds: Dataset, indices: list[int], size: int, *, large: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_images(ds: Dataset, indices: list[int], size: int, *, large: bool = False,
+                crop_pct: float = 0.875) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images ``(K, C, size, size)`` and labels ``(K,)`` of ``ds[indices]`` (the evaluation view)."""
     from rayrcm.data.views import eval_transform_uint8
 
     if not indices:
         return torch.empty((0, 3, size, size), dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    t = eval_transform_uint8(size, large=large)
+    t = eval_transform_uint8(size, large=large, crop_pct=crop_pct)
     images, labels = [], []
     for i in indices:
         image, label = ds[i]

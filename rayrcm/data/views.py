@@ -15,30 +15,64 @@ from torchvision.transforms import v2
 from rayrcm.config import DataConfig
 
 
-def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = False) -> v2.Transform:
-    """One view pipeline. ``large`` selects ImageNet-style resized crops over pad-and-crop."""
-    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if kind == "none":
-        resize = [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)] if large else [v2.Resize((size, size), antialias=True)]
-        return v2.Compose([v2.ToImage(), *resize, *to_float[1:]])
+def _resize(size: int, large: bool, crop_pct: float) -> list[v2.Transform]:
+    """Small images: resize to ``size``; large: short side to ``size / crop_pct``, centre crop."""
+    if large:
+        return [v2.Resize(int(round(size / crop_pct)), antialias=True), v2.CenterCrop(size)]
+    return [v2.Resize((size, size), antialias=True)]
+
+
+class _ToPIL:
+    """uint8 tensors (the bundled digits) to PIL, for timm's PIL-based augmentations."""
+
+    def __call__(self, image: Any) -> Any:
+        return v2.functional.to_pil_image(image) if isinstance(image, torch.Tensor) else image
+
+
+def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = False, crop_pct: float = 0.875,
+                    crop_min: float = 0.4, autoaug: str = "rand-m9-mstd0.5-inc1") -> Any:
+    """One view pipeline, ending in float32 [0, 1] tensors ``(3, size, size)``.
+
+    * ``none``: resize (and centre crop at ``crop_pct`` for large images), optional flip;
+    * ``weak``: pad-and-crop (small) or RandomResizedCrop (large), optional flip;
+    * ``crop``: RandomResizedCrop with scale ``(crop_min, 1)``, optional flip (the RCM seed's
+      fine-tuning "strong");
+    * ``strong``: SimCLR / MoCo-v2 colour augmentation after a resized crop;
+    * ``autoaug``: timm's ``create_transform`` training pipeline with RandAugment ``autoaug``
+      (the RCM seed's "autoaug": random resized crop, flip, ``rand-m9-mstd0.5-inc1``, bicubic).
+    """
+    to_float = v2.ToDtype(torch.float32, scale=True)
     flip = [v2.RandomHorizontalFlip()] if hflip else []
+    if kind == "none":
+        return v2.Compose([v2.ToImage(), *_resize(size, large, crop_pct), *flip, to_float])
     if kind == "weak":
         crop = [v2.RandomResizedCrop(size, antialias=True)] if large else [v2.Resize((size, size), antialias=True), v2.RandomCrop(size, padding=max(1, size // 8))]
-        return v2.Compose([v2.ToImage(), *crop, *flip, *to_float[1:]])
-    crop = [v2.RandomResizedCrop(size, scale=(0.2 if large else 0.5, 1.0), antialias=True)]
+        return v2.Compose([v2.ToImage(), *crop, *flip, to_float])
+    if kind == "crop":
+        return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True), *flip, to_float])
     if kind == "strong":  # SimCLR / MoCo-v2 colour augmentation
+        crop = [v2.RandomResizedCrop(size, scale=(0.2 if large else 0.5, 1.0), antialias=True)]
         color = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
-        return v2.Compose([v2.ToImage(), *crop, *flip, *color, *to_float[1:]])
+        return v2.Compose([v2.ToImage(), *crop, *flip, *color, to_float])
     if kind == "autoaug":
-        return v2.Compose([v2.ToImage(), *crop, *flip, v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET), *to_float[1:]])
+        from timm.data import create_transform
+
+        timm_t = create_transform(input_size=size, is_training=True, auto_augment=autoaug, interpolation="bicubic",
+                                  hflip=0.5 if hflip else 0.0, color_jitter=None, re_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        return v2.Compose([_ToPIL(), v2.Lambda(lambda im: im.convert("RGB")), timm_t])
     raise ValueError(f"unknown augmentation {kind!r}")
 
 
-def eval_transform_uint8(size: int, *, large: bool = False) -> v2.Transform:
+def data_transform(kind: str, cfg: DataConfig, *, large: bool) -> Any:
+    """:func:`build_transform` with the options of a :class:`DataConfig`."""
+    return build_transform(kind, cfg.image_size, large=large, hflip=cfg.hflip if kind != "none" else False,
+                           crop_pct=cfg.crop_pct, crop_min=cfg.crop_min, autoaug=cfg.autoaug)
+
+
+def eval_transform_uint8(size: int, *, large: bool = False, crop_pct: float = 0.875) -> v2.Transform:
     """The ``"none"`` view without the final conversion: uint8 ``(C, size, size)``; ``/ 255`` gives the
     float image (kept as uint8 so a certification's image list costs a quarter of the memory)."""
-    resize = [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)] if large else [v2.Resize((size, size), antialias=True)]
-    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.uint8, scale=True)])
+    return v2.Compose([v2.ToImage(), *_resize(size, large, crop_pct), v2.ToDtype(torch.uint8, scale=True)])
 
 
 class MultiView(Dataset):

@@ -113,7 +113,7 @@ def _data_config(cfg: CertifyConfig, meta: dict[str, Any]) -> DataConfig:
     name = cfg.dataset or trained["name"]
     path = cfg.data_path or (trained.get("path") if name == trained["name"] else None)
     return DataConfig(name=name, path=path or None, image_size=int(meta["image_size"]),
-                      val_fraction=float(trained.get("val_fraction", 0.1)))
+                      val_fraction=float(trained.get("val_fraction", 0.1)), crop_pct=float(trained.get("crop_pct", 0.875)))
 
 
 def prepare(cfg: CertifyConfig) -> Prepared:
@@ -161,7 +161,8 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if trained_sigma is not None and abs(float(trained_sigma) - cfg.smoothing.sigma) > 1e-12:
         warnings.append(f"WARNING: this model was trained with noise sigma={trained_sigma:g} and is being "
                         f"certified at sigma={cfg.smoothing.sigma:g}: expect much lower certified accuracy")
-    images, labels = eval_images(ds, [i for i in indices if i not in finished], data.image_size, large=large)
+    images, labels = eval_images(ds, [i for i in indices if i not in finished], data.image_size, large=large,
+                                 crop_pct=data.crop_pct)
     parent, experiment = (None, None)
     if uri:
         parent, experiment = tracking.model_lineage(cfg.model, uri)

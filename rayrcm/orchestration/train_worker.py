@@ -15,10 +15,21 @@ import torch
 import torch.distributed as dist
 
 from rayrcm.config import from_dict
-from rayrcm.data import MultiView, build_splits, build_transform
+from rayrcm.data import MultiView, build_splits
+from rayrcm.data.views import data_transform
 from rayrcm.eval.accuracy import accuracies, count_correct
 from rayrcm.objectives import build_objective
-from rayrcm.train.checkpoint import MODEL_FILE, load_state, model_meta, save_model, save_state
+from rayrcm.train.checkpoint import (
+    BEST_MODEL_FILE,
+    MODEL_FILE,
+    load_model_file,
+    load_state,
+    model_meta,
+    read_best,
+    save_model,
+    save_state,
+    write_best,
+)
 from rayrcm.train.loop import Loop, batches_from, run_steps
 from rayrcm.train.optim import build_optimizer, build_scheduler
 
@@ -56,10 +67,11 @@ def train_worker(config: dict[str, Any]) -> None:
     t = cfg.train
 
     splits = build_splits(cfg.data)
-    size, large = cfg.data.image_size, splits.large
-    train_set = MultiView(splits.train, [build_transform(v, size, large=large, hflip=cfg.data.hflip)
-                                         for v in cfg.method.views(cfg.data.augmentation)])
-    eval_set = MultiView(splits.test, [build_transform("none", size, large=large)])
+    large = splits.large
+    train_set = MultiView(splits.train, [data_transform(v, cfg.data, large=large) for v in cfg.method.views(cfg.data.augmentation)])
+    eval_set = MultiView(splits.test, [data_transform("none", cfg.data, large=large)])
+    val_set = MultiView(splits.val, [data_transform("none", cfg.data, large=large)])
+    validate_ = cfg.method.stage == "classifier" and len(splits.val) > 0
 
     torch.manual_seed(t.seed)  # identical initial weights on every worker
     objective = build_objective(cfg, splits.num_classes)
@@ -98,7 +110,30 @@ def train_worker(config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.log(step, metrics)
 
+    def evaluate(ds, prefix: str) -> dict[str, float]:
+        counts = count_correct(objective.export(), ds, t.eval_sigmas, device=device, rank=rank, world=world, seed=t.seed)
+        if world > 1:
+            counts = counts.to(device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        return accuracies(counts, t.eval_sigmas, prefix)
+
+    best_file = Path(t.storage_path) / cfg.job_name / BEST_MODEL_FILE
+
+    def validate_and_select(step: int) -> dict[str, float]:
+        """Validation accuracies; rank 0 keeps the model best on ``train.select_metric`` (never the test set)."""
+        val = evaluate(val_set, "val")
+        if rank == 0:
+            if logger is not None:
+                logger.log(step, val)
+            best = read_best(best_file)
+            if t.select_metric and (best is None or val[t.select_metric] > best["value"]):
+                write_best(best_file, objective.export(), meta, step, t.select_metric, val[t.select_metric])
+        return val
+
     def report(step: int, metrics: dict[str, float], final: bool = False) -> None:
+        if validate_ and not final:
+            metrics = {**metrics, **validate_and_select(step)}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -120,13 +155,18 @@ def train_worker(config: dict[str, Any]) -> None:
                         on_checkpoint=report, before_step=before)
 
     final: dict[str, float] = {}
-    if cfg.method.stage == "classifier":
-        counts = count_correct(objective.export(), eval_set, t.eval_sigmas, device=device, rank=rank, world=world, seed=t.seed)
+    if validate_:
+        final.update(validate_and_select(t.steps))
         if world > 1:
-            counts = counts.to(device)
-            dist.all_reduce(counts)
-            counts = counts.cpu()
-        final.update(accuracies(counts, t.eval_sigmas))
+            dist.barrier()  # rank 0 has written the best model
+        best = read_best(best_file) if t.select_metric else None
+        if best is not None:
+            objective.export().load_state_dict(load_model_file(best_file)["model"], strict=True)
+            final.update(selected_step=float(best["step"]), selected_value=float(best["value"]))
+            if rank == 0:
+                say(f"[rayrcm] selected the step-{best['step']} model: {t.select_metric} = {best['value']:.4f} (validation split)")
+    if cfg.method.stage == "classifier":
+        final.update(evaluate(eval_set, "test"))
         if logger is not None:
             logger.log(t.steps, final)
     report(t.steps, {**metrics, **final}, final=True)

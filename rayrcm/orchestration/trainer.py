@@ -41,6 +41,11 @@ def ensure_ray(**kwargs: Any) -> None:
 def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
     """Validate everything and resolve URIs before any Ray work; returns (config, tracking uri)."""
     cfg = validate(cfg)
+    if cfg.train.epochs > 0 or cfg.train.checkpoint_epochs > 0 or cfg.optim.warmup_epochs > 0 or cfg.optim.schedule_epochs > 0:
+        from rayrcm.config import resolve_epochs
+        from rayrcm.data import build_splits
+
+        cfg = resolve_epochs(cfg, len(build_splits(cfg.data).train))
     batch, workers = cfg.data.batch_size, max(cfg.train.workers, 1)
     if batch % workers:
         raise ConfigError("data.batch_size", batch, f"must be divisible by train.workers={workers} (it is the global batch)")

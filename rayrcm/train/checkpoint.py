@@ -19,6 +19,7 @@ import rayrcm
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
+BEST_MODEL_FILE = "best_model.pt"  # the model best on the validation metric, with best_model.json
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -61,3 +62,22 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
 
 def load_model_file(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def write_best(path: str | Path, model: nn.Module, meta: dict, step: int, metric: str, value: float) -> None:
+    """Keep ``model`` as the best so far (``path``) with ``path.json`` = {step, metric, value}."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(path, model, {**meta, "selected": {"step": step, "metric": metric, "value": value}})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"step": step, "metric": metric, "value": value}))
+    os.replace(tmp, path.with_suffix(".json"))
+
+
+def read_best(path: str | Path) -> dict[str, Any] | None:
+    import json
+
+    info = Path(path).with_suffix(".json")
+    return json.loads(info.read_text()) if info.is_file() and Path(path).is_file() else None

@@ -45,12 +45,14 @@ def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) ->
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """timm cosine schedule with linear warmup from 0, stepped per optimizer update."""
+    """timm cosine schedule with linear warmup from 0, stepped per optimizer update, over
+    ``cfg.schedule_steps`` (or ``total_steps``); a longer schedule than the run cuts the cosine short."""
     from timm.scheduler import CosineLRScheduler
 
+    length = cfg.schedule_steps or total_steps
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(1, total_steps - cfg.warmup_steps),
+        t_initial=max(1, length - cfg.warmup_steps),
         lr_min=cfg.min_lr,
         warmup_t=cfg.warmup_steps,
         warmup_lr_init=0.0,

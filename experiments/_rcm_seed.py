@@ -1,0 +1,138 @@
+"""Shared by the RCM recipes: the seed's command-line values turned into rayrcm configs, and the
+stage command line (``pretrain``, ``finetune``, ``certify``, ``analyze``).
+
+The seed (Lei et al., "Robust Representation Consistency Model via Contrastive Denoising",
+github.com/jiachenlei/rRCM) fine-tunes with ``rrcm_tune.py --task=consistency`` and the values
+below; every conversion to rayrcm's units and names is written here, once:
+
+* ``noise_aug`` is the noise std on data scaled to [-1, 1]: ``method.sigma = noise_aug / 2``
+  (pixel units, data in [0, 1]); likewise the Karras ``sigma_min``/``sigma_max`` of pretraining.
+* The fine-tuning configs set ``scale_lr=True``: the optimizer's lr is ``lr * batch_size / 256``.
+* Epoch counts stay epochs (``train.epochs``, ``optim.warmup_epochs``, ``optim.schedule_epochs``;
+  the seed's cosine always spans the config's ``total_training_steps`` epochs, even when a command
+  trains fewer, e.g. 50 of 150 epochs for ImageNet at sigma 0.5). Our schedule is stepped per
+  optimizer step, the seed's per epoch.
+* ``augmentation_type``: the seed's CIFAR-10 "weak" is no augmentation at all (``none``), its
+  ImageNet "weak" a short-side resize, centre crop and flip (``none``, ``crop_pct=1``, flip),
+  its "strong" a RandomResizedCrop(0.4, 1) and flip (``crop``), its "autoaug" timm's RandAugment
+  ``rand-m9-mstd0.5-inc1`` pipeline (``autoaug``).
+* ``nnet.hidden_dim`` is the width of the pretrained projection head (``model.proj_hidden_dim``);
+  the fine-tuned classifier has a linear head on the encoder's features, as in the seed.
+* The seed picks its checkpoint by *test* accuracy; we hold out a validation split and select on
+  ``val_acc_sigma_<sigma>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
+from rayrcm.errors import ConfigError
+from rayrcm.objectives.rcm import rcm_input_scale
+from rayrcm.quickstart import sigma_alias
+
+SIGMAS = (0.25, 0.5, 1.0)
+AUGMENTATION = {  # (dataset kind, seed augmentation_type) -> rayrcm data settings
+    ("small", "weak"): {"augmentation": "none"},
+    ("large", "weak"): {"augmentation": "none", "crop_pct": 1.0, "hflip": True},
+    ("small", "strong"): {"augmentation": "crop", "crop_min": 0.4, "hflip": True},
+    ("large", "strong"): {"augmentation": "crop", "crop_min": 0.4, "hflip": True},
+    ("small", "autoaug"): {"augmentation": "autoaug", "autoaug": "rand-m9-mstd0.5-inc1", "hflip": True},
+    ("large", "autoaug"): {"augmentation": "autoaug", "autoaug": "rand-m9-mstd0.5-inc1", "hflip": True},
+}
+
+
+def finetune_tree(cmd: dict[str, Any], conf: dict[str, Any], *, data: dict[str, Any], encoder: str,
+                  register_as: str, experiment: str, workers: int) -> dict[str, Any]:
+    """A config tree from one seed fine-tuning command (``cmd``) and its config file (``conf``)."""
+    sigma = cmd["noise_aug"] / 2  # the seed's noise is on [-1, 1] data; ours on [0, 1] pixels
+    kind = "large" if data["image_size"] >= 128 else "small"
+    return {
+        "data": {**data, **AUGMENTATION[(kind, cmd["augmentation_type"])], "batch_size": cmd["batch_size"],
+                 "mixup": cmd["mixup"], "cutmix": cmd["cutmix"], "mixup_switch_prob": cmd.get("mixup_switch_prob", 0.5),
+                 "label_smoothing": cmd["label_smoothing"], "crop_pct": 1.0 if kind == "large" else 0.875},
+        "model": {"encoder": encoder, "patch_size": conf["patch_size"], "proj_hidden_dim": cmd.get("hidden_dim", conf["hidden_dim"]),
+                  "proj_dim": conf["output_dim"], "layernorm": cmd["layernorm"], "input_scale": rcm_input_scale(sigma)},
+        "method": {"name": "consistency", "sigma": sigma, "m": 2, "lbd": cmd["lbd"], "eta": cmd["eta"], "train_head": False},
+        "optim": {"name": cmd["optimizer"], "lr": cmd["lr"] * cmd["batch_size"] / 256 if conf["scale_lr"] else cmd["lr"],
+                  "weight_decay": cmd["weight_decay"], "layer_decay": cmd["lr_layer_decay"],
+                  "warmup_epochs": conf["warmup_epochs"], "schedule_epochs": conf["schedule_epochs"]},
+        "train": {"name": f"{register_as}-finetune-sigma-{sigma_alias(sigma)[6:]}", "epochs": cmd["epochs"], "workers": workers,
+                  "use_gpu": True, "precision": "fp32", "eval_sigmas": SIGMAS, "select_metric": f"val_acc_sigma_{sigma:g}",
+                  "checkpoint_epochs": 5},
+        "tracking": {"experiment": experiment, "register_as": register_as, "alias": sigma_alias(sigma)},
+    }
+
+
+def pretrain_tree(conf: dict[str, Any], *, data: dict[str, Any], encoder: str, name: str, experiment: str,
+                  workers: int) -> dict[str, Any]:
+    """A config tree from one seed pretraining config file."""
+    return {
+        "data": {**data, "augmentation": "strong", "batch_size": conf["batch_size"]},
+        "model": {"encoder": encoder, "patch_size": conf["patch_size"], "proj_hidden_dim": conf["hidden_dim"],
+                  "proj_dim": conf["output_dim"]},
+        "method": {"name": "rcm", "temperature": conf["tau"], "sigma_min": conf["sigma_min"] / 2, "sigma_max": conf["sigma_max"] / 2,
+                   "levels_start": conf["start_scales"], "levels_end": conf["end_scales"], "ema_start": conf["start_ema"],
+                   "ema_end": conf["end_ema"], "ema_sharpness": conf["target_ema_A"]},
+        "optim": {"name": "adamw", "lr": conf["lr"], "weight_decay": conf["weight_decay"], "warmup_steps": conf["warmup_steps"],
+                  "grad_clip": conf["gradclip"]},
+        "train": {"name": name, "steps": conf["steps"], "workers": workers, "use_gpu": True, "checkpoint_every": conf["save_interval"]},
+        "tracking": {"experiment": experiment},
+    }
+
+
+def certify_args(register_as: str, sigma: float, dataset: str, skip: int) -> list[str]:
+    """The papers' protocol: n0 = 100, n = 100,000, alpha = 0.001, every ``skip``-th test image."""
+    return [f"model=models:/{register_as}@{sigma_alias(sigma)}", f"dataset={dataset}", f"smoothing.sigma={sigma}",
+            "smoothing.n0=100", "smoothing.n=100000", "smoothing.alpha=0.001", f"smoothing.skip={skip}",
+            "compute.use_gpu=true", "compute.precision=fp32"]
+
+
+def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
+               finetune: Callable[[float], ExperimentConfig], certify: Callable[[float], list[str]],
+               sizes: tuple[str, ...] = ("b",)) -> None:
+    """``pretrain [--size]``, ``finetune --sigma``, ``certify --sigma``, ``analyze RESULTS...``;
+    ``--set key=value`` overrides and ``--dry-run`` prints the resolved config."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["pretrain", "finetune", "certify", "analyze"])
+    p.add_argument("results", nargs="*", help="analyze: certification folders or .tsv files")
+    p.add_argument("--sigma", type=float, default=0.25, choices=SIGMAS)
+    p.add_argument("--size", default=sizes[0], choices=sizes, help="pretrain: RCM-B (b) or RCM-S (s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    try:
+        if args.stage == "analyze":
+            from rayrcm.cli import main as cli_main
+
+            return cli_main(["analyze", *args.results])
+        if args.stage == "certify":
+            from rayrcm.orchestration import certify_job
+
+            cfg = certify_job.config_from_args(certify(args.sigma) + args.overrides)
+            if args.dry_run:
+                print(cfg)
+                return None
+            certify_job.run(cfg)
+            return None
+        base = pretrain(args.size) if args.stage == "pretrain" else finetune(args.sigma)
+        cfg = validate(apply_overrides(base, args.overrides), check_paths=not args.dry_run)
+        if args.dry_run:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return None
+        from rayrcm.orchestration.trainer import fit
+
+        result = fit(cfg)
+        print(f"[rayrcm] {args.stage} done: run {result.run_id}, model {result.model.get('alias_uri') or result.model_file}")
+    except ConfigError as err:
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return None
+
+
+__all__ = ["SIGMAS", "certify_args", "finetune_tree", "from_dict", "pretrain_tree", "stage_main"]

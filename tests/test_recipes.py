@@ -1,0 +1,115 @@
+"""The recipes reproduce the RCM seed's commands: a table copied from the seed's README and
+config files, checked value by value against the configs the recipes build."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayrcm.config import validate
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+
+# (dataset, sigma): eta, lbd, noise_aug, epochs, layernorm, lr_layer_decay, lr, wd, batch, augmentation,
+#                   mixup, cutmix, label_smoothing  -- the README's fine-tuning commands
+SEED_FINETUNE = {
+    ("imagenet", 0.25): (0.5, 10.0, 0.5, 150, True, 0.65, 2e-4, 0.0, 1024, "autoaug", 0.8, 1.0, 0.1),
+    ("imagenet", 0.5): (0.5, 20.0, 1.0, 50, True, 0.65, 2e-4, 0.0, 2048, "strong", 0.8, 1.0, 0.0),
+    ("imagenet", 1.0): (0.5, 20.0, 2.0, 150, True, 0.65, 1e-4, 0.0, 256, "weak", 0.8, 1.0, 0.0),
+    ("cifar10", 0.25): (0.5, 10.0, 0.5, 100, False, 0.75, 2e-4, 0.0, 1024, "weak", 0.0, 0.0, 0.0),
+    ("cifar10", 0.5): (0.5, 20.0, 1.0, 100, False, 0.75, 2e-4, 0.0, 1024, "weak", 0.0, 0.0, 0.0),
+    ("cifar10", 1.0): (0.5, 20.0, 2.0, 100, False, 0.65, 2e-4, 0.0, 1024, "weak", 0.0, 0.0, 0.0),
+}
+# configs/*_finetune.py: warmup epochs, cosine length in epochs, image size, patch
+SEED_FT_CONFIG = {"imagenet": (5, 150, 224, 16), "cifar10": (10, 100, 32, 4)}
+OUR_AUG = {("imagenet", "autoaug"): "autoaug", ("imagenet", "strong"): "crop", ("imagenet", "weak"): "none",
+           ("cifar10", "weak"): "none"}
+# configs/*_pretrain*.py: steps, batch, lr, wd, warmup, gradclip, ema A, encoder, patch, proj hidden, GPUs
+SEED_PRETRAIN = {
+    ("imagenet", "b"): (600_000, 4096, 2e-4, 0.03, 15_000, 2.0, 10, "rcm_b", 16, 4096, 32),
+    ("imagenet", "s"): (600_000, 4096, 1e-4, 0.01, 10_000, 2.0, 10, "rcm_s", 16, 2048, 16),
+    ("cifar10", "b"): (300_000, 2048, 1e-4, 0.0, 10_000, 2.0, 15, "rcm_b", 4, 2048, 8),
+}
+
+
+def _load(name):
+    sys.path.insert(0, str(EXP))
+    try:
+        spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXP / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXP))
+
+
+@pytest.mark.parametrize("dataset, sigma", list(SEED_FINETUNE))
+def test_finetune_recipes_equal_the_seed_commands(dataset, sigma):
+    eta, lbd, noise_aug, epochs, ln, decay, lr, wd, batch, aug, mixup, cutmix, ls = SEED_FINETUNE[(dataset, sigma)]
+    warmup, schedule, size, patch = SEED_FT_CONFIG[dataset]
+    cfg = validate(_load(f"rcm_{dataset}").finetune_config(sigma), check_paths=False)
+    m, o, d, t = cfg.method, cfg.optim, cfg.data, cfg.train
+    assert (m.name, m.m, m.eta, m.lbd, m.train_head) == ("consistency", 2, eta, lbd, False)
+    assert m.sigma == noise_aug / 2 == sigma  # the seed's noise is on [-1, 1] data
+    assert (t.epochs, cfg.model.layernorm, o.layer_decay, o.name, o.weight_decay) == (epochs, ln, decay, "adamw", wd)
+    assert o.lr == pytest.approx(lr * batch / 256)  # scale_lr=True in the seed's fine-tuning configs
+    assert (o.warmup_epochs, o.schedule_epochs, d.image_size, cfg.model.patch_size) == (warmup, schedule, size, patch)
+    assert (d.batch_size, d.augmentation, d.mixup, d.cutmix, d.label_smoothing) == (batch, OUR_AUG[(dataset, aug)], mixup, cutmix, ls)
+    if mixup:
+        assert d.mixup_switch_prob == 0.5
+    assert cfg.model.encoder == "rcm_b" and t.workers == 8 and t.precision == "fp32"
+    assert t.select_metric == f"val_acc_sigma_{sigma:g}" and d.val_fraction > 0  # never the test set
+    assert cfg.tracking.alias == f"sigma-{sigma:.2f}".replace(".", "_")
+    if dataset == "imagenet":
+        assert cfg.model.proj_hidden_dim == 4096 and d.crop_pct == 1.0  # --config.nnet.hidden_dim=4096, short-side crop
+
+
+@pytest.mark.parametrize("dataset, size", list(SEED_PRETRAIN))
+def test_pretrain_recipes_equal_the_seed_configs(dataset, size):
+    steps, batch, lr, wd, warmup, clip, ema_a, encoder, patch, hidden, gpus = SEED_PRETRAIN[(dataset, size)]
+    cfg = validate(_load(f"rcm_{dataset}").pretrain_config(size), check_paths=False)
+    m, o = cfg.method, cfg.optim
+    assert (cfg.train.steps, cfg.data.batch_size, o.lr, o.weight_decay, o.warmup_steps, o.grad_clip) == (steps, batch, lr, wd, warmup, clip)
+    assert (m.name, m.ema_sharpness, m.ema_start, m.ema_end, m.levels_start, m.levels_end, m.temperature) == ("rcm", ema_a, 0.99, 0.9999, 20, 80, 0.2)
+    assert (m.sigma_min, m.sigma_max) == (0.001, 40.0)  # the seed's 0.002 / 80 on [-1, 1] data
+    assert (cfg.model.encoder, cfg.model.patch_size, cfg.model.proj_hidden_dim, cfg.model.proj_dim) == (encoder, patch, hidden, 256)
+    assert cfg.train.workers == gpus and cfg.train.use_gpu and cfg.data.augmentation == "strong"
+
+
+def test_certify_recipes_use_the_papers_protocol():
+    for dataset, skip in (("cifar10", 20), ("imagenet", 100)):
+        args = _load(f"rcm_{dataset}").certify_config(0.5)
+        assert {"smoothing.n0=100", "smoothing.n=100000", "smoothing.alpha=0.001", "smoothing.sigma=0.5",
+                f"smoothing.skip={skip}"} <= set(args)
+
+
+def test_digits_recipe_validates_for_every_sigma():
+    digits = _load("rcm_digits")
+    for sigma in (0.25, 0.5, 1.0):
+        cfg = validate(digits.finetune_config(sigma))
+        assert cfg.method.name == "consistency" and cfg.method.sigma == sigma and cfg.train.select_metric
+
+
+def test_recipe_override_with_an_unknown_key_is_one_line(capsys):
+    cifar = _load("rcm_cifar10")
+    from _rcm_seed import stage_main  # noqa: E402  (on sys.path while the recipe loads)
+
+    with pytest.raises(SystemExit) as exit_:
+        stage_main(["finetune", "--sigma", "0.5", "--set", "optim.nosuch=1", "--dry-run"], doc="", pretrain=cifar.pretrain_config,
+                   finetune=cifar.finetune_config, certify=cifar.certify_config)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "optim.nosuch" in err and "unknown key" in err
+
+
+def test_recipe_certify_stage_validates_before_any_work(capsys, tmp_path):
+    digits = _load("rcm_digits")
+    from _rcm_seed import stage_main
+
+    with pytest.raises(SystemExit) as exit_:
+        stage_main(["certify", "--set", "smoothing.sigma=-1", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], doc="",
+                   pretrain=digits.pretrain_config, finetune=digits.finetune_config, certify=digits.certify_config)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err == "rayrcm: error: sigma=-1.0 is invalid: must be > 0 (pixel units, data in [0, 1])"
