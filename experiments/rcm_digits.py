@@ -4,7 +4,7 @@
     python experiments/rcm_digits.py finetune   --sigma 0.25 --set model.init_from=<pretrain run id | models:/... | path>
     python experiments/rcm_digits.py certify    --sigma 0.25 [--set smoothing.n=10000 ...]
     python experiments/rcm_digits.py analyze    RESULTS...
-    python experiments/rcm_digits.py quickstart [--set key=value ...]   # pretrain, Gaussian fine-tune, certify
+    python experiments/rcm_digits.py quickstart [--set key=value ...]   # pretrain, consistency fine-tune, certify
     (pretrain, finetune, certify) --dry-run    # print the resolved config
 
 ``finetune`` is the seed's consistency fine-tuning (m = 2, eta = 0.5, lbd = 10 at sigma 0.25 and

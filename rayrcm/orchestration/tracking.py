@@ -26,6 +26,8 @@ from typing import Any
 from rayrcm.errors import ConfigError
 
 JOB_TAG = "rayrcm.job"
+# MLflow's per-file download bars drown the progress lines of our jobs; set it to true to see them
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -160,7 +162,6 @@ def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = Non
         raise ConfigError("model", ref, "not a file, a run id, runs:/<id>/model or models:/<name>@<alias>")
     import mlflow
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri:
         mlflow.set_tracking_uri(uri)
     local = Path(dst or tempfile.mkdtemp(prefix="rayrcm-model-"))

@@ -167,8 +167,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 say(f"[rayrcm] selected the step-{best['step']} model: {t.select_metric} = {best['value']:.4f} (validation split)")
     if cfg.method.stage == "classifier":
         final.update(evaluate(eval_set, "test"))
-        if logger is not None:
-            logger.log(t.steps, final)
+        if logger is not None:  # validation metrics were logged by validate_and_select
+            logger.log(t.steps, {k: v for k, v in final.items() if not k.startswith("val_")})
     report(t.steps, {**metrics, **final}, final=True)
     if logger is not None:
         logger.close()
