@@ -113,3 +113,21 @@ def test_recipe_certify_stage_validates_before_any_work(capsys, tmp_path):
                    pretrain=digits.pretrain_config, finetune=digits.finetune_config, certify=digits.certify_config)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err == "rayrcm: error: sigma=-1.0 is invalid: must be > 0 (pixel units, data in [0, 1])"
+
+
+def test_epochs_become_steps_and_a_longer_schedule_cuts_the_cosine_short():
+    import torch
+
+    from rayrcm.config import ExperimentConfig, apply_overrides, resolve_epochs
+    from rayrcm.train.optim import build_scheduler
+
+    cfg = apply_overrides(ExperimentConfig(), ["data.batch_size=128", "train.epochs=50", "train.checkpoint_epochs=5",
+                                               "optim.warmup_epochs=5", "optim.schedule_epochs=150", "optim.lr=1.0"])
+    r = resolve_epochs(cfg, 1293)  # floor(1293 / 128) = 10 steps per epoch (last partial batch dropped)
+    assert (r.train.steps, r.train.checkpoint_every, r.optim.warmup_steps, r.optim.schedule_steps) == (500, 50, 50, 1500)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, r.optim, r.train.steps)
+    sched.step_update(500)  # the seed at sigma 0.5 on ImageNet: 50 of 150 epochs, lr not yet at 0
+    import math
+
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 450 / 1450)), rel=1e-6)
