@@ -6,6 +6,7 @@
     rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 ...]
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
+    rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
 
 Bad input gives one line on stderr (``rayrcm: error: ...``) and exit status 2.
 """
@@ -50,8 +51,8 @@ def _certify_parser(sub, name: str, help_: str) -> None:
     c.add_argument("--precision", help="fp32 (default), bf16 or fp16")
     c.add_argument("--channels-last", action="store_const", const="true")
     c.add_argument("--name", help="job name; rerunning a name resumes it")
-    c.add_argument("--out", help="results folder (default ./rayrcm_results/certify)")
-    c.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    c.add_argument("--out", help="results folder (default $RAYRCM_STORAGE/certify, else ./rayrcm_results/certify)")
+    c.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     c.add_argument("--experiment", help="MLflow experiment (default: the model's)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any CertifyConfig key, e.g. --set compute.flush_every=4")
@@ -75,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--radii", help="comma-separated radii (default 0, 0.25, ..., 2.0 and beyond as needed)")
     a.add_argument("--out", help="folder for table.md, table.tex, certified_accuracy.png")
     a.add_argument("--no-log", action="store_true", help="do not log to the certifications' MLflow runs")
+    m = sub.add_parser("mlflow-server", help="the MLflow tracking server of a cluster's head (basic auth on by default)")
+    m.add_argument("--backend-store-uri", default="sqlite:///mlflow.db", help="sqlite:////abs/mlflow.db or postgresql://...")
+    m.add_argument("--artifacts-destination", default="./mlartifacts", help="s3://bucket/prefix, gs://... or a folder")
+    m.add_argument("--host", default="127.0.0.1", help="0.0.0.0 on a cluster head (reachable inside the cluster only)")
+    m.add_argument("--port", type=int, default=5000)
+    m.add_argument("--workers", type=int, default=2)
+    m.add_argument("--allowed-hosts", default="", help="Host headers to accept (default: MLflow's, localhost and private IPs)")
+    m.add_argument("--no-auth", action="store_true", help="no basic auth (refused unless --host is loopback)")
+    m.add_argument("--state-dir", default="~/.rayrcm/mlflow", help="auth database, session secret, auth config")
+    m.add_argument("--detach", action="store_true", help="start in the background, wait until healthy, print the pid")
+    m.add_argument("--log", default="~/.rayrcm/mlflow/server.log")
+    m.add_argument("--pidfile", default="")
     return p
 
 
@@ -110,6 +123,13 @@ def run(argv: list[str] | None = None) -> int:
         return _certify(args)
     if args.command == "analyze":
         return _analyze(args)
+    if args.command == "mlflow-server":
+        from rayrcm.orchestration import mlflow_server as ms
+
+        spec = ms.ServerSpec(args.backend_store_uri, args.artifacts_destination, host=args.host, port=args.port,
+                             workers=args.workers, auth=not args.no_auth, state_dir=args.state_dir,
+                             allowed_hosts=args.allowed_hosts)
+        return ms.serve(spec, detach=args.detach, log=args.log, pidfile=args.pidfile)
     from rayrcm.config import apply_overrides, load_recipe, to_dict, validate
 
     if args.command == "quickstart":

@@ -22,6 +22,23 @@ AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+STORAGE_ENV = "RAYRCM_STORAGE"
+
+
+def default_storage(sub: str = "") -> str:
+    """Where checkpoints and results go when a config does not say: ``$RAYRCM_STORAGE`` (set on
+    every node of a cluster to a shared path, e.g. an EFS mount) or ``./rayrcm_results``. A
+    ``ray job submit`` entrypoint runs in a temporary copy of the working dir, so relative paths
+    would be lost there."""
+    root = os.environ.get(STORAGE_ENV) or "./rayrcm_results"
+    return f"{root.rstrip('/')}/{sub}" if sub else root
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` (set on a cluster to its MLflow server) or ``sqlite:///mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset and input pipeline. Images are [0, 1] tensors; ``batch_size`` is global (all workers)."""
@@ -86,7 +103,7 @@ class TrainConfig:
     max_failures: int = 1
     seed: int = 0
     log_every: int = 10
-    storage_path: str = "./rayrcm_results"
+    storage_path: str = field(default_factory=lambda: default_storage())  # $RAYRCM_STORAGE on a cluster
     eval_sigmas: tuple[float, ...] = (0.25, 0.5)
     select_metric: str = ""  # keep the checkpoint best on this validation metric (e.g. val_acc_sigma_0.25); "" = last
     fault_at_step: int = -1  # test hook: raise once at this step (first attempt only)
@@ -94,7 +111,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = field(default_factory=lambda: default_tracking_uri())  # $MLFLOW_TRACKING_URI on a cluster
     experiment: str = "rayrcm"
     register_as: str = ""  # registered model name; empty: do not register
     alias: str = ""

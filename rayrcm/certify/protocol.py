@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rayrcm.config import PRECISIONS, TrackingConfig
+from rayrcm.config import PRECISIONS, TrackingConfig, default_storage
 from rayrcm.errors import ConfigError
 
 MODES = ("certify", "predict")
@@ -63,7 +63,7 @@ class CertifyConfig:
     data_path: str = ""  # default: the model's training data path
     split: str = "test"
     name: str = ""  # job name (results folder and MLflow run); rerunning it resumes
-    out_dir: str = "./rayrcm_results/certify"
+    out_dir: str = field(default_factory=lambda: default_storage("certify"))
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment=""))  # "" = the model's experiment

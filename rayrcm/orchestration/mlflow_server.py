@@ -1,0 +1,153 @@
+"""The MLflow tracking server a cluster's head node runs: ``rayrcm mlflow-server``.
+
+A thin launcher around ``mlflow server`` that makes the secure setup the default:
+
+* **Basic auth on** (``--app-name basic-auth``). The admin user and password are the ones MLflow
+  clients already read: ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` or the
+  ``[mlflow]`` section of ``~/.mlflow/credentials``. The cluster recipes copy that one file to
+  every node (``file_mounts``), so the server, the job drivers and the rank-0 workers agree on it
+  without the password ever appearing in a command line, a job's metadata or the Ray dashboard.
+  ``default_permission = NO_PERMISSIONS``: an unknown user sees nothing.
+* The auth database, the Flask session secret (generated once, mode 0600) and the auth config
+  live in ``--state-dir`` (default ``~/.rayrcm/mlflow``), so restarting the server keeps users.
+* Artifacts are proxied (``--serve-artifacts``) to ``--artifacts-destination`` (an ``s3://`` or
+  ``gs://`` bucket on a cluster): only the head node needs bucket credentials.
+
+``--no-auth`` gives a plain server (a laptop, loopback only). ``--detach`` starts it in the
+background, waits until ``/health`` answers and prints its pid; the cluster files use that.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayrcm.errors import ConfigError
+
+MIN_PASSWORD = 12
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    backend_store_uri: str
+    artifacts_destination: str
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 2
+    auth: bool = True
+    state_dir: str = "~/.rayrcm/mlflow"
+    allowed_hosts: str = ""  # "" = MLflow's default (localhost and private addresses)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def admin_credentials() -> tuple[str, str]:
+    """The admin user the server creates on first start, from where MLflow clients read theirs."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    if not creds.username or not creds.password:
+        raise ConfigError("mlflow credentials", "missing",
+                          "write [mlflow] mlflow_tracking_username/mlflow_tracking_password to ~/.mlflow/credentials "
+                          "(or set MLFLOW_TRACKING_USERNAME/PASSWORD), or pass --no-auth")
+    if len(creds.password) < MIN_PASSWORD:
+        raise ConfigError("mlflow_tracking_password", "<hidden>", f"must have at least {MIN_PASSWORD} characters")
+    return creds.username, creds.password
+
+
+def _validate(spec: ServerSpec) -> None:
+    if not 0 < spec.port < 65536:
+        raise ConfigError("--port", spec.port, "must be in 1..65535")
+    if spec.workers < 1:
+        raise ConfigError("--workers", spec.workers, "must be >= 1")
+    if "://" not in spec.backend_store_uri:
+        raise ConfigError("--backend-store-uri", spec.backend_store_uri, "use sqlite:////abs/path/mlflow.db or postgresql://...")
+    if not spec.auth and spec.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("--host", spec.host, "a server without auth must listen on loopback only (drop --no-auth)")
+
+
+def command(spec: ServerSpec) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow server`` command line and the environment it needs (secrets go in the env and
+    in 0600 files, never on the command line)."""
+    _validate(spec)
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", spec.host, "--port", str(spec.port),
+           "--workers", str(spec.workers), "--backend-store-uri", spec.backend_store_uri,
+           "--serve-artifacts", "--artifacts-destination", spec.artifacts_destination]
+    if spec.allowed_hosts:
+        cmd += ["--allowed-hosts", spec.allowed_hosts]
+    if spec.auth:
+        user, password = admin_credentials()
+        state = Path(spec.state_dir).expanduser()
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secret = state / "flask_secret_key"
+        if not secret.exists():
+            secret.touch(mode=0o600)
+            secret.write_text(secrets.token_hex(32))
+        ini = state / "basic_auth.ini"
+        ini.touch(mode=0o600)
+        ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                       f"database_uri = sqlite:///{state / 'basic_auth.db'}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_USERNAME=user, MLFLOW_AUTH_ADMIN_PASSWORD=password,
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=secret.read_text().strip())
+        cmd += ["--app-name", "basic-auth"]
+    return cmd, env
+
+
+def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-1500:] if log and log.exists() else ""
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}: {tail}")
+    raise RuntimeError(f"mlflow server at {url} did not answer /health within {timeout:.0f} s")
+
+
+def start(spec: ServerSpec, log: str | Path, timeout: float = 120.0) -> subprocess.Popen:
+    """Start the server in its own session, wait until it answers, return the process."""
+    cmd, env = command(spec)
+    log = Path(log).expanduser()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        wait_healthy(spec.url, timeout, proc, log)
+    except Exception:
+        proc.kill()
+        raise
+    return proc
+
+
+def serve(spec: ServerSpec, *, detach: bool = False, log: str = "~/.rayrcm/mlflow/server.log",
+          pidfile: str = "") -> int:
+    """``rayrcm mlflow-server``: run in the foreground (exec), or ``detach`` and print the pid."""
+    if not detach:
+        cmd, env = command(spec)
+        os.execve(cmd[0], cmd, env)
+    try:
+        proc = start(spec, log)
+    except RuntimeError as err:
+        print(f"rayrcm: error: {str(err).strip().splitlines()[-1]} (log: {Path(log).expanduser()})", file=sys.stderr)
+        return 1
+    if pidfile:
+        Path(pidfile).expanduser().write_text(str(proc.pid))
+    kind = "basic auth" if spec.auth else "no auth, loopback only"
+    print(f"[rayrcm] MLflow server ({kind}) at {spec.url}, pid {proc.pid}, log {Path(log).expanduser()}")
+    return 0
