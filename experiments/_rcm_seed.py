@@ -29,6 +29,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError
 from rayrcm.objectives.rcm import rcm_input_scale
@@ -84,6 +86,24 @@ def pretrain_tree(conf: dict[str, Any], *, data: dict[str, Any], encoder: str, n
     }
 
 
+def seed_sweep(cmd: dict[str, Any], random: bool = False):
+    """The search around the seed's published values for one sigma (``cmd`` is its fine-tuning
+    command): lambda (``lbd``) and eta halved and doubled, and the training noise (the seed's
+    ``noise_aug / 2``) at the certification sigma and 25 % above it: 3 x 3 x 2 = 18 trials. With
+    ``random``: 16 draws of lbd ~ loguniform(lbd/4, 4 lbd), eta ~ uniform(0, 2 eta),
+    training sigma ~ uniform(s, 1.5 s). The certification sigma (the metric's) stays s."""
+    from rayrcm.orchestration.sweep import SweepConfig
+
+    s, lbd, eta = cmd["noise_aug"] / 2, cmd["lbd"], cmd["eta"]
+    if random:
+        space = {"method.lbd": f"loguniform:{lbd / 4:g},{lbd * 4:g}", "method.eta": f"uniform:0,{2 * eta:g}",
+                 "method.sigma": f"uniform:{s:g},{1.5 * s:g}"}
+        return SweepConfig(space=space, num_samples=16)
+    space = {"method.lbd": f"grid:{lbd / 2:g},{lbd:g},{lbd * 2:g}", "method.eta": f"grid:{eta / 2:g},{eta:g},{eta * 2:g}",
+             "method.sigma": f"grid:{s:g},{1.25 * s:g}"}
+    return SweepConfig(space=space)
+
+
 def certify_args(register_as: str, sigma: float, dataset: str, skip: int) -> list[str]:
     """The papers' protocol: n0 = 100, n = 100,000, alpha = 0.001, every ``skip``-th test image."""
     return [f"model=models:/{register_as}@{sigma_alias(sigma)}", f"dataset={dataset}", f"smoothing.sigma={sigma}",
@@ -93,16 +113,20 @@ def certify_args(register_as: str, sigma: float, dataset: str, skip: int) -> lis
 
 def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
                finetune: Callable[[float], ExperimentConfig], certify: Callable[[float], list[str]],
-               sizes: tuple[str, ...] = ("b",)) -> None:
-    """``pretrain [--size]``, ``finetune --sigma``, ``certify --sigma``, ``analyze RESULTS...``;
-    ``--set key=value`` overrides and ``--dry-run`` prints the resolved config."""
+               sweep: Callable[[float, bool], Any] | None = None, sizes: tuple[str, ...] = ("b",)) -> None:
+    """``pretrain [--size]``, ``finetune --sigma``, ``tune --sigma [--random]``, ``certify --sigma``,
+    ``analyze RESULTS...``; ``--set key=value`` overrides and ``--dry-run`` prints the resolved config."""
+    from rayrcm.cli import add_sweep_args
+
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["pretrain", "finetune", "certify", "analyze"])
+    p.add_argument("stage", choices=["pretrain", "finetune", "tune", "certify", "analyze"])
     p.add_argument("results", nargs="*", help="analyze: certification folders or .tsv files")
     p.add_argument("--sigma", type=float, default=0.25, choices=SIGMAS)
     p.add_argument("--size", default=sizes[0], choices=sizes, help="pretrain: RCM-B (b) or RCM-S (s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--random", action="store_true", help="tune: the random/loguniform space instead of the grid")
+    add_sweep_args(p)
     args = p.parse_args(argv)
     try:
         if args.stage == "analyze":
@@ -120,9 +144,22 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
             return None
         base = pretrain(args.size) if args.stage == "pretrain" else finetune(args.sigma)
         cfg = validate(apply_overrides(base, args.overrides), check_paths=not args.dry_run)
-        if args.dry_run:
-            import yaml
+        if args.stage == "tune":
+            from rayrcm.orchestration import sweep as sweeps
 
+            if sweep is None:
+                raise ConfigError("stage", "tune", "this recipe defines no sweep")
+            recipe_sweep = sweep(args.sigma, args.random)
+            space = [] if args.space else None  # --space replaces the recipe's space
+            sw = sweeps.config_from_args(args.sweep, args.space, base=recipe_sweep if space is None else
+                                         sweeps.SweepConfig(**{**vars(recipe_sweep), "space": {}}))
+            if args.dry_run:
+                _, sw, _ = sweeps.validate_sweep(cfg, sw)
+                print(yaml.safe_dump({"sweep": vars(sw)}, sort_keys=False), end="")
+                return None
+            sweeps.run(cfg, sw)
+            return None
+        if args.dry_run:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return None
         from rayrcm.orchestration.trainer import fit

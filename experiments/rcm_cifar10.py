@@ -3,6 +3,7 @@
 
     python experiments/rcm_cifar10.py pretrain --set data.path=DIR
     python experiments/rcm_cifar10.py finetune --sigma 0.25 --set data.path=DIR --set model.init_from=<pretrain run id>
+    python experiments/rcm_cifar10.py tune     --sigma 0.25 [--random] --set data.path=DIR [--space key=spec ...]
     python experiments/rcm_cifar10.py certify  --sigma 0.25 --set data_path=DIR
     python experiments/rcm_cifar10.py analyze  rayrcm_results/certify/<job> ...
     (any stage) --dry-run   # print the resolved config
@@ -13,7 +14,7 @@ experiments/rcm_cifar10.py finetune --sigma 0.5 ...``. Units and conversions: ``
 
 from __future__ import annotations
 
-from _rcm_seed import certify_args, finetune_tree, pretrain_tree, stage_main
+from _rcm_seed import certify_args, finetune_tree, pretrain_tree, seed_sweep, stage_main
 
 from rayrcm.config import ExperimentConfig, from_dict
 
@@ -62,4 +63,5 @@ def certify_config(sigma: float) -> list[str]:
 
 
 if __name__ == "__main__":
-    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config)
+    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
+               sweep=lambda sigma, random: seed_sweep(SEED_FINETUNE[sigma], random))

@@ -2,10 +2,11 @@
 
     python experiments/rcm_digits.py pretrain   [--set key=value ...]
     python experiments/rcm_digits.py finetune   --sigma 0.25 --set model.init_from=<pretrain run id | models:/... | path>
+    python experiments/rcm_digits.py tune       --sigma 0.25 [--random] [--space key=spec ...] [--sweep key=value ...]
     python experiments/rcm_digits.py certify    --sigma 0.25 [--set smoothing.n=10000 ...]
     python experiments/rcm_digits.py analyze    RESULTS...
     python experiments/rcm_digits.py quickstart [--set key=value ...]   # pretrain, consistency fine-tune, certify
-    (pretrain, finetune, certify) --dry-run    # print the resolved config
+    (pretrain, finetune, tune, certify) --dry-run    # print the resolved config
 
 ``finetune`` is the seed's consistency fine-tuning (m = 2, eta = 0.5, lbd = 10 at sigma 0.25 and
 20 above) with digits-sized settings: 30 epochs of 10 steps at batch 128, lr 2e-3 scaled by
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from _rcm_seed import finetune_tree, stage_main
+from _rcm_seed import finetune_tree, seed_sweep, stage_main
 
 from rayrcm.config import ExperimentConfig, from_dict
 from rayrcm.quickstart import certify_config as quickstart_certify
@@ -59,4 +60,5 @@ if __name__ == "__main__":
         from rayrcm.cli import main as cli_main
 
         cli_main(["quickstart", *sys.argv[2:]])
-    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config)
+    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
+               sweep=lambda sigma, random: seed_sweep(FINETUNE[sigma], random))

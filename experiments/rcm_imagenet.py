@@ -3,6 +3,7 @@ RCM-B at sigma 0.25 / 0.5 / 1.0, certification with n = 100,000) as rayrcm stage
 
     python experiments/rcm_imagenet.py pretrain --size b|s --set data.path=DIR
     python experiments/rcm_imagenet.py finetune --sigma 0.5 --set data.path=DIR --set model.init_from=<run id>
+    python experiments/rcm_imagenet.py tune     --sigma 0.5 [--random] --set data.path=DIR [--space key=spec ...]
     python experiments/rcm_imagenet.py certify  --sigma 0.5 --set data_path=DIR
     python experiments/rcm_imagenet.py analyze  rayrcm_results/certify/<job> ...
     (any stage) --dry-run   # print the resolved config
@@ -14,7 +15,7 @@ the val folder is sorted by class, so its first 500 images would cover 10 classe
 
 from __future__ import annotations
 
-from _rcm_seed import certify_args, finetune_tree, pretrain_tree, stage_main
+from _rcm_seed import certify_args, finetune_tree, pretrain_tree, seed_sweep, stage_main
 
 from rayrcm.config import ExperimentConfig, from_dict
 
@@ -65,4 +66,5 @@ def certify_config(sigma: float) -> list[str]:
 
 if __name__ == "__main__":
     stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
+               sweep=lambda sigma, random: seed_sweep(SEED_FINETUNE[sigma], random),
                sizes=("b", "s"))

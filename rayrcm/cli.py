@@ -3,6 +3,7 @@
     rayrcm quickstart [--set key=value ...]
     rayrcm train RECIPE [--set key=value ...]        # a .py or .yaml recipe, one training stage
     rayrcm config RECIPE [--set key=value ...]       # print the resolved, validated config
+    rayrcm tune RECIPE --space method.lbd=grid:5,10,20 [--space ...] [--sweep num_samples=2 ...] [--set ...]
     rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 ...]
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
@@ -58,15 +59,24 @@ def _certify_parser(sub, name: str, help_: str) -> None:
                    help="any CertifyConfig key, e.g. --set compute.flush_every=4")
 
 
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
+                   help="a swept key: grid:a,b,c | choice:a,b | uniform:lo,hi | loguniform:lo,hi | randint:lo,hi")
+    p.add_argument("--sweep", dest="sweep", action="append", default=[], metavar="KEY=VALUE",
+                   help="sweep settings, e.g. --sweep num_samples=2 --sweep alias=sigma-0_50 --sweep max_concurrent_trials=4")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayrcm", description="Robust representation learning and certification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="RCM pretrain + noisy fine-tune + certification on the bundled digits")
     t = sub.add_parser("train", help="run one training stage of a recipe on Ray Train")
     c = sub.add_parser("config", help="print the resolved config of a recipe")
-    for sp in (t, c):
+    w = sub.add_parser("tune", help="sweep config keys with Ray Tune (each trial a Ray Train run, ASHA, MLflow parent/child)")
+    add_sweep_args(w)
+    for sp in (t, c, w):
         sp.add_argument("recipe", help="a .py (config() or CONFIG) or .yaml recipe")
-    for sp in (q, t, c):
+    for sp in (q, t, c, w):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=2e-4 (repeatable)")
     _certify_parser(sub, "certify", "randomized-smoothing CERTIFY over a test set, sharded with Ray Data")
@@ -138,6 +148,11 @@ def run(argv: list[str] | None = None) -> int:
         quickstart.run(args.overrides)
         return 0
     cfg = validate(apply_overrides(load_recipe(args.recipe), args.overrides))
+    if args.command == "tune":
+        from rayrcm.orchestration import sweep
+
+        sweep.run(cfg, sweep.config_from_args(args.sweep, args.space))
+        return 0
     if args.command == "config":
         import yaml
 

@@ -105,6 +105,7 @@ class TrainConfig:
     log_every: int = 10
     storage_path: str = field(default_factory=lambda: default_storage())  # $RAYRCM_STORAGE on a cluster
     eval_sigmas: tuple[float, ...] = (0.25, 0.5)
+    eval_votes: int = 1  # > 1: also val_smoothed_acc_sigma_<s>, the majority vote of this many noise draws
     select_metric: str = ""  # keep the checkpoint best on this validation metric (e.g. val_acc_sigma_0.25); "" = last
     fault_at_step: int = -1  # test hook: raise once at this step (first attempt only)
 
@@ -320,7 +321,9 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     _check(t.checkpoint_epochs >= 0, "train.checkpoint_epochs", t.checkpoint_epochs, "must be >= 0")
     for key in ("warmup_epochs", "schedule_epochs", "schedule_steps"):
         _check(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
+    _check(t.eval_votes >= 1, "train.eval_votes", t.eval_votes, "must be >= 1")
     allowed = ["val_acc_clean"] + [f"val_acc_sigma_{s:g}" for s in t.eval_sigmas]
+    allowed += [f"val_smoothed_acc_sigma_{s:g}" for s in t.eval_sigmas] if t.eval_votes > 1 else []
     _check(not t.select_metric or (t.select_metric in allowed and cfg.method.stage == "classifier"), "train.select_metric",
            t.select_metric, f"choose one of: {', '.join(allowed)} (classifier stages only), or empty for the last checkpoint")
     _check(t.workers >= 0, "train.workers", t.workers, "must be >= 0 (0 = run in the driver)")

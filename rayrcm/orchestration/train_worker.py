@@ -111,7 +111,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 logger.log(step, metrics)
 
     def evaluate(ds, prefix: str) -> dict[str, float]:
-        counts = count_correct(objective.export(), ds, t.eval_sigmas, device=device, rank=rank, world=world, seed=t.seed)
+        counts = count_correct(objective.export(), ds, t.eval_sigmas, device=device, rank=rank, world=world, seed=t.seed,
+                              votes=t.eval_votes if prefix == "val" else 1)
         if world > 1:
             counts = counts.to(device)
             dist.all_reduce(counts)

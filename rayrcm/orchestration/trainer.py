@@ -69,8 +69,10 @@ def version_tags(cfg: ExperimentConfig) -> dict[str, str]:
     return tags
 
 
-def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: dict[str, Any] | None = None) -> FitResult:
-    """Run one training stage on Ray Train; resumes when ``cfg.job_name`` ran before."""
+def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: dict[str, Any] | None = None,
+        callbacks: list[Any] | None = None) -> FitResult:
+    """Run one training stage on Ray Train; resumes when ``cfg.job_name`` ran before.
+    ``callbacks``: Ray Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -91,6 +93,7 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
             storage_path=t.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
     )
     try:
