@@ -1,0 +1,218 @@
+"""Sweeps: search-space checks (milliseconds), the smoothed validation metric, and real Ray Tune
+sweeps of the digits recipe against a real MLflow server: ASHA stopping a bad trial, parent/child
+runs, the alias on the best trial's model, and an interrupted sweep resumed by rerunning it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rayrcm.config import apply_overrides
+from rayrcm.errors import ConfigError
+from rayrcm.eval.accuracy import accuracies, count_correct
+from rayrcm.orchestration import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+
+def _base(*extra: str):
+    import rcm_digits
+
+    return apply_overrides(rcm_digits.finetune_config(0.25), ["train.epochs=2", "train.workers=1", "train.log_every=100",
+                                                               *extra])
+
+
+def test_space_specs_parse():
+    assert sweep.parse_spec("method.lbd", "grid:5,10,20") == ("grid", [5, 10, 20])
+    assert sweep.parse_spec("optim.lr", "loguniform:1e-4,1e-2") == ("loguniform", [1e-4, 1e-2])
+    assert sweep.parse_spec("method.eta", "uniform:0,1") == ("uniform", [0, 1])
+    assert sweep.parse_spec("method.m", "randint:2,5") == ("randint", [2, 4])
+    assert sweep.parse_spec("data.augmentation", "choice:none,crop") == ("choice", ["none", "crop"])
+    assert sweep.parse_spec("method.eta", 0.5) == ("const", [0.5])
+
+
+@pytest.mark.parametrize("space, fragment", [
+    ({"method.bogus": "grid:1,2"}, "method.bogus"),
+    ({"method.eta": "uniform:1,1"}, "empty range"),
+    ({"method.eta": "grid:"}, "is empty"),
+    ({"method.sigma": "grid:-0.25,0.5"}, "value -0.25 fails"),
+    ({"optim.lr": "loguniform:0,1e-2"}, "low > 0"),
+    ({}, "at least one key"),
+])
+def test_bad_spaces_rejected_with_one_line(space, fragment):
+    with pytest.raises(ConfigError) as err:
+        sweep.validate_sweep(_base(), sweep.SweepConfig(space=space))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_space_on_the_command_line_exits_2_before_ray(capsys):
+    import ray
+    import rcm_digits
+    from _rcm_seed import seed_sweep, stage_main
+
+    was = ray.is_initialized()
+    with pytest.raises(SystemExit) as ex:
+        stage_main(["tune", "--sigma", "0.25", "--space", "method.sigma=grid:-1,0.5"], doc="", pretrain=rcm_digits.pretrain_config,
+                   finetune=rcm_digits.finetune_config, certify=rcm_digits.certify_config,
+                   sweep=lambda s, r: seed_sweep(rcm_digits.FINETUNE[s], r))
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rayrcm: error: space.method.sigma=")
+    assert ray.is_initialized() == was
+
+
+def test_sweep_metric_and_trial_config():
+    base, sw, parsed = sweep.validate_sweep(_base(), sweep.SweepConfig(space={"method.lbd": "grid:5,10"}, votes=4))
+    assert sw.metric == "val_smoothed_acc_sigma_0.25" and base.train.select_metric == sw.metric
+    assert base.train.eval_votes == 4 and base.train.checkpoint_epochs == 1  # report every epoch
+    assert sw.name == "rcm-digits-finetune-sigma-0_25-sweep" and sw.alias == "sigma-0_25"
+    with pytest.raises(ConfigError, match="sweep.metric"):
+        sweep.validate_sweep(_base(), sweep.SweepConfig(space={"method.lbd": "grid:5"}, metric="val_smoothed_acc_sigma_0.3"))
+
+
+def test_recipe_grids_follow_the_seed_values():
+    import rcm_cifar10
+    from _rcm_seed import seed_sweep
+
+    for s, cmd in rcm_cifar10.SEED_FINETUNE.items():
+        sw = seed_sweep(cmd)
+        assert sw.space["method.lbd"] == f"grid:{cmd['lbd'] / 2:g},{cmd['lbd']:g},{cmd['lbd'] * 2:g}"
+        assert sweep.parse_spec("method.sigma", sw.space["method.sigma"])[1][0] == pytest.approx(s)  # noise_aug / 2
+        assert seed_sweep(cmd, random=True).space["method.lbd"].startswith("loguniform:")
+
+
+class _Threshold(nn.Module):
+    """Class 1 iff the mean pixel exceeds 0.5: under noise the vote is right with a probability
+    we know, so majority voting must beat a single draw."""
+
+    def forward(self, x):
+        m = x.flatten(1).mean(1)
+        return torch.stack([0.5 - m, m - 0.5], 1)
+
+
+def test_smoothed_accuracy_is_the_majority_vote():
+    n = 400
+    x = torch.full((n, 1, 2, 2), 0.55)  # mean noise std 0.8/2 = 0.4: one draw is right with P = Phi(0.125) = 0.55
+    data = [(x[i], 1) for i in range(n)]
+    counts = count_correct(_Threshold(), data, [0.8], votes=101, batch_size=100)
+    acc = accuracies(counts, [0.8], "val")
+    assert acc["val_acc_clean"] == 1.0
+    assert 0.45 < acc["val_acc_sigma_0.8"] < 0.65
+    # majority of 101 draws with p = 0.55: P(correct) = P(Bin(101, 0.55) > 50) = 0.84
+    assert 0.76 < acc["val_smoothed_acc_sigma_0.8"] < 0.92
+    assert "val_smoothed_acc_sigma_0.8" not in accuracies(count_correct(_Threshold(), data, [0.8]), [0.8], "val")
+
+
+# --- real sweeps ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tune_cluster(isolated_home):
+    """A local cluster with the dashboard: Ray Train's placement-group cleaner asks the State API
+    whether the controller of a trial that ASHA stopped is gone before it frees the trial's CPUs."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_asha_sweep_parent_children_and_alias(tune_cluster, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    base = _base(f"train.storage_path={tmp_path}", f"tracking.uri={mlflow_server}", "tracking.experiment=sweep-asha",
+                 "tracking.register_as=rcm-digits-sweep")
+    sw = sweep.SweepConfig(space={"optim.lr": "grid:2e-3,1e-7", "method.lbd": "grid:5,10"}, max_concurrent_trials=2,
+                           name="asha", alias="sigma-0_25")  # lr 1e-7 learns nothing: ASHA must cut it
+    result = sweep.run(base, sw)
+    table = result.table
+    assert len(table) == 4
+    assert (table["status"] == "stopped").sum() >= 1 and (table["status"] == "completed").sum() >= 1
+    stopped, completed_rows = table[table["status"] == "stopped"], table[table["status"] == "completed"]
+    assert stopped["reports"].max() < completed_rows["reports"].min() == 2  # cut at a rung, before the end
+    assert set(table.loc[table["optim.lr"] == 1e-7, "status"]) == {"stopped"}
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sweep-asha")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_id == result.parent_run_id)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and len(runs) == 5
+    assert parent.info.status == "FINISHED"
+    assert {c.info.status for c in children if c.data.tags["rayrcm.sweep_status"] == "stopped"} == {"KILLED"}
+    completed = [c for c in children if c.data.tags["rayrcm.sweep_status"] == "completed"]
+    assert all(c.info.status == "FINISHED" for c in completed)
+    # the alias points at the version logged by the trial best on the reported metric
+    best = max(completed, key=lambda c: c.data.metrics["selected_value"])
+    version = client.get_model_version_by_alias("rcm-digits-sweep", "sigma-0_25")
+    assert version.run_id == best.info.run_id == parent.data.tags["rayrcm.best_run_id"]
+    assert parent.data.metrics["best_val_smoothed_acc_sigma_0.25"] == pytest.approx(best.data.metrics["selected_value"])
+    # a child's metric curve: one value per report
+    curve = client.get_metric_history(best.info.run_id, "val_smoothed_acc_sigma_0.25")
+    assert len(curve) == len({m.step for m in curve}) == 2
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_summary.csv", "sweep_summary.md", "metric_vs_params.png"} <= artifacts
+    assert parent.data.params["space.optim.lr"] == "grid:2e-3,1e-7"
+    # Tune's TensorBoard logs
+    assert list(result.folder.glob("*/events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_and_runs_each_trial_to_its_end_once(tune_cluster, mlflow_server, tmp_path):
+    """The sweep driver is killed (SIGKILL) after a trial has ended; rerunning the same command
+    restores the Tune experiment and finishes it: every trial ends exactly once, and trials that
+    had ended are never started again."""
+    import ray
+    from mlflow import MlflowClient
+
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, str(REPO / "experiments" / "rcm_digits.py"), "tune", "--sigma", "0.25",
+           "--space", "method.lbd=grid:5,10,20", "--set", "train.epochs=2", "--set", "train.workers=1",
+           "--set", "train.log_every=100", "--set", f"train.storage_path={tmp_path}", "--set", f"tracking.uri={mlflow_server}",
+           "--set", "tracking.experiment=sweep-restore", "--set", "tracking.register_as=rcm-digits-restore",
+           "--sweep", "scheduler=fifo", "--sweep", "max_concurrent_trials=1", "--sweep", "name=restore"]
+    env = {**os.environ, "RAY_ADDRESS": address}
+    folder = tmp_path / "restore"
+    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(e["event"] == "end" for e in sweep.read_events(folder)):
+        time.sleep(1)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    time.sleep(4)  # let the next trial start, so that one is cut mid-run
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    ended_before = {e["trial"] for e in sweep.read_events(folder) if e["event"] == "end"}
+    assert 1 <= len(ended_before) < 3
+    time.sleep(5)  # Ray reaps the dead driver's actors
+
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from" in second.stdout
+    events = sweep.read_events(folder)
+    trials = {e["trial"] for e in events}
+    assert len(trials) == 3
+    for trial in trials:
+        ends = [e for e in events if e["trial"] == trial and e["event"] == "end"]
+        assert len(ends) == 1, (trial, events)
+        if trial in ended_before:
+            assert len([e for e in events if e["trial"] == trial and e["event"] == "start"]) == 1
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sweep-restore")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4  # the parent (reused on the rerun) and one child per trial
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    for c in children:  # resumed runs log every step once
+        hist = client.get_metric_history(c.info.run_id, "loss")
+        assert len(hist) == len({m.step for m in hist})
