@@ -220,9 +220,20 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
     cfg = apply_overrides(from_dict(base), [f"{k}={v}" for k, v in params.items()])
     cfg = update_dataclass(cfg, {"train": {"name": job}, "tracking": {"register_as": "", "alias": ""}})
     _log_event(folder, {"trial": trial_id, "event": "start", "job": job, "params": params})
-    result = fit(cfg, parent_run_id=sweep["parent_run_id"], callbacks=[TuneReportCallback()])
+
+    class ReportUntilTheEnd(TuneReportCallback):
+        """Forward every report but the last: that one is sent below, once the model is logged,
+        so a scheduler's decision at the final report cannot cut a finished trial short."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("step", 0) < total_steps:
+                super().after_report(run_context, metrics, checkpoint)
+
+    total_steps = sweep["steps"]
+    result = fit(cfg, parent_run_id=sweep["parent_run_id"], callbacks=[ReportUntilTheEnd()])
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     _log_event(folder, {"trial": trial_id, "event": "end", "job": job, "run_id": result.run_id, "metrics": final})
+    tune.report(final)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -265,16 +276,14 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
     ensure_ray(**(ray_init or {}))
     trainable = tune.with_parameters(
         _trial, base=to_dict(base),
-        sweep={"name": sw.name, "folder": str(folder), "parent_run_id": parent})
+        sweep={"name": sw.name, "folder": str(folder), "parent_run_id": parent, "steps": base.train.steps})
     # the trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
     # no CPU (a fraction would leave the last worker of a full node unplaced), only a token of memory
     # (Tune refuses an empty request)
     trainable = tune.with_resources(trainable, {"memory": 1 << 20})
     max_conc = concurrency(base, sw)
     if sw.scheduler == "asha":
-        # max_t one past the last report: ASHA stops trials at rungs, never a trial at its natural end
-        # (which would cut it off before its model is logged)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 1, grace_period=min(sw.grace_period, reports),
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=min(sw.grace_period, reports),
                                   reduction_factor=sw.reduction_factor)
     else:
         scheduler = FIFOScheduler()
@@ -332,7 +341,8 @@ def _finish(base: ExperimentConfig, sw: SweepConfig, uri: str | None, parent: st
             run_id = row["run_id"] if isinstance(row["run_id"], str) else _run_of_job(client, base.tracking.experiment, row["job"])
             if run_id:
                 client.set_tag(run_id, "rayrcm.sweep_status", row["status"])
-                if row["status"] != "completed" and client.get_run(run_id).info.status == "RUNNING":
+                # a stopped trial's fit() may have marked its run FAILED as its Train run was torn down
+                if row["status"] == "stopped" or client.get_run(run_id).info.status == "RUNNING":
                     client.set_terminated(run_id, status="KILLED" if row["status"] == "stopped" else "FAILED")
         if best:
             cfg_best = apply_overrides(base, [f"{k}={best[k]}" for k in keys])
