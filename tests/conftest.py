@@ -7,11 +7,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from rayrcm.orchestration.mlflow_server import wait_healthy
 
 
 @pytest.fixture(scope="session")
@@ -72,19 +72,11 @@ def mlflow_server(tmp_path_factory):
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-    else:
+    try:
+        wait_healthy(uri, 90, proc, root / "server.log")
+    except RuntimeError:
         proc.kill()
-        raise RuntimeError("mlflow server did not come up")
+        raise
     yield uri
     proc.terminate()
     try:

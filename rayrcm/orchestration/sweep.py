@@ -69,7 +69,6 @@ class SweepConfig:
     name: str = ""  # default: <base train.name>-sweep
     register_as: str = ""  # default: the base config's tracking.register_as
     alias: str = ""  # default: the base config's tracking.alias
-    seed: int = 0
 
 
 # ----------------------------------------------------------------------------- search spaces
@@ -333,8 +332,7 @@ def _finish(base: ExperimentConfig, sw: SweepConfig, uri: str | None, parent: st
     stopped = int((table["status"] == "stopped").sum())
     print(f"[rayrcm] sweep {sw.name}: {len(done)} completed, {stopped} stopped early, "
           f"{int((table['status'] == 'error').sum())} failed", flush=True)
-    print(table.drop(columns=["run_id", "job"]).to_markdown(index=False, floatfmt=".4f")
-          if _has_tabulate() else table.drop(columns=["run_id", "job"]).to_string(index=False), flush=True)
+    print(table.drop(columns=["run_id", "job"]).to_string(index=False), flush=True)
     if uri and parent:
         client = tracking._client(uri)
         for _, row in table.iterrows():  # runs of trials that ASHA stopped (or that failed) end as KILLED/FAILED
@@ -360,14 +358,6 @@ def _finish(base: ExperimentConfig, sw: SweepConfig, uri: str | None, parent: st
               + ", ".join(f"{k}={best[k]}" for k in keys) + f"; model {where}", flush=True)
     print(f"[rayrcm] Tune logs: tensorboard --logdir {folder}", flush=True)
     return SweepResult(sw.name, folder, parent, table, best, model)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _param(key: str, value: Any):
