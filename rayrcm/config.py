@@ -18,7 +18,7 @@ from typing import Any
 
 from rayrcm.errors import ConfigError
 
-AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug")
+AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug", "simclr")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -46,7 +46,7 @@ class DataConfig:
     name: str = "digits"
     path: str | None = None
     image_size: int = 16
-    augmentation: str = "weak"  # none | weak | crop | strong | autoaug (rayrcm.data.views.build_transform)
+    augmentation: str = "weak"  # none | weak | crop | strong | autoaug | simclr (rayrcm.data.views.build_transform)
     hflip: bool = False
     crop_pct: float = 0.875  # large images: resize the short side to image_size / crop_pct, centre crop
     crop_min: float = 0.4  # smallest area fraction of the "crop" augmentation
@@ -87,6 +87,10 @@ class OptimConfig:
     schedule_steps: int = 0  # length of warmup + cosine; 0 = train.steps (more: the cosine is cut short)
     warmup_epochs: float = 0.0  # > 0: sets warmup_steps from the training set size (see resolve_epochs)
     schedule_epochs: float = 0.0  # > 0: sets schedule_steps likewise
+    schedule: str = "cosine"  # cosine (warmup + cosine) | step (warmup + multiply by gamma at each milestone)
+    milestones: tuple[int, ...] = ()  # steps where the "step" schedule decays
+    milestone_epochs: tuple[float, ...] = ()  # the same in epochs (sets milestones; see resolve_epochs)
+    gamma: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,11 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    _check(o.schedule in ("cosine", "step"), "optim.schedule", o.schedule, "choose one of: cosine, step")
+    _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
+    for key in ("milestones", "milestone_epochs"):
+        values = list(getattr(o, key))
+        _check(all(v > 0 for v in values) and values == sorted(values), f"optim.{key}", getattr(o, key), "must be positive and increasing")
 
     _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     _check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = use train.steps)")
@@ -360,6 +369,8 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
         o = replace(o, warmup_steps=int(round(o.warmup_epochs * per_epoch)))
     if o.schedule_epochs > 0:
         o = replace(o, schedule_steps=int(round(o.schedule_epochs * per_epoch)))
+    if o.milestone_epochs:
+        o = replace(o, milestones=tuple(int(round(e * per_epoch)) for e in o.milestone_epochs))
     return replace(cfg, train=t, optim=o)
 
 

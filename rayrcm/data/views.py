@@ -60,7 +60,34 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
         timm_t = create_transform(input_size=size, is_training=True, auto_augment=autoaug, interpolation="bicubic",
                                   hflip=0.5 if hflip else 0.0, color_jitter=None, re_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         return v2.Compose([_ToPIL(), v2.Lambda(lambda im: im.convert("RGB")), timm_t])
+    if kind == "simclr":
+        return StrengthAugment(size, hflip=hflip)
     raise ValueError(f"unknown augmentation {kind!r}")
+
+
+class StrengthAugment:
+    """The ACL/DynACL authors' SimCLR augmentation at strength ``s`` in [0, 1] (1 = full SimCLR):
+    RandomResizedCrop(scale=(1 - 0.9 s, 1), bicubic), optional flip, ColorJitter(0.4 s, 0.4 s, 0.4 s,
+    0.1 s) with probability 0.8 s, grayscale with probability 0.2 s. DynACL lowers ``strength``
+    between epochs (the training loop sets it before each epoch's loader starts)."""
+
+    def __init__(self, size: int, *, hflip: bool = True, strength: float = 1.0) -> None:
+        self.size, self.hflip, self.strength = size, hflip, strength
+        self._built: tuple[float, Any] | None = None
+
+    def pipeline(self) -> Any:
+        if self._built is None or self._built[0] != self.strength:
+            s = self.strength
+            t = [v2.ToImage(), v2.RandomResizedCrop(self.size, scale=(1.0 - 0.9 * s, 1.0),
+                                                    interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+            t += [v2.RandomHorizontalFlip()] if self.hflip else []
+            t += [v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8 * s),
+                  v2.RandomGrayscale(p=0.2 * s), v2.ToDtype(torch.float32, scale=True)]
+            self._built = (s, v2.Compose(t))
+        return self._built[1]
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.pipeline()(image).clamp(0.0, 1.0)
 
 
 def data_transform(kind: str, cfg: DataConfig, *, large: bool) -> Any:

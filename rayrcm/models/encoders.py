@@ -84,15 +84,17 @@ ENCODERS.register("resnet18")(_timm_resnet("resnet18"))
 ENCODERS.register("resnet50")(_timm_resnet("resnet50"))
 
 
-def _cifar_net(kind: str) -> Builder:
+def _cifar_net(kind: str, depth: int) -> Builder:
     def build(cfg: ModelConfig, image_size: int) -> Encoder:
         from rayrcm.models.cifar_nets import cifar_resnet, wide_resnet
 
-        net = cifar_resnet(110) if kind == "resnet110" else wide_resnet(28, 10)
+        net = cifar_resnet(depth) if kind == "resnet" else wide_resnet(depth, 10)
         return Encoder(net, net.num_features)
 
     return build
 
 
-ENCODERS.register("cifar_resnet110")(_cifar_net("resnet110"))
-ENCODERS.register("wrn28_10")(_cifar_net("wrn"))
+ENCODERS.register("cifar_resnet110")(_cifar_net("resnet", 110))
+ENCODERS.register("cifar_resnet20")(_cifar_net("resnet", 20))  # small BatchNorm nets for the digits recipes
+ENCODERS.register("cifar_resnet8")(_cifar_net("resnet", 8))
+ENCODERS.register("wrn28_10")(_cifar_net("wrn", 28))

@@ -15,3 +15,16 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class BNProjectionHead(nn.Module):
+    """SimCLR's projector, as in the ACL/AIR authors' code:
+    ``Linear(D, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, out)``: ``(B, D) -> (B, out)``."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

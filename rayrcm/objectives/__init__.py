@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rayrcm.objectives import consistency, gaussian, rcm
+from rayrcm.objectives import acl, adv_finetune, air, consistency, gaussian, rcm, simclr
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.registry import Registry
 
@@ -16,6 +16,10 @@ OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[Any, int], Objective]]]
 OBJECTIVES.register("rcm")((rcm.RCMConfig, rcm.build))
 OBJECTIVES.register("gaussian")((gaussian.GaussianConfig, gaussian.build))
 OBJECTIVES.register("consistency")((consistency.ConsistencyConfig, consistency.build))
+OBJECTIVES.register("simclr")((simclr.SimCLRConfig, simclr.build))
+OBJECTIVES.register("acl")((acl.ACLConfig, acl.build))
+OBJECTIVES.register("air")((air.AIRConfig, air.build))
+OBJECTIVES.register("adv_finetune")((adv_finetune.AdvFinetuneConfig, adv_finetune.build))
 
 
 def method_config_class(name: str) -> type[MethodConfig]:

@@ -34,6 +34,11 @@ class MethodConfig:
     def validate(self, cfg: Any) -> None:  # pragma: no cover - overridden
         return None
 
+    def robust_eval(self) -> Any | None:
+        """A :class:`~rayrcm.eval.robust.RobustEvalConfig` when the final model is attacked on the
+        test split after training (SA / PGD / AutoAttack), else None."""
+        return None
+
 
 class Objective(nn.Module):
     """A method: owns its networks, computes the loss of one batch, exports the model to keep.
@@ -44,6 +49,11 @@ class Objective(nn.Module):
 
     def on_step_end(self, step: int) -> None:
         """Called after each optimizer step (EMA updates and other per-step state)."""
+
+    def on_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Called before each (zero-based) data epoch, also on resume; returns settings for the data
+        pipeline (e.g. ``{"augmentation_strength": s}``) that are also logged."""
+        return {}
 
     def export(self) -> nn.Module:
         """The network that is checkpointed as "the model" (encoder or classifier)."""

@@ -48,3 +48,37 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, *, gather: bo
     logits = q @ keys.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + offset
     return F.cross_entropy(logits, labels)
+
+
+def nt_xent(zi: torch.Tensor, zj: torch.Tensor, temperature: float = 0.5, *, gather: bool = False) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al., ICML 2020) of a batch of positive pairs ``(zi_k, zj_k)``, ``(B, D)`` each.
+
+    Over the ``2B`` views ``u``, with ``pos(u)`` the other view of the same image:
+
+        loss = mean_u -log( exp(cos(u, pos(u)) / t) / sum_{v != u} exp(cos(u, v) / t) )
+
+    i.e. each view has one positive and ``2B - 2`` negatives (both views of every other image),
+    exactly the ``CL`` loss of the ACL/AIR authors' code (seed 001). With ``gather=True`` and a
+    process group, the views of all workers are negatives too (the loss of the global batch, as
+    the authors' single-process ``DataParallel`` computes it).
+
+    Example: ``B`` orthogonal unit pairs with ``zi = zj`` and ``t = 1`` give
+    ``-log(e / (e + 2B - 2))``.
+    """
+    if zi.shape != zj.shape or zi.ndim != 2:
+        raise ValueError(f"zi {tuple(zi.shape)} and zj {tuple(zj.shape)} must both be (B, D)")
+    b = zi.shape[0]
+    local = F.normalize(torch.cat([zi, zj]).float(), dim=1)  # (2B, D): rows 0..B-1 view i, B..2B-1 view j
+    if gather:
+        zi_all, offset = gather_keys(F.normalize(zi.float(), dim=1))
+        zj_all, _ = gather_keys(F.normalize(zj.float(), dim=1))
+    else:
+        zi_all, zj_all, offset = local[:b], local[b:], 0
+    n = zi_all.shape[0]
+    keys = torch.cat([zi_all, zj_all])  # (2N, D), global
+    logits = local @ keys.T / temperature
+    rows = torch.arange(2 * b, device=zi.device)
+    own = torch.where(rows < b, rows + offset, rows - b + n + offset)  # each view's own column
+    pos = torch.where(rows < b, rows + offset + n, rows - b + offset)  # its pair's column
+    logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter_(1, own[:, None], True), float("-inf"))
+    return F.cross_entropy(logits, pos)

@@ -18,6 +18,7 @@ from rayrcm.config import from_dict
 from rayrcm.data import MultiView, build_splits
 from rayrcm.data.views import data_transform
 from rayrcm.eval.accuracy import accuracies, count_correct
+from rayrcm.eval.robust import robust_counts, robust_metrics
 from rayrcm.objectives import build_objective
 from rayrcm.train.checkpoint import (
     BEST_MODEL_FILE,
@@ -119,6 +120,21 @@ def train_worker(config: dict[str, Any]) -> None:
             counts = counts.cpu()
         return accuracies(counts, t.eval_sigmas, prefix)
 
+    def robust_evaluate(rcfg: Any) -> dict[str, float]:
+        if rank == 0:
+            say(f"[rayrcm] robust evaluation on the test split: SA, PGD-{rcfg.pgd_steps}"
+                f"{', AutoAttack (APGD-CE + APGD-T)' if rcfg.autoattack else ''} at {rcfg.norm} eps {rcfg.eps:.4g}")
+        model_ = objective.export().to(device)
+        counts = robust_counts(model_, eval_set, rcfg, device=device, rank=rank, world=world, seed=t.seed)
+        if world > 1:
+            counts = counts.to(device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        out = robust_metrics(counts, rcfg, "test")
+        if rank == 0:
+            say("[rayrcm] " + " ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "test_robust_images"))
+        return out
+
     best_file = Path(t.storage_path) / cfg.job_name / BEST_MODEL_FILE
 
     def validate_and_select(step: int) -> dict[str, float]:
@@ -149,7 +165,19 @@ def train_worker(config: dict[str, Any]) -> None:
             _inject_fault(t.storage_path, cfg.job_name, step)
 
     per_worker = cfg.data.batch_size // world
-    batches = batches_from(train_set, per_worker, rank, world, t.seed, start, cfg.data.num_workers)
+    per_epoch = (len(train_set) // world) // per_worker
+    epochs = -(-t.steps // max(per_epoch, 1))
+
+    def on_epoch(epoch: int) -> None:
+        settings = objective.on_epoch(epoch, epochs)
+        if "augmentation_strength" in settings:
+            for tf in train_set.transforms:
+                if hasattr(tf, "strength"):
+                    tf.strength = settings["augmentation_strength"]
+        if settings and logger is not None:
+            logger.log(epoch * per_epoch, {f"epoch_{k}": v for k, v in settings.items()})
+
+    batches = batches_from(train_set, per_worker, rank, world, t.seed, start, cfg.data.num_workers, on_epoch=on_epoch)
     loop = Loop(model, objective, optimizer, scheduler, device, t.precision, cfg.optim.grad_clip, scaler)
     metrics = run_steps(loop, batches, start=start, total=t.steps, seed=t.seed, rank=rank, batch_size=cfg.data.batch_size,
                         log_every=t.log_every, checkpoint_every=t.checkpoint_every, on_log=on_log,
@@ -168,6 +196,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 say(f"[rayrcm] selected the step-{best['step']} model: {t.select_metric} = {best['value']:.4f} (validation split)")
     if cfg.method.stage == "classifier":
         final.update(evaluate(eval_set, "test"))
+        robust = cfg.method.robust_eval()
+        if robust is not None:
+            final.update(robust_evaluate(robust))
         if logger is not None:  # validation metrics were logged by validate_and_select
             logger.log(t.steps, {k: v for k, v in final.items() if not k.startswith("val_")})
     report(t.steps, {**metrics, **final}, final=True)

@@ -41,7 +41,8 @@ def ensure_ray(**kwargs: Any) -> None:
 def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
     """Validate everything and resolve URIs before any Ray work; returns (config, tracking uri)."""
     cfg = validate(cfg)
-    if cfg.train.epochs > 0 or cfg.train.checkpoint_epochs > 0 or cfg.optim.warmup_epochs > 0 or cfg.optim.schedule_epochs > 0:
+    if cfg.train.epochs > 0 or cfg.train.checkpoint_epochs > 0 or cfg.optim.warmup_epochs > 0 or cfg.optim.schedule_epochs > 0 \
+            or cfg.optim.milestone_epochs:
         from rayrcm.config import resolve_epochs
         from rayrcm.data import build_splits
 

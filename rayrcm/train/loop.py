@@ -24,11 +24,14 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
 
 
-def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed: int, start_step: int, num_workers: int = 0) -> Iterator:
+def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed: int, start_step: int, num_workers: int = 0,
+                 on_epoch: Callable[[int], None] | None = None) -> Iterator:
     """Infinite per-worker batches, skipping the first ``start_step`` of them without loading them.
 
     Epoch ``e`` permutes the dataset with seed ``(seed, e)`` and gives rank ``r`` every
     ``world``-th index from ``r`` (DistributedSampler's split); the last partial batch is dropped.
+    ``on_epoch(e)`` runs before epoch ``e``'s loader starts (also for the epoch a resume lands in),
+    so per-epoch settings (DynACL's augmentation strength) reach the loader's workers.
     """
     n = len(dataset)  # type: ignore[arg-type]
     per_epoch = (n // world) // per_worker
@@ -38,6 +41,8 @@ def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed:
     while True:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=g)[rank::world][: per_epoch * per_worker].tolist()
+        if on_epoch is not None:
+            on_epoch(epoch)
         loader = DataLoader(dataset, batch_size=per_worker, sampler=order[skip * per_worker:],
                             num_workers=num_workers, generator=torch.Generator().manual_seed(epoch),
                             persistent_workers=False, drop_last=True)

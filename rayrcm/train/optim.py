@@ -45,10 +45,13 @@ def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) ->
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """timm cosine schedule with linear warmup from 0, stepped per optimizer update, over
+    """timm cosine (or multi-step, ``cfg.schedule="step"``) schedule with linear warmup from 0, stepped per optimizer update, over
     ``cfg.schedule_steps`` (or ``total_steps``); a longer schedule than the run cuts the cosine short."""
-    from timm.scheduler import CosineLRScheduler
+    from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
+    if cfg.schedule == "step":  # the ACL/AIR authors' fine-tuning: MultiStepLR(gamma=0.1)
+        return MultiStepLRScheduler(optimizer, decay_t=list(cfg.milestones) or [total_steps + 1], decay_rate=cfg.gamma,
+                                    warmup_t=cfg.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
     length = cfg.schedule_steps or total_steps
     return CosineLRScheduler(
         optimizer,

@@ -1,0 +1,26 @@
+"""Adversarial attacks in pure torch, batched, on the input's device; budgets in [0, 1] pixel units.
+
+* :func:`pgd` (any loss, any number of jointly perturbed inputs; L-inf or L2), :func:`pgd_ce`
+  (classifier attack), :func:`pgd_kl` (TRADES' inner maximization); ACL's contrastive attack is
+  :func:`pgd` on the contrastive loss of a pair of views (see :mod:`rayrcm.objectives.acl`).
+* :func:`apgd_ce`, :func:`apgd_targeted`, :func:`autoattack_robust` (APGD-CE + APGD-T, the
+  standard AutoAttack's first two attacks).
+"""
+
+from rayrcm.attacks.apgd import apgd_ce, apgd_run, apgd_targeted, autoattack_robust, dlr_targeted
+from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd, pgd_ce, pgd_kl, project, random_start
+
+__all__ = [
+    "NORMS",
+    "PGDConfig",
+    "apgd_ce",
+    "apgd_run",
+    "apgd_targeted",
+    "autoattack_robust",
+    "dlr_targeted",
+    "pgd",
+    "pgd_ce",
+    "pgd_kl",
+    "project",
+    "random_start",
+]

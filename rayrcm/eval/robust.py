@@ -1,0 +1,102 @@
+"""Robust accuracy of a classifier on [0, 1] images: SA, PGD-k and AutoAttack (APGD-CE + APGD-T).
+
+The protocol of the ACL/AIR/RCS papers (seed 001; the authors' ``finetuning.py``):
+
+* ``SA``: accuracy on the natural test images;
+* ``PGD-20``: accuracy under L-inf PGD, ``eps = 8/255``, step ``2/255``, 20 steps, random start,
+  untargeted CE (:func:`rayrcm.attacks.pgd_ce`);
+* ``AA``: accuracy under the standard AutoAttack's first two attacks, APGD-CE (100 iterations)
+  then APGD-T (100 iterations, 9 target classes), a sample counting as robust only if it survives
+  both (:func:`rayrcm.attacks.autoattack_robust`). FAB-T and Square are not run.
+
+The model is evaluated in eval mode; before attacking, the protocol checks that it is
+deterministic (two passes agree) and returns logits rather than probabilities, and refuses
+otherwise. Images are sharded ``rank::world``; counts are summed over workers by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from rayrcm.attacks import NORMS, PGDConfig, autoattack_robust, pgd_ce
+from rayrcm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RobustEvalConfig:
+    norm: str = "linf"
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    pgd_steps: int = 20
+    autoattack: bool = True
+    aa_iters: int = 100
+    aa_targets: int = 9
+    max_images: int = 0  # 0 = the whole split
+    batch_size: int = 256
+
+    def validate(self, key: str = "method.eval") -> RobustEvalConfig:
+        if self.norm not in NORMS:
+            raise ConfigError(f"{key}_norm", self.norm, f"choose one of: {', '.join(NORMS)}")
+        if self.eps < 0:
+            raise ConfigError(f"{key}_eps", self.eps, "must be >= 0 (pixel units, data in [0, 1])")
+        if self.pgd_steps < 1 or self.aa_iters < 1 or self.aa_targets < 1:
+            raise ConfigError(f"{key}_pgd_steps", self.pgd_steps, "steps, iterations and targets must be >= 1")
+        if self.max_images < 0:
+            raise ConfigError(f"{key}_max_images", self.max_images, "must be >= 0 (0 = all)")
+        return self
+
+
+def check_protocol(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse a model in training mode, a non-deterministic one, or one that outputs probabilities."""
+    if model.training:
+        raise ValueError("robust evaluation needs the model in eval mode")
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    if not torch.allclose(a, b, atol=1e-5):
+        raise ValueError("the model is not deterministic (two passes differ); attacks would be unreliable")
+    if a.min() >= 0 and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
+        raise ValueError("the model returns probabilities; attacks need logits")
+
+
+def robust_counts(model: nn.Module, dataset: Dataset, cfg: RobustEvalConfig, *, device: torch.device | str = "cpu",
+                  rank: int = 0, world: int = 1, seed: int = 0) -> torch.Tensor:
+    """``[total, natural correct, PGD-k robust, AA robust]`` over this rank's shard."""
+    n = len(dataset)  # type: ignore[arg-type]
+    n = min(n, cfg.max_images) if cfg.max_images else n
+    shard = Subset(dataset, list(range(rank, n, world)))
+    attack = PGDConfig(cfg.norm, cfg.eps, cfg.step_size, cfg.pgd_steps, True)
+    counts = torch.zeros(4, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed * 1_000_003 + rank)
+    try:
+        for b, (views, y) in enumerate(DataLoader(shard, batch_size=cfg.batch_size)):
+            x = (views[0] if isinstance(views, (list, tuple)) else views).to(device)
+            y = y.to(device)
+            if b == 0:
+                check_protocol(model, x)
+            with torch.no_grad():
+                correct = model(x).argmax(1) == y
+            counts[0] += len(y)
+            counts[1] += int(correct.sum())
+            with torch.no_grad():
+                counts[2] += int((model(pgd_ce(model, x, y, attack)).argmax(1) == y).sum())
+            if cfg.autoattack:
+                counts[3] += int(autoattack_robust(model, x, y, eps=cfg.eps, norm=cfg.norm, n_iter=cfg.aa_iters,
+                                                   n_targets=cfg.aa_targets).sum())
+    finally:
+        model.train(was_training)
+    return counts
+
+
+def robust_metrics(counts: torch.Tensor, cfg: RobustEvalConfig, prefix: str = "test") -> dict[str, float]:
+    total = max(int(counts[0]), 1)
+    out = {f"{prefix}_sa": float(counts[1]) / total, f"{prefix}_pgd{cfg.pgd_steps}": float(counts[2]) / total}
+    if cfg.autoattack:
+        out[f"{prefix}_aa"] = float(counts[3]) / total
+    out[f"{prefix}_robust_images"] = float(total)
+    return out

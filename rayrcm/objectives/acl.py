@@ -1,0 +1,168 @@
+"""ACL: adversarial contrastive learning (Jiang, Chen, Chen & Wang, NeurIPS 2020), with DynACL's schedule.
+
+Seed 001 (Zhang & Xu, "Towards robust foundation models: adversarial contrastive learning",
+ICLR 2024 blog) and the authors' code (github.com/GodXuxilie/Enhancing_ACL_via_AIR). With
+``h = g o f`` (encoder ``f``, projector ``g``), two augmented views ``x^i, x^j`` of each image and
+the SimCLR loss ``CL`` (:func:`~rayrcm.objectives.contrastive.nt_xent`, temperature ``t = 0.5``):
+
+    L_ACL = (1 - w) * CL(h(x^i), h(x^j)) + (1 + w) * CL(h(x~^i), h(x~^j))
+
+    (x~^i, x~^j) = argmax_{x~^u in B_eps[x^u]} CL(h(x~^i), h(x~^j))      (contrastive PGD, no labels)
+
+* The attack is :func:`~rayrcm.attacks.pgd` on the pair (both views move together): ``T = 5``
+  steps of size ``2/255`` in the L-inf ball ``eps = 8/255``, uniform random start, pixels kept in
+  [0, 1], network in eval mode on the adversarial BatchNorm branch (as the authors' code).
+* Dual BatchNorm (``dual_bn``, the authors' ``--ACL_DS``): natural views use the ``nat`` branch,
+  adversarial views the ``adv`` branch (:mod:`rayrcm.models.dual_bn`). The exported encoder is a
+  plain one holding the ``export_bn`` branch (``adv``, as the authors fine-tune from).
+* ``w``: fixed ``weight`` (0 for ACL), or DynACL (Luo, Wang & Wang, ICLR 2023; ``dynamic=True``):
+  augmentation strength ``s_e = 1 - floor(e / K) * K / E`` stepped down every ``K = 50`` of ``E``
+  epochs, ``w_e = (2/3) * (1 - s_e)``; the ``dynaug`` view pipeline follows ``s_e``.
+* ``w = -1`` is CL on natural views only (the adversarial term has weight 0 and is not computed
+  when ``pgd_steps = 0``): that is :mod:`rayrcm.objectives.simclr`.
+* AIR adds invariance regularizers through :meth:`ACLObjective.regularizer`
+  (:mod:`rayrcm.objectives.air`).
+
+Shapes: ``views = [x^i, x^j]`` (``+ [x]``, the un-augmented image, for AIR), each ``(B, 3, H, W)``
+in [0, 1]; labels are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd
+from rayrcm.errors import ConfigError
+from rayrcm.models import BNProjectionHead, Normalize, bn_route, build_encoder, convert_dual_bn, single_bn_state
+from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+from rayrcm.objectives.contrastive import nt_xent
+
+
+def acl_loss(cl_nat: torch.Tensor, cl_adv: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - w) * CL(nat) + (1 + w) * CL(adv)``."""
+    return (1 - weight) * cl_nat + (1 + weight) * cl_adv
+
+
+def dynacl_strength(epoch: int, epochs: int, period: int = 50) -> float:
+    """DynACL's augmentation strength at (zero-based) ``epoch`` of ``epochs``: ``1 - floor(e/K) K / E``."""
+    return 1.0 - (epoch // period) * period / max(epochs, 1)
+
+
+@dataclass(frozen=True)
+class ACLConfig(MethodConfig):
+    name: str = "acl"
+    temperature: float = 0.5
+    weight: float = 0.0  # w; DynACL replaces it by dynamic_lambda * (1 - strength)
+    dynamic: bool = False  # DynACL schedule
+    dynamic_period: int = 50  # epochs between strength steps (K)
+    dynamic_lambda: float = 2 / 3
+    norm: str = "linf"
+    eps: float = 8 / 255  # pixel units
+    step_size: float = 2 / 255
+    pgd_steps: int = 5
+    random_start: bool = True
+    dual_bn: bool = True
+    export_bn: str = "adv"  # which BatchNorm branch the exported encoder keeps
+    gather: bool = True  # negatives from all workers (the global batch, as the authors' DataParallel)
+
+    def attack(self) -> PGDConfig:
+        return PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps, self.random_start)
+
+    def views(self, augmentation: str) -> tuple[str, ...]:
+        return (augmentation, augmentation)
+
+    def validate(self, cfg: Any) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("method.temperature", self.temperature, "must be > 0")
+        if not -1 <= self.weight <= 1:
+            raise ConfigError("method.weight", self.weight, "must be in [-1, 1] (w of (1 - w) CL(nat) + (1 + w) CL(adv))")
+        if self.dynamic_period < 1:
+            raise ConfigError("method.dynamic_period", self.dynamic_period, "must be >= 1 (epochs)")
+        if not 0 <= self.dynamic_lambda <= 1:
+            raise ConfigError("method.dynamic_lambda", self.dynamic_lambda, "must be in [0, 1]")
+        if self.norm not in NORMS:
+            raise ConfigError("method.norm", self.norm, f"choose one of: {', '.join(NORMS)}")
+        if self.export_bn not in ("nat", "adv"):
+            raise ConfigError("method.export_bn", self.export_bn, "choose one of: nat, adv")
+        PGDConfig(self.norm, self.eps, self.step_size, max(self.pgd_steps, 0), self.random_start).validate("method")
+        if self.pgd_steps < 0:
+            raise ConfigError("method.pgd_steps", self.pgd_steps, "must be >= 0 (0 = no attack)")
+
+
+class ACLObjective(Objective):
+    """Encoder + BN projector (both dual-BN when asked), contrastive PGD and the ACL loss."""
+
+    def __init__(self, cfg: ACLConfig, model_cfg: Any, image_size: int) -> None:
+        super().__init__()
+        self.cfg, self.model_cfg, self.image_size = cfg, model_cfg, image_size
+        self.normalize = Normalize()
+        self.encoder = build_encoder(model_cfg, image_size)
+        self.projector = BNProjectionHead(self.encoder.num_features, model_cfg.proj_hidden_dim, model_cfg.proj_dim)
+        if cfg.dual_bn:
+            convert_dual_bn(self.encoder)
+            convert_dual_bn(self.projector)
+        self.weight = cfg.weight
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder.forward_features(self.normalize(x)))
+
+    def adversarial_views(self, xi: torch.Tensor, xj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contrastive PGD on the pair, in eval mode on the adversarial BN branch."""
+        was_training = self.training
+        self.eval()
+        try:
+            with bn_route(self, "adv"):
+                xi_adv, xj_adv = pgd(lambda a, b: nt_xent(self.project(a), self.project(b), self.cfg.temperature),
+                                     [xi, xj], self.cfg.attack())
+        finally:
+            self.train(was_training)
+        return xi_adv, xj_adv
+
+    def regularizer(self, z: dict[str, torch.Tensor], x_orig: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Extra loss terms on the projections ``z`` (keys ``i``, ``j``, ``i_adv``, ``j_adv``); none for ACL."""
+        return torch.zeros((), device=z["i"].device), {}
+
+    def forward(self, views: list[torch.Tensor], target: torch.Tensor, step: int) -> LossOutput:
+        xi, xj = views[0], views[1]
+        cfg, b = self.cfg, views[0].shape[0]
+        with bn_route(self, "nat"):
+            zi, zj = self.project(torch.cat([xi, xj])).split(b)
+        cl_nat = nt_xent(zi, zj, cfg.temperature, gather=cfg.gather)
+        z = {"i": zi, "j": zj}
+        metrics = {"cl_nat": cl_nat.detach(), "weight": torch.tensor(float(self.weight))}
+        if self.weight == -1 and cfg.pgd_steps == 0:  # plain CL: the adversarial term has weight 0
+            loss = cl_nat
+        else:
+            xi_adv, xj_adv = self.adversarial_views(xi, xj)
+            with bn_route(self, "adv"):
+                z["i_adv"], z["j_adv"] = self.project(torch.cat([xi_adv, xj_adv])).split(b)
+            cl_adv = nt_xent(z["i_adv"], z["j_adv"], cfg.temperature, gather=cfg.gather)
+            loss = acl_loss(cl_nat, cl_adv, self.weight)
+            metrics["cl_adv"] = cl_adv.detach()
+        reg, reg_metrics = self.regularizer(z, views[2] if len(views) > 2 else None)
+        metrics.update(reg_metrics)
+        return LossOutput(loss + reg, metrics)
+
+    def on_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        if not self.cfg.dynamic:
+            return {}
+        strength = dynacl_strength(epoch, epochs, self.cfg.dynamic_period)
+        self.weight = self.cfg.dynamic_lambda * (1 - strength)
+        return {"augmentation_strength": strength}
+
+    def export(self) -> nn.Module:
+        plain = build_encoder(self.model_cfg, self.image_size)
+        state = single_bn_state(self.encoder, self.cfg.export_bn) if self.cfg.dual_bn else self.encoder.state_dict()
+        plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True)
+        return plain
+
+
+def build(cfg: Any, num_classes: int) -> ACLObjective:
+    return ACLObjective(cfg.method, cfg.model, cfg.data.image_size)
+
+
+__all__ = ["ACLConfig", "ACLObjective", "acl_loss", "build", "dynacl_strength"]

@@ -1,0 +1,119 @@
+"""Fine-tuning a pretrained encoder for a downstream task: SLF, ALF and AFF (seed 001).
+
+A linear head is appended to the pretrained encoder (``model.init_from``) and trained with labels:
+
+* ``slf`` (standard linear fine-tuning): encoder frozen (weights and BatchNorm statistics, eval
+  mode), ``L = CE(F(x), y)``.
+* ``alf`` (adversarial linear fine-tuning): encoder frozen, ``L = CE(F(x~), y)`` with ``x~`` from
+  PGD-10 on CE (L-inf ``eps = 8/255``, step ``2/255``, random start) against the whole classifier
+  in eval mode (Madry et al., ICLR 2018).
+* ``aff`` (adversarial full fine-tuning): all weights train, with TRADES (Zhang et al., ICML 2019):
+  ``L = CE(F(x), y) + beta * (1/B) sum_b KL( softmax(F(x_b)) || softmax(F(x~_b)) )``,
+  ``x~`` from 10 PGD steps on that KL from ``x + 0.001 N(0, I)`` (eval mode), ``beta = 6``.
+
+The authors' ``--mode ALL`` runs the three in sequence from the same pretrained encoder; the
+recipes do the same (one run each) and print SA / PGD-20 / AA for each (:mod:`rayrcm.eval.robust`,
+evaluated once at the end of training on the test split).
+
+Shapes: ``views = [x]``, ``x`` ``(B, 3, H, W)`` in [0, 1]; ``target`` ``(B,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd_ce, pgd_kl
+from rayrcm.errors import ConfigError
+from rayrcm.eval.robust import RobustEvalConfig
+from rayrcm.models import Classifier, build_classifier
+from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+
+MODES = ("slf", "alf", "aff")
+
+
+@dataclass(frozen=True)
+class AdvFinetuneConfig(MethodConfig):
+    stage: ClassVar[str] = "classifier"
+    name: str = "adv_finetune"
+    mode: str = "slf"
+    norm: str = "linf"
+    eps: float = 8 / 255  # pixel units
+    step_size: float = 2 / 255
+    pgd_steps: int = 10  # ALF's PGD and TRADES' inner maximization
+    beta: float = 6.0  # TRADES
+    eval_pgd_steps: int = 20
+    eval_autoattack: bool = True
+    eval_aa_iters: int = 100
+    eval_aa_targets: int = 9
+    eval_max_images: int = 0  # 0 = the whole test split
+
+    def attack(self) -> PGDConfig:
+        return PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps, True)
+
+    def robust_eval(self) -> RobustEvalConfig:
+        return RobustEvalConfig(self.norm, self.eps, self.step_size, self.eval_pgd_steps, self.eval_autoattack,
+                                self.eval_aa_iters, self.eval_aa_targets, self.eval_max_images)
+
+    def validate(self, cfg: Any) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("method.mode", self.mode, f"choose one of: {', '.join(MODES)} (ALL = the three in sequence, a recipe stage)")
+        if self.norm not in NORMS:
+            raise ConfigError("method.norm", self.norm, f"choose one of: {', '.join(NORMS)}")
+        if self.pgd_steps < 1:
+            raise ConfigError("method.pgd_steps", self.pgd_steps, "must be >= 1")
+        if self.beta < 0:
+            raise ConfigError("method.beta", self.beta, "must be >= 0")
+        self.attack().validate("method")
+        self.robust_eval().validate("method.eval")
+
+
+class AdvFinetuneObjective(Objective):
+    def __init__(self, cfg: AdvFinetuneConfig, classifier: Classifier) -> None:
+        super().__init__()
+        self.cfg, self.classifier = cfg, classifier
+        self.frozen = cfg.mode in ("slf", "alf")
+        if self.frozen:
+            for p in classifier.encoder.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> AdvFinetuneObjective:
+        super().train(mode)
+        if self.frozen:  # a frozen encoder keeps its BatchNorm statistics
+            self.classifier.encoder.eval()
+        return self
+
+    def forward(self, views: list[torch.Tensor], target: torch.Tensor, step: int) -> LossOutput:
+        x, cfg, clf = views[0], self.cfg, self.classifier
+        metrics: dict[str, torch.Tensor] = {}
+        if cfg.mode == "slf":
+            logits = clf(x)
+            loss = F.cross_entropy(logits.float(), target)
+        elif cfg.mode == "alf":
+            clf.eval()
+            x_adv = pgd_ce(clf, x, target, cfg.attack())
+            logits = clf(x_adv)
+            loss = F.cross_entropy(logits.float(), target)
+        else:
+            clf.eval()
+            x_adv = pgd_kl(clf, x, cfg.attack())
+            self.train(True)
+            logits, logits_adv = clf(x), clf(x_adv)  # two passes, as the TRADES code (separate BN batches)
+            natural = F.cross_entropy(logits.float(), target)
+            robust = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits.float(), 1), reduction="batchmean")
+            loss = natural + cfg.beta * robust
+            metrics.update(trades_natural=natural.detach(), trades_kl=robust.detach())
+        self.train(True)
+        metrics["train_acc"] = (logits.argmax(1) == target).float().mean().detach()
+        return LossOutput(loss, metrics)
+
+    def export(self) -> nn.Module:
+        return self.classifier
+
+
+def build(cfg: Any, num_classes: int) -> AdvFinetuneObjective:
+    return AdvFinetuneObjective(cfg.method, build_classifier(cfg.model, cfg.data.image_size, num_classes))

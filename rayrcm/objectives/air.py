@@ -1,0 +1,95 @@
+"""AIR: adversarial invariant regularization (Xu, Zhang, Liu, Sugiyama & Kankanhalli, NeurIPS 2023).
+
+Seed 001. ACL (:mod:`rayrcm.objectives.acl`) plus two KL invariance terms over the mini-batch ``B``:
+
+    L = L_ACL + lambda1 * L_AIR(B; 0) + lambda2 * L_AIR(B; eps)
+
+    L_AIR(B; eps) = KL( P_i || P_j ; B ) = sum_{k in B} P_i(k) log( P_i(k) / P_j(k) )
+    P_u(k) = p_u(y^R | x~_k) * p_u(x~_k | x_k)                                      (u in {i, j})
+    p_u(y^R | x~_k) = softmax_k( sim(z(x_k), z(x~^u_k)) / t )       (x_k: the un-augmented image)
+    p_u(x~_k | x_k) = softmax_k( sim(z(x~^u_k), z(x^u_k)) / t )
+
+with softmaxes over the batch, cosine ``sim`` and ``t = 0.5``. For ``eps = 0`` the adversarial view
+is the natural view itself, ``x~ -> x`` is the identity and ``p_u(x~ | x) = 1``, so
+``L_AIR(B; 0) = KL(p_i(y^R | x) || p_j(y^R | x))``. Defaults ``lambda1 = lambda2 = 0.5`` and DynACL's
+``w`` schedule, as the authors run AIR (``pretraining.py --DynAug``).
+
+Two choices, stated: ``z`` is the projector output ``g(f(.))`` (the authors' code applies the terms
+to the projections; the blog's formula writes ``f``). The KL is the formula's, computed from
+log-probabilities; the authors' code passes probabilities where ``F.kl_div`` expects
+log-probabilities, which is a different quantity, so values differ from that code.
+``lambda1 = lambda2 = 0`` gives ACL exactly.
+
+Shapes: ``views = [x^i, x^j, x]``, each ``(B, 3, H, W)`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from rayrcm.errors import ConfigError
+from rayrcm.models import bn_route
+from rayrcm.objectives.acl import ACLConfig, ACLObjective
+
+
+def _diag_log_softmax(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """``log softmax_k( cos(a_k, b_k) / t )`` over the batch: ``(B,)``."""
+    s = (F.normalize(a.float(), dim=1) * F.normalize(b.float(), dim=1)).sum(1) / t
+    return F.log_softmax(s, dim=0)
+
+
+def kl_batch(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``sum_k p(k) (log p(k) - log q(k))`` for (possibly unnormalized) ``p``, ``q`` over the batch."""
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def air_standard(z_orig: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor, t: float) -> torch.Tensor:
+    """``L_AIR(B; 0) = KL(p_i(y^R|x) || p_j(y^R|x))``."""
+    return kl_batch(_diag_log_softmax(z_orig, zi, t), _diag_log_softmax(z_orig, zj, t))
+
+
+def air_robust(z_orig: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor, zi_adv: torch.Tensor, zj_adv: torch.Tensor,
+               t: float) -> torch.Tensor:
+    """``L_AIR(B; eps) = KL(P_i || P_j)`` with ``log P_u = log p_u(y^R|x~) + log p_u(x~|x)``."""
+    log_pi = _diag_log_softmax(z_orig, zi_adv, t) + _diag_log_softmax(zi_adv, zi, t)
+    log_pj = _diag_log_softmax(z_orig, zj_adv, t) + _diag_log_softmax(zj_adv, zj, t)
+    return kl_batch(log_pi, log_pj)
+
+
+@dataclass(frozen=True)
+class AIRConfig(ACLConfig):
+    name: str = "air"
+    dynamic: bool = True
+    lambda1: float = 0.5  # standard invariance (eps = 0)
+    lambda2: float = 0.5  # robust invariance (eps)
+
+    def views(self, augmentation: str) -> tuple[str, ...]:
+        return (augmentation, augmentation, "none")
+
+    def validate(self, cfg: Any) -> None:
+        super().validate(cfg)
+        for key in ("lambda1", "lambda2"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key}", getattr(self, key), "must be >= 0")
+
+
+class AIRObjective(ACLObjective):
+    def regularizer(self, z: dict[str, torch.Tensor], x_orig: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert x_orig is not None, "AIR needs the un-augmented view (views[2])"
+        cfg = self.cfg
+        with bn_route(self, "nat"):
+            z_orig = self.project(x_orig)
+        sir = air_standard(z_orig, z["i"], z["j"], cfg.temperature)
+        if "i_adv" in z:
+            air = air_robust(z_orig, z["i"], z["j"], z["i_adv"], z["j_adv"], cfg.temperature)
+        else:
+            air = torch.zeros((), device=sir.device)
+        return cfg.lambda1 * sir + cfg.lambda2 * air, {"air_standard": sir.detach(), "air_robust": air.detach()}
+
+
+def build(cfg: Any, num_classes: int) -> AIRObjective:
+    return AIRObjective(cfg.method, cfg.model, cfg.data.image_size)

@@ -1,0 +1,28 @@
+"""CL: SimCLR contrastive learning (Chen, Kornblith, Norouzi & Hinton, ICML 2020), as seed 001 writes it.
+
+    L_CL = CL(h(x^i), h(x^j))        (NT-Xent, temperature 0.5; rayrcm.objectives.contrastive.nt_xent)
+
+over two augmented views of each image, ``h = g o f``. It is ACL with ``w = -1`` and no attack
+(:mod:`rayrcm.objectives.acl`), which is how it is built: one code path for CL, ACL and AIR, as the
+authors run CL (``pretraining.py --pgd_iter 0 --lambda1 0 --lambda2 0``). Single BatchNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rayrcm.objectives.acl import ACLConfig, ACLObjective
+
+
+@dataclass(frozen=True)
+class SimCLRConfig(ACLConfig):
+    name: str = "simclr"
+    weight: float = -1.0
+    pgd_steps: int = 0
+    dual_bn: bool = False
+    export_bn: str = "nat"
+
+
+def build(cfg: Any, num_classes: int) -> ACLObjective:
+    return ACLObjective(cfg.method, cfg.model, cfg.data.image_size)
