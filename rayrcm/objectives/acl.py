@@ -18,8 +18,9 @@ the SimCLR loss ``CL`` (:func:`~rayrcm.objectives.contrastive.nt_xent`, temperat
 * ``w``: fixed ``weight`` (0 for ACL), or DynACL (Luo, Wang & Wang, ICLR 2023; ``dynamic=True``):
   augmentation strength ``s_e = 1 - floor(e / K) * K / E`` stepped down every ``K = 50`` of ``E``
   epochs, ``w_e = (2/3) * (1 - s_e)``; the ``dynaug`` view pipeline follows ``s_e``.
-* ``w = -1`` is CL on natural views only (the adversarial term has weight 0 and is not computed
-  when ``pgd_steps = 0``): that is :mod:`rayrcm.objectives.simclr`.
+* ``w = -1`` leaves ``2 * CL`` on natural views (the adversarial term has weight 0): CL up to a
+  constant factor. Plain CL is ``adversarial=False`` (:mod:`rayrcm.objectives.simclr`): no attack,
+  no adversarial forward pass, ``L = CL(nat)``.
 * AIR adds invariance regularizers through :meth:`ACLObjective.regularizer`
   (:mod:`rayrcm.objectives.air`).
 
@@ -68,6 +69,7 @@ class ACLConfig(MethodConfig):
     dual_bn: bool = True
     export_bn: str = "adv"  # which BatchNorm branch the exported encoder keeps
     gather: bool = True  # negatives from all workers (the global batch, as the authors' DataParallel)
+    adversarial: bool = True  # False: plain CL (SimCLR), no attack
 
     def attack(self) -> PGDConfig:
         return PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps, self.random_start)
@@ -134,7 +136,7 @@ class ACLObjective(Objective):
         cl_nat = nt_xent(zi, zj, cfg.temperature, gather=cfg.gather)
         z = {"i": zi, "j": zj}
         metrics = {"cl_nat": cl_nat.detach(), "weight": torch.tensor(float(self.weight))}
-        if self.weight == -1 and cfg.pgd_steps == 0:  # plain CL: the adversarial term has weight 0
+        if not cfg.adversarial:  # plain CL
             loss = cl_nat
         else:
             xi_adv, xj_adv = self.adversarial_views(xi, xj)

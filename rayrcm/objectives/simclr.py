@@ -2,9 +2,10 @@
 
     L_CL = CL(h(x^i), h(x^j))        (NT-Xent, temperature 0.5; rayrcm.objectives.contrastive.nt_xent)
 
-over two augmented views of each image, ``h = g o f``. It is ACL with ``w = -1`` and no attack
-(:mod:`rayrcm.objectives.acl`), which is how it is built: one code path for CL, ACL and AIR, as the
-authors run CL (``pretraining.py --pgd_iter 0 --lambda1 0 --lambda2 0``). Single BatchNorm.
+over two augmented views of each image, ``h = g o f``. It is ACL's natural term alone
+(:mod:`rayrcm.objectives.acl` with ``adversarial=False``: no attack, no adversarial pass; ACL with
+``w = -1`` is twice this loss), one code path for CL, ACL and AIR, as the authors run CL with their
+ACL script (``pretraining.py --pgd_iter 0 --lambda1 0 --lambda2 0``). Single BatchNorm.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from rayrcm.objectives.acl import ACLConfig, ACLObjective
 @dataclass(frozen=True)
 class SimCLRConfig(ACLConfig):
     name: str = "simclr"
-    weight: float = -1.0
-    pgd_steps: int = 0
+    adversarial: bool = False
     dual_bn: bool = False
     export_bn: str = "nat"
 
