@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -363,6 +364,12 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
     t, o = cfg.train, cfg.optim
     if t.epochs > 0:
         t = replace(t, steps=max(1, int(-(-t.epochs * per_epoch // 1))))
+        if any(cfg.method.epoch_samples(e, train_images) != train_images for e in range(int(math.ceil(t.epochs)))):
+            # a coreset method (RCS): epochs after the warm-up are shorter
+            sizes = [max(1, cfg.method.epoch_samples(e, train_images) // cfg.data.batch_size) for e in range(int(math.ceil(t.epochs)))]
+            whole = int(t.epochs)
+            steps = sum(sizes[:whole]) + (int(math.ceil((t.epochs - whole) * sizes[whole])) if whole < len(sizes) else 0)
+            t = replace(t, steps=max(1, steps))
     if t.checkpoint_epochs > 0:
         t = replace(t, checkpoint_every=max(1, int(round(t.checkpoint_epochs * per_epoch))))
     if o.warmup_epochs > 0:

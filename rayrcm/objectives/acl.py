@@ -70,12 +70,25 @@ class ACLConfig(MethodConfig):
     export_bn: str = "adv"  # which BatchNorm branch the exported encoder keeps
     gather: bool = True  # negatives from all workers (the global batch, as the authors' DataParallel)
     adversarial: bool = True  # False: plain CL (SimCLR), no attack
+    # RCS coreset selection (rayrcm.train.rcs); fraction 1 = off
+    rcs_fraction: float = 1.0
+    rcs_warmup_epochs: int = 100
+    rcs_interval_epochs: int = 20
+    rcs_unit: int = 0  # samples per selection unit (0 = the per-worker batch, as the authors score mini-batches)
+    rcs_val_images: int = 0  # unlabeled validation images for the RD loss (0 = the whole validation split)
+    rcs_lr: float = 0.0  # step of the greedy one-step update (0 = optim.lr)
 
     def attack(self) -> PGDConfig:
         return PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps, self.random_start)
 
     def views(self, augmentation: str) -> tuple[str, ...]:
         return (augmentation, augmentation)
+
+    def epoch_samples(self, epoch: int, n: int) -> int:
+        """Samples trained on in ``epoch``: the coreset's after RCS's warm-up, else all ``n``."""
+        from rayrcm.train.rcs import epoch_samples
+
+        return epoch_samples(epoch, n, self.rcs_fraction, self.rcs_warmup_epochs)
 
     def validate(self, cfg: Any) -> None:
         if self.temperature <= 0:
@@ -93,6 +106,15 @@ class ACLConfig(MethodConfig):
         PGDConfig(self.norm, self.eps, self.step_size, max(self.pgd_steps, 0), self.random_start).validate("method")
         if self.pgd_steps < 0:
             raise ConfigError("method.pgd_steps", self.pgd_steps, "must be >= 0 (0 = no attack)")
+        if not 0 < self.rcs_fraction <= 1:
+            raise ConfigError("method.rcs_fraction", self.rcs_fraction, "must be in (0, 1] (1 = no coreset)")
+        for key in ("rcs_warmup_epochs", "rcs_unit", "rcs_val_images"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key}", getattr(self, key), "must be >= 0")
+        if self.rcs_interval_epochs < 1:
+            raise ConfigError("method.rcs_interval_epochs", self.rcs_interval_epochs, "must be >= 1")
+        if self.rcs_lr < 0:
+            raise ConfigError("method.rcs_lr", self.rcs_lr, "must be >= 0 (0 = optim.lr)")
 
 
 class ACLObjective(Objective):
@@ -108,6 +130,7 @@ class ACLObjective(Objective):
             convert_dual_bn(self.encoder)
             convert_dual_bn(self.projector)
         self.weight = cfg.weight
+        self.gather = cfg.gather
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder.forward_features(self.normalize(x)))
@@ -133,7 +156,7 @@ class ACLObjective(Objective):
         cfg, b = self.cfg, views[0].shape[0]
         with bn_route(self, "nat"):
             zi, zj = self.project(torch.cat([xi, xj])).split(b)
-        cl_nat = nt_xent(zi, zj, cfg.temperature, gather=cfg.gather)
+        cl_nat = nt_xent(zi, zj, cfg.temperature, gather=self.gather)
         z = {"i": zi, "j": zj}
         metrics = {"cl_nat": cl_nat.detach(), "weight": torch.tensor(float(self.weight))}
         if not cfg.adversarial:  # plain CL
@@ -142,7 +165,7 @@ class ACLObjective(Objective):
             xi_adv, xj_adv = self.adversarial_views(xi, xj)
             with bn_route(self, "adv"):
                 z["i_adv"], z["j_adv"] = self.project(torch.cat([xi_adv, xj_adv])).split(b)
-            cl_adv = nt_xent(z["i_adv"], z["j_adv"], cfg.temperature, gather=cfg.gather)
+            cl_adv = nt_xent(z["i_adv"], z["j_adv"], cfg.temperature, gather=self.gather)
             loss = acl_loss(cl_nat, cl_adv, self.weight)
             metrics["cl_adv"] = cl_adv.detach()
         reg, reg_metrics = self.regularizer(z, views[2] if len(views) > 2 else None)
@@ -155,6 +178,29 @@ class ACLObjective(Objective):
         strength = dynacl_strength(epoch, epochs, self.cfg.dynamic_period)
         self.weight = self.cfg.dynamic_lambda * (1 - strength)
         return {"augmentation_strength": strength}
+
+    # --- RCS hooks (rayrcm.train.rcs): gradients of the projector's last layer
+
+    def rcs_last_layer(self) -> nn.Linear:
+        return self.projector.net[-1]
+
+    def rcs_head_in(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs of the projector's last layer, on the branch the exported encoder keeps."""
+        with bn_route(self, self.cfg.export_bn if self.cfg.dual_bn else "nat"):
+            return self.projector.net[:-1](self.encoder.forward_features(self.normalize(x)))
+
+    def rcs_unit_gradient(self, views: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Flattened gradient of this method's loss on one unit w.r.t. the projector's last weight
+        (eval mode, so BatchNorm statistics do not move; local negatives only)."""
+        was_training, gather = self.training, self.gather
+        self.eval()
+        self.gather = False
+        try:
+            loss = self.forward(views, target, 0).loss
+            return torch.autograd.grad(loss, self.rcs_last_layer().weight)[0].flatten()
+        finally:
+            self.gather = gather
+            self.train(was_training)
 
     def export(self) -> nn.Module:
         plain = build_encoder(self.model_cfg, self.image_size)

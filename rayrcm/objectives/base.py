@@ -34,6 +34,10 @@ class MethodConfig:
     def validate(self, cfg: Any) -> None:  # pragma: no cover - overridden
         return None
 
+    def epoch_samples(self, epoch: int, n: int) -> int:
+        """Training samples in (zero-based) ``epoch`` of a training set of ``n`` (coreset methods: fewer)."""
+        return n
+
     def robust_eval(self) -> Any | None:
         """A :class:`~rayrcm.eval.robust.RobustEvalConfig` when the final model is attacked on the
         test split after training (SA / PGD / AutoAttack), else None."""

@@ -57,6 +57,77 @@ def say(message: str) -> None:
     print(message, file=sys.__stdout__, flush=True)
 
 
+def _coreset_selector(cfg: Any, objective: Any, train_set: Any, splits: Any, device: torch.device, rank: int, world: int,
+                      logger: Any):
+    """``epoch -> coreset indices or None`` for RCS (:mod:`rayrcm.train.rcs`). Selections are kept
+    as ``coreset_epoch_<e>.json`` on the storage path, so a resumed run trains on the coreset it had."""
+    import json
+    import time
+
+    from rayrcm.train import rcs as R
+
+    m, t = cfg.method, cfg.train
+    folder = Path(t.storage_path) / cfg.job_name / "coreset"
+    n = len(train_set)
+    val = MultiView(splits.val, [data_transform("none", cfg.data, large=splits.large)])
+    if m.rcs_val_images:
+        val = torch.utils.data.Subset(val, list(range(min(m.rcs_val_images, len(val)))))
+    if len(val) == 0:
+        from rayrcm.errors import ConfigError
+
+        raise ConfigError("data.val_fraction", cfg.data.val_fraction, "RCS needs an unlabeled validation split (> 0)")
+    unit = m.rcs_unit or cfg.data.batch_size
+
+    def gather(block: torch.Tensor) -> torch.Tensor:
+        if world == 1:
+            return block
+        block = block.to(device)
+        parts = [torch.empty_like(block) for _ in range(world)]
+        dist.all_gather(parts, block)
+        return torch.cat(parts).cpu()
+
+    def unit_grad(indices: list[int]) -> torch.Tensor:
+        views, y = zip(*(train_set[i] for i in indices))
+        batch = [torch.stack([v[j] for v in views]).to(device) for j in range(len(views[0]))]
+        return objective.rcs_unit_gradient(batch, torch.tensor(y, device=device)).cpu()
+
+    def rd_grad() -> R.RDGradient:
+        a_nat, a_adv = R.rd_features(objective.rcs_head_in, objective.rcs_last_layer(), val, m.attack(), device=device)
+        return R.RDGradient(a_nat, a_adv, objective.rcs_last_layer())
+
+    def select(epoch: int) -> list[int]:
+        on_core, now = R.coreset_epochs(epoch, m.rcs_warmup_epochs, m.rcs_interval_epochs)
+        if not on_core:
+            return None
+        last = epoch if now else m.rcs_warmup_epochs + (epoch - m.rcs_warmup_epochs) // m.rcs_interval_epochs * m.rcs_interval_epochs
+        path = folder / f"coreset_epoch_{last:05d}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["indices"]
+        tic = time.perf_counter()
+        torch.manual_seed(t.seed * 1_000_003 + last)  # the same attack starts on every worker
+        lr = m.rcs_lr or cfg.optim.lr
+        indices = R.select_coreset(unit_grad, rd_grad, n, fraction=m.rcs_fraction, unit=unit, lr=lr, seed=t.seed * 7_919 + last,
+                                   rank=rank, world=world, gather=gather)
+        if world > 1:  # rank 0's choice, bit for bit, everywhere
+            chosen = torch.tensor(indices, device=device)
+            dist.broadcast(chosen, 0)
+            indices = chosen.cpu().tolist()
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"epoch": last, "fraction": m.rcs_fraction, "unit": unit, "indices": indices}))
+            tmp.replace(path)
+            took = time.perf_counter() - tic
+            say(f"[rayrcm] RCS: epoch {last}: coreset of {len(indices)}/{n} samples selected in {took:.1f} s")
+            if logger is not None:
+                logger.log(last, {"rcs_coreset_size": float(len(indices)), "rcs_select_seconds": took})
+        if world > 1:
+            dist.barrier()
+        return indices
+
+    return select
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -165,19 +236,30 @@ def train_worker(config: dict[str, Any]) -> None:
             _inject_fault(t.storage_path, cfg.job_name, step)
 
     per_worker = cfg.data.batch_size // world
-    per_epoch = (len(train_set) // world) // per_worker
-    epochs = -(-t.steps // max(per_epoch, 1))
+    n_train = len(train_set)
 
-    def on_epoch(epoch: int) -> None:
+    def epoch_samples(epoch: int) -> int:
+        return cfg.method.epoch_samples(epoch, n_train)
+
+    epochs, covered = 0, 0
+    while covered < t.steps:
+        covered += max((epoch_samples(epochs) // world) // per_worker, 1)
+        epochs += 1
+    rcs = _coreset_selector(cfg, objective, train_set, splits, device, rank, world, logger) \
+        if getattr(cfg.method, "rcs_fraction", 1.0) < 1.0 else None
+
+    def on_epoch(epoch: int) -> list[int] | None:
         settings = objective.on_epoch(epoch, epochs)
         if "augmentation_strength" in settings:
             for tf in train_set.transforms:
                 if hasattr(tf, "strength"):
                     tf.strength = settings["augmentation_strength"]
         if settings and logger is not None:
-            logger.log(epoch * per_epoch, {f"epoch_{k}": v for k, v in settings.items()})
+            logger.log(epoch, {f"epoch_{k}": v for k, v in settings.items()})
+        return rcs(epoch) if rcs is not None else None
 
-    batches = batches_from(train_set, per_worker, rank, world, t.seed, start, cfg.data.num_workers, on_epoch=on_epoch)
+    batches = batches_from(train_set, per_worker, rank, world, t.seed, start, cfg.data.num_workers, on_epoch=on_epoch,
+                           epoch_samples=epoch_samples)
     loop = Loop(model, objective, optimizer, scheduler, device, t.precision, cfg.optim.grad_clip, scaler)
     metrics = run_steps(loop, batches, start=start, total=t.steps, seed=t.seed, rank=rank, batch_size=cfg.data.batch_size,
                         log_every=t.log_every, checkpoint_every=t.checkpoint_every, on_log=on_log,

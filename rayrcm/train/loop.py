@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,24 +25,40 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed: int, start_step: int, num_workers: int = 0,
-                 on_epoch: Callable[[int], None] | None = None) -> Iterator:
+                 on_epoch: Callable[[int], Sequence[int] | None] | None = None,
+                 epoch_samples: Callable[[int], int] | None = None) -> Iterator:
     """Infinite per-worker batches, skipping the first ``start_step`` of them without loading them.
 
-    Epoch ``e`` permutes the dataset with seed ``(seed, e)`` and gives rank ``r`` every
-    ``world``-th index from ``r`` (DistributedSampler's split); the last partial batch is dropped.
-    ``on_epoch(e)`` runs before epoch ``e``'s loader starts (also for the epoch a resume lands in),
-    so per-epoch settings (DynACL's augmentation strength) reach the loader's workers.
+    Epoch ``e`` permutes its pool with seed ``(seed, e)`` and gives rank ``r`` every ``world``-th
+    index from ``r`` (DistributedSampler's split); the last partial batch is dropped. The pool is
+    the whole dataset, or the indices ``on_epoch(e)`` returns (a coreset); ``on_epoch`` runs before
+    epoch ``e``'s loader starts (also for the epoch a resume lands in), so per-epoch settings
+    (DynACL's augmentation strength) reach the loader's workers. ``epoch_samples(e)`` is the pool
+    size of epoch ``e``, known in advance so a resume finds its epoch without building pools.
     """
     n = len(dataset)  # type: ignore[arg-type]
-    per_epoch = (n // world) // per_worker
-    if per_epoch < 1:
+    size = epoch_samples or (lambda e: n)
+
+    def steps_in(e: int) -> int:
+        return (size(e) // world) // per_worker
+
+    if steps_in(0) < 1:
         raise ValueError(f"dataset of {n} samples is too small for {world} workers x batch {per_worker}")
-    epoch, skip = divmod(start_step, per_epoch)
+    epoch, skip = 0, start_step
+    while skip >= steps_in(epoch):
+        skip -= steps_in(epoch)
+        epoch += 1
     while True:
+        pool = on_epoch(epoch) if on_epoch is not None else None
+        per_epoch = steps_in(epoch)
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g)[rank::world][: per_epoch * per_worker].tolist()
-        if on_epoch is not None:
-            on_epoch(epoch)
+        if pool is None:
+            order = torch.randperm(n, generator=g)[rank::world][: per_epoch * per_worker].tolist()
+        else:
+            pool = list(pool)
+            if len(pool) != size(epoch):
+                raise ValueError(f"epoch {epoch}: pool of {len(pool)} samples, expected {size(epoch)}")
+            order = [pool[i] for i in torch.randperm(len(pool), generator=g)[rank::world][: per_epoch * per_worker].tolist()]
         loader = DataLoader(dataset, batch_size=per_worker, sampler=order[skip * per_worker:],
                             num_workers=num_workers, generator=torch.Generator().manual_seed(epoch),
                             persistent_workers=False, drop_last=True)

@@ -1,0 +1,137 @@
+"""Shared by the adversarial contrastive recipes (seed 001): the authors' command-line values turned
+into rayrcm configs, and the stage command line.
+
+Pretraining (``pretraining.py`` of github.com/GodXuxilie/Enhancing_ACL_via_AIR and
+``DynACL_RCS.py`` of github.com/GodXuxilie/Efficient_ACL_via_RCS), every method on ResNet-18:
+batch 512, 1000 epochs, LARS lr 5.0 with weight decay 1e-6 and a per-step cosine, temperature 0.5,
+contrastive PGD with 5 steps of ``eps / 4`` in the L-inf ball ``eps = 8/255``, dual BatchNorm
+(``--ACL_DS``), and the SimCLR augmentation at DynACL's strength (``--DynAug``). The seed's
+commands:
+
+* CL:  ``--pgd_iter 0 --lambda1 0 --lambda2 0``  -> ``method.name=simclr``
+* ACL: ``--DynAug --lambda1 0 --lambda2 0``      -> ``acl`` with DynACL's schedule
+* AIR: ``--DynAug`` (lambda1 = lambda2 = 0.5)    -> ``air``
+* ACL + RCS: ``DynACL_RCS.py --ACL_DS --fraction 0.2`` -> ``acl`` + ``method.rcs_fraction=0.2``
+  (warm-up 100 epochs, a new coreset every 20; ``--fraction 0.05`` on ImageNet-32)
+
+Fine-tuning (``finetuning.py --mode ALL``, ``setup_hyperparameter`` for DynACL-pretrained models,
+CIFAR-100 downstream): SGD momentum 0.9, weight decay 2e-4, 25 epochs, lr x 0.1 at the milestones;
+SLF and ALF batch 512, lr 0.05, milestones 10 and 20 (CIFAR-10: lr 0.01); AFF (TRADES, beta 6) batch
+128, lr 0.1, milestones 15 and 20; attacks L-inf 8/255, step 2/255, 10 steps in training, 20 in
+evaluation, then AutoAttack. The encoder keeps the adversarial BatchNorm branch (``bnNameCnt=1``).
+The authors evaluate the last epoch; so do we (no validation split is held out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
+from rayrcm.errors import ConfigError
+
+METHODS = ("cl", "acl", "air", "acl_rcs")
+MODES = ("slf", "alf", "aff")
+PRETRAIN_COMMON = {"batch_size": 512, "epochs": 1000, "optimizer": "lars", "lr": 5.0, "weight_decay": 1e-6, "eps": 8,
+                   "pgd_iter": 5, "temperature": 0.5}
+PRETRAIN = {
+    "cl": {"pgd_iter": 0, "lambda1": 0.0, "lambda2": 0.0, "DynAug": False},
+    "acl": {"DynAug": True, "lambda1": 0.0, "lambda2": 0.0},
+    "air": {"DynAug": True, "lambda1": 0.5, "lambda2": 0.5},
+    "acl_rcs": {"DynAug": True, "lambda1": 0.0, "lambda2": 0.0, "fraction": 0.2, "warmup": 100, "interval": 20},
+}
+FINETUNE = {  # CIFAR-100 downstream, DynACL-family pretraining
+    "slf": {"batch_size": 512, "lr": 0.05, "epochs": 25, "decreasing_lr": (10, 20)},
+    "alf": {"batch_size": 512, "lr": 0.05, "epochs": 25, "decreasing_lr": (10, 20)},
+    "aff": {"batch_size": 128, "lr": 0.1, "epochs": 25, "decreasing_lr": (15, 20)},
+}
+FINETUNE_COMMON = {"momentum": 0.9, "weight_decay": 2e-4, "epsilon": 8, "step_size": 2, "num_steps_train": 10,
+                   "num_steps_test": 20, "beta": 6.0}
+
+
+def pretrain_tree(method: str, cmd: dict[str, Any], *, data: dict[str, Any], encoder: str, register_as: str,
+                  experiment: str, workers: int, use_gpu: bool = True) -> dict[str, Any]:
+    """A config tree from one of the seed's pretraining commands (``cmd`` = common values + flags)."""
+    name = {"cl": "simclr", "acl": "acl", "air": "air", "acl_rcs": "acl"}[method]
+    m: dict[str, Any] = {"name": name, "temperature": cmd["temperature"]}
+    if name != "simclr":
+        m.update(eps=cmd["eps"] / 255, step_size=cmd["eps"] / 4 / 255, pgd_steps=cmd["pgd_iter"], dual_bn=True,
+                 export_bn="adv", dynamic=cmd["DynAug"], weight=0.0)
+    if name == "air":
+        m.update(lambda1=cmd["lambda1"], lambda2=cmd["lambda2"])
+    if "fraction" in cmd:
+        m.update(rcs_fraction=cmd["fraction"], rcs_warmup_epochs=cmd["warmup"], rcs_interval_epochs=cmd["interval"])
+    return {
+        "data": {**data, "augmentation": "simclr", "batch_size": cmd["batch_size"]},
+        "model": {"encoder": encoder, "proj_hidden_dim": 512, "proj_dim": 512},
+        "method": m,
+        "optim": {"name": cmd["optimizer"], "lr": cmd["lr"], "weight_decay": cmd["weight_decay"]},
+        "train": {"name": f"{register_as}-{method}", "epochs": cmd["epochs"], "workers": workers, "use_gpu": use_gpu,
+                  "checkpoint_epochs": cmd.get("checkpoint_epochs", 100), "log_every": cmd.get("log_every", 50)},
+        "tracking": {"experiment": experiment, "register_as": register_as, "alias": method.replace("_", "-")},
+    }
+
+
+def finetune_tree(mode: str, cmd: dict[str, Any], common: dict[str, Any], *, init_from: str, data: dict[str, Any],
+                  encoder: str, name: str, experiment: str, workers: int, use_gpu: bool = True,
+                  eval_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config tree for one fine-tuning mode from the authors' ``finetuning.py`` settings."""
+    return {
+        "data": {**data, "batch_size": cmd["batch_size"], "val_fraction": 0.0},
+        "model": {"encoder": encoder, "init_from": init_from},
+        "method": {"name": "adv_finetune", "mode": mode, "eps": common["epsilon"] / 255, "step_size": common["step_size"] / 255,
+                   "pgd_steps": common["num_steps_train"], "beta": common["beta"], "eval_pgd_steps": common["num_steps_test"],
+                   **(eval_extra or {})},
+        "optim": {"name": "sgd", "lr": cmd["lr"], "momentum": common["momentum"], "weight_decay": common["weight_decay"],
+                  "schedule": "step", "milestone_epochs": list(cmd["decreasing_lr"]), "gamma": 0.1},
+        "train": {"name": f"{name}-{mode}", "epochs": cmd["epochs"], "workers": workers, "use_gpu": use_gpu,
+                  "eval_sigmas": (0.25,), "checkpoint_epochs": cmd.get("checkpoint_epochs", 5),
+                  "log_every": cmd.get("log_every", 50)},
+        "tracking": {"experiment": experiment},
+    }
+
+
+def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
+               finetune: Callable[[str, str, str | None], ExperimentConfig]) -> None:
+    """``pretrain --method M``; ``finetune --mode slf|alf|aff|all --method M [--from REF]``;
+    ``--set key=value`` overrides (every fine-tuning mode gets them) and ``--dry-run``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["pretrain", "finetune"])
+    p.add_argument("--method", default="air", choices=METHODS, help="pretraining method (default air)")
+    p.add_argument("--mode", default="all", choices=[*MODES, "all"], help="finetune: SLF, ALF, AFF or all three in sequence")
+    p.add_argument("--from", dest="init_from", help="finetune: the pretrained encoder (default: the registry alias of --method)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config(s) and exit")
+    args = p.parse_args(argv)
+    try:
+        if args.stage == "pretrain":
+            cfg = validate(apply_overrides(pretrain(args.method), args.overrides), check_paths=not args.dry_run)
+            if args.dry_run:
+                print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+                return
+            from rayrcm.orchestration.trainer import fit
+
+            result = fit(cfg)
+            print(f"[rayrcm] pretrain done: run {result.run_id}, model {result.model.get('alias_uri') or result.model_file}")
+            return
+        modes = MODES if args.mode == "all" else (args.mode,)
+        cfgs = {m: validate(apply_overrides(finetune(m, args.method, args.init_from), args.overrides),
+                            check_paths=not args.dry_run) for m in modes}
+        if args.dry_run:
+            print(yaml.safe_dump({m: to_dict(c) for m, c in cfgs.items()}, sort_keys=False), end="")
+            return
+        from rayrcm.orchestration.transfer import run_all
+
+        name = cfgs[modes[0]].train.name.rsplit("-", 1)[0]
+        run_all(cfgs, name=name)
+    except ConfigError as err:
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["FINETUNE", "FINETUNE_COMMON", "METHODS", "MODES", "PRETRAIN", "PRETRAIN_COMMON", "finetune_tree", "from_dict",
+           "pretrain_tree", "stage_main"]
