@@ -7,7 +7,7 @@ import sys
 
 PURE = ["rayrcm.config", "rayrcm.data", "rayrcm.models", "rayrcm.objectives", "rayrcm.train.loop",
         "rayrcm.train.optim", "rayrcm.train.checkpoint", "rayrcm.eval.accuracy", "rayrcm.quickstart",
-        "rayrcm.certify", "rayrcm.analysis", "rayrcm.attacks", "rayrcm.eval.robust"]
+        "rayrcm.certify", "rayrcm.analysis", "rayrcm.attacks", "rayrcm.eval.robust", "rayrcm.train.rcs"]
 
 
 def test_pure_modules_do_not_load_ray_or_mlflow():
