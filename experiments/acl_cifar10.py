@@ -13,7 +13,15 @@ cluster: ``ray job submit --working-dir . -- python experiments/acl_cifar10.py p
 
 from __future__ import annotations
 
-from _acl_seed import FINETUNE, FINETUNE_COMMON, PRETRAIN, PRETRAIN_COMMON, finetune_tree, pretrain_tree, stage_main
+from _acl_seed import (
+    FINETUNE,
+    FINETUNE_COMMON,
+    PRETRAIN,
+    PRETRAIN_COMMON,
+    finetune_tree,
+    pretrain_tree,
+    stage_main,
+)
 
 from rayrcm.config import ExperimentConfig, from_dict
 

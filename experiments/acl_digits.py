@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import sys
 
-from _acl_seed import FINETUNE, FINETUNE_COMMON, PRETRAIN, PRETRAIN_COMMON, finetune_tree, pretrain_tree, stage_main
+from _acl_seed import (
+    FINETUNE,
+    FINETUNE_COMMON,
+    PRETRAIN,
+    PRETRAIN_COMMON,
+    finetune_tree,
+    pretrain_tree,
+    stage_main,
+)
 
 from rayrcm.config import ExperimentConfig, from_dict
 

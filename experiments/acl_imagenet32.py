@@ -12,7 +12,15 @@ coreset every 10 epochs on ImageNet-32). Fine-tuning to CIFAR-10 uses the author
 
 from __future__ import annotations
 
-from _acl_seed import FINETUNE, FINETUNE_COMMON, PRETRAIN, PRETRAIN_COMMON, finetune_tree, pretrain_tree, stage_main
+from _acl_seed import (
+    FINETUNE,
+    FINETUNE_COMMON,
+    PRETRAIN,
+    PRETRAIN_COMMON,
+    finetune_tree,
+    pretrain_tree,
+    stage_main,
+)
 
 from rayrcm.config import ExperimentConfig, from_dict
 

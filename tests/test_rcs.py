@@ -12,8 +12,8 @@ from torch import nn
 
 from rayrcm.config import ExperimentConfig, apply_overrides, resolve_epochs, validate
 from rayrcm.errors import ConfigError
-from rayrcm.train.rcs import RDGradient, coreset_size, greedy_select, select_coreset
 from rayrcm.train.loop import batches_from
+from rayrcm.train.rcs import RDGradient, coreset_size, greedy_select, select_coreset
 
 
 def _toy(n=60, p=12, seed=0):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from rayrcm.attacks import NORMS, PGDConfig, autoattack_robust, pgd_ce
+from rayrcm.attacks import PGDConfig, autoattack_robust, pgd_ce
 from rayrcm.errors import ConfigError
 
 
@@ -39,10 +39,7 @@ class RobustEvalConfig:
     batch_size: int = 256
 
     def validate(self, key: str = "method.eval") -> RobustEvalConfig:
-        if self.norm not in NORMS:
-            raise ConfigError(f"{key}_norm", self.norm, f"choose one of: {', '.join(NORMS)}")
-        if self.eps < 0:
-            raise ConfigError(f"{key}_eps", self.eps, "must be >= 0 (pixel units, data in [0, 1])")
+        PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps).validate(key)
         if self.pgd_steps < 1 or self.aa_iters < 1 or self.aa_targets < 1:
             raise ConfigError(f"{key}_pgd_steps", self.pgd_steps, "steps, iterations and targets must be >= 1")
         if self.max_images < 0:

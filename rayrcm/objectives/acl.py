@@ -38,7 +38,14 @@ from torch import nn
 
 from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd
 from rayrcm.errors import ConfigError
-from rayrcm.models import BNProjectionHead, Normalize, bn_route, build_encoder, convert_dual_bn, single_bn_state
+from rayrcm.models import (
+    BNProjectionHead,
+    Normalize,
+    bn_route,
+    build_encoder,
+    convert_dual_bn,
+    single_bn_state,
+)
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import nt_xent
 
