@@ -131,3 +131,43 @@ def test_epochs_become_steps_and_a_longer_schedule_cuts_the_cosine_short():
     import math
 
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 450 / 1450)), rel=1e-6)
+
+
+# seed 001: the authors' pretraining flags per method: (method.name, pgd steps, dynamic, lambda1, lambda2, rcs fraction)
+SEED_ACL = {"cl": ("simclr", None, None, None, None, 1.0), "acl": ("acl", 5, True, None, None, 1.0),
+            "air": ("air", 5, True, 0.5, 0.5, 1.0), "acl_rcs": ("acl", 5, True, None, None, 0.2)}
+# finetuning.py on CIFAR-100 after DynACL-family pretraining: batch, lr, epochs, milestones
+SEED_ACL_FT = {"slf": (512, 0.05, 25, (10, 20)), "alf": (512, 0.05, 25, (10, 20)), "aff": (128, 0.1, 25, (15, 20))}
+
+
+@pytest.mark.parametrize("method", sorted(SEED_ACL))
+def test_acl_cifar10_pretraining_matches_the_seed(method):
+    name, steps, dynamic, l1, l2, fraction = SEED_ACL[method]
+    cfg = validate(_load("acl_cifar10").pretrain_config(method), check_paths=False)
+    m = cfg.method
+    assert (m.name, cfg.model.encoder, cfg.data.batch_size, cfg.train.epochs) == (name, "resnet18", 512, 1000)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, m.temperature) == ("lars", 5.0, 1e-6, 0.5)
+    assert cfg.data.augmentation == "simclr" and cfg.data.hflip
+    if steps is not None:
+        assert (m.pgd_steps, m.eps, m.step_size, m.dynamic, m.dual_bn, m.export_bn) == (steps, 8 / 255, 2 / 255, dynamic, True, "adv")
+    if l1 is not None:
+        assert (m.lambda1, m.lambda2) == (l1, l2)
+    assert getattr(m, "rcs_fraction", 1.0) == fraction
+    if fraction < 1:
+        assert (m.rcs_warmup_epochs, m.rcs_interval_epochs) == (100, 20)
+
+
+@pytest.mark.parametrize("mode", sorted(SEED_ACL_FT))
+def test_acl_transfer_to_cifar100_matches_the_seed(mode):
+    batch, lr, epochs, milestones = SEED_ACL_FT[mode]
+    cfg = validate(_load("acl_cifar10").finetune_config(mode, "air"), check_paths=False)
+    assert (cfg.data.name, cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs) == ("cifar100", batch, lr, epochs)
+    assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.schedule) == ("sgd", 0.9, 2e-4, "step")
+    assert cfg.optim.milestone_epochs == milestones and cfg.model.init_from == "models:/acl-cifar10@air"
+    m = cfg.method
+    assert (m.mode, m.eps, m.step_size, m.pgd_steps, m.beta, m.eval_pgd_steps) == (mode, 8 / 255, 2 / 255, 10, 6.0, 20)
+
+
+def test_acl_imagenet32_uses_wrn_and_fraction_005():
+    cfg = validate(_load("acl_imagenet32").pretrain_config("acl_rcs"), check_paths=False)
+    assert (cfg.model.encoder, cfg.method.rcs_fraction, cfg.data.image_size) == ("wrn28_10", 0.05, 32)

@@ -95,7 +95,7 @@ def _coreset_selector(cfg: Any, objective: Any, train_set: Any, splits: Any, dev
         a_nat, a_adv = R.rd_features(objective.rcs_head_in, objective.rcs_last_layer(), val, m.attack(), device=device)
         return R.RDGradient(a_nat, a_adv, objective.rcs_last_layer())
 
-    def select(epoch: int) -> list[int]:
+    def select(epoch: int) -> list[int] | None:
         on_core, now = R.coreset_epochs(epoch, m.rcs_warmup_epochs, m.rcs_interval_epochs)
         if not on_core:
             return None
