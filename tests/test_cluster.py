@@ -214,9 +214,18 @@ def job_cluster(tmp_path_factory):
 
 
 def _submit(c: dict, *entrypoint: str) -> str:
+    """Submit; a loaded machine may start the head's job agent after the dashboard answers, and Ray
+    then asks the client to try again later, which is what a user would do."""
     sub_id = f"rayrcm-test-{int(time.time() * 1000)}"
-    _run([str(BIN / "ray"), "job", "submit", "--address", c["address"], "--working-dir", ".", "--submission-id", sub_id,
-          "--no-wait", "--", *entrypoint], c["env"])
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", c["address"], "--working-dir", ".", "--submission-id", sub_id,
+           "--no-wait", "--", *entrypoint]
+    for _ in range(12):
+        proc = _run(cmd, c["env"], check=False)
+        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
+    if proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return sub_id
 
 
