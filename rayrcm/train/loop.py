@@ -40,10 +40,12 @@ def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed:
     size = epoch_samples or (lambda e: n)
 
     def steps_in(e: int) -> int:
-        return (size(e) // world) // per_worker
+        steps = (size(e) // world) // per_worker
+        if steps < 1:
+            raise ValueError(f"epoch {e} trains on {size(e)} samples, too few for {world} workers x batch {per_worker}")
+        return steps
 
-    if steps_in(0) < 1:
-        raise ValueError(f"dataset of {n} samples is too small for {world} workers x batch {per_worker}")
+    steps_in(0)
     epoch, skip = 0, start_step
     while skip >= steps_in(epoch):
         skip -= steps_in(epoch)
