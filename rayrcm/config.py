@@ -362,14 +362,11 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
     """
     per_epoch = max(1, train_images // cfg.data.batch_size)
     t, o = cfg.train, cfg.optim
-    if t.epochs > 0:
-        t = replace(t, steps=max(1, int(-(-t.epochs * per_epoch // 1))))
-        if any(cfg.method.epoch_samples(e, train_images) != train_images for e in range(int(math.ceil(t.epochs)))):
-            # a coreset method (RCS): epochs after the warm-up are shorter
-            sizes = [max(1, cfg.method.epoch_samples(e, train_images) // cfg.data.batch_size) for e in range(int(math.ceil(t.epochs)))]
-            whole = int(t.epochs)
-            steps = sum(sizes[:whole]) + (int(math.ceil((t.epochs - whole) * sizes[whole])) if whole < len(sizes) else 0)
-            t = replace(t, steps=max(1, steps))
+    if t.epochs > 0:  # per-epoch sizes from the method: a coreset method (RCS) has shorter epochs after its warm-up
+        sizes = [max(1, cfg.method.epoch_samples(e, train_images) // cfg.data.batch_size) for e in range(math.ceil(t.epochs))]
+        whole = int(t.epochs)
+        steps = sum(sizes[:whole]) + (math.ceil((t.epochs - whole) * sizes[whole]) if whole < len(sizes) else 0)
+        t = replace(t, steps=max(1, steps))
     if t.checkpoint_epochs > 0:
         t = replace(t, checkpoint_every=max(1, int(round(t.checkpoint_epochs * per_epoch))))
     if o.warmup_epochs > 0:

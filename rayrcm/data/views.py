@@ -87,7 +87,7 @@ class StrengthAugment:
         return self._built[1]
 
     def __call__(self, image: Any) -> torch.Tensor:
-        return self.pipeline()(image).clamp(0.0, 1.0)
+        return self.pipeline()(image)
 
 
 def data_transform(kind: str, cfg: DataConfig, *, large: bool) -> Any:

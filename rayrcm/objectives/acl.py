@@ -110,9 +110,9 @@ class ACLConfig(MethodConfig):
             raise ConfigError("method.norm", self.norm, f"choose one of: {', '.join(NORMS)}")
         if self.export_bn not in ("nat", "adv"):
             raise ConfigError("method.export_bn", self.export_bn, "choose one of: nat, adv")
-        PGDConfig(self.norm, self.eps, self.step_size, max(self.pgd_steps, 0), self.random_start).validate("method")
         if self.pgd_steps < 0:
             raise ConfigError("method.pgd_steps", self.pgd_steps, "must be >= 0 (0 = no attack)")
+        self.attack().validate("method")
         if not 0 < self.rcs_fraction <= 1:
             raise ConfigError("method.rcs_fraction", self.rcs_fraction, "must be in (0, 1] (1 = no coreset)")
         for key in ("rcs_warmup_epochs", "rcs_unit", "rcs_val_images"):
@@ -122,6 +122,8 @@ class ACLConfig(MethodConfig):
             raise ConfigError("method.rcs_interval_epochs", self.rcs_interval_epochs, "must be >= 1")
         if self.rcs_lr < 0:
             raise ConfigError("method.rcs_lr", self.rcs_lr, "must be >= 0 (0 = optim.lr)")
+        if self.rcs_fraction < 1 and cfg.data.val_fraction <= 0:
+            raise ConfigError("data.val_fraction", cfg.data.val_fraction, "RCS needs an unlabeled validation split (> 0)")
 
 
 class ACLObjective(Objective):

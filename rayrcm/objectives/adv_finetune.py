@@ -89,25 +89,23 @@ class AdvFinetuneObjective(Objective):
 
     def forward(self, views: list[torch.Tensor], target: torch.Tensor, step: int) -> LossOutput:
         x, cfg, clf = views[0], self.cfg, self.classifier
+        was_training = self.training
         metrics: dict[str, torch.Tensor] = {}
         if cfg.mode == "slf":
             logits = clf(x)
             loss = F.cross_entropy(logits.float(), target)
-        elif cfg.mode == "alf":
-            clf.eval()
-            x_adv = pgd_ce(clf, x, target, cfg.attack())
-            logits = clf(x_adv)
+        elif cfg.mode == "alf":  # the classifier is in eval mode anyway (frozen encoder, linear head)
+            logits = clf(pgd_ce(clf, x, target, cfg.attack()))
             loss = F.cross_entropy(logits.float(), target)
         else:
             clf.eval()
             x_adv = pgd_kl(clf, x, cfg.attack())
-            self.train(True)
+            self.train(was_training)
             logits, logits_adv = clf(x), clf(x_adv)  # two passes, as the TRADES code (separate BN batches)
             natural = F.cross_entropy(logits.float(), target)
             robust = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits.float(), 1), reduction="batchmean")
             loss = natural + cfg.beta * robust
             metrics.update(trades_natural=natural.detach(), trades_kl=robust.detach())
-        self.train(True)
         metrics["train_acc"] = (logits.argmax(1) == target).float().mean().detach()
         return LossOutput(loss, metrics)
 

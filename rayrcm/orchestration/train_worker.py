@@ -57,75 +57,48 @@ def say(message: str) -> None:
     print(message, file=sys.__stdout__, flush=True)
 
 
-def _coreset_selector(cfg: Any, objective: Any, train_set: Any, splits: Any, device: torch.device, rank: int, world: int,
+def _coreset_schedule(cfg: Any, objective: Any, train_set: Any, splits: Any, device: torch.device, rank: int, world: int,
                       logger: Any):
-    """``epoch -> coreset indices or None`` for RCS (:mod:`rayrcm.train.rcs`). Selections are kept
-    as ``coreset_epoch_<e>.json`` on the storage path, so a resumed run trains on the coreset it had."""
-    import json
-    import time
+    """RCS's ``epoch -> coreset or None`` (:class:`rayrcm.train.rcs.CoresetSchedule`) with this
+    run's collectives; rank 0 reports each selection."""
+    from rayrcm.errors import ConfigError
+    from rayrcm.train.rcs import CoresetSchedule
 
-    from rayrcm.train import rcs as R
-
-    m, t = cfg.method, cfg.train
-    folder = Path(t.storage_path) / cfg.job_name / "coreset"
-    n = len(train_set)
+    m = cfg.method
     val = MultiView(splits.val, [data_transform("none", cfg.data, large=splits.large)])
     if m.rcs_val_images:
         val = torch.utils.data.Subset(val, list(range(min(m.rcs_val_images, len(val)))))
     if len(val) == 0:
-        from rayrcm.errors import ConfigError
-
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "RCS needs an unlabeled validation split (> 0)")
-    unit = m.rcs_unit or cfg.data.batch_size
 
     def gather(block: torch.Tensor) -> torch.Tensor:
-        if world == 1:
-            return block
-        block = block.to(device)
-        parts = [torch.empty_like(block) for _ in range(world)]
-        dist.all_gather(parts, block)
+        parts = [torch.empty_like(block.to(device)) for _ in range(world)]
+        dist.all_gather(parts, block.to(device))
         return torch.cat(parts).cpu()
 
-    def unit_grad(indices: list[int]) -> torch.Tensor:
-        views, y = zip(*(train_set[i] for i in indices))
-        batch = [torch.stack([v[j] for v in views]).to(device) for j in range(len(views[0]))]
-        return objective.rcs_unit_gradient(batch, torch.tensor(y, device=device)).cpu()
+    def agree(indices: list[int]) -> list[int]:  # rank 0's choice, bit for bit, everywhere
+        chosen = torch.tensor(indices, device=device)
+        dist.broadcast(chosen, 0)
+        return chosen.cpu().tolist()
 
-    def rd_grad() -> R.RDGradient:
-        a_nat, a_adv = R.rd_features(objective.rcs_head_in, objective.rcs_last_layer(), val, m.attack(), device=device)
-        return R.RDGradient(a_nat, a_adv, objective.rcs_last_layer())
+    schedule = CoresetSchedule(objective, m, train_set, val, Path(cfg.train.storage_path) / cfg.job_name / "coreset",
+                               unit=m.rcs_unit or cfg.data.batch_size, lr=m.rcs_lr or cfg.optim.lr, seed=cfg.train.seed,
+                               device=device, rank=rank, world=world,
+                               **({"gather": gather, "agree": agree} if world > 1 else {}))
 
-    def select(epoch: int) -> list[int] | None:
-        on_core, now = R.coreset_epochs(epoch, m.rcs_warmup_epochs, m.rcs_interval_epochs)
-        if not on_core:
-            return None
-        last = epoch if now else m.rcs_warmup_epochs + (epoch - m.rcs_warmup_epochs) // m.rcs_interval_epochs * m.rcs_interval_epochs
-        path = folder / f"coreset_epoch_{last:05d}.json"
-        if path.is_file():
-            return json.loads(path.read_text())["indices"]
-        tic = time.perf_counter()
-        torch.manual_seed(t.seed * 1_000_003 + last)  # the same attack starts on every worker
-        lr = m.rcs_lr or cfg.optim.lr
-        indices = R.select_coreset(unit_grad, rd_grad, n, fraction=m.rcs_fraction, unit=unit, lr=lr, seed=t.seed * 7_919 + last,
-                                   rank=rank, world=world, gather=gather)
-        if world > 1:  # rank 0's choice, bit for bit, everywhere
-            chosen = torch.tensor(indices, device=device)
-            dist.broadcast(chosen, 0)
-            indices = chosen.cpu().tolist()
-        if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"epoch": last, "fraction": m.rcs_fraction, "unit": unit, "indices": indices}))
-            tmp.replace(path)
-            took = time.perf_counter() - tic
-            say(f"[rayrcm] RCS: epoch {last}: coreset of {len(indices)}/{n} samples selected in {took:.1f} s")
-            if logger is not None:
-                logger.log(last, {"rcs_coreset_size": float(len(indices)), "rcs_select_seconds": took})
-        if world > 1:
-            dist.barrier()
+    def coreset(epoch: int) -> list[int] | None:
+        indices = schedule(epoch)
+        if schedule.selected is not None:
+            at, took = schedule.selected
+            if rank == 0:
+                say(f"[rayrcm] RCS: epoch {at}: coreset of {len(indices)}/{len(train_set)} samples selected in {took:.1f} s")
+                if logger is not None:
+                    logger.log(at, {"rcs_coreset_size": float(len(indices)), "rcs_select_seconds": took})
+            if world > 1:
+                dist.barrier()  # rank 0 has written the file
         return indices
 
-    return select
+    return coreset
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -245,7 +218,7 @@ def train_worker(config: dict[str, Any]) -> None:
     while covered < t.steps:
         covered += max((epoch_samples(epochs) // world) // per_worker, 1)
         epochs += 1
-    rcs = _coreset_selector(cfg, objective, train_set, splits, device, rank, world, logger) \
+    rcs = _coreset_schedule(cfg, objective, train_set, splits, device, rank, world, logger) \
         if getattr(cfg.method, "rcs_fraction", 1.0) < 1.0 else None
 
     def on_epoch(epoch: int) -> list[int] | None:

@@ -73,13 +73,8 @@ def run_all(configs: dict[str, ExperimentConfig], *, name: str, ray_init: dict[s
 
 
 def _log_table(uri: str, parent: str, rows: dict[str, dict[str, float]], text: str) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    client = tracking._client(uri)
-    now = int(time.time() * 1000)
-    client.log_batch(parent, metrics=[Metric(f"{m}_{k}", v, now, 0) for m, row in rows.items() for k, v in row.items()])
+    logger = tracking.MetricLogger(uri, parent)
+    logger.log(0, {f"{m}_{k}": v for m, row in rows.items() for k, v in row.items()})
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "robustness.md").write_text(text)
         with open(Path(d) / "robustness.csv", "w", newline="") as f:
@@ -87,5 +82,5 @@ def _log_table(uri: str, parent: str, rows: dict[str, dict[str, float]], text: s
             w.writerow(["mode", *(k for k, _ in COLUMNS)])
             for m, row in rows.items():
                 w.writerow([m, *(row.get(k, "") for k, _ in COLUMNS)])
-        client.log_artifact(parent, str(Path(d) / "robustness.md"))
-        client.log_artifact(parent, str(Path(d) / "robustness.csv"))
+        logger.log_artifact(Path(d) / "robustness.md")
+        logger.log_artifact(Path(d) / "robustness.csv")

@@ -26,13 +26,16 @@ one process).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from rayrcm.attacks.pgd import PGDConfig, pgd
 
@@ -146,17 +149,67 @@ def select_coreset(unit_grad: Callable[[list[int]], torch.Tensor], rd_grad: Call
     return sorted(picked[:target])
 
 
-def coreset_epochs(epoch: int, warmup: int, interval: int) -> tuple[bool, bool]:
-    """``(on the coreset, select now)`` for a zero-based epoch."""
+def selection_epoch(epoch: int, warmup: int, interval: int) -> int | None:
+    """The epoch whose coreset ``epoch`` trains on (itself when it selects), or None during warm-up."""
     if epoch < warmup:
-        return False, False
-    return True, (epoch - warmup) % interval == 0
+        return None
+    return warmup + (epoch - warmup) // interval * interval
+
+
+class CoresetSchedule:
+    """``schedule(epoch)`` -> the coreset indices epoch ``epoch`` trains on, or None (warm-up).
+
+    A method (:class:`~rayrcm.objectives.acl.ACLObjective`) provides ``rcs_unit_gradient``,
+    ``rcs_head_in`` and ``rcs_last_layer``; ``cfg`` its config (``rcs_*`` fields, ``attack()``).
+    Each selection is kept as ``<folder>/coreset_epoch_<e>.json`` (rank 0 writes it), so a resumed
+    run trains on the coreset it had. Collectives are passed in: ``gather`` (see
+    :func:`select_coreset`) and ``agree(indices) -> indices`` (rank 0's choice everywhere).
+    """
+
+    def __init__(self, objective: nn.Module, cfg: object, train_set: Dataset, val_set: Dataset, folder: Path, *,
+                 unit: int, lr: float, seed: int, device: torch.device | str, rank: int = 0, world: int = 1,
+                 gather: Gather = lambda t: t, agree: Callable[[list[int]], list[int]] = lambda i: i) -> None:
+        self.objective, self.cfg, self.train_set, self.val_set, self.folder = objective, cfg, train_set, val_set, folder
+        self.unit, self.lr, self.seed, self.device, self.rank, self.world = unit, lr, seed, device, rank, world
+        self.gather, self.agree = gather, agree
+        self.selected: tuple[int, float] | None = None  # (epoch, seconds) of the selection the last call made
+
+    def _unit_grad(self, indices: list[int]) -> torch.Tensor:
+        views, y = zip(*(self.train_set[i] for i in indices))
+        batch = [torch.stack([v[j] for v in views]).to(self.device) for j in range(len(views[0]))]
+        return self.objective.rcs_unit_gradient(batch, torch.tensor(y, device=self.device)).cpu()
+
+    def _rd_grad(self) -> RDGradient:
+        last = self.objective.rcs_last_layer()
+        a_nat, a_adv = rd_features(self.objective.rcs_head_in, last, self.val_set, self.cfg.attack(), device=self.device)
+        return RDGradient(a_nat, a_adv, last)
+
+    def path(self, epoch: int) -> Path:
+        return self.folder / f"coreset_epoch_{epoch:05d}.json"
+
+    def __call__(self, epoch: int) -> list[int] | None:
+        cfg, self.selected = self.cfg, None
+        chosen_at = selection_epoch(epoch, cfg.rcs_warmup_epochs, cfg.rcs_interval_epochs)
+        if chosen_at is None:
+            return None
+        path = self.path(chosen_at)
+        if path.is_file():
+            return json.loads(path.read_text())["indices"]
+        tic = time.perf_counter()
+        torch.manual_seed(self.seed * 1_000_003 + chosen_at)  # the same attack starts on every worker
+        n = len(self.train_set)  # type: ignore[arg-type]
+        indices = select_coreset(self._unit_grad, self._rd_grad, n, fraction=cfg.rcs_fraction, unit=self.unit, lr=self.lr,
+                                 seed=self.seed * 7_919 + chosen_at, rank=self.rank, world=self.world, gather=self.gather)
+        indices = self.agree(indices)
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"epoch": chosen_at, "fraction": cfg.rcs_fraction, "unit": self.unit, "indices": indices}))
+            tmp.replace(path)
+        self.selected = (chosen_at, time.perf_counter() - tic)
+        return indices
 
 
 def epoch_samples(epoch: int, n: int, fraction: float, warmup: int) -> int:
     """Training samples in ``epoch``: all of them during warm-up (or with ``fraction = 1``), else the coreset's."""
     return n if fraction >= 1 or epoch < warmup else coreset_size(n, fraction)
-
-
-def subset(dataset: Dataset, indices: Sequence[int]) -> Subset:
-    return Subset(dataset, list(indices))
