@@ -17,7 +17,7 @@ from rayrcm.config import ExperimentConfig, apply_overrides, validate
 from rayrcm.errors import ConfigError
 from rayrcm.eval.robust import RobustEvalConfig, check_protocol, robust_counts
 from rayrcm.models import DualBatchNorm, bn_route, build_encoder, convert_dual_bn, single_bn_state
-from rayrcm.objectives import build_objective
+from rayrcm.objectives import EpochContext, build_objective
 from rayrcm.objectives.acl import acl_loss, dynacl_strength
 from rayrcm.objectives.air import air_robust, air_standard
 from rayrcm.objectives.contrastive import nt_xent
@@ -116,12 +116,12 @@ def test_air_with_zero_lambdas_equals_acl():
     assert b.metrics["air_standard"].item() > 0  # the terms are computed, only weighted by 0
 
 
-def test_dynacl_schedule_matches_the_authors():
+def test_dynacl_schedule_matches_the_authors(tmp_path):
     # authors: strength = 1 - int((epoch - 1) / 50) * 50 / epochs for 1-based epochs; weight = 2/3 (1 - strength)
     for e1 in (1, 50, 51, 100, 101, 951, 1000):
         assert dynacl_strength(e1 - 1, 1000, 50) == pytest.approx(1 - int((e1 - 1) / 50) * 50 / 1000)
     obj = build_objective(_cfg("acl", "method.dynamic=true"), 10)
-    assert obj.on_epoch(100, 1000) == {"augmentation_strength": pytest.approx(0.9)}
+    assert obj.on_epoch(100, EpochContext(1000, [], [], tmp_path)).augmentation_strength == pytest.approx(0.9)
     assert obj.weight == pytest.approx(2 / 3 * 0.1)
 
 

@@ -17,6 +17,7 @@ import torch
 from helpers import make_model
 
 from rayrcm.certify import Smoother, certify, predict
+from rayrcm.models.export import build_from_file
 from rayrcm.orchestration import certify_job, tracking
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def setup(tmp_path_factory, two_node_cluster):
     tmp = tmp_path_factory.mktemp("certify")
     model_file = make_model(tmp / "model.pt", seed=1)
     p = certify_job.prepare(_cfg(model_file, tmp / "out", "reference"))
-    model, meta = tracking.build_from_file(model_file)
+    model, meta = build_from_file(model_file)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the actors
     sm = Smoother(model, 10, sigma=0.25, batch=200, block=100, device="cpu")
@@ -75,7 +76,7 @@ def test_predict_on_two_nodes_gives_the_single_process_answers(setup):
     cfg = _cfg(model_file, tmp / "out", "predict", 3, "mode=predict", "smoothing.alpha=0.01")
     p = certify_job.prepare(cfg)  # before the run: its images are the ones still to do
     result = certify_job.run(cfg)
-    model, _ = tracking.build_from_file(model_file)
+    model, _ = build_from_file(model_file)
     torch.set_num_threads(1)
     sm = Smoother(model, 10, sigma=0.25, batch=200, block=100, device="cpu")
     by_idx = {r.idx: r for r in result.rows.itertuples()}

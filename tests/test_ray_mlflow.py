@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rayrcm.config import ExperimentConfig, apply_overrides
+from rayrcm.models.export import build_from_file
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.trainer import fit
 from rayrcm.train.checkpoint import load_model_file
@@ -57,7 +58,7 @@ def test_run_is_tracked_once_and_registered(reference, mlflow_server):
     mv = client.get_model_version_by_alias("e2e-model", "sigma-0_25")
     assert mv.run_id == result.run_id and mv.tags["sigma"] == "0.25" and mv.tags["method"] == "gaussian"
     model, meta = tracking.load_model("models:/e2e-model@sigma-0_25", mlflow_server)
-    direct, _ = tracking.build_from_file(result.model_file)
+    direct, _ = build_from_file(result.model_file)
     model.eval(), direct.eval()
     x = torch.rand(8, 3, 8, 8)
     assert torch.equal(model(x), direct(x)) and meta["stage"] == "classifier"

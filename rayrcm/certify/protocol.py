@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rayrcm.config import PRECISIONS, TrackingConfig, default_storage
+from rayrcm.sections import PRECISIONS, TrackingConfig, default_storage
 from rayrcm.errors import ConfigError
 
 MODES = ("certify", "predict")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from rayrcm.config import DataConfig
+from rayrcm.sections import DataConfig
 from rayrcm.errors import ConfigError
 from rayrcm.registry import Registry
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from rayrcm.config import DataConfig
+from rayrcm.sections import DataConfig
 
 
 def _resize(size: int, large: bool, crop_pct: float) -> list[v2.Transform]:
@@ -114,6 +114,12 @@ class MultiView(Dataset):
     def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, ...], int]:
         image, label = self.base[i]
         return tuple(t(image) for t in self.transforms), label
+
+    def set_augmentation_strength(self, strength: float) -> None:
+        """Set the strength of every :class:`StrengthAugment` view (DynACL); other views are fixed."""
+        for t in self.transforms:
+            if isinstance(t, StrengthAugment):
+                t.strength = strength
 
 
 def build_mixup(cfg: DataConfig, num_classes: int) -> Any | None:

@@ -1,1 +1,10 @@
-"""Evaluation without Ray: clean and noisy accuracy (and, later, robust and certified accuracy)."""
+"""Evaluations without Ray, one registry line each (see :mod:`rayrcm.eval.base` for the contract)."""
+
+from rayrcm.eval import accuracy, robust
+from rayrcm.eval.base import EVALUATIONS, Evaluation, build_evaluations, evaluate
+
+EVALUATIONS.register("noisy")(accuracy.NoisyAccuracy.from_config)  # clean + one noise draw at train.eval_sigmas
+EVALUATIONS.register("smoothed")(accuracy.SmoothedAccuracy.from_config)  # majority vote of train.eval_votes draws
+EVALUATIONS.register("robust")(robust.RobustAccuracy.from_config)  # SA / PGD-k / AutoAttack (APGD-CE + APGD-T)
+
+__all__ = ["EVALUATIONS", "Evaluation", "build_evaluations", "evaluate"]

@@ -14,12 +14,14 @@ one draw does) at k times the cost of one noisy pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rayrcm.data.noise import add_gaussian_noise
+from rayrcm.eval.base import Evaluation
 
 
 @torch.no_grad()
@@ -63,3 +65,47 @@ def accuracies(counts: torch.Tensor, sigmas: Sequence[float], prefix: str = "tes
         k = len(sigmas)
         out.update({f"{prefix}_smoothed_acc_sigma_{s:g}": float(counts[2 + k + i]) / total for i, s in enumerate(sigmas)})
     return out
+
+
+class NoisyAccuracy(Evaluation):
+    """``<prefix>_acc_clean`` and ``<prefix>_acc_sigma_<s>`` (one noise draw per image) at ``train.eval_sigmas``."""
+
+    def __init__(self, sigmas: Sequence[float], batch_size: int = 256) -> None:
+        self.sigmas, self.batch_size = tuple(sigmas), batch_size
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> NoisyAccuracy:
+        return cls(cfg.train.eval_sigmas)
+
+    def metric_names(self, prefix: str) -> list[str]:
+        return [f"{prefix}_acc_clean"] + [f"{prefix}_acc_sigma_{s:g}" for s in self.sigmas]
+
+    def counts(self, model, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+        return count_correct(model, dataset, self.sigmas, batch_size=self.batch_size, device=device, rank=rank, world=world,
+                             seed=seed)
+
+    def metrics(self, counts: torch.Tensor, prefix: str) -> dict[str, float]:
+        return accuracies(counts, self.sigmas, prefix)
+
+
+class SmoothedAccuracy(NoisyAccuracy):
+    """``<prefix>_smoothed_acc_sigma_<s>``: the majority vote of ``train.eval_votes`` noise draws
+    per image (a Monte Carlo estimate of the smoothed classifier's accuracy; the sweep metric)."""
+
+    def __init__(self, sigmas: Sequence[float], votes: int, batch_size: int = 256) -> None:
+        super().__init__(sigmas, batch_size)
+        self.votes = max(2, votes)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SmoothedAccuracy:
+        return cls(cfg.train.eval_sigmas, cfg.train.eval_votes)
+
+    def metric_names(self, prefix: str) -> list[str]:
+        return [f"{prefix}_smoothed_acc_sigma_{s:g}" for s in self.sigmas]
+
+    def counts(self, model, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+        return count_correct(model, dataset, self.sigmas, batch_size=self.batch_size, device=device, rank=rank, world=world,
+                             seed=seed, votes=self.votes)
+
+    def metrics(self, counts: torch.Tensor, prefix: str) -> dict[str, float]:
+        return {k: v for k, v in accuracies(counts, self.sigmas, prefix).items() if "_smoothed_" in k}

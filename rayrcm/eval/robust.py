@@ -17,6 +17,7 @@ otherwise. Images are sharded ``rank::world``; counts are summed over workers by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rayrcm.attacks import PGDConfig, autoattack_robust, pgd_ce
 from rayrcm.errors import ConfigError
+from rayrcm.eval.base import Evaluation
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,30 @@ def robust_metrics(counts: torch.Tensor, cfg: RobustEvalConfig, prefix: str = "t
         out[f"{prefix}_aa"] = float(counts[3]) / total
     out[f"{prefix}_robust_images"] = float(total)
     return out
+
+
+class RobustAccuracy(Evaluation):
+    """``<prefix>_sa``, ``<prefix>_pgd<k>``, ``<prefix>_aa`` (and ``<prefix>_robust_images``) with the
+    method's attack budget (``MethodConfig.robust_eval()``), else the seed's L-inf 8/255 protocol."""
+
+    def __init__(self, cfg: RobustEvalConfig) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RobustAccuracy:
+        return cls(cfg.method.robust_eval() or RobustEvalConfig())
+
+    def metric_names(self, prefix: str) -> list[str]:
+        return [f"{prefix}_sa", f"{prefix}_pgd{self.cfg.pgd_steps}"] + ([f"{prefix}_aa"] if self.cfg.autoattack else []) \
+            + [f"{prefix}_robust_images"]
+
+    def counts(self, model, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+        return robust_counts(model, dataset, self.cfg, device=device, rank=rank, world=world, seed=seed)
+
+    def metrics(self, counts: torch.Tensor, prefix: str) -> dict[str, float]:
+        return robust_metrics(counts, self.cfg, prefix)
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"robust evaluation: SA, PGD-{c.pgd_steps}{', AutoAttack (APGD-CE + APGD-T)' if c.autoattack else ''} "
+                f"at {c.norm} eps {c.eps:.4g}")

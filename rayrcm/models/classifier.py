@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rayrcm.config import ModelConfig
+from rayrcm.sections import ModelConfig
 from rayrcm.errors import ConfigError
 from rayrcm.models.encoders import Encoder, build_encoder
 

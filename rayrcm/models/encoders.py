@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rayrcm.config import ModelConfig
+from rayrcm.sections import ModelConfig
 from rayrcm.registry import Registry
 
 

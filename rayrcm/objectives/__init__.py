@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rayrcm.objectives import acl, adv_finetune, air, consistency, gaussian, rcm, simclr
-from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodConfig, Objective
 from rayrcm.registry import Registry
 
 OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[Any, int], Objective]]] = Registry("method")
@@ -31,4 +31,4 @@ def build_objective(cfg: Any, num_classes: int) -> Objective:
     return OBJECTIVES.get(cfg.method.name)[1](cfg, num_classes)
 
 
-__all__ = ["OBJECTIVES", "LossOutput", "MethodConfig", "Objective", "build_objective", "method_config_class"]
+__all__ = ["OBJECTIVES", "EpochContext", "EpochPlan", "LossOutput", "MethodConfig", "Objective", "build_objective", "method_config_class"]

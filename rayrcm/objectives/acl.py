@@ -46,7 +46,7 @@ from rayrcm.models import (
     convert_dual_bn,
     single_bn_state,
 )
-from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import nt_xent
 
 
@@ -140,6 +140,7 @@ class ACLObjective(Objective):
             convert_dual_bn(self.projector)
         self.weight = cfg.weight
         self.gather = cfg.gather
+        self._coresets: Any = None  # RCS's CoresetSchedule, made at the first epoch
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder.forward_features(self.normalize(x)))
@@ -181,12 +182,21 @@ class ACLObjective(Objective):
         metrics.update(reg_metrics)
         return LossOutput(loss + reg, metrics)
 
-    def on_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
-        if not self.cfg.dynamic:
-            return {}
-        strength = dynacl_strength(epoch, epochs, self.cfg.dynamic_period)
-        self.weight = self.cfg.dynamic_lambda * (1 - strength)
-        return {"augmentation_strength": strength}
+    def on_epoch(self, epoch: int, ctx: EpochContext) -> EpochPlan:
+        """DynACL's strength and weight for this epoch; with RCS, the coreset it trains on."""
+        plan = EpochPlan()
+        if self.cfg.dynamic:
+            strength = dynacl_strength(epoch, ctx.epochs, self.cfg.dynamic_period)
+            self.weight = self.cfg.dynamic_lambda * (1 - strength)
+            plan.augmentation_strength = strength
+            plan.metrics["augmentation_strength"] = strength
+        if self.cfg.rcs_fraction < 1:
+            if self._coresets is None:
+                from rayrcm.train.rcs import CoresetSchedule
+
+                self._coresets = CoresetSchedule.for_context(self, self.cfg, ctx)
+            plan.pool = self._coresets(epoch)
+        return plan
 
     # --- RCS hooks (rayrcm.train.rcs): gradients of the projector's last layer
 

@@ -38,7 +38,7 @@ MODES = ("slf", "alf", "aff")
 
 @dataclass(frozen=True)
 class AdvFinetuneConfig(MethodConfig):
-    stage: ClassVar[str] = "classifier"
+    export: ClassVar[str] = "classifier"
     name: str = "adv_finetune"
     mode: str = "slf"
     norm: str = "linf"
@@ -58,6 +58,9 @@ class AdvFinetuneConfig(MethodConfig):
     def robust_eval(self) -> RobustEvalConfig:
         return RobustEvalConfig(self.norm, self.eps, self.step_size, self.eval_pgd_steps, self.eval_autoattack,
                                 self.eval_aa_iters, self.eval_aa_targets, self.eval_max_images)
+
+    def evals(self) -> tuple[str, ...]:
+        return ("robust",)  # SA / PGD-20 / AA on the test split, the seed's protocol
 
     def validate(self, cfg: Any) -> None:
         if self.mode not in MODES:

@@ -1,12 +1,18 @@
-"""What every objective shares: the result type and the method-config contract."""
+"""What every objective shares: the result type, the method-config contract and the epoch hook."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
+
+from rayrcm.distributed import Collectives
+from rayrcm.models.export import EXPORTS
 
 
 @dataclass
@@ -21,11 +27,17 @@ class LossOutput:
 class MethodConfig:
     """Base of every objective's config. Subclasses are frozen dataclasses with a ``name`` field.
 
-    ``stage`` is ``"pretrain"`` (the exported model is an encoder) or ``"classifier"``
-    (the exported model is a :class:`~rayrcm.models.Classifier`).
+    ``export`` names the kind of network the method exports (:mod:`rayrcm.models.export`:
+    ``"encoder"``, ``"classifier"``, or a kind a plugin registers); ``stage`` follows from it:
+    ``"classifier"`` when that network predicts classes (it is validated, selected, evaluated and
+    certified), else ``"pretrain"``.
     """
 
-    stage: ClassVar[str] = "pretrain"
+    export: ClassVar[str] = "encoder"
+
+    @property
+    def stage(self) -> str:
+        return "classifier" if self.export in EXPORTS and EXPORTS.get(self.export).predicts_classes else "pretrain"
 
     def views(self, augmentation: str) -> tuple[str, ...]:
         """Augmentation names of the views each training sample yields."""
@@ -39,9 +51,48 @@ class MethodConfig:
         return n
 
     def robust_eval(self) -> Any | None:
-        """A :class:`~rayrcm.eval.robust.RobustEvalConfig` when the final model is attacked on the
-        test split after training (SA / PGD / AutoAttack), else None."""
+        """The :class:`~rayrcm.eval.robust.RobustEvalConfig` of the ``robust`` evaluation (the
+        method's attack budget), or None for the default protocol."""
         return None
+
+    def evals(self) -> tuple[str, ...]:
+        """Evaluations this method's protocol always runs on the test split (added to ``train.test_evals``)."""
+        return ()
+
+
+@dataclass
+class EpochContext:
+    """What :meth:`Objective.on_epoch` may use: the run's data, place and collectives.
+
+    ``train_set`` yields the method's views; ``val_set`` the un-augmented validation split (maybe
+    empty); ``work_dir`` is the job's folder on shared storage (rank 0 writes there); ``log``
+    records metrics at a step (rank 0 only, a no-op elsewhere); ``say`` prints one console line
+    (rank 0 only).
+    """
+
+    epochs: int
+    train_set: Dataset
+    val_set: Dataset
+    work_dir: Path
+    device: torch.device | str = "cpu"
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+    batch_size: int = 1  # the global batch
+    lr: float = 0.0
+    comm: Collectives = field(default_factory=Collectives)
+    log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
+    say: Callable[[str], None] = lambda line: None
+
+
+@dataclass
+class EpochPlan:
+    """What an epoch trains on: the view pipelines' augmentation strength (None: unchanged), the
+    pool of sample indices (None: the whole training set), and settings to log (``epoch_<key>``)."""
+
+    augmentation_strength: float | None = None
+    pool: list[int] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Objective(nn.Module):
@@ -54,10 +105,10 @@ class Objective(nn.Module):
     def on_step_end(self, step: int) -> None:
         """Called after each optimizer step (EMA updates and other per-step state)."""
 
-    def on_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
-        """Called before each (zero-based) data epoch, also on resume; returns settings for the data
-        pipeline (e.g. ``{"augmentation_strength": s}``) that are also logged."""
-        return {}
+    def on_epoch(self, epoch: int, ctx: EpochContext) -> EpochPlan:
+        """Called on every worker before each (zero-based) data epoch, also the one a resume lands
+        in; returns what that epoch trains on (DynACL's strength, an RCS coreset)."""
+        return EpochPlan()
 
     def export(self) -> nn.Module:
         """The network that is checkpointed as "the model" (encoder or classifier)."""

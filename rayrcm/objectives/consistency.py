@@ -45,7 +45,7 @@ from rayrcm.objectives.gaussian import soft_cross_entropy
 
 @dataclass(frozen=True)
 class ConsistencyConfig(MethodConfig):
-    stage: ClassVar[str] = "classifier"
+    export: ClassVar[str] = "classifier"
     name: str = "consistency"
     sigma: float = 0.25  # training noise std, pixel units (the seed's noise_aug / 2)
     m: int = 2  # noisy copies per image

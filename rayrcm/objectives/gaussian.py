@@ -29,7 +29,7 @@ from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 @dataclass(frozen=True)
 class GaussianConfig(MethodConfig):
-    stage: ClassVar[str] = "classifier"
+    export: ClassVar[str] = "classifier"
     name: str = "gaussian"
     sigma: float = 0.25  # training noise std, pixel units
 

@@ -19,7 +19,7 @@ class CountActor:
     def __init__(self, model_ref: Any, images_ref: Any, settings: dict[str, Any]) -> None:
         import ray
 
-        from rayrcm.orchestration.tracking import build_from_blob
+        from rayrcm.models.export import build_from_blob
 
         blob = torch.load(io.BytesIO(ray.get(model_ref)), map_location="cpu", weights_only=True)
         model, meta = build_from_blob(blob)

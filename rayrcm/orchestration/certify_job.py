@@ -52,7 +52,9 @@ from rayrcm.certify.protocol import (
 )
 from rayrcm.certify.smoothing import ESTIMATION, PREDICTION, SELECTION, plan_rows
 from rayrcm.certify.stats import certify_from_counts, predict_from_counts
-from rayrcm.config import DataConfig, to_flat_dict
+from rayrcm.models.export import build_from_blob, export_kind, predicts_classes
+from rayrcm.overrides import parse_dotted, to_flat_dict, update_dataclass
+from rayrcm.sections import DataConfig
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import tracking
 from rayrcm.train.checkpoint import load_model_file
@@ -132,10 +134,11 @@ def prepare(cfg: CertifyConfig) -> Prepared:
         meta = blob["meta"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --model
         raise ConfigError("model", cfg.model, f"is not a rayrcm model file ({str(err).splitlines()[0][:160]})") from None
-    if meta.get("stage") != "classifier":
-        raise ConfigError("model", cfg.model, f"is a {meta.get('stage')} checkpoint; certification needs a classifier")
+    if not predicts_classes(meta):
+        raise ConfigError("model", cfg.model, f"is a{'n' if export_kind(meta)[0] in 'aeiou' else ''} {export_kind(meta)} "
+                          "checkpoint; certification needs a model that predicts classes")
     try:
-        tracking.build_from_blob(blob)
+        build_from_blob(blob)
     except Exception as err:  # noqa: BLE001
         raise ConfigError("model", cfg.model, f"does not match its own config ({str(err).splitlines()[0][:160]})") from None
     data = _data_config(cfg, meta)
@@ -376,8 +379,6 @@ def write_analysis(results: dict[str, pd.DataFrame], folder: Path, title: str = 
 
 
 def config_from_args(overrides: list[str], base: CertifyConfig | None = None) -> CertifyConfig:
-    from rayrcm.config import parse_dotted, update_dataclass
-
     return update_dataclass(base or CertifyConfig(), parse_dotted(overrides))
 
 

@@ -11,16 +11,17 @@ import torch
 
 class RayrcmModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from rayrcm.orchestration.tracking import build_from_file
+        from rayrcm.models.export import build_from_file, predicts_classes
 
         self.model, self.meta = build_from_file(context.artifacts["model"])
+        self.classes = predicts_classes(self.meta)
         self.model.eval()
 
     def predict(self, context, model_input, params=None):
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             out = self.model(x)
-        return out.argmax(1).numpy() if self.meta["stage"] == "classifier" else out.numpy()
+        return out.argmax(1).numpy() if self.classes else out.numpy()
 
 
 mlflow.models.set_model(RayrcmModel())

@@ -19,7 +19,6 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,7 @@ def _experiment_id(client: Any, name: str) -> str:
 def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str] | None = None,
                   parent_run_id: str | None = None) -> str:
     """The run of ``job`` (created on first use, reused on restart); params are logged once."""
-    from mlflow.entities import Param, RunStatus
+    from mlflow.entities import RunStatus
 
     client = _client(uri)
     exp_id = _experiment_id(client, experiment)
@@ -82,14 +81,12 @@ def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], t
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, tags=all_tags, run_name=job)
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
 
 def end_run(uri: str, run_id: str, ok: bool) -> None:
-    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    terminate(uri, run_id, "FINISHED" if ok else "FAILED")
 
 
 class MetricLogger:
@@ -134,16 +131,59 @@ def log_model(uri: str, run_id: str, model_file: str | Path, *, register_as: str
             artifacts={"model": str(model_file)},
             pip_requirements=["rayrcm", "torch", "timm"],
         )
-    out: dict[str, Any] = {"model_uri": info.model_uri}
-    if register_as:
-        client = _client(uri)
-        mv = mlflow.register_model(info.model_uri, register_as, tags=version_tags or {})
-        out.update(name=register_as, version=int(mv.version), registry_uri=f"models:/{register_as}/{mv.version}")
-        if alias:
-            client.set_registered_model_alias(register_as, alias, mv.version)
-            out["alias_uri"] = f"models:/{register_as}@{alias}"
-        client.set_tag(run_id, "rayrcm.registered_model", out.get("alias_uri", out["registry_uri"]))
+    return {"model_uri": info.model_uri, **register(uri, info.model_uri, run_id, register_as, alias, version_tags)}
+
+
+def register(uri: str, model_uri: str, run_id: str, name: str, alias: str = "", tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Register ``model_uri`` (logged by ``run_id``) as a new version of ``name``, point ``alias`` at
+    it, and tag the run with the registered reference. Nothing happens when ``name`` is empty."""
+    if not name:
+        return {}
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = _client(uri)
+    mv = mlflow.register_model(model_uri, name, tags=tags or {})
+    out: dict[str, Any] = {"name": name, "version": int(mv.version), "registry_uri": f"models:/{name}/{mv.version}"}
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+        out["alias_uri"] = f"models:/{name}@{alias}"
+    client.set_tag(run_id, "rayrcm.registered_model", out.get("alias_uri", out["registry_uri"]))
     return out
+
+
+def find_job_run(uri: str, experiment: str, job: str) -> str | None:
+    """The run id of ``job`` in ``experiment`` (by its ``rayrcm.job`` tag), or None."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    client = _client(uri)
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def run_status(uri: str, run_id: str) -> str:
+    return _client(uri).get_run(run_id).info.status
+
+
+def terminate(uri: str, run_id: str, status: str) -> None:
+    """End a run as ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    _client(uri).set_terminated(run_id, status=status)
 
 
 def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = None) -> Path:
@@ -175,29 +215,6 @@ def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = Non
     raise ConfigError("model", ref, "the artifact holds no model.pt")
 
 
-def build_from_file(path: str | Path):
-    """Rebuild the exported network from a ``model.pt`` (config inside) with ``strict=True``."""
-    from rayrcm.train.checkpoint import load_model_file
-
-    return build_from_blob(load_model_file(path))
-
-
-def build_from_blob(blob: dict):
-    """``(model, meta)`` from the contents of a ``model.pt``."""
-    from rayrcm.config import from_dict
-    from rayrcm.models import build_classifier, build_encoder
-
-    meta = blob["meta"]
-    cfg = from_dict(meta["config"])
-    model_cfg = replace(cfg.model, init_from=None)
-    if meta["stage"] == "classifier":
-        model = build_classifier(model_cfg, meta["image_size"], meta["num_classes"])
-    else:
-        model = build_encoder(model_cfg, meta["image_size"])
-    model.load_state_dict(blob["model"], strict=True)
-    return model, meta
-
-
 def model_lineage(ref: str, uri: str) -> tuple[str | None, str | None]:
     """``(run id, experiment name)`` of the run that logged the model ``ref``; ``(None, None)`` for a path."""
     if Path(ref).expanduser().exists():
@@ -222,5 +239,8 @@ def model_lineage(ref: str, uri: str) -> tuple[str | None, str | None]:
 
 
 def load_model(ref: str, uri: str | None = None):
-    """``(model, meta)`` for any model reference (see :func:`resolve_model`)."""
+    """``(model, meta)`` for any model reference: :func:`resolve_model` fetches the file,
+    :func:`rayrcm.models.export.build_from_file` rebuilds it."""
+    from rayrcm.models.export import build_from_file
+
     return build_from_file(resolve_model(ref, uri))

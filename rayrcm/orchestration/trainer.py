@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rayrcm.config import ExperimentConfig, to_dict, to_flat_dict, validate
+from rayrcm.config import ExperimentConfig, needs_epochs, resolve_epochs, to_dict, to_flat_dict, validate
+from rayrcm.data import build_splits
 from rayrcm.errors import ConfigError
 from rayrcm.models.classifier import check_encoder_file
 from rayrcm.orchestration import tracking
@@ -41,11 +42,7 @@ def ensure_ray(**kwargs: Any) -> None:
 def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
     """Validate everything and resolve URIs before any Ray work; returns (config, tracking uri)."""
     cfg = validate(cfg)
-    if cfg.train.epochs > 0 or cfg.train.checkpoint_epochs > 0 or cfg.optim.warmup_epochs > 0 or cfg.optim.schedule_epochs > 0 \
-            or cfg.optim.milestone_epochs:
-        from rayrcm.config import resolve_epochs
-        from rayrcm.data import build_splits
-
+    if needs_epochs(cfg):
         cfg = resolve_epochs(cfg, len(build_splits(cfg.data).train))
     batch, workers = cfg.data.batch_size, max(cfg.train.workers, 1)
     if batch % workers:

@@ -3,7 +3,8 @@
 * ``state.pt``: the training state, ``{objective, optimizer, scaler, step, rng, meta}``; enough to
   resume bit-for-bit (the objective's state includes EMA teachers).
 * ``model.pt``: the exported network, ``{model: state_dict, meta: {...}}``, where ``meta`` holds the
-  resolved config, encoder, method, stage, number of classes and the code version.
+  resolved config, encoder, method, export kind, number of classes and the code version;
+  :func:`rayrcm.models.export.build_from_file` rebuilds it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,18 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def model_meta(cfg_dict: dict, stage: str, num_classes: int) -> dict[str, Any]:
+def model_meta(cfg_dict: dict, export: str, num_classes: int) -> dict[str, Any]:
+    """What ``model.pt`` records: the resolved config, the export kind (:mod:`rayrcm.models.export`)
+    and, for readers that predate export kinds, the matching ``stage``."""
+    from rayrcm.models.export import EXPORTS
+
+    classes = export in EXPORTS and EXPORTS.get(export).predicts_classes
     return {
         "config": cfg_dict,
         "encoder": cfg_dict["model"]["encoder"],
         "method": cfg_dict["method"]["name"],
-        "stage": stage,
+        "export": export,
+        "stage": "classifier" if classes else "pretrain",
         "num_classes": num_classes,
         "image_size": cfg_dict["data"]["image_size"],
         "code_version": rayrcm.__version__,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rayrcm.config import OptimConfig
+from rayrcm.sections import OptimConfig
 
 
 def _encoder_of(model: nn.Module) -> nn.Module | None:

@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +39,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from rayrcm.attacks.pgd import PGDConfig, pgd
+from rayrcm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rayrcm.objectives.base import EpochContext
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (n, ...) per worker -> (world * n, ...) in rank order
 
@@ -173,6 +178,8 @@ class CoresetSchedule:
         self.unit, self.lr, self.seed, self.device, self.rank, self.world = unit, lr, seed, device, rank, world
         self.gather, self.agree = gather, agree
         self.selected: tuple[int, float] | None = None  # (epoch, seconds) of the selection the last call made
+        self.announce: tuple[Callable[[str], None], Callable[[int, dict[str, float]], None]] | None = None
+        self.barrier: Callable[[], None] = lambda: None
 
     def _unit_grad(self, indices: list[int]) -> torch.Tensor:
         views, y = zip(*(self.train_set[i] for i in indices))
@@ -183,6 +190,23 @@ class CoresetSchedule:
         last = self.objective.rcs_last_layer()
         a_nat, a_adv = rd_features(self.objective.rcs_head_in, last, self.val_set, self.cfg.attack(), device=self.device)
         return RDGradient(a_nat, a_adv, last)
+
+    @classmethod
+    def for_context(cls, objective: nn.Module, cfg: Any, ctx: EpochContext) -> CoresetSchedule:
+        """The schedule of a training run: RD loss on (the first ``rcs_val_images`` of) the
+        validation split, units of ``rcs_unit`` samples (default: the global batch), greedy step
+        ``rcs_lr`` (default: the optimizer's lr), files in ``<job>/coreset``; rank 0 announces each
+        selection and logs its size and time."""
+        val = ctx.val_set
+        if cfg.rcs_val_images:
+            val = torch.utils.data.Subset(val, list(range(min(cfg.rcs_val_images, len(val)))))
+        if len(val) == 0:
+            raise ConfigError("data.val_fraction", 0, "RCS needs an unlabeled validation split (> 0)")
+        schedule = cls(objective, cfg, ctx.train_set, val, Path(ctx.work_dir) / "coreset", unit=cfg.rcs_unit or ctx.batch_size,
+                       lr=cfg.rcs_lr or ctx.lr, seed=ctx.seed, device=ctx.device, rank=ctx.rank, world=ctx.world,
+                       gather=ctx.comm.gather, agree=ctx.comm.agree)
+        schedule.announce, schedule.barrier = (ctx.say, ctx.log), ctx.comm.barrier
+        return schedule
 
     def path(self, epoch: int) -> Path:
         return self.folder / f"coreset_epoch_{epoch:05d}.json"
@@ -207,6 +231,12 @@ class CoresetSchedule:
             tmp.write_text(json.dumps({"epoch": chosen_at, "fraction": cfg.rcs_fraction, "unit": self.unit, "indices": indices}))
             tmp.replace(path)
         self.selected = (chosen_at, time.perf_counter() - tic)
+        if self.announce is not None:
+            say, log = self.announce
+            took = self.selected[1]
+            say(f"[rayrcm] RCS: epoch {chosen_at}: coreset of {len(indices)}/{n} samples selected in {took:.1f} s")
+            log(chosen_at, {"rcs_coreset_size": float(len(indices)), "rcs_select_seconds": took})
+        self.barrier()  # rank 0 has written the file
         return indices
 
 

@@ -1,0 +1,113 @@
+"""Rebuild a saved model (``model.pt``) by its export kind: the pure half of "load a model".
+
+Every method config declares the kind of network it exports (``MethodConfig.export``);
+``model.pt`` holds ``{"model": state_dict, "meta": {..., "export": kind, "config": {...}}}``. This
+module builds a fresh network of that kind from the meta and loads the weights with
+``strict=True``. A new kind (say a denoiser in front of a classifier) is one registry line::
+
+    EXPORTS.register("denoised_classifier")(ExportKind(build_denoised, predicts_classes=True))
+
+where ``build(meta) -> nn.Module`` makes the untrained network. ``predicts_classes`` says whether
+the network maps [0, 1] images ``(B, 3, H, W)`` to class logits ``(B, K)``: only such models are
+validated, selected, attacked and certified. The tracking layer only moves files; the training
+driver, the certification job and actors and the MLflow pyfunc call :func:`build_from_blob`.
+
+Files written before export kinds existed carry ``meta["stage"]`` (``"classifier"`` or
+``"pretrain"``) instead and load as ``classifier`` / ``encoder``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import rayrcm
+from rayrcm.errors import ConfigError
+from rayrcm.models.classifier import Classifier
+from rayrcm.models.encoders import build_encoder
+from rayrcm.overrides import update_dataclass
+from rayrcm.registry import Registry
+from rayrcm.sections import ModelConfig
+
+LEGACY_STAGES = {"classifier": "classifier", "pretrain": "encoder"}
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    build: Callable[[dict[str, Any]], nn.Module]  # meta -> a fresh network of this kind
+    predicts_classes: bool = False  # maps [0, 1] images to class logits (evaluated and certified)
+
+
+EXPORTS: Registry[ExportKind] = Registry("export kind")
+
+
+def model_config(meta: dict[str, Any]) -> ModelConfig:
+    """The ``model`` section a file was trained with (``init_from`` dropped: the weights are in the file)."""
+    return update_dataclass(ModelConfig(), {**meta["config"]["model"], "init_from": None}, "model.")
+
+
+def _encoder(meta: dict[str, Any]) -> nn.Module:
+    return build_encoder(model_config(meta), int(meta["image_size"]))
+
+
+def _classifier(meta: dict[str, Any]) -> nn.Module:
+    cfg = model_config(meta)
+    return Classifier(build_encoder(cfg, int(meta["image_size"])), int(meta["num_classes"]), hidden_dim=cfg.head_hidden_dim,
+                      layernorm=cfg.layernorm, input_scale=cfg.input_scale)
+
+
+EXPORTS.register("encoder")(ExportKind(_encoder, predicts_classes=False))
+EXPORTS.register("classifier")(ExportKind(_classifier, predicts_classes=True))
+
+
+def export_kind(meta: dict[str, Any]) -> str:
+    """The export kind of a file's meta (old files: from their ``stage``)."""
+    kind = meta.get("export") or LEGACY_STAGES.get(str(meta.get("stage")))
+    if not kind:
+        raise ConfigError("model", meta.get("stage"), "the file names no export kind")
+    return kind
+
+
+def predicts_classes(meta: dict[str, Any]) -> bool:
+    kind = export_kind(meta)
+    return kind in EXPORTS and EXPORTS.get(kind).predicts_classes
+
+
+def _check_blob(blob: Any) -> dict[str, Any]:
+    meta = blob.get("meta") if isinstance(blob, dict) else None
+    if not isinstance(meta, dict) or "model" not in blob or not isinstance(meta.get("config"), dict):
+        version = meta.get("code_version", "unknown") if isinstance(meta, dict) else "unknown"
+        raise ConfigError("model", f"rayrcm {version}", f"is not a model file rayrcm {rayrcm.__version__} can rebuild "
+                          "(expected {model, meta: {config, export, ...}})")
+    return meta
+
+
+def build_from_blob(blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, meta)`` from the contents of a ``model.pt``; the weights load with ``strict=True``."""
+    meta = _check_blob(blob)
+    kind = export_kind(meta)
+    if kind not in EXPORTS:
+        raise ConfigError("model", kind, f"export kind not registered here (registered: {', '.join(EXPORTS.names())}); "
+                          "load the plugin that registers it (train.plugins, certify --plugin)")
+    model = EXPORTS.get(kind).build(meta)
+    try:
+        model.load_state_dict(blob["model"], strict=True)
+    except RuntimeError as err:
+        raise ConfigError("model", kind, f"weights do not fit the {kind} built from the file's config, written by rayrcm "
+                          f"{meta.get('code_version', 'unknown')} ({str(err).splitlines()[0][:160]})") from None
+    return model, meta
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """The contents of a ``model.pt`` (``weights_only=True``: a model file never runs code)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def build_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the exported network from a ``model.pt`` (config inside) with ``strict=True``."""
+    return build_from_blob(load_file(path))

@@ -1,0 +1,47 @@
+"""Import the user's own extensions (methods, evaluations, export kinds, datasets, encoders).
+
+A plugin is a module that registers things when imported (``OBJECTIVES.register("mine")(...)``).
+It must be imported in every process that builds from a config: the driver, every Ray Train
+worker and every certification actor, so configs name them (``train.plugins``, certify's
+``plugins``) and each process calls :func:`load_plugins` first. A plugin is a dotted module name
+(importable on every node) or a path to a ``.py`` file (imported by its file name, with its folder
+put on ``sys.path``; on a cluster the file must be on shared storage or in the job's working dir).
+
+Model files never name code to import: a model whose export kind comes from a plugin is rebuilt
+only where the user loaded that plugin.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+
+from rayrcm.errors import ConfigError
+
+
+def load_plugin(spec: str, key: str = "train.plugins") -> ModuleType:
+    """Import one plugin (idempotent: a module already imported is returned as it is)."""
+    if spec.endswith(".py"):
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(key, spec, "no such file")
+        name = path.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None:
+            if Path(getattr(loaded, "__file__", "") or "").resolve() != path:
+                raise ConfigError(key, spec, f"its module name {name!r} is already taken by {getattr(loaded, '__file__', name)}")
+            return loaded
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        return importlib.import_module(name)
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as err:
+        raise ConfigError(key, spec, f"cannot be imported ({err}); give an importable module or a .py file") from None
+
+
+def load_plugins(specs: Iterable[str], key: str = "train.plugins") -> list[ModuleType]:
+    return [load_plugin(s, key) for s in specs]

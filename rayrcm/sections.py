@@ -1,0 +1,190 @@
+"""The sections of an experiment config as typed, frozen dataclasses, and their own checks.
+
+This module knows no registry (datasets, encoders, objectives and evaluations import it), so
+imports flow one way; :mod:`rayrcm.config` sits above the registries and adds the checks that need
+them. Values are in the units of the whole package: pixels in [0, 1], sigmas in pixel units.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from rayrcm.errors import ConfigError
+
+AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug", "simclr")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars")
+
+
+STORAGE_ENV = "RAYRCM_STORAGE"
+
+
+def default_storage(sub: str = "") -> str:
+    """Where checkpoints and results go when a config does not say: ``$RAYRCM_STORAGE`` (set on
+    every node of a cluster to a shared path, e.g. an EFS mount) or ``./rayrcm_results``. A
+    ``ray job submit`` entrypoint runs in a temporary copy of the working dir, so relative paths
+    would be lost there."""
+    root = os.environ.get(STORAGE_ENV) or "./rayrcm_results"
+    return f"{root.rstrip('/')}/{sub}" if sub else root
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` (set on a cluster to its MLflow server) or ``sqlite:///mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset and input pipeline. Images are [0, 1] tensors; ``batch_size`` is global (all workers)."""
+
+    name: str = "digits"
+    path: str | None = None
+    image_size: int = 16
+    augmentation: str = "weak"  # none | weak | crop | strong | autoaug | simclr (rayrcm.data.views.build_transform)
+    hflip: bool = False
+    crop_pct: float = 0.875  # large images: resize the short side to image_size / crop_pct, centre crop
+    crop_min: float = 0.4  # smallest area fraction of the "crop" augmentation
+    autoaug: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy of the "autoaug" augmentation
+    batch_size: int = 128
+    num_workers: int = 0
+    val_fraction: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder, heads and the classifier's fixed input transform."""
+
+    encoder: str = "vit_digits"
+    patch_size: int = 0  # 0: the encoder's default
+    proj_hidden_dim: int = 512
+    proj_dim: int = 256
+    head_hidden_dim: int = 0  # 0: linear head
+    layernorm: bool = False  # extra LayerNorm on features before the head
+    input_scale: float = 1.0  # fixed factor after normalization (RCM preconditioning c_in)
+    init_from: str | None = None  # encoder weights: registry URI, run id or checkpoint path
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    layer_decay: float = 1.0  # 1.0 = off
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
+    schedule_steps: int = 0  # length of warmup + cosine; 0 = train.steps (more: the cosine is cut short)
+    warmup_epochs: float = 0.0  # > 0: sets warmup_steps from the training set size (see resolve_epochs)
+    schedule_epochs: float = 0.0  # > 0: sets schedule_steps likewise
+    schedule: str = "cosine"  # cosine (warmup + cosine) | step (warmup + multiply by gamma at each milestone)
+    milestones: tuple[int, ...] = ()  # steps where the "step" schedule decays
+    milestone_epochs: tuple[float, ...] = ()  # the same in epochs (sets milestones; see resolve_epochs)
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = ""  # job name; rerunning the same name resumes. Default: <experiment>-<method>
+    steps: int = 200
+    epochs: float = 0.0  # > 0: steps = ceil(epochs * floor(train images / global batch)) (resolve_epochs)
+    workers: int = 1  # Ray Train workers; 0 runs the loop in the driver process
+    use_gpu: bool = False
+    precision: str = "fp32"
+    checkpoint_every: int = 50
+    checkpoint_epochs: float = 0.0  # > 0: sets checkpoint_every from the training set size
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    seed: int = 0
+    log_every: int = 10
+    storage_path: str = field(default_factory=lambda: default_storage())  # $RAYRCM_STORAGE on a cluster
+    eval_sigmas: tuple[float, ...] = (0.25, 0.5)  # noise levels of the "noisy" and "smoothed" evaluations
+    eval_votes: int = 1  # noise draws per image of the "smoothed" evaluation (majority vote)
+    evals: tuple[str, ...] = ("noisy",)  # evaluations (rayrcm.eval.EVALUATIONS) on the validation split at each checkpoint
+    test_evals: tuple[str, ...] = ("noisy",)  # evaluations on the test split after training (plus the method's own)
+    select_metric: str = ""  # keep the checkpoint best on this validation metric (e.g. val_acc_sigma_0.25); "" = last
+    plugins: tuple[str, ...] = ()  # modules or .py files imported first (driver and workers): your registered extensions
+    progress_every_s: float = 10.0  # at most one console progress line per this many seconds (the last step always)
+    fault_at_step: int = -1  # test hook: raise once at this step (first attempt only)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = field(default_factory=lambda: default_tracking_uri())  # $MLFLOW_TRACKING_URI on a cluster
+    experiment: str = "rayrcm"
+    register_as: str = ""  # registered model name; empty: do not register
+    alias: str = ""
+    system_metrics: bool = False
+    enabled: bool = True
+
+
+def check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def check_data(d: DataConfig) -> None:
+    check(d.image_size >= 4, "data.image_size", d.image_size, "must be >= 4")
+    check(d.augmentation in AUGMENTATIONS, "data.augmentation", d.augmentation, f"choose one of: {', '.join(AUGMENTATIONS)}")
+    check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    check(0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
+    check(0 < d.crop_min <= 1, "data.crop_min", d.crop_min, "must be in (0, 1]")
+    check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    for key in ("mixup", "cutmix"):
+        check(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "must be >= 0 (0 = off)")
+    check(0 <= d.mixup_switch_prob <= 1, "data.mixup_switch_prob", d.mixup_switch_prob, "must be in [0, 1]")
+    check(0 <= d.label_smoothing < 1, "data.label_smoothing", d.label_smoothing, "must be in [0, 1)")
+
+
+def check_model(m: ModelConfig, image_size: int) -> None:
+    check(m.patch_size >= 0, "model.patch_size", m.patch_size, "must be >= 0 (0 = encoder default)")
+    if m.patch_size:
+        check(image_size % m.patch_size == 0, "model.patch_size", m.patch_size, f"must divide data.image_size={image_size}")
+    for key in ("proj_hidden_dim", "proj_dim"):
+        check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    check(m.input_scale > 0, "model.input_scale", m.input_scale, "must be > 0")
+    check(m.head_hidden_dim >= 0, "model.head_hidden_dim", m.head_hidden_dim, "must be >= 0 (0 = linear head)")
+
+
+def check_optim(o: OptimConfig) -> None:
+    check(o.name in OPTIMIZERS, "optim.name", o.name, f"choose one of: {', '.join(OPTIMIZERS)}")
+    check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    check(0 < o.layer_decay <= 1, "optim.layer_decay", o.layer_decay, "must be in (0, 1] (1 = off)")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    check(o.schedule in ("cosine", "step"), "optim.schedule", o.schedule, "choose one of: cosine, step")
+    check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
+    for key in ("milestones", "milestone_epochs"):
+        values = list(getattr(o, key))
+        check(all(v > 0 for v in values) and values == sorted(values), f"optim.{key}", getattr(o, key), "must be positive and increasing")
+    for key in ("warmup_epochs", "schedule_epochs", "schedule_steps"):
+        check(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
+
+
+def check_train(t: TrainConfig) -> None:
+    check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = use train.steps)")
+    check(t.checkpoint_epochs >= 0, "train.checkpoint_epochs", t.checkpoint_epochs, "must be >= 0")
+    check(t.eval_votes >= 1, "train.eval_votes", t.eval_votes, "must be >= 1")
+    check(t.workers >= 0, "train.workers", t.workers, "must be >= 0 (0 = run in the driver)")
+    check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
+    check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    check(t.max_failures >= -1, "train.max_failures", t.max_failures, "must be >= 0, or -1 for unlimited")
+    check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    check(t.progress_every_s >= 0, "train.progress_every_s", t.progress_every_s, "must be >= 0 (0 = every logged step)")
+    for s in t.eval_sigmas:
+        check(s > 0, "train.eval_sigmas", s, "every sigma must be > 0 (pixel units, data in [0, 1])")
+
+
+def check_tracking(tr: TrackingConfig) -> None:
+    check(bool(tr.experiment), "tracking.experiment", tr.experiment, "must not be empty")
+    check(all(c.isalnum() or c in "-_" for c in tr.alias), "tracking.alias", tr.alias, "MLflow aliases use letters, digits, '_' and '-' only (e.g. sigma-0_50)")
+    check(not tr.alias or bool(tr.register_as), "tracking.alias", tr.alias, "needs tracking.register_as")
