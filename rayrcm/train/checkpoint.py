@@ -32,8 +32,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
 def model_meta(cfg_dict: dict, export: str, num_classes: int) -> dict[str, Any]:
     """What ``model.pt`` records: the resolved config, the export kind (:mod:`rayrcm.models.export`)
     and, for readers that predate export kinds, the matching ``stage``."""
-    from rayrcm.models.export import EXPORTS
+    from rayrcm.models.export import EXPORTS, LEGACY_STAGES
 
+    export = LEGACY_STAGES.get(export, export)  # "pretrain" -> "encoder"
     classes = export in EXPORTS and EXPORTS.get(export).predicts_classes
     return {
         "config": cfg_dict,
