@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+
 from rayrcm.errors import ConfigError
 
 AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug", "simclr")

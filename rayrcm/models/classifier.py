@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rayrcm.sections import ModelConfig
 from rayrcm.errors import ConfigError
 from rayrcm.models.encoders import Encoder, build_encoder
+from rayrcm.sections import ModelConfig
 
 
 class Normalize(nn.Module):

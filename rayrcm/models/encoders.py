@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rayrcm.sections import ModelConfig
 from rayrcm.registry import Registry
+from rayrcm.sections import ModelConfig
 
 
 class Encoder(nn.Module):

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rayrcm.config import ExperimentConfig, needs_epochs, resolve_epochs, to_dict, to_flat_dict, validate
+from rayrcm.config import (
+    ExperimentConfig,
+    needs_epochs,
+    resolve_epochs,
+    to_dict,
+    to_flat_dict,
+    validate,
+)
 from rayrcm.data import build_splits
 from rayrcm.errors import ConfigError
 from rayrcm.models.classifier import check_encoder_file
@@ -33,10 +41,14 @@ def storage_root(cfg: ExperimentConfig) -> str:
 
 def ensure_ray(**kwargs: Any) -> None:
     """Connect to ``RAY_ADDRESS`` when set (a cluster or ``ray job submit``), else start Ray locally."""
+    from rayrcm.orchestration import console
+
+    console.configure()  # no-op for the console filters when ray was imported already
     import ray
 
     if not ray.is_initialized():
-        ray.init(**({"address": os.environ["RAY_ADDRESS"]} if os.environ.get("RAY_ADDRESS") else kwargs), log_to_driver=True)
+        where = {"address": os.environ["RAY_ADDRESS"]} if os.environ.get("RAY_ADDRESS") else kwargs
+        ray.init(**{**console.ray_init_kwargs(), **where}, log_to_driver=True)
 
 
 def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
@@ -58,6 +70,14 @@ def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
         check_encoder_file(local, cfg.model, cfg.data.image_size)
         cfg = replace(cfg, model=replace(cfg.model, init_from=str(local)))
     return cfg, uri
+
+
+def summary_line(job: str, metrics: dict[str, Any], seconds: float) -> str:
+    """``[rayrcm] job: done in 42 s, loss 0.31, test_acc_clean 0.91, ...`` (the test metrics, else validation)."""
+    keys = [k for k in metrics if k.startswith("test_") and not k.endswith("_images")]
+    keys = keys or [k for k in metrics if k.startswith("val_")]
+    shown = [f"{k} {metrics[k]:.4g}" for k in ["loss", *keys] if isinstance(metrics.get(k), (int, float))]
+    return f"[rayrcm] {job}: done in {seconds:.0f} s" + (", " + ", ".join(shown) if shown else "")
 
 
 def version_tags(cfg: ExperimentConfig) -> dict[str, str]:
@@ -82,6 +102,7 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
                                         tags={"rayrcm.stage": cfg.method.stage}, parent_run_id=parent_run_id)
         print(f"[rayrcm] MLflow run {run_id} ({uri})", flush=True)
     ensure_ray(**(ray_init or {}))
+    tic = time.perf_counter()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "tracking_uri": uri},
@@ -105,6 +126,7 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
     with result.checkpoint.as_directory() as d:
         shutil.copy2(Path(d) / MODEL_FILE, out_dir / MODEL_FILE)
     fit_result = FitResult(job, run_id, dict(result.metrics or {}), out_dir / MODEL_FILE)
+    print(summary_line(job, fit_result.metrics, time.perf_counter() - tic), flush=True)
     if uri and run_id:
         fit_result.model = tracking.log_model(uri, run_id, out_dir / MODEL_FILE, register_as=cfg.tracking.register_as,
                                               alias=cfg.tracking.alias, version_tags=version_tags(cfg))
