@@ -4,7 +4,7 @@
     rayrcm train RECIPE [--set key=value ...]        # a .py or .yaml recipe, one training stage
     rayrcm config RECIPE [--set key=value ...]       # print the resolved, validated config
     rayrcm tune RECIPE --space method.lbd=grid:5,10,20 [--space ...] [--sweep num_samples=2 ...] [--set ...]
-    rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 ...]
+    rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 --plugin M ...]
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
     rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
@@ -26,7 +26,7 @@ CERTIFY_FLAGS = {
     "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
     "chunk": "smoothing.chunk", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
     "precision": "compute.precision", "channels_last": "compute.channels_last",
-    "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
+    "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "plugin": "plugins",
 }
 
 
@@ -55,6 +55,9 @@ def _certify_parser(sub, name: str, help_: str) -> None:
     c.add_argument("--out", help="results folder (default $RAYRCM_STORAGE/certify, else ./rayrcm_results/certify)")
     c.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     c.add_argument("--experiment", help="MLflow experiment (default: the model's)")
+    c.add_argument("--plugin", action="append", metavar="MODULE|FILE.py",
+                   help="import this module or .py file first, in the driver and every actor (repeatable): "
+                        "your registered export kinds and datasets")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any CertifyConfig key, e.g. --set compute.flush_every=4")
 
@@ -101,16 +104,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _certify(args: argparse.Namespace) -> int:
+def certify_config(args: argparse.Namespace):
+    """The :class:`~rayrcm.certify.CertifyConfig` of a parsed ``certify``/``predict`` command line."""
     from rayrcm.orchestration import certify_job
 
     items = [f"mode={args.command}"]
     for flag, key in CERTIFY_FLAGS.items():
         value = getattr(args, flag, None)
+        if isinstance(value, list):  # a repeatable flag: the dotted parser reads tuples comma separated
+            value = ",".join(value)
         if value is not None:
             items.append(f"{key}={value}")
-    cfg = certify_job.config_from_args(items + args.overrides)
-    certify_job.run(cfg)
+    return certify_job.config_from_args(items + args.overrides)
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from rayrcm.orchestration import certify_job
+
+    certify_job.run(certify_config(args))
     return 0
 
 

@@ -84,3 +84,35 @@ def test_tables_and_plot(tmp_path):
     assert r"rcm\_b & 60.0 & 60.0 & 20.0 & 0.292 & 20.0 & 5 \\" in tex and r"\toprule" in tex
     png = plot_curves({"rcm_b": _rows()}, tmp_path / "curve.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+_COHEN = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.912\t1\t0:00:02.137481\n100\t8\t-1\t0.0\t0\t0:00:02.101023\n"
+
+
+def test_analyze_labels_cohen_files_by_their_whole_name(tmp_path, capsys):
+    from rayrcm.orchestration.certify_job import analyze
+
+    for name in ("sigma_0.25", "sigma_0.50"):  # Cohen et al.'s certify.py output: files without an extension
+        (tmp_path / name).write_text(_COHEN)
+    table, files = analyze([str(tmp_path / "sigma_0.25"), str(tmp_path / "sigma_0.50")], log=False)
+    assert table.index.tolist() == ["sigma_0.25", "sigma_0.50"]
+    assert [f.name for f in files] == ["table.md", "table.tex", "certified_accuracy.png"]
+    assert all(f.parent == tmp_path / "analysis" for f in files)
+
+
+def test_analyze_labels_strip_only_result_suffixes_and_disambiguate_by_folder(tmp_path, capsys):
+    from rayrcm.analysis import result_labels
+    from rayrcm.orchestration.certify_job import analyze
+
+    paths = []
+    for model in ("resnet50", "resnet110"):
+        (tmp_path / model).mkdir()
+        paths.append(tmp_path / model / "sigma_0.25")
+        paths[-1].write_text(_COHEN)
+    (tmp_path / "mine.tsv").write_text(_COHEN)
+    table, _ = analyze([str(p) for p in [*paths, tmp_path / "mine.tsv"]], log=False, out=tmp_path / "out")
+    assert table.index.tolist() == ["resnet50/sigma_0.25", "resnet110/sigma_0.25", "mine"]
+    a, b = tmp_path / "x" / "test" / "sigma_0.50", tmp_path / "y" / "test" / "sigma_0.50"
+    assert result_labels([a, b, tmp_path / "r.parquet", tmp_path / "r.csv.txt"]) == [
+        "x/test/sigma_0.50", "y/test/sigma_0.50", "r", "r.csv"]
+    assert result_labels([a, a]) == ["sigma_0.50", "sigma_0.50#2"]

@@ -206,3 +206,68 @@ def test_precision_and_memory_format_options_run_and_agree_on_an_easy_point():
         cert, *_ = certify(sm, x, n0=100, n=2000, alpha=0.001)
         assert cert.prediction == truth and cert.radius > 0
     assert math.isfinite(cert.p_a_lower)
+
+
+# ----------------------------------------------------------------------------- the job's pieces, without Ray
+
+
+def _batch(rows, counts, device="cpu"):
+    return {"pos": np.array([r["pos"] for r in rows]), "role": np.array([r["role"] for r in rows]),
+            "chunk": np.array([r["chunk"] for r in rows]), "num": np.array([r["num"] for r in rows]),
+            "counts": np.stack(counts), "seconds": np.full(len(rows), 0.5), "device": np.array([device] * len(rows))}
+
+
+def test_collector_sums_rows_once_and_certifies_from_the_totals(tmp_path):
+    from rayrcm.analysis.results import read_rows_dir
+    from rayrcm.certify import CertifyConfig, SmoothingConfig
+    from rayrcm.certify.collect import Collector, write_part
+
+    cfg = CertifyConfig(model="m", smoothing=SmoothingConfig(n0=100, n=1000, chunk=400, sigma=0.5))
+    col = Collector(cfg, [20, 40], labels=[1, 0], num_classes=3)
+    assert [(r["pos"], r["index"], r["role"], r["num"]) for r in col.rows][:4] == [
+        (0, 20, SELECTION, 100), (0, 20, ESTIMATION, 400), (0, 20, ESTIMATION, 400), (0, 20, ESTIMATION, 200)]
+    first = [r for r in col.rows if r["pos"] == 0]
+    counts = [np.array([0, r["num"], 0]) if r["role"] == SELECTION else np.array([r["num"] // 10, r["num"] * 9 // 10, 0])
+              for r in first]
+    assert col.add(_batch(first[:2], counts[:2])) == []
+    done = col.add(_batch(first[1:], counts[1:]))  # the second row again (a retried actor): counted once
+    expected = certify_from_counts(np.array([0, 100, 0]), np.array([100, 900, 0]), 0.5, cfg.smoothing.alpha)
+    assert len(done) == 1 and done[0]["idx"] == 20 and done[0]["n"] == 1000 and done[0]["correct"] == 1
+    assert done[0]["radius"] == pytest.approx(expected.radius) and done[0]["time"] == pytest.approx(2.0)
+    assert col.samples == 1100
+    assert write_part(tmp_path / "rows", []) is None
+    part = write_part(tmp_path / "rows", done)
+    assert part.name.startswith("part-") and read_rows_dir(tmp_path)["idx"].tolist() == [20]
+
+
+def test_count_actor_takes_typed_settings_and_loads_plugins_first(tmp_path, monkeypatch):
+    import io
+    import sys
+    import types
+
+    from helpers import make_model
+
+    from rayrcm.certify import CertifyConfig, ComputeConfig
+    from rayrcm.certify.collect import CountSettings
+    from rayrcm.errors import ConfigError
+    from rayrcm.orchestration.certify_actor import CountActor
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get=lambda ref: ref))  # refs are the objects
+    blob = torch.load(make_model(tmp_path / "m.pt"), weights_only=True)
+    blob["meta"]["export"] = "actor_plugged_kind"
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    (tmp_path / "actor_plugged_kind.py").write_text(
+        "from rayrcm.models.export import EXPORTS, ExportKind\n"
+        "EXPORTS.register('actor_plugged_kind')(ExportKind(lambda meta: EXPORTS.get('classifier').build(meta), True))\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = CertifyConfig(model="m", plugins=("actor_plugged_kind.py",), compute=ComputeConfig(batch=100))
+    settings = CountSettings.from_config(cfg)
+    assert settings.plugins == (str(tmp_path / "actor_plugged_kind.py"),) and settings.batch == 100
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ConfigError, match="actor_plugged_kind"):
+        CountActor(buf.getvalue(), images, CountSettings.from_config(CertifyConfig(model="m")))
+    actor = CountActor(buf.getvalue(), images, settings)
+    out = actor({"pos": np.array([1]), "index": np.array([7]), "role": np.array([ESTIMATION]), "chunk": np.array([0]),
+                 "num": np.array([300])})
+    assert out["counts"].shape == (1, 10) and out["counts"].sum() == 300 and out["device"].tolist() == ["cpu"]

@@ -85,3 +85,31 @@ def test_prepare_resolves_the_protocol_and_warns_on_another_sigma(tmp_path):
     cfg = certify_job.config_from_args([f"model={path}", f"out_dir={tmp_path}", "tracking.enabled=false", "smoothing.sigma=0.25"])
     assert certify_job.prepare(cfg).warnings == []
 
+
+
+def _plugin_model(tmp_path, kind):
+    """A classifier file of an export kind only ``plugin.py`` registers."""
+    import torch
+
+    blob = torch.load(make_model(tmp_path / "base.pt"), weights_only=True)
+    blob["meta"]["export"] = kind
+    torch.save(blob, tmp_path / "plugged.pt")
+    plugin = tmp_path / f"{kind}.py"
+    plugin.write_text("from rayrcm.models.export import EXPORTS, ExportKind\n"
+                      f"EXPORTS.register({kind!r})(ExportKind(lambda meta: EXPORTS.get('classifier').build(meta), True))\n")
+    return tmp_path / "plugged.pt", plugin
+
+
+def test_plugin_flag_maps_to_plugins_and_prepare_loads_them(capsys, tmp_path):
+    from rayrcm.cli import _parser, certify_config
+
+    model, plugin = _plugin_model(tmp_path, "cli_plugged_kind")
+    out = ["--out", str(tmp_path / "out"), "--set", "tracking.enabled=false"]
+    _fails(capsys, ["certify", "--model", str(model), *out], "load the plugin that registers it (--plugin)")
+    args = _parser().parse_args(["predict", "--model", str(model), "--plugin", str(plugin), "--plugin", "json", *out])
+    cfg = certify_config(args)
+    assert cfg.plugins == (str(plugin), "json") and cfg.mode == "predict"
+    p = certify_job.prepare(cfg)
+    assert "cli_plugged_kind" in sys.modules and p.meta["export"] == "cli_plugged_kind"
+    assert "plugins" not in p.protocol, "plugins do not change results"
+    _fails(capsys, ["certify", "--model", str(model), "--plugin", "no_such_plugin_module", *out], "plugins='no_such_plugin_module'")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rayrcm.sections import PRECISIONS, TrackingConfig, default_storage
 from rayrcm.errors import ConfigError
+from rayrcm.sections import PRECISIONS, TrackingConfig, default_storage
 
 MODES = ("certify", "predict")
 SPLITS = ("test", "val")
@@ -67,6 +67,9 @@ class CertifyConfig:
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment=""))  # "" = the model's experiment
+    # modules or .py files imported by the driver and every counting actor (an export kind, a dataset);
+    # not part of the protocol: they make results possible, they do not change them
+    plugins: tuple[str, ...] = ()
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -95,6 +98,7 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(c.precision in PRECISIONS, "precision", c.precision, f"choose one of: {', '.join(PRECISIONS)}")
     _check(c.gpus_per_worker > 0 and c.cpus_per_worker > 0, "compute.gpus_per_worker", (c.gpus_per_worker, c.cpus_per_worker), "resources per worker must be > 0")
     _check(c.flush_every >= 1, "compute.flush_every", c.flush_every, "must be >= 1")
+    _check(all(p.strip() for p in cfg.plugins), "plugins", cfg.plugins, "give module names or .py files")
     _check(not cfg.name or all(ch.isalnum() or ch in "-_." for ch in cfg.name), "name", cfg.name, "use letters, digits, '-', '_' or '.'")
     return cfg
 
@@ -115,7 +119,7 @@ def short_sigma(sigma: float) -> str:
 
 
 def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_classes: int, indices: list[int]) -> dict:
-    """What decides the results (compared on resume; logged as params)."""
+    """What decides the results (compared on resume; logged as params). Not ``plugins``."""
     s = cfg.smoothing
     return {
         "mode": cfg.mode, "dataset": dataset, "split": cfg.split, "sigma": s.sigma, "n0": s.n0 if cfg.mode == "certify" else 0,

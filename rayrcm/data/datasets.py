@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from rayrcm.sections import DataConfig
 from rayrcm.errors import ConfigError
 from rayrcm.registry import Registry
+from rayrcm.sections import DataConfig
 
 
 @dataclass(frozen=True)

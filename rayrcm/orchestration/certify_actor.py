@@ -9,32 +9,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from rayrcm.certify.collect import CountSettings
 from rayrcm.certify.smoothing import Row, Smoother, choose_batch
+from rayrcm.plugins import load_plugins
 
 
 class CountActor:
     """Loads the model and the job's images once; ``__call__`` maps rows
     ``{pos, index, role, chunk, num}`` to ``{pos, role, chunk, counts, seconds, device}``."""
 
-    def __init__(self, model_ref: Any, images_ref: Any, settings: dict[str, Any]) -> None:
+    def __init__(self, model_ref: Any, images_ref: Any, settings: CountSettings) -> None:
         import ray
 
         from rayrcm.models.export import build_from_blob
 
+        load_plugins(settings.plugins, key="plugins")  # an export kind of the user's, in this process too
         blob = torch.load(io.BytesIO(ray.get(model_ref)), map_location="cpu", weights_only=True)
         model, meta = build_from_blob(blob)
         self.images = ray.get(images_ref)
-        use_gpu = settings["use_gpu"] and torch.cuda.is_available()
+        use_gpu = settings.use_gpu and torch.cuda.is_available()
         if not use_gpu:
-            torch.set_num_threads(max(1, int(settings["cpus_per_worker"])))
+            torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
         device = torch.device("cuda" if use_gpu else "cpu")
         self.device_name = torch.cuda.get_device_name(device) if use_gpu else "cpu"
-        self.seed = settings["seed"]
-        self.sm = Smoother(model, meta["num_classes"], settings["sigma"], batch=settings["batch"] or settings["block"],
-                           block=settings["block"], device=device, precision=settings["precision"],
-                           channels_last=settings["channels_last"])
-        if not settings["batch"]:
-            limit = min(settings["chunk"], 65_536 if use_gpu else 1024)
+        self.seed = settings.seed
+        self.sm = Smoother(model, meta["num_classes"], settings.sigma, batch=settings.batch or settings.block,
+                           block=settings.block, device=device, precision=settings.precision,
+                           channels_last=settings.channels_last)
+        if not settings.batch:
+            limit = min(settings.chunk, 65_536 if use_gpu else 1024)
             choose_batch(self.sm, self.images.shape[1:], limit=limit)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

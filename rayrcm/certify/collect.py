@@ -1,0 +1,113 @@
+"""The pure half of the certification job (no Ray, no MLflow): what each counting actor is told,
+the driver's per-image sums of row counts, and the Parquet parts finished images are written to.
+
+Ordering: every row counts *all* classes, and ``c_A`` is taken from the selection counts after
+both roles are in. This is the same test as counting ``c_A`` only, because the estimation draws
+are independent of the selection draws (different generator seeds), and it lets selection and
+estimation rows run in parallel. A row delivered twice (a retried actor) is counted once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rayrcm.certify.protocol import CertifyConfig
+from rayrcm.certify.smoothing import ESTIMATION, PREDICTION, SELECTION, plan_rows
+from rayrcm.certify.stats import certify_from_counts, predict_from_counts
+
+
+@dataclass(frozen=True)
+class CountSettings:
+    """Everything a counting actor needs besides the model and the images."""
+
+    sigma: float
+    seed: int
+    block: int
+    chunk: int
+    batch: int  # 0 = choose the largest useful batch on the device
+    precision: str
+    channels_last: bool
+    use_gpu: bool
+    cpus_per_worker: float
+    plugins: tuple[str, ...] = ()  # imported by each actor before it rebuilds the model
+
+    @classmethod
+    def from_config(cls, cfg: CertifyConfig) -> CountSettings:
+        s, c = cfg.smoothing, cfg.compute
+        # .py plugins as absolute paths: an actor's working directory need not be the driver's
+        plugins = tuple(str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in cfg.plugins)
+        return cls(sigma=s.sigma, seed=s.seed, block=s.block, chunk=s.chunk, batch=c.batch, precision=c.precision,
+                   channels_last=c.channels_last, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, plugins=plugins)
+
+
+class Collector:
+    """Sums row counts per image; :meth:`add` returns the records of the images it finished.
+
+    ``todo`` are the dataset indices still to certify and ``labels`` their labels, in that order;
+    :attr:`rows` are the rows of work ``{pos, index, role, chunk, num}`` (``pos`` into ``todo``).
+    """
+
+    def __init__(self, cfg: CertifyConfig, todo: list[int], labels: Any, num_classes: int) -> None:
+        s = cfg.smoothing
+        self.mode, self.sigma, self.alpha = cfg.mode, s.sigma, s.alpha
+        self.todo, self.labels = list(todo), labels
+        roles = {SELECTION: s.n0, ESTIMATION: s.n} if self.mode == "certify" else {PREDICTION: s.n}
+        self.rows = [dict(pos=pos, index=idx, role=r.role, chunk=r.chunk, num=r.num)
+                     for pos, idx in enumerate(self.todo) for r in plan_rows(idx, roles, s.chunk)]
+        self.expected = Counter(r["pos"] for r in self.rows)
+        self.sums = {pos: {role: np.zeros(int(num_classes), np.int64) for role in roles} for pos in self.expected}
+        self.got: dict[int, set[tuple[int, int]]] = {pos: set() for pos in self.expected}
+        self.seconds = {pos: 0.0 for pos in self.expected}
+        self.devices: dict[int, set[str]] = {pos: set() for pos in self.expected}
+        self.samples = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        done = []
+        for pos, role, chunk, num, counts, sec, dev in zip(batch["pos"], batch["role"], batch["chunk"], batch["num"],
+                                                            batch["counts"], batch["seconds"], batch["device"]):
+            pos, key = int(pos), (int(role), int(chunk))
+            if key in self.got[pos]:
+                continue  # a retried row delivered twice: identical counts, keep one
+            self.got[pos].add(key)
+            self.sums[pos][int(role)] += np.asarray(counts, dtype=np.int64)
+            self.seconds[pos] += float(sec)
+            self.devices[pos].add(str(dev))
+            self.samples += int(num)
+            if len(self.got[pos]) == self.expected[pos]:
+                done.append(self._record(pos))
+        return done
+
+    def _record(self, pos: int) -> dict[str, Any]:
+        idx, label = self.todo[pos], int(self.labels[pos])
+        rec: dict[str, Any] = {"idx": idx, "label": label, "time": self.seconds[pos], "device": ",".join(sorted(self.devices[pos]))}
+        sums = self.sums[pos]
+        if self.mode == "certify":
+            c = certify_from_counts(sums[SELECTION], sums[ESTIMATION], self.sigma, self.alpha)
+            rec.update(predict=c.prediction, radius=c.radius, top_class=c.top_class, n_a=c.n_a, n=c.n, p_a_lower=c.p_a_lower,
+                       counts_selection=sums[SELECTION].tolist(), counts_estimation=sums[ESTIMATION].tolist())
+        else:
+            pr = predict_from_counts(sums[PREDICTION], self.alpha)
+            rec.update(predict=pr.prediction, radius=0.0, n_a=pr.n_a, n_b=pr.n_b, p_value=pr.p_value, counts=sums[PREDICTION].tolist())
+        rec["correct"] = int(rec["predict"] == label)
+        return rec
+
+
+def write_part(rows_dir: Path, records: list[dict[str, Any]]) -> Path | None:
+    """Append ``records`` as a new ``part-*.parquet`` (written to a temporary file and renamed, so a
+    part is whole or absent); nothing for no records."""
+    if not records:
+        return None
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = rows_dir / ("." + name + ".tmp")
+    pd.DataFrame.from_records(records).to_parquet(tmp, index=False)
+    tmp.replace(rows_dir / name)
+    return rows_dir / name

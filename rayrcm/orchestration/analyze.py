@@ -1,0 +1,55 @@
+"""``rayrcm analyze``: tables and curves over several certification results (folders, Parquet files
+or Cohen-format files), written to a folder and logged to each certification's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from rayrcm.analysis import read_results, result_labels, summary_table, to_markdown, write_analysis
+from rayrcm.errors import ConfigError
+from rayrcm.orchestration import tracking
+from rayrcm.orchestration.certify_prepare import RUN_FILE
+
+
+def _read(paths: list[str]) -> dict[str, pd.DataFrame]:
+    """Each result's rows under its label (see :func:`rayrcm.analysis.result_labels`)."""
+    frames = []
+    for path in paths:
+        if not Path(path).exists():
+            raise ConfigError("results", path, "no such file or folder")
+        try:
+            frames.append(read_results(path))
+        except ValueError as err:
+            raise ConfigError("results", path, str(err).split(": ", 1)[-1]) from None
+    return dict(zip(result_labels(paths), frames))
+
+
+def _log(paths: list[str], files: list[Path]) -> None:
+    """Attach the analysis to the MLflow run of every certification folder that has one."""
+    for path in paths:
+        info = Path(path) / RUN_FILE
+        if info.is_file():
+            run = json.loads(info.read_text())
+            logger = tracking.MetricLogger(run["tracking_uri"], run["run_id"])
+            for f in files:
+                logger.log_artifact(f, "analysis")
+
+
+def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Path | None = None,
+            log: bool = True) -> tuple[pd.DataFrame, list[Path]]:
+    """Tables and curves over several results (folders or Cohen-format files), written to ``out``
+    (default: the first folder's ``analysis/``) and logged to each certification's MLflow run."""
+    paths = [str(p) for p in paths]
+    results = _read(paths)
+    first = Path(paths[0])
+    folder = Path(out) if out else (first if first.is_dir() else first.parent) / "analysis"
+    table = summary_table(results, radii)
+    files = write_analysis(results, folder, radii=radii)
+    print(to_markdown(table), flush=True)
+    print(f"[rayrcm] wrote {', '.join(str(f) for f in files)}", flush=True)
+    if log:
+        _log(paths, files)
+    return table, files

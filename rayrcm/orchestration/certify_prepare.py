@@ -1,0 +1,165 @@
+"""Everything of a certification job that can fail on bad input, before any Ray work: the config,
+the plugins, the model (it must rebuild and predict classes), the dataset and its image list, the
+job's name and folder, and the protocol (a rerun of a name with another protocol is refused)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayrcm.analysis.results import read_rows_dir
+from rayrcm.certify.protocol import (
+    CertifyConfig,
+    protocol_dict,
+    select_indices,
+    short_sigma,
+    validate_certify,
+)
+from rayrcm.errors import ConfigError
+from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, predicts_classes
+from rayrcm.orchestration import tracking
+from rayrcm.plugins import load_plugins
+from rayrcm.sections import DataConfig
+from rayrcm.train.checkpoint import load_model_file
+
+PROTOCOL_FILE = "protocol.json"  # the protocol of a results folder (compared on resume)
+RUN_FILE = "mlflow_run.json"  # the MLflow run of a results folder (``analyze`` logs to it)
+
+
+@dataclass
+class Prepared:
+    cfg: CertifyConfig
+    uri: str | None
+    name: str
+    out: Path
+    model_ref: str
+    model_file: Path
+    meta: dict[str, Any]
+    indices: list[int]
+    images: torch.Tensor  # uint8 (K, C, H, W): the images still to do
+    labels: torch.Tensor
+    protocol: dict[str, Any]
+    finished: set[int]
+    experiment: str
+    parent_run_id: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def todo(self) -> list[int]:
+        """The dataset indices still to certify, in the order of ``images``."""
+        return [i for i in self.indices if i not in self.finished]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _default_name(cfg: CertifyConfig, dataset: str, sha: str) -> str:
+    s = cfg.smoothing
+    parts = [cfg.mode, dataset, cfg.split, sha[:8], f"sigma-{short_sigma(s.sigma)}", f"n{s.n}"]
+    if s.indices:
+        parts.append("idx" + hashlib.sha1(",".join(map(str, s.indices)).encode()).hexdigest()[:6])
+    else:
+        parts += [f"skip{s.skip}"] + ([f"max{s.max}"] if s.max > 0 else [])
+    return "-".join(parts + [f"seed{s.seed}"])
+
+
+def _data_config(cfg: CertifyConfig, meta: dict[str, Any]) -> DataConfig:
+    trained = meta["config"]["data"]
+    name = cfg.dataset or trained["name"]
+    path = cfg.data_path or (trained.get("path") if name == trained["name"] else None)
+    return DataConfig(name=name, path=path or None, image_size=int(meta["image_size"]),
+                      val_fraction=float(trained.get("val_fraction", 0.1)), crop_pct=float(trained.get("crop_pct", 0.875)))
+
+
+def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> None:
+    f = out / PROTOCOL_FILE
+    if not f.is_file():
+        return
+    old = json.loads(f.read_text())
+    diff = [f"{k} {old.get(k)!r} != {v!r}" for k, v in protocol.items() if old.get(k) != v]
+    if diff:
+        raise ConfigError("name", name, f"holds results of another protocol ({'; '.join(diff[:3])}); choose another --name")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:160]
+
+
+def _load_model(cfg: CertifyConfig, uri: str | None) -> tuple[Path, dict[str, Any]]:
+    """The local model file and its meta, once it is known to rebuild into a classifier here."""
+    local = tracking.resolve_model(cfg.model, uri)
+    try:
+        blob = load_model_file(local)
+        meta = blob["meta"]
+        kind = export_kind(meta)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --model
+        raise ConfigError("model", cfg.model, f"is not a rayrcm model file ({_first_line(err)})") from None
+    if kind not in EXPORTS:
+        raise ConfigError("model", cfg.model, f"has export kind {kind!r}, not registered here (registered: "
+                          f"{', '.join(EXPORTS.names())}); load the plugin that registers it (--plugin)")
+    if not predicts_classes(meta):
+        raise ConfigError("model", cfg.model, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} "
+                          "checkpoint; certification needs a classifier (a model that predicts classes)")
+    try:
+        build_from_blob(blob)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError("model", cfg.model, f"does not match its own config ({_first_line(err)})") from None
+    return local, meta
+
+
+def _sigma_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
+    trained = meta["config"].get("method", {}).get("sigma")
+    if trained is None or abs(float(trained) - cfg.smoothing.sigma) <= 1e-12:
+        return []
+    return [f"WARNING: this model was trained with noise sigma={trained:g} and is being "
+            f"certified at sigma={cfg.smoothing.sigma:g}: expect much lower certified accuracy"]
+
+
+def prepare(cfg: CertifyConfig) -> Prepared:
+    """Everything that can fail on bad input, before any Ray work."""
+    from rayrcm.data import DATASETS
+    from rayrcm.data.datasets import eval_images, eval_split
+
+    cfg = validate_certify(cfg)
+    load_plugins(cfg.plugins, key="plugins")  # an export kind or a dataset of the user's
+    uri = None
+    if cfg.tracking.enabled:
+        uri = tracking.normalize_uri(cfg.tracking.uri)
+        tracking.check_reachable(uri)
+    local, meta = _load_model(cfg, uri)
+    data = _data_config(cfg, meta)
+    if data.name not in DATASETS:
+        raise ConfigError("dataset", data.name, f"unknown dataset; choose one of: {', '.join(DATASETS.names())}")
+    DATASETS.get(data.name).check_path(data.path)
+    ds, num_classes, large = eval_split(data, cfg.split)
+    if num_classes != meta["num_classes"]:
+        raise ConfigError("model", cfg.model, f"has {meta['num_classes']} classes but dataset {data.name} has {num_classes}")
+    indices = select_indices(len(ds), cfg.smoothing)  # type: ignore[arg-type]
+    if not indices:
+        raise ConfigError("max", cfg.smoothing.max, "selects no image")
+    sha = _sha256(local)
+    name = cfg.name or _default_name(cfg, data.name, sha)
+    out = Path(cfg.out_dir).expanduser().resolve() / name
+    protocol = protocol_dict(cfg, dataset=data.name, model_sha256=sha, num_classes=num_classes, indices=indices)
+    protocol["indices_sha1"] = hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest()
+    _check_protocol(out, protocol, name)
+    done = read_rows_dir(out)
+    finished = set(int(i) for i in done["idx"]) if len(done) else set()
+    images, labels = eval_images(ds, [i for i in indices if i not in finished], data.image_size, large=large,
+                                 crop_pct=data.crop_pct)
+    parent, experiment = (None, None)
+    if uri:
+        parent, experiment = tracking.model_lineage(cfg.model, uri)
+    experiment = cfg.tracking.experiment or experiment or "rayrcm-certify"
+    return Prepared(cfg, uri, name, out, cfg.model, local, meta, indices, images, labels, protocol, finished,
+                    experiment, parent, _sigma_warnings(cfg, meta))
