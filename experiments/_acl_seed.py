@@ -31,8 +31,10 @@ from typing import Any
 
 import yaml
 
+from rayrcm.cli import add_verbose_arg
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError
+from rayrcm.orchestration import console
 
 METHODS = ("cl", "acl", "air", "acl_rcs")
 MODES = ("slf", "alf", "aff")
@@ -106,7 +108,9 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     p.add_argument("--from", dest="init_from", help="finetune: the pretrained encoder (default: the registry alias of --method)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config(s) and exit")
+    add_verbose_arg(p)
     args = p.parse_args(argv)
+    console.configure(True if getattr(args, "verbose", False) else None)
     try:
         if args.stage == "pretrain":
             cfg = validate(apply_overrides(pretrain(args.method), args.overrides), check_paths=not args.dry_run)

@@ -31,9 +31,11 @@ from typing import Any
 
 import yaml
 
+from rayrcm.cli import add_verbose_arg
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError
 from rayrcm.objectives.rcm import rcm_input_scale
+from rayrcm.orchestration import console
 from rayrcm.quickstart import sigma_alias
 
 SIGMAS = (0.25, 0.5, 1.0)
@@ -127,7 +129,9 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--random", action="store_true", help="tune: the random/loguniform space instead of the grid")
     add_sweep_args(p)
+    add_verbose_arg(p)
     args = p.parse_args(argv)
+    console.configure(True if getattr(args, "verbose", False) else None)
     try:
         if args.stage == "analyze":
             from rayrcm.cli import main as cli_main

@@ -69,6 +69,11 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="sweep settings, e.g. --sweep num_samples=2 --sweep alias=sigma-0_50 --sweep max_concurrent_trials=4")
 
 
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's and MLflow's own logs too (also: RAYRCM_VERBOSE=1)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayrcm", description="Robust representation learning and certification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--detach", action="store_true", help="start in the background, wait until healthy, print the pid")
     m.add_argument("--log", default="~/.rayrcm/mlflow/server.log")
     m.add_argument("--pidfile", default="")
+    for parser in (p, *sub.choices.values()):
+        add_verbose_arg(parser)
     return p
 
 
@@ -140,6 +147,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from rayrcm.orchestration import console
+
+    console.configure(True if getattr(args, "verbose", False) else None)  # before anything imports ray
     if args.command in ("certify", "predict"):
         return _certify(args)
     if args.command == "analyze":

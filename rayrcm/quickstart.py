@@ -36,7 +36,8 @@ def pretrain_config() -> ExperimentConfig:
         "model": {"encoder": "vit_digits", "proj_hidden_dim": 512, "proj_dim": 128},
         "method": {"name": "rcm", "levels_start": 10, "levels_end": 40},
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 20, "grad_clip": 2.0},
-        "train": {"name": "quickstart-pretrain", "steps": 150, "workers": 2, "checkpoint_every": 50, "log_every": 25},
+        "train": {"name": "quickstart-pretrain", "steps": 150, "workers": 2, "checkpoint_every": 50, "log_every": 25,
+                  "progress_every_s": 30},
         "tracking": {"experiment": "rayrcm-quickstart"},
     })
 
@@ -51,6 +52,7 @@ def finetune_config(encoder_ref: str = "") -> ExperimentConfig:
         "method": {"name": "consistency", "sigma": SIGMA, "m": 2, "lbd": 10.0, "eta": 0.5},
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 20},
         "train": {"name": "quickstart-finetune", "steps": 300, "workers": 2, "checkpoint_every": 100, "log_every": 50,
+                  "progress_every_s": 30,
                   "eval_sigmas": (0.25, 0.5), "select_metric": "val_acc_sigma_0.25"},
         "tracking": {"experiment": "rayrcm-quickstart", "register_as": "rcm-digits", "alias": sigma_alias(SIGMA)},
     })

@@ -63,13 +63,12 @@ class CertifyResult:
 def _count_all(p: Prepared, collector: Collector, progress: _Progress) -> None:
     """Stream the rows through the actor pool; hand finished images to ``progress``."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
+    from rayrcm.orchestration import console
     from rayrcm.orchestration.certify_actor import CountActor
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    console.quiet_data()
     c = p.cfg.compute
     model_ref = ray.put(p.model_file.read_bytes())
     images_ref = ray.put(p.images)

@@ -14,8 +14,11 @@ a user's own values of these variables win.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import warnings
 
 VERBOSE_ENV = "RAYRCM_VERBOSE"
 OUR_LINES = r"^\[rayrcm\] "
@@ -34,8 +37,21 @@ def configure(verbose: bool | None = None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "^")  # drop every line forwarded from workers ...
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", OUR_LINES)  # ... except ours (allow beats skip)
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")  # ours without "(RayTrainWorker pid=...)"
-    for name in ("mlflow", "alembic"):
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
+    for name in ("mlflow", "alembic"):  # in case mlflow was imported already
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Hide what a library prints straight to stderr (MLflow's "Successfully registered model")
+    unless verbose; rayrcm prints its own line instead."""
+    if is_verbose():
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow's advice to type-hint pyfunc predict()
+        yield
 
 
 def ray_init_kwargs() -> dict:
@@ -48,7 +64,7 @@ def quiet_data() -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # our own progress line is steadier than a bar in a log
     if is_verbose():
         return
     ctx.print_on_execution_start = False
