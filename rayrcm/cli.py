@@ -182,7 +182,8 @@ def run(argv: list[str] | None = None) -> int:
     from rayrcm.orchestration.trainer import fit
 
     result = fit(cfg)
-    print(f"[rayrcm] done: run {result.run_id}, model {result.model_file}, metrics {result.metrics}")
+    where = result.model.get("alias_uri") or result.model.get("registry_uri") or result.model_file
+    print(f"[rayrcm] model: {where}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))
     return 0
 
 

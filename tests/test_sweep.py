@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,61 @@ def test_sweep_metric_and_trial_config():
     assert sw.metric == "val_smoothed_acc_sigma_0.25" and base.train.select_metric == sw.metric
     assert base.train.eval_votes == 4 and base.train.checkpoint_epochs == 1  # report every epoch
     assert sw.name == "rcm-digits-finetune-sigma-0_25-sweep" and sw.alias == "sigma-0_25"
-    with pytest.raises(ConfigError, match="sweep.metric"):
+    assert base.train.evals == ("noisy", "smoothed")  # the metric's evaluation joins the user's
+    with pytest.raises(ConfigError, match="sweep.metric") as err:
         sweep.validate_sweep(_base(), sweep.SweepConfig(space={"method.lbd": "grid:5"}, metric="val_smoothed_acc_sigma_0.3"))
+    assert "\n" not in str(err.value)
+
+
+def test_trial_evals_keep_the_users_and_add_smoothed_once():
+    space = sweep.SweepConfig(space={"method.lbd": "grid:5"})
+    assert sweep.validate_sweep(_base("train.evals=smoothed", "train.select_metric="), space)[0].train.evals == ("smoothed",)
+    assert sweep.validate_sweep(_base("train.evals=noisy,smoothed"), space)[0].train.evals == ("noisy", "smoothed")
+    base, sw, _ = sweep.validate_sweep(_base(), replace(space, metric="val_acc_clean", votes=3))
+    assert base.train.select_metric == "val_acc_clean" and base.train.evals == ("noisy", "smoothed")
+    assert base.train.eval_votes == 3
+
+
+def test_bad_sweep_settings_name_their_key():
+    for field, value in (("max_failures", -2), ("max_concurrent_trials", -1), ("mode", "best"), ("votes", 0)):
+        with pytest.raises(ConfigError, match=f"sweep.{field}"):
+            sweep.validate_sweep(_base(), sweep.SweepConfig(space={"method.lbd": "grid:5"}, **{field: value}))
+
+
+class _Result:
+    """What the summary reads of a Tune ``Result``."""
+
+    def __init__(self, trial, lr, curve, error=None):
+        import pandas as pd
+
+        self.path, self.config, self.error = f"/tmp/sweep/{trial}", {"optim.lr": lr}, error
+        self.metrics_dataframe = pd.DataFrame({"m": curve})
+
+
+def test_summary_table_and_files(tmp_path):
+    grid = [_Result("a", 1e-3, [0.5, 0.7]), _Result("b", 1e-7, [0.1]), _Result("c", 1e-2, [], error=RuntimeError())]
+    ends = {"a": {"metrics": {"selected_value": 0.75}, "run_id": "r" * 32}}
+    table = sweep.trial_table(grid, ends, "sw", "m", "max", ["optim.lr"])
+    assert list(table["trial"]) == ["a", "b", "c"] and list(table["status"]) == ["completed", "stopped", "error"]
+    assert table["m"].iloc[0] == 0.75 and table["m"].iloc[1] == 0.1 and list(table["reports"]) == [2, 1, 0]
+    assert table["job"].iloc[0] == "sw-a" and table["run_id"].iloc[0] == "r" * 32
+    files = sweep.write_summary(tmp_path, table, "sw", "m", ["optim.lr"])
+    assert [f.name for f in files] == ["sweep_summary.csv", "sweep_summary.md", "metric_vs_params.png"]
+    assert all(f.stat().st_size > 0 for f in files)
+    assert "| a | 0.0010 | completed | 2 | 0.7500 |" in files[1].read_text()
+
+
+def test_sweep_modules_call_mlflow_only_through_tracking():
+    import ast
+
+    for name in ("sweep", "sweep_space", "sweep_report"):
+        tree = ast.parse((REPO / "rayrcm" / "orchestration" / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in imported if m.split(".")[0] == "mlflow"}, name
+        private = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                   and n.value.id == "tracking" and n.attr.startswith("_")}
+        assert not private, (name, private)
 
 
 def test_recipe_grids_follow_the_seed_values():

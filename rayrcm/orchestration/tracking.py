@@ -123,8 +123,10 @@ def log_model(uri: str, run_id: str, model_file: str | Path, *, register_as: str
     """Log ``model.pt`` as the run's ``model`` and register/alias it when asked."""
     import mlflow
 
+    from rayrcm.orchestration.console import quiet_stderr
+
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), quiet_stderr():
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
@@ -143,7 +145,10 @@ def register(uri: str, model_uri: str, run_id: str, name: str, alias: str = "", 
 
     mlflow.set_tracking_uri(uri)
     client = _client(uri)
-    mv = mlflow.register_model(model_uri, name, tags=tags or {})
+    from rayrcm.orchestration.console import quiet_stderr
+
+    with quiet_stderr():  # MLflow prints "Successfully registered model" to stderr; the caller says it
+        mv = mlflow.register_model(model_uri, name, tags=tags or {})
     out: dict[str, Any] = {"name": name, "version": int(mv.version), "registry_uri": f"models:/{name}/{mv.version}"}
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
@@ -169,6 +174,18 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     client = _client(uri)
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log scalar metrics to a run at ``step`` (one call; for a series use :class:`MetricLogger`)."""
+    MetricLogger(uri, run_id).log(step, metrics)
+
+
+def log_artifacts(uri: str, run_id: str, paths: list[str | Path], artifact_path: str | None = None) -> None:
+    """Upload local files to a run's artifacts (under ``artifact_path`` when given)."""
+    client = _client(uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
