@@ -64,7 +64,7 @@ def certify_config(model_ref: str, tracking_uri: str) -> CertifyConfig:
     return config_from_args([
         f"model={model_ref}", f"tracking.uri={tracking_uri}",
         f"smoothing.sigma={SIGMA}", "smoothing.n0=100", "smoothing.n=1000", "smoothing.alpha=0.001",
-        "smoothing.skip=4", "smoothing.chunk=1000", "compute.workers=2", "compute.progress_every_s=15",
+        "smoothing.skip=4", "smoothing.chunk=1000", "compute.workers=2", "compute.progress_every_s=30",
     ])
 
 

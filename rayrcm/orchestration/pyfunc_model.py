@@ -17,7 +17,7 @@ class RayrcmModel(mlflow.pyfunc.PythonModel):
         self.classes = predicts_classes(self.meta)
         self.model.eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             out = self.model(x)
