@@ -137,7 +137,7 @@ def _check_evals(cfg: ExperimentConfig) -> None:
     for key in ("evals", "test_evals"):
         for name in getattr(t, key):
             check(name in EVALUATIONS, f"train.{key}", name, f"unknown evaluation; choose from: {', '.join(EVALUATIONS.names())}")
-    classifier = EXPORTS.get(cfg.method.export).predicts_classes
+    classifier = cfg.method.stage == "classifier"
     allowed = [m for ev in build_evaluations(t.evals, cfg) for m in ev.metric_names("val")]
     check(not t.select_metric or (t.select_metric in allowed and classifier), "train.select_metric", t.select_metric,
           f"choose one of: {', '.join(allowed)} (validation metrics of train.evals={','.join(t.evals)}; classifier stages "

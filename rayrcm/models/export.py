@@ -73,9 +73,13 @@ def export_kind(meta: dict[str, Any]) -> str:
     return kind
 
 
-def predicts_classes(meta: dict[str, Any]) -> bool:
-    kind = export_kind(meta)
+def kind_predicts_classes(kind: str) -> bool:
+    """Whether networks of export kind ``kind`` map images to class logits (False if unregistered)."""
     return kind in EXPORTS and EXPORTS.get(kind).predicts_classes
+
+
+def predicts_classes(meta: dict[str, Any]) -> bool:
+    return kind_predicts_classes(export_kind(meta))
 
 
 def _check_blob(blob: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from rayrcm.distributed import Collectives
-from rayrcm.models.export import EXPORTS
+from rayrcm.models.export import kind_predicts_classes
 
 
 @dataclass
@@ -37,7 +37,7 @@ class MethodConfig:
 
     @property
     def stage(self) -> str:
-        return "classifier" if self.export in EXPORTS and EXPORTS.get(self.export).predicts_classes else "pretrain"
+        return "classifier" if kind_predicts_classes(self.export) else "pretrain"
 
     def views(self, augmentation: str) -> tuple[str, ...]:
         """Augmentation names of the views each training sample yields."""

@@ -33,9 +33,7 @@ def _log(paths: list[str], files: list[Path]) -> None:
         info = Path(path) / RUN_FILE
         if info.is_file():
             run = json.loads(info.read_text())
-            logger = tracking.MetricLogger(run["tracking_uri"], run["run_id"])
-            for f in files:
-                logger.log_artifact(f, "analysis")
+            tracking.log_artifacts(run["tracking_uri"], run["run_id"], files, "analysis")
 
 
 def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Path | None = None,

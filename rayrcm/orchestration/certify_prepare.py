@@ -21,11 +21,10 @@ from rayrcm.certify.protocol import (
     validate_certify,
 )
 from rayrcm.errors import ConfigError
-from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, predicts_classes
+from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, load_file, predicts_classes
 from rayrcm.orchestration import tracking
 from rayrcm.plugins import load_plugins
 from rayrcm.sections import DataConfig
-from rayrcm.train.checkpoint import load_model_file
 
 PROTOCOL_FILE = "protocol.json"  # the protocol of a results folder (compared on resume)
 RUN_FILE = "mlflow_run.json"  # the MLflow run of a results folder (``analyze`` logs to it)
@@ -99,20 +98,21 @@ def _load_model(cfg: CertifyConfig, uri: str | None) -> tuple[Path, dict[str, An
     """The local model file and its meta, once it is known to rebuild into a classifier here."""
     local = tracking.resolve_model(cfg.model, uri)
     try:
-        blob = load_model_file(local)
-        meta = blob["meta"]
-        kind = export_kind(meta)
+        blob = load_file(local)
+        kind = export_kind(blob["meta"])
     except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --model
         raise ConfigError("model", cfg.model, f"is not a rayrcm model file ({_first_line(err)})") from None
-    if kind not in EXPORTS:
+    if kind not in EXPORTS:  # build_from_blob says so too, naming train.plugins; here the flag is --plugin
         raise ConfigError("model", cfg.model, f"has export kind {kind!r}, not registered here (registered: "
                           f"{', '.join(EXPORTS.names())}); load the plugin that registers it (--plugin)")
-    if not predicts_classes(meta):
+    if not predicts_classes(blob["meta"]):
         raise ConfigError("model", cfg.model, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} "
                           "checkpoint; certification needs a classifier (a model that predicts classes)")
     try:
-        build_from_blob(blob)
-    except Exception as err:  # noqa: BLE001
+        _, meta = build_from_blob(blob)
+    except ConfigError as err:
+        raise ConfigError("model", cfg.model, f"{err.value}: {err.allowed}") from None
+    except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
         raise ConfigError("model", cfg.model, f"does not match its own config ({_first_line(err)})") from None
     return local, meta
 

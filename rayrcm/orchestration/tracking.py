@@ -72,11 +72,10 @@ def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], t
 
     client = _client(uri)
     exp_id = _experiment_id(client, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1)
+    found = find_job_run(uri, experiment, job)
     if found:
-        run = found[0]
-        client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        return run.info.run_id
+        client.update_run(found, status=RunStatus.to_string(RunStatus.RUNNING))
+        return found
     all_tags = {JOB_TAG: job, "mlflow.runName": job, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -143,10 +142,10 @@ def register(uri: str, model_uri: str, run_id: str, name: str, alias: str = "", 
         return {}
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    client = _client(uri)
     from rayrcm.orchestration.console import quiet_stderr
 
+    mlflow.set_tracking_uri(uri)
+    client = _client(uri)
     with quiet_stderr():  # MLflow prints "Successfully registered model" to stderr; the caller says it
         mv = mlflow.register_model(model_uri, name, tags=tags or {})
     out: dict[str, Any] = {"name": name, "version": int(mv.version), "registry_uri": f"models:/{name}/{mv.version}"}

@@ -32,10 +32,10 @@ def _atomic_save(obj: Any, path: Path) -> None:
 def model_meta(cfg_dict: dict, export: str, num_classes: int) -> dict[str, Any]:
     """What ``model.pt`` records: the resolved config, the export kind (:mod:`rayrcm.models.export`)
     and, for readers that predate export kinds, the matching ``stage``."""
-    from rayrcm.models.export import EXPORTS, LEGACY_STAGES
+    from rayrcm.models.export import LEGACY_STAGES, kind_predicts_classes
 
     export = LEGACY_STAGES.get(export, export)  # "pretrain" -> "encoder"
-    classes = export in EXPORTS and EXPORTS.get(export).predicts_classes
+    classes = kind_predicts_classes(export)
     return {
         "config": cfg_dict,
         "encoder": cfg_dict["model"]["encoder"],
@@ -69,7 +69,10 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
 
 
 def load_model_file(path: str | Path) -> dict[str, Any]:
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The contents of a ``model.pt`` (``weights_only=True``; :func:`rayrcm.models.export.load_file`)."""
+    from rayrcm.models.export import load_file
+
+    return load_file(path)
 
 
 def write_best(path: str | Path, model: nn.Module, meta: dict, step: int, metric: str, value: float) -> None:
