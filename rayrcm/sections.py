@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from rayrcm.errors import ConfigError
 
-AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug", "simclr")
+AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug", "simclr", "mocov3", "mocov3_1", "mocov3_2", "center")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars")
 
@@ -67,6 +67,8 @@ class ModelConfig:
     layernorm: bool = False  # extra LayerNorm on features before the head
     input_scale: float = 1.0  # fixed factor after normalization (RCM preconditioning c_in)
     init_from: str | None = None  # encoder weights: registry URI, run id or checkpoint path
+    init: str = "timm"  # ViT weight init: timm | mocov3 (MoCo v3's, as the RCM authors' moco_initialization)
+    freeze_patch_embed: bool = False  # ViT patch embedding frozen at its init (MoCo v3's / RCM's stop_grad_conv1)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class OptimConfig:
     milestones: tuple[int, ...] = ()  # steps where the "step" schedule decays
     milestone_epochs: tuple[float, ...] = ()  # the same in epochs (sets milestones; see resolve_epochs)
     gamma: float = 0.1
+    clip_after_warmup: bool = False  # grad_clip only once the warm-up is over (the RCM authors' "after_warmup")
+    weight_decay_all: bool = False  # every parameter decays (the RCM and ACL authors); False: biases and norms at 0
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class TrainConfig:
     checkpoint_epochs: float = 0.0  # > 0: sets checkpoint_every from the training set size
     keep_checkpoints: int = 2
     max_failures: int = 1
+    sync_bn: bool = True  # several workers: BatchNorm statistics over the global batch (SyncBatchNorm on GPUs)
     seed: int = 0
     log_every: int = 10
     storage_path: str = field(default_factory=lambda: default_storage())  # $RAYRCM_STORAGE on a cluster
@@ -149,6 +154,7 @@ def check_model(m: ModelConfig, image_size: int) -> None:
     for key in ("proj_hidden_dim", "proj_dim"):
         check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
     check(m.input_scale > 0, "model.input_scale", m.input_scale, "must be > 0")
+    check(m.init in ("timm", "mocov3"), "model.init", m.init, "choose one of: timm, mocov3")
     check(m.head_hidden_dim >= 0, "model.head_hidden_dim", m.head_hidden_dim, "must be >= 0 (0 = linear head)")
 
 
@@ -159,6 +165,8 @@ def check_optim(o: OptimConfig) -> None:
     check(0 < o.layer_decay <= 1, "optim.layer_decay", o.layer_decay, "must be in (0, 1] (1 = off)")
     check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    check(not (o.weight_decay_all and o.layer_decay < 1), "optim.weight_decay_all", o.weight_decay_all,
+          "cannot be combined with optim.layer_decay < 1 (layer decay keeps biases and norms undecayed)")
     check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
     check(o.schedule in ("cosine", "step"), "optim.schedule", o.schedule, "choose one of: cosine, step")
     check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")

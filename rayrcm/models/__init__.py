@@ -4,10 +4,12 @@ from rayrcm.models.classifier import Classifier, Normalize, build_classifier
 from rayrcm.models.dual_bn import DualBatchNorm, bn_route, convert_dual_bn, single_bn_state
 from rayrcm.models.ema import ema_update, make_frozen_copy
 from rayrcm.models.encoders import ENCODERS, Encoder, build_encoder
-from rayrcm.models.heads import BNProjectionHead, ProjectionHead
+from rayrcm.models.heads import ACLProjector, BNProjectionHead, MoCoV3Projector, ProjectionHead
 
 __all__ = [
+    "ACLProjector",
     "BNProjectionHead",
+    "MoCoV3Projector",
     "DualBatchNorm",
     "bn_route",
     "convert_dual_bn",

@@ -87,6 +87,7 @@ class Loop:
     precision: str = "fp32"
     grad_clip: float = 0.0
     scaler: torch.amp.GradScaler | None = None
+    clip_from: int = 0  # first step that clips (the RCM authors clip only after the warm-up)
     _params: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,7 +107,7 @@ class Loop:
             self.scaler.unscale_(self.optimizer)
         else:
             out.loss.backward()
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 and step >= self.clip_from:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

@@ -1,5 +1,10 @@
 """Optimizer (timm's factory) with layer-wise lr decay on ViT encoders, and the per-step schedule.
 
+LARS is timm's with the trust ratio on every parameter (``always_adapt``), as the ACL authors'
+``optimizer/lars.py``: with their one weight-decay group (``weight_decay_all``) a step equals
+theirs at a constant lr; timm applies the lr outside the momentum buffer, they inside, which
+differs only while the lr changes (docs/fidelity.md).
+
 Layer decay multiplies the lr of encoder layer ``l`` of ``L`` by ``decay^(L - l)`` (BEiT/MAE style,
 timm's ``param_groups_layer_decay``); heads and projectors keep the full lr. The schedule is timm's
 cosine with linear warmup indexed by optimizer step, so resuming is "set the step".
@@ -19,8 +24,13 @@ def _encoder_of(model: nn.Module) -> nn.Module | None:
 
 
 def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Parameter groups of ``module`` (the objective): no weight decay on biases and norms."""
+    """Parameter groups of ``module`` (the objective): no weight decay on biases and norms, or
+    (``weight_decay_all``) one group in which every parameter decays, as the RCM authors'
+    ``AdamW(model.parameters())`` and the ACL authors' ``LARS(model.parameters())``."""
     from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+
+    if cfg.weight_decay_all:
+        return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
 
     inner = _encoder_of(exported) if exported is not None else None
     if cfg.layer_decay < 1.0 and inner is not None and hasattr(inner, "group_matcher"):
@@ -39,7 +49,9 @@ def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> li
 def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
-    kwargs = {"momentum": cfg.momentum} if cfg.name in ("sgd", "lars") else {}
+    kwargs: dict = {"momentum": cfg.momentum} if cfg.name in ("sgd", "lars") else {}
+    if cfg.name == "lars":  # the ACL authors' LARS: trust ratio eta |w| / (|g| + wd |w|) on every parameter
+        kwargs.update(always_adapt=True, trust_coeff=0.001, trust_clip=False, eps=0.0)
     groups = param_groups(module, exported, cfg)
     return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 

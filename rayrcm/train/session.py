@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from rayrcm.data import MultiView, build_splits
 from rayrcm.data.views import data_transform
 from rayrcm.distributed import Collectives
+from rayrcm.models.batchnorm import sync_batchnorm
 from rayrcm.objectives import EpochContext, Objective, build_objective
 from rayrcm.train.checkpoint import MODEL_FILE, model_meta, save_model, save_state
 from rayrcm.train.loop import Loop, batches_from, run_steps
@@ -65,6 +66,8 @@ def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, r
     plain = [data_transform("none", cfg.data, large=large)]
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     objective = build_objective(cfg, splits.num_classes)
+    if cfg.train.sync_bn:  # BatchNorm over the global batch, as the authors' single GPU or SyncBatchNorm
+        objective = sync_batchnorm(objective, device, world)
     optimizer = build_optimizer(objective, objective.export(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
@@ -126,7 +129,8 @@ def run_training(s: Session, model: nn.Module, *, on_log: Log, on_checkpoint: Lo
 
     batches = batches_from(s.train_set, per_worker, s.rank, s.world, t.seed, s.start, cfg.data.num_workers, on_epoch=on_epoch,
                            epoch_samples=samples)
-    loop = Loop(model, s.objective, s.optimizer, s.scheduler, s.device, t.precision, cfg.optim.grad_clip, s.scaler)
+    clip_from = cfg.optim.warmup_steps if cfg.optim.clip_after_warmup else 0
+    loop = Loop(model, s.objective, s.optimizer, s.scheduler, s.device, t.precision, cfg.optim.grad_clip, s.scaler, clip_from)
     return run_steps(loop, batches, start=s.start, total=t.steps, seed=t.seed, rank=s.rank, batch_size=cfg.data.batch_size,
                      log_every=t.log_every, checkpoint_every=t.checkpoint_every, on_log=on_log, on_checkpoint=on_checkpoint,
                      before_step=before_step)
