@@ -13,11 +13,21 @@ below; every conversion to rayrcm's units and names is written here, once:
   trains fewer, e.g. 50 of 150 epochs for ImageNet at sigma 0.5). Our schedule is stepped per
   optimizer step, the seed's per epoch.
 * ``augmentation_type``: the seed's CIFAR-10 "weak" is no augmentation at all (``none``), its
-  ImageNet "weak" a short-side resize, centre crop and flip (``none``, ``crop_pct=1``, flip),
-  its "strong" a RandomResizedCrop(0.4, 1) and flip (``crop``), its "autoaug" timm's RandAugment
-  ``rand-m9-mstd0.5-inc1`` pipeline (``autoaug``).
+  ImageNet "weak" the short-side resize, centre crop and flip of ``ShortSideResizeCenterCrop``
+  (``center``, flip), its "strong" a RandomResizedCrop(0.4, 1) and flip (``crop``), its "autoaug"
+  timm's RandAugment ``rand-m9-mstd0.5-inc1`` pipeline (``autoaug``). Pretraining
+  (``dataset.py``, ``augmentation_type="strong"`` on both datasets) uses MoCo v3's asymmetric pair
+  and a centre-cropped, flipped ``x_start``: ``augmentation=mocov3`` with flips.
 * ``nnet.hidden_dim`` is the width of the pretrained projection head (``model.proj_hidden_dim``);
   the fine-tuned classifier has a linear head on the encoder's features, as in the seed.
+* ``train.layernorm`` (fine-tuning) decides whether the pretrained final LayerNorm is applied to
+  the CLS token (``reload_forward``): ``model.final_norm``; no extra LayerNorm (``model.layernorm``).
+* ``model.input_scale`` is ``c_in`` at the Karras level nearest the training noise on the grid the
+  pretraining ended with (``find_nearest``; 81 levels for the seed's 300k / 600k-step runs).
+* Pretraining: ``stop_grad_conv1`` and ``moco_initialization`` (ImageNet) are
+  ``model.freeze_patch_embed`` and ``model.init=mocov3``; ``gradclip_method="after_warmup"`` is
+  ``optim.clip_after_warmup``; the authors' ``AdamW(model.parameters())`` decays every parameter
+  (``optim.weight_decay_all``).
 * The seed picks its checkpoint by *test* accuracy; we hold out a validation split and select on
   ``val_acc_sigma_<sigma>``.
 """
@@ -34,14 +44,17 @@ import yaml
 from rayrcm.cli import add_verbose_arg
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError
-from rayrcm.objectives.rcm import rcm_input_scale
+from rayrcm.objectives.rcm import num_levels, rcm_input_scale
 from rayrcm.orchestration import console
 from rayrcm.quickstart import sigma_alias
 
 SIGMAS = (0.25, 0.5, 1.0)
+# rrcm_tune.py: the pretraining grid is ema_scale_fn(pretrained steps) of the fine-tuning config's schedule
+# (start_scales 20, end_scales 80, total_steps 600,000): 81 levels after 300k (CIFAR-10) or 600k (ImageNet) steps
+FINETUNE_GRID_LEVELS = num_levels(300_000, 600_000, 20, 80)
 AUGMENTATION = {  # (dataset kind, seed augmentation_type) -> rayrcm data settings
     ("small", "weak"): {"augmentation": "none"},
-    ("large", "weak"): {"augmentation": "none", "crop_pct": 1.0, "hflip": True},
+    ("large", "weak"): {"augmentation": "center", "hflip": True},
     ("small", "strong"): {"augmentation": "crop", "crop_min": 0.4, "hflip": True},
     ("large", "strong"): {"augmentation": "crop", "crop_min": 0.4, "hflip": True},
     ("small", "autoaug"): {"augmentation": "autoaug", "autoaug": "rand-m9-mstd0.5-inc1", "hflip": True},
@@ -50,16 +63,20 @@ AUGMENTATION = {  # (dataset kind, seed augmentation_type) -> rayrcm data settin
 
 
 def finetune_tree(cmd: dict[str, Any], conf: dict[str, Any], *, data: dict[str, Any], encoder: str,
-                  register_as: str, experiment: str, workers: int) -> dict[str, Any]:
-    """A config tree from one seed fine-tuning command (``cmd``) and its config file (``conf``)."""
+                  register_as: str, experiment: str, workers: int, grid: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config tree from one seed fine-tuning command (``cmd``) and its config file (``conf``);
+    ``grid``: the pretraining's Karras grid for ``c_in`` (:func:`rcm_input_scale` keywords; default
+    the seed's: 81 levels from 0.001 to 40)."""
     sigma = cmd["noise_aug"] / 2  # the seed's noise is on [-1, 1] data; ours on [0, 1] pixels
     kind = "large" if data["image_size"] >= 128 else "small"
+    grid = grid or {"levels": FINETUNE_GRID_LEVELS}
     return {
         "data": {**data, **AUGMENTATION[(kind, cmd["augmentation_type"])], "batch_size": cmd["batch_size"],
                  "mixup": cmd["mixup"], "cutmix": cmd["cutmix"], "mixup_switch_prob": cmd.get("mixup_switch_prob", 0.5),
                  "label_smoothing": cmd["label_smoothing"], "crop_pct": 1.0 if kind == "large" else 0.875},
         "model": {"encoder": encoder, "patch_size": conf["patch_size"], "proj_hidden_dim": cmd.get("hidden_dim", conf["hidden_dim"]),
-                  "proj_dim": conf["output_dim"], "layernorm": cmd["layernorm"], "input_scale": rcm_input_scale(sigma)},
+                  "proj_dim": conf["output_dim"], "final_norm": cmd["layernorm"], "layernorm": False,
+                  "input_scale": rcm_input_scale(sigma, **grid)},
         "method": {"name": "consistency", "sigma": sigma, "m": 2, "lbd": cmd["lbd"], "eta": cmd["eta"], "train_head": False},
         "optim": {"name": cmd["optimizer"], "lr": cmd["lr"] * cmd["batch_size"] / 256 if conf["scale_lr"] else cmd["lr"],
                   "weight_decay": cmd["weight_decay"], "layer_decay": cmd["lr_layer_decay"],
@@ -75,14 +92,16 @@ def pretrain_tree(conf: dict[str, Any], *, data: dict[str, Any], encoder: str, n
                   workers: int) -> dict[str, Any]:
     """A config tree from one seed pretraining config file."""
     return {
-        "data": {**data, "augmentation": "strong", "batch_size": conf["batch_size"]},
+        "data": {**data, "augmentation": "mocov3", "hflip": True, "batch_size": conf["batch_size"]},
         "model": {"encoder": encoder, "patch_size": conf["patch_size"], "proj_hidden_dim": conf["hidden_dim"],
-                  "proj_dim": conf["output_dim"]},
+                  "proj_dim": conf["output_dim"], "init": "mocov3" if conf["moco_initialization"] else "timm",
+                  "freeze_patch_embed": conf["stop_grad_conv1"]},
         "method": {"name": "rcm", "temperature": conf["tau"], "sigma_min": conf["sigma_min"] / 2, "sigma_max": conf["sigma_max"] / 2,
                    "levels_start": conf["start_scales"], "levels_end": conf["end_scales"], "ema_start": conf["start_ema"],
                    "ema_end": conf["end_ema"], "ema_sharpness": conf["target_ema_A"]},
         "optim": {"name": "adamw", "lr": conf["lr"], "weight_decay": conf["weight_decay"], "warmup_steps": conf["warmup_steps"],
-                  "grad_clip": conf["gradclip"]},
+                  "grad_clip": conf["gradclip"], "clip_after_warmup": conf["gradclip_method"] == "after_warmup",
+                  "weight_decay_all": True},
         "train": {"name": name, "steps": conf["steps"], "workers": workers, "use_gpu": True, "checkpoint_every": conf["save_interval"]},
         "tracking": {"experiment": experiment},
     }
@@ -106,11 +125,12 @@ def seed_sweep(cmd: dict[str, Any], random: bool = False):
     return SweepConfig(space=space)
 
 
-def certify_args(register_as: str, sigma: float, dataset: str, skip: int) -> list[str]:
-    """The papers' protocol: n0 = 100, n = 100,000, alpha = 0.001, every ``skip``-th test image."""
+def certify_args(register_as: str, sigma: float, dataset: str, skip: int, max_index: int = -1) -> list[str]:
+    """The papers' protocol: n0 = 100, n = 100,000, alpha = 0.001, every ``skip``-th test image
+    below index ``max_index`` (-1: all)."""
     return [f"model=models:/{register_as}@{sigma_alias(sigma)}", f"dataset={dataset}", f"smoothing.sigma={sigma}",
             "smoothing.n0=100", "smoothing.n=100000", "smoothing.alpha=0.001", f"smoothing.skip={skip}",
-            "compute.use_gpu=true", "compute.precision=fp32"]
+            f"smoothing.max={max_index}", "compute.use_gpu=true", "compute.precision=fp32"]
 
 
 def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],

@@ -14,10 +14,10 @@ cluster: ``ray job submit --working-dir . -- python experiments/acl_cifar10.py p
 from __future__ import annotations
 
 from _acl_seed import (
-    FINETUNE,
     FINETUNE_COMMON,
     PRETRAIN,
     PRETRAIN_COMMON,
+    finetune_cmd,
     finetune_tree,
     pretrain_tree,
     stage_main,
@@ -27,7 +27,7 @@ from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "acl-cifar10"
 EXPERIMENT = "rayrcm-acl-cifar10"
-PRETRAIN_DATA = {"name": "cifar10", "image_size": 32, "hflip": True, "val_fraction": 0.02}  # RCS's unlabeled validation set
+PRETRAIN_DATA = {"name": "cifar10", "image_size": 32, "hflip": True}
 FINETUNE_DATA = {"name": "cifar100", "image_size": 32, "augmentation": "weak", "hflip": True}
 
 
@@ -38,7 +38,7 @@ def pretrain_config(method: str) -> ExperimentConfig:
 
 def finetune_config(mode: str, method: str, init_from: str | None = None) -> ExperimentConfig:
     ref = init_from or f"models:/{REGISTER_AS}@{method.replace('_', '-')}"
-    return from_dict(finetune_tree(mode, FINETUNE[mode], FINETUNE_COMMON, init_from=ref, data=FINETUNE_DATA, encoder="resnet18",
+    return from_dict(finetune_tree(mode, finetune_cmd(mode, method), FINETUNE_COMMON, init_from=ref, data=FINETUNE_DATA, encoder="resnet18",
                                    name=f"{REGISTER_AS}-{method.replace('_', '-')}-to-cifar100", experiment=EXPERIMENT, workers=4))
 
 

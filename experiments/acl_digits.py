@@ -7,9 +7,10 @@ PGD-20 / AA, the same code paths as the CIFAR recipes (acl_cifar10.py) at digits
     python experiments/acl_digits.py chain    --method air        # both, one after the other
     (pretrain, finetune) --dry-run
 
-Digits-sized settings (everything else as the authors'): CIFAR ResNet-20, batch 128, 20 pretraining
-epochs with Adam lr 2e-3 (LARS lr 5.0 is tuned for batch 512 and 1000 epochs), DynACL's strength
-stepped every 5 epochs, RCS warm-up 6 epochs and a new coreset every 4; fine-tuning 10 epochs
+Digits-sized settings (everything else as the authors'): CIFAR ResNet-20 with a 128-wide projector,
+batch 128, 20 pretraining epochs with Adam lr 2e-3 (LARS lr 5.0 is tuned for batch 512 and 1000
+epochs) after a 1-epoch warm-up, DynACL's strength stepped every 5 epochs, RCS warm-up 6 epochs, a
+new coreset every 4 and 10% held out for it; fine-tuning 10 epochs
 (milestones 5 and 8), evaluation on 300 test images with APGD at 50 iterations. The budget stays
 L-inf 8/255. No horizontal flips (digits are not mirror-symmetric).
 """
@@ -19,10 +20,10 @@ from __future__ import annotations
 import sys
 
 from _acl_seed import (
-    FINETUNE,
     FINETUNE_COMMON,
     PRETRAIN,
     PRETRAIN_COMMON,
+    finetune_cmd,
     finetune_tree,
     pretrain_tree,
     stage_main,
@@ -33,9 +34,9 @@ from rayrcm.config import ExperimentConfig, from_dict
 REGISTER_AS = "acl-digits"
 EXPERIMENT = "rayrcm-acl-digits"
 DATA = {"name": "digits", "image_size": 16, "hflip": False, "val_fraction": 0.1}
-PRETRAIN_DIGITS = {"batch_size": 128, "epochs": 20, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "checkpoint_epochs": 5,
-                   "log_every": 10}
-RCS_DIGITS = {"warmup": 6, "interval": 4}
+PRETRAIN_DIGITS = {"batch_size": 128, "epochs": 20, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "lr_warmup": 1, "ch": 128,
+                   "checkpoint_epochs": 5, "log_every": 10}
+RCS_DIGITS = {"warmup": 6, "interval": 4, "val_fraction": 0.1}
 FINETUNE_DIGITS = {"batch_size": 128, "epochs": 10, "decreasing_lr": (5, 8), "checkpoint_epochs": 5, "log_every": 10}
 EVAL_DIGITS = {"eval_max_images": 300, "eval_aa_iters": 50}
 
@@ -44,7 +45,6 @@ def pretrain_config(method: str) -> ExperimentConfig:
     cmd = {**PRETRAIN_COMMON, **PRETRAIN[method], **PRETRAIN_DIGITS, **(RCS_DIGITS if method == "acl_rcs" else {})}
     tree = pretrain_tree(method, cmd, data=DATA, encoder="cifar_resnet20", register_as=REGISTER_AS, experiment=EXPERIMENT,
                          workers=2, use_gpu=False)
-    tree["model"].update(proj_hidden_dim=128, proj_dim=128)
     if tree["method"]["name"] != "simclr":
         tree["method"]["dynamic_period"] = 5
     return from_dict(tree)
@@ -52,7 +52,7 @@ def pretrain_config(method: str) -> ExperimentConfig:
 
 def finetune_config(mode: str, method: str, init_from: str | None = None) -> ExperimentConfig:
     ref = init_from or f"models:/{REGISTER_AS}@{method.replace('_', '-')}"
-    cmd = {**FINETUNE[mode], **FINETUNE_DIGITS}
+    cmd = {**finetune_cmd(mode, method), **FINETUNE_DIGITS}
     return from_dict(finetune_tree(mode, cmd, FINETUNE_COMMON, init_from=ref, data={**DATA, "augmentation": "weak"},
                                    encoder="cifar_resnet20", name=f"{REGISTER_AS}-{method.replace('_', '-')}-transfer",
                                    experiment=EXPERIMENT, workers=2, use_gpu=False, eval_extra=EVAL_DIGITS))

@@ -4,9 +4,14 @@ with the RCS authors' settings (seed 001, ``ACL_RCS/ImageNet_32/ACL_RCS.py --ACL
     python experiments/acl_imagenet32.py pretrain --method acl_rcs --set data.path=/data/imagenet32   # ImageFolder, 32 px
     python experiments/acl_imagenet32.py finetune --method acl_rcs --mode all --set data.path=/data/cifar-10-batches-py
 
-The ImageNet-32 run keeps the CIFAR pretraining values of _acl_seed.py except the network
-(WRN-28-10), the fraction (0.05) and fewer epochs (the authors train 200 with warm-up 10 and a new
-coreset every 10 epochs on ImageNet-32). Fine-tuning to CIFAR-10 uses the authors' ``transfer.py`` /
+ACL + RCS uses the RCS authors' ImageNet-32 script (``ACL_RCS/ImageNet_32/ACL_RCS.py``) values:
+WRN-28-10 with their two-layer ``proj_head_module(640)`` (fc-BN-ReLU-fc-BN), 200 epochs, LARS lr 0.6
+(weight decay 1e-6 on every parameter) with a 2-epoch linear warm-up and a cosine to 1e-6,
+temperature 0.1 in the loss and the attack, ACL without DynACL's schedule, the loss
+``(CL(nat) + CL(adv)) / 2``, 0.5% held out as RCS's validation set, coreset fraction 0.05 chosen
+first after 20 warm-up epochs and again every 10, greedy step 0.01. The other methods (not run by
+the authors on ImageNet-32) keep the CIFAR values of _acl_seed.py with the WRN, its 640-wide
+projector and 200 epochs. Fine-tuning to CIFAR-10 uses the authors' ``transfer.py`` /
 ``adv_tune.py`` learning rates: SLF 0.01, ALF and AFF 0.1.
 """
 
@@ -26,14 +31,18 @@ from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "acl-imagenet32"
 EXPERIMENT = "rayrcm-acl-imagenet32"
-PRETRAIN_DATA = {"name": "imagefolder", "image_size": 32, "crop_pct": 1.0, "hflip": True, "val_fraction": 0.005}
+PRETRAIN_DATA = {"name": "imagefolder", "image_size": 32, "crop_pct": 1.0, "hflip": True}
 FINETUNE_DATA = {"name": "cifar10", "image_size": 32, "augmentation": "weak", "hflip": True}
-IMAGENET32 = {"epochs": 200, "fraction": 0.05, "warmup": 10, "interval": 10, "checkpoint_epochs": 10}
+IMAGENET32 = {"epochs": 200, "ch": 640, "checkpoint_epochs": 10}  # every method: the WRN's width, 200 epochs
+# ACL_RCS.py: --lr 0.6, warmup_steps = 2 * len(train_loader), nt_xent(t=0.1), --warmup 20 --fre 10 --fraction 0.05
+# --Coreset_lr 0.01, 99.5% / 0.5% split, proj_head_module (two layers), loss (CL(nat) + CL(adv)) / 2, no DynAug
+IMAGENET32_RCS = {"lr": 0.6, "lr_warmup": 2, "temperature": 0.1, "DynAug": False, "twoLayerProj": True, "loss_scale": 0.5,
+                  "fraction": 0.05, "warmup": 20, "interval": 10, "coreset_lr": 0.01, "val_fraction": 0.005}
 LRS = {"slf": 0.01, "alf": 0.1, "aff": 0.1}
 
 
 def pretrain_config(method: str) -> ExperimentConfig:
-    cmd = {**PRETRAIN_COMMON, **PRETRAIN[method], **({k: v for k, v in IMAGENET32.items() if method == "acl_rcs" or k == "epochs"})}
+    cmd = {**PRETRAIN_COMMON, **PRETRAIN[method], **IMAGENET32, **(IMAGENET32_RCS if method == "acl_rcs" else {})}
     return from_dict(pretrain_tree(method, cmd, data=PRETRAIN_DATA, encoder="wrn28_10", register_as=REGISTER_AS,
                                    experiment=EXPERIMENT, workers=8))
 

@@ -27,7 +27,7 @@ SEED_PRETRAIN = {
     "steps": 300_000, "batch_size": 2048, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10_000, "gradclip": 2.0,
     "target_ema_A": 15, "start_ema": 0.99, "end_ema": 0.9999, "start_scales": 20, "end_scales": 80,
     "sigma_min": 0.002, "sigma_max": 80.0, "tau": 0.2, "patch_size": 4, "hidden_dim": 2048, "output_dim": 256,
-    "save_interval": 50_000, "gpus": 8,
+    "save_interval": 50_000, "gpus": 8, "gradclip_method": "after_warmup", "stop_grad_conv1": False, "moco_initialization": False,
 }
 
 # configs/cifar10_finetune.py: values the commands do not override
@@ -59,7 +59,7 @@ def finetune_config(sigma: float) -> ExperimentConfig:
 
 
 def certify_config(sigma: float) -> list[str]:
-    return certify_args(REGISTER_AS, sigma, "cifar10", skip=20)  # 500 of the 10,000 test images
+    return certify_args(REGISTER_AS, sigma, "cifar10", skip=1, max_index=500)  # certify.py: test images 0-499
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 
 ``finetune`` is the seed's consistency fine-tuning (m = 2, eta = 0.5, lbd = 10 at sigma 0.25 and
 20 above) with digits-sized settings: 30 epochs of 10 steps at batch 128, lr 2e-3 scaled by
-batch / 256 as the seed scales it, no layer decay. ``certify`` uses n = 1,000 on every 4th test
+batch / 256 as the seed scales it, no layer decay, the pretrained final LayerNorm applied (the
+seed's ImageNet ``layernorm=True``, as the quickstart), ``c_in`` on the quickstart pretraining's
+grid (41 levels). ``certify`` uses n = 1,000 on every 4th test
 image. On a cluster: ``ray job submit --working-dir . -- python experiments/rcm_digits.py quickstart``.
 """
 
@@ -21,6 +23,7 @@ import sys
 from _rcm_seed import finetune_tree, seed_sweep, stage_main
 
 from rayrcm.config import ExperimentConfig, from_dict
+from rayrcm.objectives.rcm import num_levels
 from rayrcm.quickstart import certify_config as quickstart_certify
 from rayrcm.quickstart import pretrain_config as quickstart_pretrain
 from rayrcm.quickstart import sigma_alias
@@ -30,7 +33,7 @@ EXPERIMENT = "rayrcm-digits"
 DATA = {"name": "digits", "image_size": 16, "val_fraction": 0.1}
 FINETUNE_CONFIG = {"warmup_epochs": 2, "schedule_epochs": 30, "scale_lr": True, "patch_size": 0, "hidden_dim": 512,
                    "output_dim": 128, "gpus": 2}
-_COMMON = {"eta": 0.5, "epochs": 30, "layernorm": False, "lr_layer_decay": 1.0, "optimizer": "adamw", "lr": 2e-3,
+_COMMON = {"eta": 0.5, "epochs": 30, "layernorm": True, "lr_layer_decay": 1.0, "optimizer": "adamw", "lr": 2e-3,
            "weight_decay": 0.0, "batch_size": 128, "augmentation_type": "weak", "mixup": 0.0, "cutmix": 0.0,
            "label_smoothing": 0.0}
 FINETUNE = {0.25: {**_COMMON, "lbd": 10.0, "noise_aug": 0.5}, 0.5: {**_COMMON, "lbd": 20.0, "noise_aug": 1.0},
@@ -41,9 +44,17 @@ def pretrain_config(size: str = "b") -> ExperimentConfig:
     return quickstart_pretrain()
 
 
+def pretrain_grid() -> dict[str, float]:
+    """The Karras grid the digits pretraining ends with (:func:`rcm_input_scale` keywords)."""
+    pre = quickstart_pretrain()
+    m, steps = pre.method, pre.train.steps
+    return {"levels": num_levels(steps, steps, m.levels_start, m.levels_end), "sigma_min": m.sigma_min,
+            "sigma_max": m.sigma_max, "rho": m.rho}
+
+
 def finetune_config(sigma: float) -> ExperimentConfig:
     tree = finetune_tree(FINETUNE[sigma], FINETUNE_CONFIG, data=DATA, encoder="vit_digits", register_as=REGISTER_AS,
-                         experiment=EXPERIMENT, workers=FINETUNE_CONFIG["gpus"])
+                         experiment=EXPERIMENT, workers=FINETUNE_CONFIG["gpus"], grid=pretrain_grid())
     tree["train"].update(use_gpu=False, checkpoint_epochs=5, log_every=50)
     tree["model"].pop("patch_size")
     return from_dict(tree)

@@ -25,7 +25,8 @@ DATA = {"name": "imagefolder", "image_size": 224, "val_fraction": 0.01, "num_wor
 
 _PRETRAIN_COMMON = {"steps": 600_000, "batch_size": 4096, "gradclip": 2.0, "target_ema_A": 10, "start_ema": 0.99,
                     "end_ema": 0.9999, "start_scales": 20, "end_scales": 80, "sigma_min": 0.002, "sigma_max": 80.0,
-                    "tau": 0.2, "patch_size": 16, "output_dim": 256, "save_interval": 50_000}
+                    "tau": 0.2, "patch_size": 16, "output_dim": 256, "save_interval": 50_000, "gradclip_method": "after_warmup",
+                    "stop_grad_conv1": True, "moco_initialization": True}
 # configs/imagenet_pretrain_rcmb.py (4 machines x 8 GPUs) and configs/imagenet_pretrain_rcms.py (2 x 8)
 SEED_PRETRAIN = {
     "b": {**_PRETRAIN_COMMON, "lr": 2e-4, "weight_decay": 0.03, "warmup_steps": 15_000, "hidden_dim": 4096, "gpus": 32},

@@ -174,6 +174,7 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
     """
     per_epoch = max(1, train_images // cfg.data.batch_size)
     t, o = cfg.train, cfg.optim
+    sizes: list[int] = []
     if t.epochs > 0:  # per-epoch sizes from the method: a coreset method (RCS) has shorter epochs after its warm-up
         sizes = [max(1, cfg.method.epoch_samples(e, train_images) // cfg.data.batch_size) for e in range(math.ceil(t.epochs))]
         whole = int(t.epochs)
@@ -187,6 +188,10 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
         o = replace(o, schedule_steps=int(round(o.schedule_epochs * per_epoch)))
     if o.milestone_epochs:
         o = replace(o, milestones=tuple(int(round(e * per_epoch)) for e in o.milestone_epochs))
+    if cfg.train.epochs > 0 and not o.schedule_steps and any(s != per_epoch for s in sizes):
+        # shorter (coreset) epochs: the schedule runs over whole-set epochs, indexed by the epoch
+        # position (rayrcm.train.optim.EpochIndexedSchedule), as the RCS authors' per-epoch cosine
+        o = replace(o, schedule_steps=int(round(cfg.train.epochs * per_epoch)))
     return replace(cfg, train=t, optim=o)
 
 

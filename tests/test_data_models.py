@@ -92,7 +92,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         load_encoder_file(build_encoder(ModelConfig(encoder="resnet18"), 16), path, "resnet18")
 
 
-@pytest.mark.parametrize("kind", ["none", "weak", "crop", "strong", "autoaug"])
+@pytest.mark.parametrize("kind", ["none", "weak", "crop", "strong", "autoaug", "mocov3", "mocov3_1", "mocov3_2", "center"])
 @pytest.mark.parametrize("large", [False, True])
 def test_every_augmentation_gives_float_images_in_the_unit_range(kind, large):
     from PIL import Image

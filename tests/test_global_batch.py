@@ -182,3 +182,47 @@ def test_gradient_clipping_only_after_the_warm_up():
         loop.step(step, ([torch.zeros(1, 1)], torch.zeros(1)))
         moved.append(float(obj.w.detach().abs().max()))
     assert moved == [100.0, 100.0, 2.0, 2.0]
+
+
+def _rcm_worker(config: dict) -> None:
+    """A Ray Train worker running the RCM objective (DDP, all-reduce BatchNorm) for a few steps with
+    its own RNG stream, as the training loop seeds it; records the noise level of every step."""
+    import ray.train
+    import ray.train.torch
+
+    from rayrcm.config import ExperimentConfig, apply_overrides
+    from rayrcm.objectives import build_objective
+    from rayrcm.train.loop import step_seed
+
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    cfg = apply_overrides(ExperimentConfig(), ["method.name=rcm", "train.steps=40", "train.seed=3",
+                                               "model.proj_hidden_dim=32", "model.proj_dim=16"])
+    torch.manual_seed(cfg.train.seed)
+    obj = sync_batchnorm(build_objective(cfg, 10), "cpu", world)
+    ddp = ray.train.torch.prepare_model(obj, move_to_device=False)
+    levels, draws = [], []
+    for step in range(0, 40, 5):
+        torch.manual_seed(step_seed(cfg.train.seed, rank, step))
+        draws.append(float(torch.rand(())))
+        views = [torch.rand(4, 3, 16, 16) for _ in range(3)]
+        out = ddp(views, torch.zeros(4, dtype=torch.long), step)
+        out.loss.backward()
+        levels.append(float(out.metrics["sigma_level"]))
+    torch.save({"levels": levels, "draws": draws}, f"{config['dir']}/rcm{rank}.pt")
+
+
+@pytest.mark.slow
+def test_every_worker_trains_rcm_at_the_same_noise_level_each_step(ray_cluster, tmp_path):
+    import sys
+
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    TorchTrainer(_rcm_worker, train_loop_config={"dir": str(tmp_path)}, scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="rcm-levels")).fit()
+    r0, r1 = (torch.load(tmp_path / f"rcm{r}.pt", weights_only=True) for r in range(2))
+    assert r0["draws"] != r1["draws"]  # the workers' random streams differ ...
+    assert r0["levels"] == r1["levels"]  # ... and still every step has one noise level for the job
+    assert len(set(r0["levels"])) > 2

@@ -65,9 +65,10 @@ def test_ema_rate_ramp():
 
 
 def test_rcm_input_scale_matches_seed_preconditioning():
-    # seed: c_in = 1/sqrt(s^2 + 0.25) with s the std on [-1, 1] data = 2 * pixel sigma
-    assert rcm_input_scale(0.25) == pytest.approx(1 / math.sqrt(0.5**2 + 0.25))
-    assert rcm_input_scale(0.0) == pytest.approx(2.0)
+    # seed: c_in = 1/sqrt(s^2 + 0.25) with s the std on [-1, 1] data = 2 * pixel sigma, taken at the
+    # nearest of the 81 pretraining levels: 0.5 -> level 53 = 0.4927073; clean (0) -> sigma_min 0.002
+    assert rcm_input_scale(0.25) == pytest.approx(1 / math.sqrt(0.4927073**2 + 0.25), rel=1e-6)
+    assert rcm_input_scale(0.0) == pytest.approx(1 / math.sqrt(0.002**2 + 0.25), rel=1e-6)
 
 
 def test_gaussian_noise_has_the_configured_std():

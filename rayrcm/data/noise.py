@@ -27,3 +27,15 @@ def karras_sigmas(num_levels: int, sigma_min: float, sigma_max: float, rho: floa
     i = torch.arange(num_levels, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return ((hi + i / (num_levels - 1) * (lo - hi)) ** rho).float()
+
+
+def nearest_karras_sigma(sigma: float, num_levels: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> float:
+    """The level of :func:`karras_sigmas` nearest ``sigma`` (the first on a tie).
+
+    The RCM authors' ``FinetuneModel.find_nearest`` (``rrcm_tune.py``, also used by ``certify.py``):
+    a classifier fine-tuned or certified at noise ``sigma`` conditions the pretrained encoder (its
+    time input and its input scaling ``c_in``) on the level of the pretraining grid nearest
+    ``sigma``, not on ``sigma`` itself; the grid has the ``N`` levels pretraining ended with.
+    """
+    grid = karras_sigmas(num_levels, sigma_min, sigma_max, rho)
+    return float(grid[(grid - sigma).abs().argmin()])

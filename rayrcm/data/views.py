@@ -1,4 +1,5 @@
-"""View pipelines (none / weak / strong / autoaug) from torchvision, and mixup/cutmix from timm.
+"""View pipelines (none / weak / crop / strong / autoaug / simclr / mocov3 / center) from
+torchvision, and mixup/cutmix from timm.
 
 All pipelines end in float32 tensors in [0, 1]; normalization is the model's first layer.
 """
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -29,6 +31,65 @@ class _ToPIL:
         return v2.functional.to_pil_image(image) if isinstance(image, torch.Tensor) else image
 
 
+class _ToPILRGB(_ToPIL):
+    """Any image (uint8 tensor or PIL) as an RGB PIL image, as the RCM authors load theirs."""
+
+    def __call__(self, image: Any) -> Any:
+        return super().__call__(image).convert("RGB")
+
+
+class PILGaussianBlur(v2.Transform):
+    """SimCLR's / MoCo v3's blur as the RCM authors apply it (``dataset.py``, ``GaussianBlur``): PIL's
+    ``ImageFilter.GaussianBlur(radius=s)`` with ``s ~ U(sigma)``; Pillow's ``radius`` is the standard
+    deviation of the Gaussian. PIL images only (the pipelines below stay in PIL until ``ToImage``)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        super().__init__()
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"radius": float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, Image.Image):
+            raise TypeError(f"PILGaussianBlur takes PIL images, got {type(inpt).__name__}")
+        return inpt.filter(ImageFilter.GaussianBlur(radius=params["radius"]))
+
+
+class ShortSideCenterCrop:
+    """The RCM authors' ``center_crop_arr`` (``dataset.py``; ``ShortSideResizeCenterCrop`` in
+    ``rrcm_tune.py``): halve with BOX filtering while the short side is at least ``2 size``, resize
+    the short side to ``size`` (bicubic), crop the centre ``size x size``. PIL in, PIL out."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        s = self.size
+        if image.size == (s, s):
+            return image
+        while min(*image.size) >= 2 * s:
+            image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        scale = s / min(*image.size)
+        image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+        left, top = (image.size[0] - s) // 2, (image.size[1] - s) // 2
+        return image.crop((left, top, left + s, top + s))
+
+
+def mocov3_view(size: int, second: bool, *, hflip: bool = True) -> v2.Compose:
+    """One of MoCo v3's two asymmetric views, exactly as the RCM authors' ``augmentation1`` /
+    ``augmentation2`` (``dataset.py``, the same for CIFAR-10 and ImageNet): RandomResizedCrop(size,
+    scale=(0.08, 1)) (bilinear), ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale with p = 0.2,
+    Gaussian blur (sigma in [0.1, 2]) with p = 1.0 (first view) or 0.1 (second view), solarize
+    (threshold 128) with p = 0.2 (second view only), horizontal flip. All on PIL images."""
+    t: list[Any] = [_ToPILRGB(), v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
+                    v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2),
+                    v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.1 if second else 1.0)]
+    t += [v2.RandomSolarize(128, p=0.2)] if second else []
+    t += [v2.RandomHorizontalFlip()] if hflip else []
+    return v2.Compose([*t, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
 def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = False, crop_pct: float = 0.875,
                     crop_min: float = 0.4, autoaug: str = "rand-m9-mstd0.5-inc1") -> Any:
     """One view pipeline, ending in float32 [0, 1] tensors ``(3, size, size)``.
@@ -39,7 +100,13 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
       fine-tuning "strong");
     * ``strong``: SimCLR / MoCo-v2 colour augmentation after a resized crop;
     * ``autoaug``: timm's ``create_transform`` training pipeline with RandAugment ``autoaug``
-      (the RCM seed's "autoaug": random resized crop, flip, ``rand-m9-mstd0.5-inc1``, bicubic).
+      (the RCM seed's "autoaug": random resized crop, flip, ``rand-m9-mstd0.5-inc1``, bicubic);
+    * ``mocov3_1`` / ``mocov3_2``: MoCo v3's asymmetric pair (:func:`mocov3_view`), the RCM
+      authors' pretraining views; ``mocov3`` is ``mocov3_1`` (an objective with two views, RCM,
+      pairs it with ``mocov3_2``);
+    * ``center``: the RCM authors' pretraining consistency input ``x_start``: short side to
+      ``size``, centre crop (:class:`ShortSideCenterCrop`, identity for CIFAR's 32 px at 32), optional
+      flip; also their ImageNet fine-tuning "weak" view.
     """
     to_float = v2.ToDtype(torch.float32, scale=True)
     flip = [v2.RandomHorizontalFlip()] if hflip else []
@@ -62,6 +129,10 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
         return v2.Compose([_ToPIL(), v2.Lambda(lambda im: im.convert("RGB")), timm_t])
     if kind == "simclr":
         return StrengthAugment(size, hflip=hflip)
+    if kind in ("mocov3", "mocov3_1", "mocov3_2"):
+        return mocov3_view(size, kind == "mocov3_2", hflip=hflip)
+    if kind == "center":
+        return v2.Compose([_ToPILRGB(), ShortSideCenterCrop(size), *flip, v2.ToImage(), to_float])
     raise ValueError(f"unknown augmentation {kind!r}")
 
 

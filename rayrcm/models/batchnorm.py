@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:

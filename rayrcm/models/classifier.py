@@ -2,6 +2,14 @@
 
 Normalization is the first layer, so the classifier takes [0, 1] pixels and every noise level,
 attack budget and certified radius is in pixel units.
+
+The features the head sees: the encoder's ``forward_features`` with its final norm (``final_norm``,
+the default) or, for a ViT, the CLS token before that norm (``final_norm=False``). This is the RCM
+authors' fine-tuning flag ``layernorm`` (``rrcm_tune.py``, ``reload_forward``): True applies the
+*pretrained* final LayerNorm to the CLS token, False feeds the head the raw CLS token. With the head
+frozen (consistency fine-tuning), the feature scale is the logit scale, so the two differ in
+training, not only in parametrisation. ``layernorm=True`` adds a further, freshly initialised
+LayerNorm before the head (rayrcm's older reading of that flag; kept so files trained with it load).
 """
 
 from __future__ import annotations
@@ -30,10 +38,14 @@ class Normalize(nn.Module):
 
 
 class Classifier(nn.Module):
-    """``logits = head(norm(encoder(normalize(x))))`` for ``x`` ``(B, 3, H, W)`` in [0, 1]."""
+    """``logits = head(norm(encoder(normalize(x))))`` for ``x`` ``(B, 3, H, W)`` in [0, 1] (see the module docstring)."""
 
-    def __init__(self, encoder: Encoder, num_classes: int, *, hidden_dim: int = 0, layernorm: bool = False, input_scale: float = 1.0) -> None:
+    def __init__(self, encoder: Encoder, num_classes: int, *, hidden_dim: int = 0, layernorm: bool = False, input_scale: float = 1.0,
+                 final_norm: bool = True) -> None:
         super().__init__()
+        if not final_norm and not encoder.has_final_norm:
+            raise ConfigError("model.final_norm", final_norm, "only encoders with a final norm (ViTs) can leave it out")
+        self.final_norm = final_norm
         d = encoder.num_features
         self.normalize = Normalize(scale=input_scale)
         self.encoder = encoder
@@ -45,7 +57,7 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.encoder.forward_features(self.normalize(x))))
+        return self.head(self.norm(self.encoder.forward_features(self.normalize(x), final_norm=self.final_norm)))
 
 
 def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str) -> None:
@@ -78,4 +90,11 @@ def build_classifier(cfg: ModelConfig, image_size: int, num_classes: int) -> Cla
     encoder = build_encoder(cfg, image_size)
     if cfg.init_from:
         load_encoder_file(encoder, cfg.init_from, cfg.encoder)
-    return Classifier(encoder, num_classes, hidden_dim=cfg.head_hidden_dim, layernorm=cfg.layernorm, input_scale=cfg.input_scale)
+    return classifier_for(cfg, encoder, num_classes)
+
+
+def classifier_for(cfg: ModelConfig, encoder: Encoder, num_classes: int) -> Classifier:
+    """The classifier of model config ``cfg`` around ``encoder`` (fresh head): training and rebuilding
+    an exported file both build through here."""
+    return Classifier(encoder, num_classes, hidden_dim=cfg.head_hidden_dim, layernorm=cfg.layernorm,
+                      input_scale=cfg.input_scale, final_norm=getattr(cfg, "final_norm", True))

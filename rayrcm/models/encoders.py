@@ -1,7 +1,18 @@
 """Encoder registry. Every encoder maps ``(B, 3, H, W)`` normalized images to ``(B, D)`` features.
 
 Interface (timm's, reduced): ``forward_features(x) -> (B, num_features)``. ViTs pool the CLS token
-after the final norm. No pretrained weights are ever fetched (``pretrained=False`` always).
+after the final norm; ``forward_features(x, final_norm=False)`` gives the CLS token before it (the RCM
+authors' fine-tuning with ``layernorm=False``). No pretrained weights are ever fetched
+(``pretrained=False`` always).
+
+ViT options (``model.init``, ``model.freeze_patch_embed``), as the RCM authors' ``rRCMViT``
+(``rrcm/vit.py``) for ImageNet: ``init="mocov3"`` is their ``moco_init_weights`` (MoCo v3's): every
+Linear xavier-uniform, except ``qkv`` whose Q, K and V are each xavier-uniform as ``(D, D)`` matrices,
+i.e. ``U(+-sqrt(6 / (D + D)))``; the patch embedding ``U(+-sqrt(6 / (3 p^2 + D)))``; all biases 0.
+LayerNorms (1, 0), the CLS token (``N(0, 1e-6^2)``) and the position embedding
+(``trunc_normal(std=0.02)``) are initialised as timm and the authors do. ``freeze_patch_embed``
+is their ``stop_grad_conv1``: the patch projection keeps its initial weights. ``init="timm"`` is
+timm's default ViT init.
 
 Sizes: ``rcm_b`` = ViT-B (768 wide, 12 layers, 12 heads), ``rcm_s`` = 512 wide, 6 layers, 8 heads
 (the RCM paper's RCM-S, not timm's ViT-S); patch 16 at 224 px and 4 at 32 px unless
@@ -10,11 +21,13 @@ Sizes: ``rcm_b`` = ViT-B (768 wide, 12 layers, 12 heads), ``rcm_s`` = 512 wide, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from rayrcm.errors import ConfigError
 from rayrcm.registry import Registry
 from rayrcm.sections import ModelConfig
 
@@ -22,12 +35,16 @@ from rayrcm.sections import ModelConfig
 class Encoder(nn.Module):
     """Wraps a feature extractor with ``num_features`` and ``forward_features``."""
 
+    has_final_norm = False  # True: forward_features(x, final_norm=False) skips a final norm layer
+
     def __init__(self, model: nn.Module, num_features: int) -> None:
         super().__init__()
         self.model = model
         self.num_features = num_features
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        if not final_norm:
+            raise ValueError(f"{type(self.model).__name__} has no final norm to leave out")
         return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +57,38 @@ ENCODERS: Registry[Builder] = Registry("encoder")
 
 def build_encoder(cfg: ModelConfig, image_size: int) -> Encoder:
     return ENCODERS.get(cfg.encoder)(cfg, image_size)
+
+
+class ViTEncoder(Encoder):
+    """A timm ``VisionTransformer`` (``num_classes=0``, CLS-token pooling): ``(B, 3, H, W) -> (B, D)``."""
+
+    has_final_norm = True
+
+    def forward_features(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        if final_norm:
+            return self.model(x)  # timm: blocks -> norm -> CLS token
+        v = self.model  # timm's forward_features without its final norm, then the CLS token
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        return v.blocks(x)[:, 0]
+
+
+@torch.no_grad()
+def mocov3_init_(vit: nn.Module) -> None:
+    """The RCM authors' ``rRCMViT.moco_init_weights`` (MoCo v3's ViT init) on a timm ViT, in place."""
+    for name, m in vit.named_modules():
+        if isinstance(m, nn.Linear):
+            if "qkv" in name:  # Q, K and V as three separate (D, D) matrices
+                val = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -val, val)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    proj = vit.patch_embed.proj
+    val = math.sqrt(6.0 / float(3 * proj.kernel_size[0] * proj.kernel_size[1] + proj.out_channels))
+    nn.init.uniform_(proj.weight, -val, val)
+    if proj.bias is not None:
+        nn.init.zeros_(proj.bias)
 
 
 def _vit(width: int, depth: int, heads: int) -> Builder:
@@ -57,9 +106,21 @@ def _vit(width: int, depth: int, heads: int) -> Builder:
             global_pool="token",
             qkv_bias=False,  # as in the RCM authors' ViT
         )
-        return Encoder(vit, vit.num_features)
+        if cfg.init == "mocov3":
+            mocov3_init_(vit)
+        if cfg.freeze_patch_embed:
+            for p in vit.patch_embed.parameters():
+                p.requires_grad_(False)
+        return ViTEncoder(vit, vit.num_features)
 
     return build
+
+
+def _vit_only(cfg: ModelConfig) -> None:
+    if cfg.init != "timm":
+        raise ConfigError("model.init", cfg.init, f"only ViT encoders take a ViT init ({cfg.encoder!r} is not one)")
+    if cfg.freeze_patch_embed:
+        raise ConfigError("model.freeze_patch_embed", True, f"only ViT encoders have a patch embedding ({cfg.encoder!r} is not one)")
 
 
 ENCODERS.register("rcm_b")(_vit(768, 12, 12))
@@ -71,6 +132,7 @@ def _timm_resnet(name: str) -> Builder:
     def build(cfg: ModelConfig, image_size: int) -> Encoder:
         import timm
 
+        _vit_only(cfg)
         net = timm.create_model(name, pretrained=False, num_classes=0)
         if image_size <= 64:  # CIFAR-style stem: 3x3 conv, stride 1, no max-pool
             net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
@@ -88,6 +150,7 @@ def _cifar_net(kind: str, depth: int) -> Builder:
     def build(cfg: ModelConfig, image_size: int) -> Encoder:
         from rayrcm.models.cifar_nets import cifar_resnet, wide_resnet
 
+        _vit_only(cfg)
         net = cifar_resnet(depth) if kind == "resnet" else wide_resnet(depth, 10)
         return Encoder(net, net.num_features)
 

@@ -23,6 +23,14 @@ the SimCLR loss ``CL`` (:func:`~rayrcm.objectives.contrastive.nt_xent`, temperat
   no adversarial forward pass, ``L = CL(nat)``.
 * AIR adds invariance regularizers through :meth:`ACLObjective.regularizer`
   (:mod:`rayrcm.objectives.air`).
+* The network is the authors': the projector is their ``proj_head``
+  (:class:`~rayrcm.models.ACLProjector`, ``fc-BN-ReLU-fc-BN-ReLU-fc-BN``, or ``fc-BN-ReLU-fc-BN``
+  with ``two_layer_proj`` as the RCS authors' ImageNet-32 ``proj_head_module``), and the encoder is
+  initialized as their ResNet / WRN (:func:`authors_init`: every convolution
+  ``kaiming_normal(fan_out, relu)``, every BatchNorm weight 1 and bias 0).
+* ``scale`` multiplies the whole loss: the RCS authors' scripts (``DynACL_RCS.py``,
+  ``ACL_RCS.py``) train on ``L_ACL / 2``; with LARS this is not a no-op (weight decay and the
+  zero-norm parameters see the halved gradient).
 
 Shapes: ``views = [x^i, x^j]`` (``+ [x]``, the un-augmented image, for AIR), each ``(B, 3, H, W)``
 in [0, 1]; labels are ignored.
@@ -39,7 +47,7 @@ from torch import nn
 from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd
 from rayrcm.errors import ConfigError
 from rayrcm.models import (
-    BNProjectionHead,
+    ACLProjector,
     Normalize,
     bn_route,
     build_encoder,
@@ -77,13 +85,18 @@ class ACLConfig(MethodConfig):
     export_bn: str = "adv"  # which BatchNorm branch the exported encoder keeps
     gather: bool = True  # negatives from all workers (the global batch, as the authors' DataParallel)
     adversarial: bool = True  # False: plain CL (SimCLR), no attack
+    two_layer_proj: bool = False  # the authors' --twoLayerProj (fc-BN-ReLU-fc-BN)
+    scale: float = 1.0  # loss multiplier (0.5: the RCS authors' (CL(nat) + CL(adv)) / 2)
     # RCS coreset selection (rayrcm.train.rcs); fraction 1 = off
     rcs_fraction: float = 1.0
     rcs_warmup_epochs: int = 100
     rcs_interval_epochs: int = 20
-    rcs_unit: int = 0  # samples per selection unit (0 = the per-worker batch, as the authors score mini-batches)
+    rcs_unit: int = 0  # samples per selection unit (0 = the global batch, as the authors score mini-batches)
     rcs_val_images: int = 0  # unlabeled validation images for the RD loss (0 = the whole validation split)
-    rcs_lr: float = 0.0  # step of the greedy one-step update (0 = optim.lr)
+    rcs_lr: float = 0.01  # the authors' Coreset_lr: greedy step on the fc layers (applied twice per pick, as theirs)
+    rcs_pgd_steps: int = 3  # the RD attack (the authors' Coreset_pgd_iter); 0 = no attack
+    rcs_eps: float = 8 / 255  # its L-inf ball (pixel units)
+    rcs_step_size: float = 0.0  # its step (0 = (10/255) / rcs_pgd_steps, the authors' rule)
 
     def attack(self) -> PGDConfig:
         return PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps, self.random_start)
@@ -112,29 +125,48 @@ class ACLConfig(MethodConfig):
             raise ConfigError("method.export_bn", self.export_bn, "choose one of: nat, adv")
         if self.pgd_steps < 0:
             raise ConfigError("method.pgd_steps", self.pgd_steps, "must be >= 0 (0 = no attack)")
+        if self.scale <= 0:
+            raise ConfigError("method.scale", self.scale, "must be > 0 (the loss multiplier)")
         self.attack().validate("method")
         if not 0 < self.rcs_fraction <= 1:
             raise ConfigError("method.rcs_fraction", self.rcs_fraction, "must be in (0, 1] (1 = no coreset)")
-        for key in ("rcs_warmup_epochs", "rcs_unit", "rcs_val_images"):
+        for key in ("rcs_warmup_epochs", "rcs_unit", "rcs_val_images", "rcs_pgd_steps", "rcs_eps", "rcs_step_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"method.{key}", getattr(self, key), "must be >= 0")
         if self.rcs_interval_epochs < 1:
             raise ConfigError("method.rcs_interval_epochs", self.rcs_interval_epochs, "must be >= 1")
-        if self.rcs_lr < 0:
-            raise ConfigError("method.rcs_lr", self.rcs_lr, "must be >= 0 (0 = optim.lr)")
+        if self.rcs_lr <= 0:
+            raise ConfigError("method.rcs_lr", self.rcs_lr, "must be > 0 (the greedy step; the authors' 0.01)")
         if self.rcs_fraction < 1 and cfg.data.val_fraction <= 0:
             raise ConfigError("data.val_fraction", cfg.data.val_fraction, "RCS needs an unlabeled validation split (> 0)")
 
 
+@torch.no_grad()
+def authors_init(module: nn.Module) -> None:
+    """The ACL/AIR/RCS authors' initialization of their ResNet and WRN, in place: every ``Conv2d``
+    ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` (the WRN's ``normal(0, sqrt(2 / (k^2 C_out)))``
+    is the same), every BatchNorm weight 1 and bias 0. timm's ResNet differs in two ways this undoes:
+    it zero-initializes the last BatchNorm weight of every residual block, and a CIFAR stem keeps
+    PyTorch's default convolution init."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ACLObjective(Objective):
-    """Encoder + BN projector (both dual-BN when asked), contrastive PGD and the ACL loss."""
+    """Encoder + the authors' projector (both dual-BN when asked), contrastive PGD and the ACL loss."""
 
     def __init__(self, cfg: ACLConfig, model_cfg: Any, image_size: int) -> None:
         super().__init__()
         self.cfg, self.model_cfg, self.image_size = cfg, model_cfg, image_size
         self.normalize = Normalize()
         self.encoder = build_encoder(model_cfg, image_size)
-        self.projector = BNProjectionHead(self.encoder.num_features, model_cfg.proj_hidden_dim, model_cfg.proj_dim)
+        authors_init(self.encoder)
+        self.projector = ACLProjector(self.encoder.num_features, model_cfg.proj_hidden_dim, model_cfg.proj_dim,
+                                      two_layer=cfg.two_layer_proj)
         if cfg.dual_bn:
             convert_dual_bn(self.encoder)
             convert_dual_bn(self.projector)
@@ -180,7 +212,7 @@ class ACLObjective(Objective):
             metrics["cl_adv"] = cl_adv.detach()
         reg, reg_metrics = self.regularizer(z, views[2] if len(views) > 2 else None)
         metrics.update(reg_metrics)
-        return LossOutput(loss + reg, metrics)
+        return LossOutput(cfg.scale * (loss + reg), metrics)
 
     def on_epoch(self, epoch: int, ctx: EpochContext) -> EpochPlan:
         """DynACL's strength and weight for this epoch; with RCS, the coreset it trains on."""
@@ -198,27 +230,51 @@ class ACLObjective(Objective):
             plan.pool = self._coresets(epoch)
         return plan
 
-    # --- RCS hooks (rayrcm.train.rcs): gradients of the projector's last layer
+    # --- RCS hooks (rayrcm.train.rcs): the RCS authors' selection works on the projector's fc layers
 
-    def rcs_last_layer(self) -> nn.Linear:
-        return self.projector.net[-1]
+    def rcs_params(self) -> dict[str, nn.Parameter]:
+        """``fc1.weight``, ``fc1.bias``, ``fc2.weight`` [, ``fc3.weight``]: the parameters whose gradients
+        RCS scores and steps (the authors' ``'fc' in name`` over ``proj_head``, BatchNorm affines left out)."""
+        return {n: p for n, p in self.projector.named_parameters() if n.split(".")[0] in ("fc1", "fc2", "fc3")}
 
-    def rcs_head_in(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs of the projector's last layer, on the branch the exported encoder keeps."""
-        with bn_route(self, self.cfg.export_bn if self.cfg.dual_bn else "nat"):
-            return self.projector.net[:-1](self.encoder.forward_features(self.normalize(x)))
+    def rcs_features(self, x: torch.Tensor, route: str) -> torch.Tensor:
+        """Encoder features of images ``x`` on BatchNorm branch ``route`` (the authors' ``get_feature``)."""
+        with bn_route(self.encoder, route):
+            return self.encoder.forward_features(self.normalize(x))
 
-    def rcs_unit_gradient(self, views: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Flattened gradient of this method's loss on one unit w.r.t. the projector's last weight
-        (eval mode, so BatchNorm statistics do not move; local negatives only)."""
-        was_training, gather = self.training, self.gather
+    def rcs_head(self, features: torch.Tensor, route: str, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The projector on ``features`` on branch ``route``, with ``params`` (name -> tensor) in place of its own."""
+        with bn_route(self.projector, route):
+            if params is None:
+                return self.projector(features)
+            return torch.func.functional_call(self.projector, params, (features,))
+
+    def rcs_unit_gradient(self, views: list[torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
+        """Gradients w.r.t. :meth:`rcs_params` of the RCS authors' unit loss ``(CL(nat) + CL(adv)) / 2``
+        (``RCS.py``: the training attack, encoder features without gradient, natural views on the
+        natural branch and adversarial ones on the adversarial branch, eval mode, the unit's own
+        negatives), whatever this method's training loss; ``CL(nat)`` alone without an attack."""
+        xi, xj = views[0], views[1]
+        b, t = xi.shape[0], self.cfg.temperature
+        was_training = self.training
         self.eval()
-        self.gather = False
         try:
-            loss = self.forward(views, target, 0).loss
-            return torch.autograd.grad(loss, self.rcs_last_layer().weight)[0].flatten()
+            with torch.no_grad():
+                f_nat = self.rcs_features(torch.cat([xi, xj]), "nat")
+            f_adv = None
+            if self.cfg.adversarial:
+                xi_adv, xj_adv = self.adversarial_views(xi, xj)
+                with torch.no_grad():
+                    f_adv = self.rcs_features(torch.cat([xi_adv, xj_adv]), "adv")
+            params = self.rcs_params()
+            with torch.enable_grad():
+                zi, zj = self.rcs_head(f_nat, "nat").split(b)
+                loss = nt_xent(zi, zj, t)
+                if f_adv is not None:
+                    zi_adv, zj_adv = self.rcs_head(f_adv, "adv").split(b)
+                    loss = (loss + nt_xent(zi_adv, zj_adv, t)) / 2
+                return list(torch.autograd.grad(loss, list(params.values())))
         finally:
-            self.gather = gather
             self.train(was_training)
 
     def export(self) -> nn.Module:
@@ -232,4 +288,4 @@ def build(cfg: Any, num_classes: int) -> ACLObjective:
     return ACLObjective(cfg.method, cfg.model, cfg.data.image_size)
 
 
-__all__ = ["ACLConfig", "ACLObjective", "acl_loss", "build", "dynacl_strength"]
+__all__ = ["ACLConfig", "ACLObjective", "acl_loss", "authors_init", "build", "dynacl_strength"]

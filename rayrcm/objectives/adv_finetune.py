@@ -10,6 +10,15 @@ A linear head is appended to the pretrained encoder (``model.init_from``) and tr
 * ``aff`` (adversarial full fine-tuning): all weights train, with TRADES (Zhang et al., ICML 2019):
   ``L = CE(F(x), y) + beta * (1/B) sum_b KL( softmax(F(x_b)) || softmax(F(x~_b)) )``,
   ``x~`` from 10 PGD steps on that KL from ``x + 0.001 N(0, I)`` (eval mode), ``beta = 6``.
+  With ``dual_bn`` (the default, the authors' ``--dualBN 1`` and ``trades_loss_dual``) the encoder's
+  BatchNorms are dual (:mod:`rayrcm.models.dual_bn`): the natural input ``x`` always goes through
+  the ``nat`` branch (the authors' ``'normal'``) and ``x~`` through the ``adv`` branch (``'pgd'``),
+  in the attack (eval mode) and in the loss (train mode). Both branches start from the pretrained
+  encoder's BatchNorms (its adversarial branch). The exported and evaluated classifier is the plain
+  network holding the ``adv`` branch, as the authors' ``cvt_state_dict_AFF`` with ``bnNameCnt=1``
+  (:meth:`AdvFinetuneObjective.export`: a view sharing the trained weights).
+
+The linear head starts at zero (weight and bias), as the authors' ``get_model`` sets ``fc``.
 
 The authors' ``--mode ALL`` runs the three in sequence from the same pretrained encoder; the
 recipes do the same (one run each) and print SA / PGD-20 / AA for each (:mod:`rayrcm.eval.robust`,
@@ -20,6 +29,7 @@ Shapes: ``views = [x]``, ``x`` ``(B, 3, H, W)`` in [0, 1]; ``target`` ``(B,)``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,10 +37,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd_ce, pgd_kl
+from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd, pgd_ce
 from rayrcm.errors import ConfigError
 from rayrcm.eval.robust import RobustEvalConfig
-from rayrcm.models import Classifier, build_classifier
+from rayrcm.models import Classifier, DualBatchNorm, bn_route, build_classifier, convert_dual_bn
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 MODES = ("slf", "alf", "aff")
@@ -46,6 +56,7 @@ class AdvFinetuneConfig(MethodConfig):
     step_size: float = 2 / 255
     pgd_steps: int = 10  # ALF's PGD and TRADES' inner maximization
     beta: float = 6.0  # TRADES
+    dual_bn: bool = True  # AFF: natural inputs on the nat BatchNorm branch, adversarial on adv (the authors' default)
     eval_pgd_steps: int = 20
     eval_autoattack: bool = True
     eval_aa_iters: int = 100
@@ -75,6 +86,35 @@ class AdvFinetuneConfig(MethodConfig):
         self.robust_eval().validate("method.eval")
 
 
+def branch_view(module: nn.Module, route: str) -> nn.Module:
+    """``module`` as a plain network holding the ``route`` branch of every :class:`DualBatchNorm`:
+    containers are shallow copies whose children are views, every other module (and so every
+    parameter and buffer) is shared, so training the dual network updates the view and loading a
+    state into the view writes into the dual network. Its state dict has the plain network's keys."""
+    if isinstance(module, DualBatchNorm):
+        return getattr(module, route)
+    if not any(isinstance(m, DualBatchNorm) for m in module.modules()):
+        return module
+    view = copy.copy(module)
+    view._modules = {name: None if child is None else branch_view(child, route) for name, child in module._modules.items()}
+    return view
+
+
+def trades_adversary(model: nn.Module, x: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
+    """TRADES' inner maximization on a (possibly dual-BN) ``model``: maximize
+    ``sum_b KL( softmax(F_nat(x_b)) || softmax(F_adv(x'_b)) )`` from ``x + 0.001 N(0, I)``, with
+    ``F_nat`` on the ``nat`` branch and ``F_adv`` on the ``adv`` branch (the authors'
+    ``trades_loss_dual``; one branch: ``trades_loss``). Call it in eval mode."""
+    with torch.no_grad(), bn_route(model, "nat"):
+        p_nat = F.softmax(model(x).float(), dim=1)
+
+    def loss(xa: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(model(xa).float(), dim=1), p_nat, reduction="sum")
+
+    with bn_route(model, "adv"):
+        return pgd(loss, [x], cfg, init=[0.001 * torch.randn_like(x)])[0]
+
+
 class AdvFinetuneObjective(Objective):
     def __init__(self, cfg: AdvFinetuneConfig, classifier: Classifier) -> None:
         super().__init__()
@@ -83,6 +123,12 @@ class AdvFinetuneObjective(Objective):
         if self.frozen:
             for p in classifier.encoder.parameters():
                 p.requires_grad_(False)
+        if isinstance(classifier.head, nn.Linear):  # the authors' fc starts at zero
+            nn.init.zeros_(classifier.head.weight)
+            nn.init.zeros_(classifier.head.bias)
+        self.dual = cfg.mode == "aff" and cfg.dual_bn
+        if self.dual:  # both branches start from the pretrained (adversarial) BatchNorms
+            convert_dual_bn(classifier.encoder)
 
     def train(self, mode: bool = True) -> AdvFinetuneObjective:
         super().train(mode)
@@ -102,9 +148,12 @@ class AdvFinetuneObjective(Objective):
             loss = F.cross_entropy(logits.float(), target)
         else:
             clf.eval()
-            x_adv = pgd_kl(clf, x, cfg.attack())
+            x_adv = trades_adversary(clf, x, cfg.attack())
             self.train(was_training)
-            logits, logits_adv = clf(x), clf(x_adv)  # two passes, as the TRADES code (separate BN batches)
+            with bn_route(clf, "nat"):  # two passes, as the TRADES code (separate BN batches)
+                logits = clf(x)
+            with bn_route(clf, "adv"):
+                logits_adv = clf(x_adv)
             natural = F.cross_entropy(logits.float(), target)
             robust = F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits.float(), 1), reduction="batchmean")
             loss = natural + cfg.beta * robust
@@ -113,7 +162,8 @@ class AdvFinetuneObjective(Objective):
         return LossOutput(loss, metrics)
 
     def export(self) -> nn.Module:
-        return self.classifier
+        """The classifier; with dual BatchNorm, the plain classifier holding the ``adv`` branch (shared weights)."""
+        return branch_view(self.classifier, "adv") if self.dual else self.classifier
 
 
 def build(cfg: Any, num_classes: int) -> AdvFinetuneObjective:

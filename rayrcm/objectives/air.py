@@ -20,6 +20,13 @@ log-probabilities; the authors' code passes probabilities where ``F.kl_div`` exp
 log-probabilities, which is a different quantity, so values differ from that code.
 ``lambda1 = lambda2 = 0`` gives ACL exactly.
 
+The batch is the global one: the authors train on 512 images on one GPU, so the softmaxes and the
+KL run over all 512. With several workers (``gather``, as for the contrastive negatives) each
+worker gathers the per-sample similarities of every worker, with gradient
+(:func:`~rayrcm.objectives.contrastive.gather_keys`), and computes the KL of the whole global batch:
+every worker's loss value is the one-process value on the concatenated batch, and the averaged
+gradient is that value's gradient.
+
 Shapes: ``views = [x^i, x^j, x]``, each ``(B, 3, H, W)`` in [0, 1].
 """
 
@@ -34,11 +41,20 @@ from torch.nn import functional as F
 from rayrcm.errors import ConfigError
 from rayrcm.models import bn_route
 from rayrcm.objectives.acl import ACLConfig, ACLObjective
+from rayrcm.objectives.contrastive import gather_keys
 
 
-def _diag_log_softmax(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """``log softmax_k( cos(a_k, b_k) / t )`` over the batch: ``(B,)``."""
-    s = (F.normalize(a.float(), dim=1) * F.normalize(b.float(), dim=1)).sum(1) / t
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``cos(a_k, b_k)``: ``(B,)``."""
+    return (F.normalize(a.float(), dim=1) * F.normalize(b.float(), dim=1)).sum(1)
+
+
+def _batch_log_softmax(pairs: list[tuple[torch.Tensor, torch.Tensor]], t: float, gather: bool) -> torch.Tensor:
+    """``log softmax_k( cos(a_k, b_k) / t )`` over the batch for each pair ``(a, b)``: ``(N, len(pairs))``,
+    ``N`` the global batch when ``gather`` (one all-gather for all pairs), else the local one."""
+    s = torch.stack([_cos(a, b) for a, b in pairs], dim=1) / t
+    if gather:
+        s, _ = gather_keys(s)
     return F.log_softmax(s, dim=0)
 
 
@@ -47,17 +63,17 @@ def kl_batch(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum()
 
 
-def air_standard(z_orig: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor, t: float) -> torch.Tensor:
-    """``L_AIR(B; 0) = KL(p_i(y^R|x) || p_j(y^R|x))``."""
-    return kl_batch(_diag_log_softmax(z_orig, zi, t), _diag_log_softmax(z_orig, zj, t))
+def air_standard(z_orig: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor, t: float, *, gather: bool = False) -> torch.Tensor:
+    """``L_AIR(B; 0) = KL(p_i(y^R|x) || p_j(y^R|x))`` (``gather``: over the global batch)."""
+    ls = _batch_log_softmax([(z_orig, zi), (z_orig, zj)], t, gather)
+    return kl_batch(ls[:, 0], ls[:, 1])
 
 
 def air_robust(z_orig: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor, zi_adv: torch.Tensor, zj_adv: torch.Tensor,
-               t: float) -> torch.Tensor:
-    """``L_AIR(B; eps) = KL(P_i || P_j)`` with ``log P_u = log p_u(y^R|x~) + log p_u(x~|x)``."""
-    log_pi = _diag_log_softmax(z_orig, zi_adv, t) + _diag_log_softmax(zi_adv, zi, t)
-    log_pj = _diag_log_softmax(z_orig, zj_adv, t) + _diag_log_softmax(zj_adv, zj, t)
-    return kl_batch(log_pi, log_pj)
+               t: float, *, gather: bool = False) -> torch.Tensor:
+    """``L_AIR(B; eps) = KL(P_i || P_j)`` with ``log P_u = log p_u(y^R|x~) + log p_u(x~|x)`` (``gather``: global batch)."""
+    ls = _batch_log_softmax([(z_orig, zi_adv), (zi_adv, zi), (z_orig, zj_adv), (zj_adv, zj)], t, gather)
+    return kl_batch(ls[:, 0] + ls[:, 1], ls[:, 2] + ls[:, 3])
 
 
 @dataclass(frozen=True)
@@ -83,9 +99,9 @@ class AIRObjective(ACLObjective):
         cfg = self.cfg
         with bn_route(self, "nat"):
             z_orig = self.project(x_orig)
-        sir = air_standard(z_orig, z["i"], z["j"], cfg.temperature)
+        sir = air_standard(z_orig, z["i"], z["j"], cfg.temperature, gather=self.gather)
         if "i_adv" in z:
-            air = air_robust(z_orig, z["i"], z["j"], z["i_adv"], z["j_adv"], cfg.temperature)
+            air = air_robust(z_orig, z["i"], z["j"], z["i_adv"], z["j_adv"], cfg.temperature, gather=self.gather)
         else:
             air = torch.zeros((), device=sir.device)
         return cfg.lambda1 * sir + cfg.lambda2 * air, {"air_standard": sir.detach(), "air_robust": air.detach()}

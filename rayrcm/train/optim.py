@@ -12,6 +12,10 @@ cosine with linear warmup indexed by optimizer step, so resuming is "set the ste
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -74,3 +78,36 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         warmup_prefix=True,
         t_in_epochs=False,
     )
+
+
+class EpochIndexedSchedule:
+    """A per-step scheduler made a function of the epoch position, for methods whose epochs differ
+    in size (RCS's coreset epochs), as the RCS authors' (``ACL_RCS.py:281-291``):
+    they rebuild their per-step cosine at every epoch over ``epochs * len(loader)`` steps with
+    ``10 * len(loader)`` warm-up steps, ``len(loader)`` that epoch's (coreset) loader, and fast-forward
+    it to ``(epoch - 1) * len(loader)``; so the lr is the cosine of the epoch position, whatever the
+    epoch's size.
+
+    ``inner`` is a scheduler over whole-set epochs of ``full_steps`` steps (its warm-up and length
+    in those units); ``step_update(t)`` hands it ``position(t) * full_steps``, where the step
+    counter ``t`` maps linearly within each epoch: epoch ``e`` (``steps_in(e)`` steps) spans
+    positions ``[e, e + 1)``. When every epoch has ``full_steps`` steps this is the identity.
+    """
+
+    def __init__(self, inner: Any, steps_in: Callable[[int], int], full_steps: int) -> None:
+        self.inner, self.steps_in, self.full_steps = inner, steps_in, full_steps
+        self._starts = [0]
+
+    def position(self, t: float) -> float:
+        while self._starts[-1] <= t:
+            self._starts.append(self._starts[-1] + max(1, self.steps_in(len(self._starts) - 1)))
+        e = bisect.bisect_right(self._starts, t) - 1
+        return e + (t - self._starts[e]) / max(1, self.steps_in(e))
+
+    def step_update(self, num_updates: float, metric: Any = None) -> None:
+        self.inner.step_update(self.position(num_updates) * self.full_steps, metric)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

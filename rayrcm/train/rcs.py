@@ -1,27 +1,57 @@
 """RCS: robustness-aware coreset selection (Xu, Zhang, Liu, Sugiyama & Kankanhalli, NeurIPS 2023).
 
-Seed 001. After ``W`` warm-up epochs on the whole training set, every ``I`` epochs RCS picks a
-coreset ``S``, ``|S| = k |X|``, on which the next ``I`` epochs train. It greedily maximizes
+Seed 001 and the authors' code (github.com/GodXuxilie/Efficient_ACL_via_RCS,
+``ACL_RCS/small_scale_datasets/RCS.py``, ``RCS.update_subset_indice``; line numbers below are
+that file's). After ``W`` warm-up epochs on the whole training set, every ``I`` epochs RCS picks a
+coreset ``S`` on which the next ``I`` epochs train, greedily lowering the representational
+distance (RD) of an unlabeled validation set ``U`` after a one-step update on the units picked.
+What is computed, as the authors compute it:
 
-    G(S) = -L_RD(U; theta - eta * grad L_ACL(S; theta))
+* **Parameters.** Only the projector's linear layers take part: ``fc1.weight``, ``fc1.bias``,
+  ``fc2.weight`` and ``fc3.weight`` (their ``'fc' in name`` over ``proj_head``; the BatchNorm
+  affines are left out). A gradient *vector* is the concatenation, in that order, of each
+  gradient averaged over its dim 0 (``g.mean(dim=0)``: ``(in,)`` for a weight ``(out, in)``, one
+  number for the bias; lines 255-261, 294-299). The greedy step uses the full gradients.
+* **RD loss** (``kl_loss``, lines 64-80): with ``mm(z) = (z - min_j z) / max_j(z - min_j z)`` per
+  row (their in-place ``normalize``), ``q = mm(z_adv) + 1e-8`` and ``p = mm(z_nat) + 1e-8``,
+  ``L_RD = mean over all N x D entries of q * (log q - log p)`` (``KLDivLoss(reduction='mean')``),
+  ``z = h(x)`` the projector output, natural images on the natural BatchNorm branch, adversarial
+  ones on the adversarial branch (lines 250-252).
+* **RD attack** (``PGD``, lines 90-125, called with ``iters=Coreset_pgd_iter=3``,
+  ``alpha=(10/255)/3``, ``eps=8/255``): uniform start in the ``eps`` ball (not clipped before the
+  first step), 3 sign-gradient ascent steps on ``L_RD`` against the natural output, each step
+  clipped to the ball and to [0, 1]; the adversarial forward on the adversarial branch.
+* **Validation rows** (lines 232-236): each validation batch of ``b`` images is reshaped from
+  ``(b, 2, C, H, W)`` to ``(2b, C, H, W)`` and cut to its first ``b`` rows, i.e. the first half
+  of the batch's images, each twice (the views are identical, un-augmented images); every copy
+  gets its own random start. :func:`rd_rows` gives these rows.
+* **Per-unit loss** (lines 274-299): units are shuffled mini-batches of the training set; each
+  gets the training attack (contrastive PGD on the adversarial branch), then
+  ``(CL(h(x)) + CL(h(x~))) / 2`` with the natural views on the natural branch and the adversarial
+  ones on the adversarial branch, encoder features taken without gradient; all in eval mode.
+* **Greedy search** (lines 309-366): pick the remaining unit ``k`` maximizing ``q_k . q_U``
+  (ties: the first), then (except after the last pick) move the fc parameters by
+  ``-lr * grad_k`` (``lr = Coreset_lr = 0.01``) and recompute ``q_U`` at the moved parameters:
+  the validation set is attacked again (fresh random starts) and the RD gradient taken there.
+  The authors' update runs twice per pick (lines 321-329 update ``linear_layer`` and then
+  ``self.model.fc``, which are the same module), so the move is ``2 lr grad_k``; we do the same
+  (:data:`STEPS_PER_PICK`). Unit gradients stay those at the original parameters; the model's own
+  parameters are not touched (the moved copy lives here and is dropped after the selection).
 
-on an unlabeled validation set ``U``, with the representational distance
-``L_RD(U) = sum_{x in U} KL( softmax(h(x)) || softmax(h(x~)) )``, ``x~`` the PGD maximizer of that
-KL in the ``eps`` ball (``h = g o f``). Each greedy step adds the unit whose ACL gradient ``q_k``
-best matches the current validation gradient ``q_U`` (``argmax_k q_k . q_U``), then moves
-``theta' <- theta' - eta q_k`` and recomputes ``q_U`` at ``theta'``.
+What we do differently (docs/fidelity.md): the coreset has exactly ``round(k |X|)`` samples (the
+last chosen unit is trimmed; the authors keep ``int(k |X| / batch)`` whole units); units are a
+seeded partition of the training set and random starts are seeded per unit and per validation
+batch, so a selection does not depend on the number of workers; every dataset gets this
+(small-scale) algorithm, also ImageNet-32, where the authors' ``ACL_RCS/ImageNet_32/RCS.py``
+differs (softmax KL, one attack step, greedy search in blocks of 100 batches).
 
-What we do, as the authors' code does: gradients are taken with respect to the last linear layer
-of the projection head only (its input features are cached, so recomputing ``q_U`` after each
-greedy step costs one small matrix product), and the units scored are mini-batches of
-``unit`` training samples (the global batch by default) rather than single samples
-(``unit = 1`` scores samples). Units are a fresh seeded partition of the training set at each
-selection. The last chosen unit is trimmed so the coreset has exactly ``round(k |X|)`` samples.
+The lr schedule: the authors' cosine is indexed by epochs, so coreset epochs (fewer steps) move
+it as far as whole-set epochs; :class:`EpochIndexedSchedule` does that for a per-step scheduler.
 
-Distribution: each worker scores its share of the units and of ``U``; the gradients and features
-are gathered, and every worker runs the (deterministic) greedy search on the same data, so all
-workers hold the same coreset without another broadcast. ``gather`` is passed in (identity on
-one process).
+Distribution: units are dealt to the workers round-robin and so are validation batches; unit
+gradient vectors and validation features are gathered, every worker runs the same greedy search,
+and the owner of each chosen unit shares its full gradient (a sum over workers). ``gather`` and
+``share`` are passed in (identities on one process).
 """
 
 from __future__ import annotations
@@ -29,89 +59,119 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from rayrcm.attacks.pgd import PGDConfig, pgd
+from rayrcm.attacks.pgd import PGDConfig
 from rayrcm.errors import ConfigError
+from rayrcm.train.optim import EpochIndexedSchedule  # noqa: F401 (the schedule RCS runs under; lives with the schedules)
 
 if TYPE_CHECKING:
     from rayrcm.objectives.base import EpochContext
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (n, ...) per worker -> (world * n, ...) in rank order
+Share = Callable[[torch.Tensor], torch.Tensor]  # elementwise sum over workers
+
+STEPS_PER_PICK = 2  # the authors apply the greedy step twice per pick (RCS.py:321-329: linear_layer is model.fc)
+RD_EPS = 1e-8  # kl_loss's additive constant
+RD_TOTAL_STEP = 10 / 255  # the RD attack's step is (10/255) / Coreset_pgd_iter (RCS.py:237)
+
+
+def _mix(*values: int) -> int:
+    h = 0
+    for v in values:
+        h = (h * 1_000_003 + int(v)) % (2**63 - 1)
+    return h
 
 
 def coreset_size(n: int, fraction: float) -> int:
     return max(1, int(round(fraction * n)))
 
 
-def greedy_select(unit_grads: torch.Tensor, val_grad: Callable[[torch.Tensor], torch.Tensor], n_units: int,
-                  lr: float) -> list[int]:
-    """Indices of ``n_units`` rows of ``unit_grads`` ``(M, P)``, chosen one at a time by
-    ``argmax_k q_k . val_grad(delta)`` with ``delta <- delta - lr * q_k`` after each choice
-    (``val_grad(delta)`` is the validation gradient at ``theta + delta``). Ties go to the lower index."""
-    m = unit_grads.shape[0]
+# ----------------------------------------------------------------------------- the authors' functions
+
+
+def minmax(z: torch.Tensor) -> torch.Tensor:
+    """The authors' ``normalize`` (out of place): ``(z - min) / max(z - min)`` over each row."""
+    z = z - z.min(dim=1, keepdim=True)[0]
+    return z / z.max(dim=1, keepdim=True)[0]
+
+
+def rd_loss(z_nat: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
+    """The authors' RD loss ``kl_loss(z_adv, z_nat)``: ``KLDivLoss('mean')(log(mm(z_nat) + 1e-8), mm(z_adv) + 1e-8)``."""
+    dtype = torch.promote_types(z_adv.dtype, torch.float32)
+    q = minmax(z_adv.to(dtype)) + RD_EPS
+    log_p = torch.log(minmax(z_nat.to(dtype)) + RD_EPS)
+    return (q * (q.log() - log_p)).mean()
+
+
+def grad_vector(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The authors' gradient vector: each gradient averaged over dim 0, flattened and concatenated."""
+    return torch.cat([g.detach().float().mean(dim=0).reshape(-1) for g in grads])
+
+
+def rd_rows(n: int, batch_size: int) -> list[list[int]]:
+    """The validation rows of each batch: ``batch_size`` consecutive images ``i..i+b-1`` give rows
+    ``i + r // 2`` for ``r < b`` (the authors' ``view(2b, ...)[:b]`` of two identical views)."""
+    return [[start + r // 2 for r in range(min(batch_size, n - start))] for start in range(0, n, batch_size)]
+
+
+def rd_attack_config(cfg: Any) -> PGDConfig:
+    """The RD attack of ``cfg`` (``rcs_pgd_steps``, ``rcs_eps``, ``rcs_step_size``; step 0 = ``(10/255) / steps``)."""
+    steps = cfg.rcs_pgd_steps
+    step = cfg.rcs_step_size or (RD_TOTAL_STEP / steps if steps else RD_TOTAL_STEP)
+    return PGDConfig("linf", cfg.rcs_eps, step, steps, True)
+
+
+def rd_attack(x: torch.Tensor, z_nat: torch.Tensor, adv_output: Callable[[torch.Tensor], torch.Tensor],
+              attack: PGDConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The authors' ``PGD`` (RCS.py:90-125) with ``loss_type='KL'``: maximize ``rd_loss(z_nat, adv_output(x'))``
+    from a uniform start (not clipped before the first step), drawn on the CPU from ``generator``
+    (None: the global RNG, on ``x``'s device, as the authors' ``torch.rand_like``)."""
+    if attack.steps == 0 or attack.eps == 0:
+        return x.detach().clone()
+    x, z_nat, eps = x.detach(), z_nat.detach(), attack.eps
+    if generator is None:
+        u = torch.rand_like(x)
+    else:
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    delta = u * eps * 2 - eps
+    for _ in range(attack.steps):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(rd_loss(z_nat, adv_output(x + delta)), delta)[0]
+        with torch.no_grad():
+            delta = (delta + attack.step_size * grad.sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0.0, 1.0) - x
+    return (x + delta).detach()
+
+
+def greedy_select(unit_vecs: torch.Tensor, n_units: int, q_val: torch.Tensor,
+                  after_pick: Callable[[int], torch.Tensor]) -> list[int]:
+    """The authors' greedy search (RCS.py:309-366): ``n_units`` rows of ``unit_vecs`` ``(M, V)``, each
+    the argmax of ``q_k . q_val`` over the rows not yet chosen (ties: the lowest index); after each
+    pick but the last, ``q_val = after_pick(k)`` (the validation vector after the step on unit ``k``)."""
+    m = unit_vecs.shape[0]
     if not 0 < n_units <= m:
         raise ValueError(f"cannot select {n_units} of {m} units")
-    delta = torch.zeros(unit_grads.shape[1], dtype=unit_grads.dtype, device=unit_grads.device)
-    free = torch.ones(m, dtype=torch.bool, device=unit_grads.device)
+    free = torch.ones(m, dtype=torch.bool)
     chosen: list[int] = []
-    for _ in range(n_units):
-        scores = (unit_grads @ val_grad(delta)).masked_fill(~free, float("-inf"))
-        k = int(torch.argmax(scores))
+    for j in range(n_units):
+        gain = (unit_vecs @ q_val.to(unit_vecs)).masked_fill(~free, float("-inf"))
+        k = int(torch.argmax(gain))
         chosen.append(k)
         free[k] = False
-        delta = delta - lr * unit_grads[k]
+        if j < n_units - 1:
+            q_val = after_pick(k)
     return chosen
 
 
-class RDGradient:
-    """``grad_W L_RD`` at ``W + delta`` for the last linear layer ``(W, b)`` of the projector, from
-    cached inputs of that layer for natural ``a_nat`` and adversarial ``a_adv`` images ``(N, H)``."""
-
-    def __init__(self, a_nat: torch.Tensor, a_adv: torch.Tensor, layer: nn.Linear) -> None:
-        self.a_nat, self.a_adv = a_nat.detach().float(), a_adv.detach().float()
-        self.weight = layer.weight.detach().float()
-        self.bias = None if layer.bias is None else layer.bias.detach().float()
-
-    def loss(self, weight: torch.Tensor) -> torch.Tensor:
-        p = F.log_softmax(F.linear(self.a_nat, weight, self.bias), dim=1)
-        q = F.log_softmax(F.linear(self.a_adv, weight, self.bias), dim=1)
-        return F.kl_div(q, p, log_target=True, reduction="sum")  # KL(p || q)
-
-    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        w = (self.weight + delta.view_as(self.weight)).requires_grad_(True)
-        with torch.enable_grad():
-            return torch.autograd.grad(self.loss(w), w)[0].flatten()
-
-
-def _rd_attack(head_in: Callable[[torch.Tensor], torch.Tensor], last: nn.Linear, x: torch.Tensor, attack: PGDConfig) -> torch.Tensor:
-    with torch.no_grad():
-        p = F.log_softmax(last(head_in(x)).float(), dim=1)
-
-    def kl(xa: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(last(head_in(xa)).float(), dim=1), p, log_target=True, reduction="sum")
-
-    return pgd(kl, [x], attack)[0]
-
-
-def rd_features(head_in: Callable[[torch.Tensor], torch.Tensor], last: nn.Linear, dataset: Dataset, attack: PGDConfig, *,
-                device: torch.device | str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs of the projector's last layer for ``dataset``'s first view and its RD adversary."""
-    nat, adv = [], []
-    for views, _ in DataLoader(dataset, batch_size=batch_size):
-        x = (views[0] if isinstance(views, (list, tuple)) else views).to(device)
-        x_adv = _rd_attack(head_in, last, x, attack)
-        with torch.no_grad():
-            nat.append(head_in(x).float())
-            adv.append(head_in(x_adv).float())
-    return torch.cat(nat), torch.cat(adv)
+# ----------------------------------------------------------------------------- selection
 
 
 def units_of(n: int, unit: int, seed: int) -> list[list[int]]:
@@ -120,42 +180,140 @@ def units_of(n: int, unit: int, seed: int) -> list[list[int]]:
     return [perm[i:i + unit] for i in range(0, n, unit)]
 
 
-def select_coreset(unit_grad: Callable[[list[int]], torch.Tensor], rd_grad: Callable[[], RDGradient], n: int, *,
-                   fraction: float, unit: int, lr: float, seed: int, rank: int = 0, world: int = 1,
-                   gather: Gather = lambda t: t) -> list[int]:
-    """The RCS coreset of ``range(n)``: exactly ``round(fraction * n)`` distinct sample indices, sorted.
-
-    ``unit_grad(indices)`` returns the flattened ACL gradient of one unit; ``rd_grad()`` the
-    validation :class:`RDGradient` (computed by every worker on its share and gathered inside).
-    This worker scores units ``rank, rank + world, ...``; ``gather`` joins equal-sized blocks.
-    """
-    units = units_of(n, unit, seed)
-    per_rank = math.ceil(len(units) / world)
-    mine = [units[i] for i in range(rank, len(units), world)]
-    grads = [unit_grad(u) for u in mine]
-    p = grads[0].numel() if grads else 0
-    block = torch.zeros(per_rank, max(p, 1))
-    for i, g in enumerate(grads):
-        block[i] = g.detach().float().cpu()
-    allg = gather(block)  # (world * per_rank, P): row r * per_rank + i is unit r + i * world
-    order = [r * per_rank + i for i in range(per_rank) for r in range(world) if r + i * world < len(units)]
-    ordered = allg[order]
-    target = coreset_size(n, fraction)
-    sizes = [len(u) for u in units]
+def units_needed(sizes: Sequence[int], target: int) -> int:
+    """How many units the greedy search picks: enough for ``target`` samples even if it picks the smallest."""
     need, total = 0, 0
-    for s in sorted(sizes, reverse=True):  # enough units even if the short one is picked
+    for s in sorted(sizes, reverse=True):
         need, total = need + 1, total + s
         if total >= target:
             break
-    chosen = greedy_select(ordered, rd_grad(), need, lr)
+    return need
+
+
+def select_coreset(unit_grad: Callable[[list[int]], Sequence[torch.Tensor]],
+                   val_grad: Callable[[list[torch.Tensor], int], torch.Tensor], theta: Sequence[torch.Tensor], n: int, *,
+                   fraction: float, unit: int, lr: float, seed: int, rank: int = 0, world: int = 1,
+                   gather: Gather = lambda t: t, share: Share = lambda t: t) -> list[int]:
+    """The RCS coreset of ``range(n)``: exactly ``round(fraction * n)`` distinct sample indices, sorted.
+
+    ``theta`` are the fc parameters (in the order of the gradient vectors); ``unit_grad(indices)``
+    returns the full gradients of one unit's loss w.r.t. them at ``theta``;
+    ``val_grad(params, pick)`` the validation gradient vector at ``params`` (a collective: every
+    worker calls it the same number of times; ``pick`` counts the updates so far). This worker
+    scores units ``rank, rank + world, ...``; ``gather`` joins equal-sized blocks, ``share`` sums
+    over workers.
+    """
+    units = units_of(n, unit, seed)
+    theta = [t.detach().float().cpu().clone() for t in theta]
+    shapes, numels = [t.shape for t in theta], [t.numel() for t in theta]
+    width = grad_vector(theta).numel()
+    per_rank = math.ceil(len(units) / world)
+    full: dict[int, torch.Tensor] = {}
+    block = torch.zeros(per_rank, width)
+    for i, k in enumerate(range(rank, len(units), world)):
+        grads = [g.detach().float().cpu() for g in unit_grad(units[k])]
+        block[i] = grad_vector(grads)
+        full[k] = torch.cat([g.reshape(-1) for g in grads])
+    allv = gather(block)  # (world * per_rank, V): row r * per_rank + i is unit r + i * world
+    order = [(k % world) * per_rank + k // world for k in range(len(units))]
+    vecs = allv[order].float()
+    target = coreset_size(n, fraction)
+    picks = 0
+
+    def after_pick(k: int) -> torch.Tensor:
+        nonlocal picks
+        flat = share(full[k] if k in full else torch.zeros(sum(numels)))  # the owner's gradient, everywhere
+        grads = [g.view(s) for g, s in zip(flat.float().cpu().split(numels), shapes)]
+        for _ in range(STEPS_PER_PICK):
+            for i, g in enumerate(grads):
+                theta[i] = theta[i] - lr * g
+        picks += 1
+        return val_grad(theta, picks).float().cpu()
+
+    chosen = greedy_select(vecs, units_needed([len(u) for u in units], target), val_grad(theta, 0).float().cpu(), after_pick)
     picked: list[int] = []
     for k in chosen:
         picked.extend(units[k])
     return sorted(picked[:target])
 
 
+def _first_view(item: Any) -> torch.Tensor:
+    views = item[0] if isinstance(item, (list, tuple)) else item
+    return views[0] if isinstance(views, (list, tuple)) else views
+
+
+class RDValidation:
+    """The validation side of RCS for ``objective`` (its ``rcs_features`` / ``rcs_head`` hooks, in
+    eval mode): ``self(params, pick)`` attacks this worker's validation batches at the fc
+    parameters ``params`` (names ``names``), gathers the features and returns the RD gradient vector.
+
+    Natural features do not depend on the fc parameters and are computed once; the random start of
+    batch ``b`` after ``pick`` updates is seeded by ``(seed, pick, b)``.
+    """
+
+    def __init__(self, objective: nn.Module, val_set: Dataset, names: Sequence[str], in_dim: int, attack: PGDConfig, *,
+                 batch_size: int, seed: int, device: torch.device | str, rank: int = 0, world: int = 1,
+                 gather: Gather = lambda t: t) -> None:
+        self.objective, self.names, self.attack, self.seed, self.device = objective, list(names), attack, seed, device
+        self.gather, self.in_dim = gather, in_dim
+        self.dtype = torch.promote_types(next(objective.parameters()).dtype, torch.float32)
+        rows = rd_rows(len(val_set), batch_size)  # type: ignore[arg-type]
+        self.mine = list(range(rank, len(rows), world))
+        cache: dict[int, torch.Tensor] = {}
+        self.images = {}
+        for b in self.mine:
+            for i in rows[b]:
+                if i not in cache:
+                    cache[i] = _first_view(val_set[i])
+            self.images[b] = torch.stack([cache[i] for i in rows[b]])
+        sizes = [len(r) for r in rows]
+        counts = [sum(sizes[b] for b in range(r, len(rows), world)) for r in range(world)]
+        self.per_rank = max(1, max(counts))
+        self.order, offsets = [], [0] * world
+        for b, size in enumerate(sizes):
+            r = b % world
+            self.order.extend(range(r * self.per_rank + offsets[r], r * self.per_rank + offsets[r] + size))
+            offsets[r] += size
+        with torch.no_grad():
+            self.f_nat_mine = {b: objective.rcs_features(self.images[b].to(device, self.dtype), "nat").to(self.dtype)
+                               for b in self.mine}
+        self.f_nat = self._gathered(list(self.f_nat_mine.values()))
+
+    def _gathered(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        block = torch.zeros(self.per_rank, self.in_dim, device=self.device, dtype=self.dtype)
+        if parts:
+            local = torch.cat(parts)
+            block[: local.shape[0]] = local
+        return self.gather(block)[self.order].to(self.device)
+
+    def __call__(self, theta: Sequence[torch.Tensor], pick: int) -> torch.Tensor:
+        obj = self.objective
+        params = {n: t.detach().to(self.device, self.dtype) for n, t in zip(self.names, theta)}
+
+        def adv_output(xa: torch.Tensor) -> torch.Tensor:
+            return obj.rcs_head(obj.rcs_features(xa, "adv"), "adv", params)
+
+        adv = []
+        for b in self.mine:
+            with torch.no_grad():
+                z_nat = obj.rcs_head(self.f_nat_mine[b], "nat", params)
+            g = torch.Generator().manual_seed(_mix(self.seed, pick, b))
+            x_adv = rd_attack(self.images[b].to(self.device, self.dtype), z_nat, adv_output, self.attack, g)
+            with torch.no_grad():
+                adv.append(obj.rcs_features(x_adv, "adv").to(self.dtype))
+        f_adv = self._gathered(adv)
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            loss = rd_loss(obj.rcs_head(self.f_nat, "nat", leaves), obj.rcs_head(f_adv, "adv", leaves))
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        return grad_vector(grads).cpu()
+
+
 def selection_epoch(epoch: int, warmup: int, interval: int) -> int | None:
-    """The epoch whose coreset ``epoch`` trains on (itself when it selects), or None during warm-up."""
+    """The epoch whose coreset ``epoch`` trains on (itself when it selects), or None during warm-up.
+
+    The authors (1-based epochs) select when ``epoch >= warmup and (epoch - 1) % interval == 0``;
+    when ``interval > 1`` divides ``warmup`` (their 100/20 and 20/10) that is this rule."""
     if epoch < warmup:
         return None
     return warmup + (epoch - warmup) // interval * interval
@@ -164,47 +322,67 @@ def selection_epoch(epoch: int, warmup: int, interval: int) -> int | None:
 class CoresetSchedule:
     """``schedule(epoch)`` -> the coreset indices epoch ``epoch`` trains on, or None (warm-up).
 
-    A method (:class:`~rayrcm.objectives.acl.ACLObjective`) provides ``rcs_unit_gradient``,
-    ``rcs_head_in`` and ``rcs_last_layer``; ``cfg`` its config (``rcs_*`` fields, ``attack()``).
-    Each selection is kept as ``<folder>/coreset_epoch_<e>.json`` (rank 0 writes it), so a resumed
-    run trains on the coreset it had. Collectives are passed in: ``gather`` (see
-    :func:`select_coreset`) and ``agree(indices) -> indices`` (rank 0's choice everywhere).
+    A method (:class:`~rayrcm.objectives.acl.ACLObjective`) provides ``rcs_params``,
+    ``rcs_features``, ``rcs_head`` and ``rcs_unit_gradient``; ``cfg`` its config (``rcs_*``
+    fields). Each selection is kept as ``<folder>/coreset_epoch_<e>.json`` (rank 0 writes it), so a
+    resumed run trains on the coreset it had. Collectives are passed in: ``gather`` (see
+    :func:`select_coreset`), ``share`` (sum over workers) and ``agree(indices) -> indices``
+    (rank 0's choice everywhere).
     """
 
-    def __init__(self, objective: nn.Module, cfg: object, train_set: Dataset, val_set: Dataset, folder: Path, *,
-                 unit: int, lr: float, seed: int, device: torch.device | str, rank: int = 0, world: int = 1,
-                 gather: Gather = lambda t: t, agree: Callable[[list[int]], list[int]] = lambda i: i) -> None:
+    def __init__(self, objective: nn.Module, cfg: Any, train_set: Dataset, val_set: Dataset, folder: Path, *,
+                 unit: int, lr: float, seed: int, device: torch.device | str, val_batch: int = 512, rank: int = 0,
+                 world: int = 1, gather: Gather = lambda t: t, share: Share = lambda t: t,
+                 agree: Callable[[list[int]], list[int]] = lambda i: i) -> None:
         self.objective, self.cfg, self.train_set, self.val_set, self.folder = objective, cfg, train_set, val_set, folder
         self.unit, self.lr, self.seed, self.device, self.rank, self.world = unit, lr, seed, device, rank, world
-        self.gather, self.agree = gather, agree
+        self.val_batch, self.gather, self.share, self.agree = val_batch, gather, share, agree
         self.selected: tuple[int, float] | None = None  # (epoch, seconds) of the selection the last call made
         self.announce: tuple[Callable[[str], None], Callable[[int, dict[str, float]], None]] | None = None
         self.barrier: Callable[[], None] = lambda: None
+        self._seed = 0  # of the selection under way
 
-    def _unit_grad(self, indices: list[int]) -> torch.Tensor:
+    def _unit_grad(self, indices: list[int]) -> list[torch.Tensor]:
+        torch.manual_seed(_mix(self._seed, indices[0]))  # the unit's attack starts the same on any number of workers
         views, y = zip(*(self.train_set[i] for i in indices))
         batch = [torch.stack([v[j] for v in views]).to(self.device) for j in range(len(views[0]))]
-        return self.objective.rcs_unit_gradient(batch, torch.tensor(y, device=self.device)).cpu()
+        return [g.detach().cpu() for g in self.objective.rcs_unit_gradient(batch, torch.tensor(y, device=self.device))]
 
-    def _rd_grad(self) -> RDGradient:
-        last = self.objective.rcs_last_layer()
-        a_nat, a_adv = rd_features(self.objective.rcs_head_in, last, self.val_set, self.cfg.attack(), device=self.device)
-        return RDGradient(a_nat, a_adv, last)
+    def select(self, chosen_at: int) -> list[int]:
+        """A new coreset (the objective in eval mode meanwhile; its parameters are not changed)."""
+        obj, cfg = self.objective, self.cfg
+        self._seed = _mix(self.seed, chosen_at)
+        was_training = obj.training
+        obj.eval()
+        try:
+            params = obj.rcs_params()
+            if not params:
+                raise ValueError("RCS needs a projector with the authors' fc1/fc2/fc3 layers (ACLProjector)")
+            names = list(params)
+            validation = RDValidation(obj, self.val_set, names, params[names[0]].shape[1], rd_attack_config(cfg),
+                                      batch_size=self.val_batch, seed=self._seed, device=self.device, rank=self.rank,
+                                      world=self.world, gather=self.gather)
+            n = len(self.train_set)  # type: ignore[arg-type]
+            return select_coreset(self._unit_grad, validation, list(params.values()), n, fraction=cfg.rcs_fraction,
+                                  unit=self.unit, lr=self.lr, seed=self.seed * 7_919 + chosen_at, rank=self.rank,
+                                  world=self.world, gather=self.gather, share=self.share)
+        finally:
+            obj.train(was_training)
 
     @classmethod
     def for_context(cls, objective: nn.Module, cfg: Any, ctx: EpochContext) -> CoresetSchedule:
         """The schedule of a training run: RD loss on (the first ``rcs_val_images`` of) the
-        validation split, units of ``rcs_unit`` samples (default: the global batch), greedy step
-        ``rcs_lr`` (default: the optimizer's lr), files in ``<job>/coreset``; rank 0 announces each
-        selection and logs its size and time."""
+        validation split in batches of the global batch, units of ``rcs_unit`` samples (default:
+        the global batch, as the authors), greedy step ``rcs_lr``, files in ``<job>/coreset``;
+        rank 0 announces each selection and logs its size and time."""
         val = ctx.val_set
         if cfg.rcs_val_images:
             val = torch.utils.data.Subset(val, list(range(min(cfg.rcs_val_images, len(val)))))
         if len(val) == 0:
             raise ConfigError("data.val_fraction", 0, "RCS needs an unlabeled validation split (> 0)")
         schedule = cls(objective, cfg, ctx.train_set, val, Path(ctx.work_dir) / "coreset", unit=cfg.rcs_unit or ctx.batch_size,
-                       lr=cfg.rcs_lr or ctx.lr, seed=ctx.seed, device=ctx.device, rank=ctx.rank, world=ctx.world,
-                       gather=ctx.comm.gather, agree=ctx.comm.agree)
+                       lr=cfg.rcs_lr, seed=ctx.seed, device=ctx.device, val_batch=ctx.batch_size, rank=ctx.rank,
+                       world=ctx.world, gather=ctx.comm.gather, share=ctx.comm.sum, agree=ctx.comm.agree)
         schedule.announce, schedule.barrier = (ctx.say, ctx.log), ctx.comm.barrier
         return schedule
 
@@ -220,11 +398,8 @@ class CoresetSchedule:
         if path.is_file():
             return json.loads(path.read_text())["indices"]
         tic = time.perf_counter()
-        torch.manual_seed(self.seed * 1_000_003 + chosen_at)  # the same attack starts on every worker
+        indices = self.agree(self.select(chosen_at))
         n = len(self.train_set)  # type: ignore[arg-type]
-        indices = select_coreset(self._unit_grad, self._rd_grad, n, fraction=cfg.rcs_fraction, unit=self.unit, lr=self.lr,
-                                 seed=self.seed * 7_919 + chosen_at, rank=self.rank, world=self.world, gather=self.gather)
-        indices = self.agree(indices)
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -9,6 +9,7 @@ the data order) is here and runs the same in one process.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from rayrcm.models.batchnorm import sync_batchnorm
 from rayrcm.objectives import EpochContext, Objective, build_objective
 from rayrcm.train.checkpoint import MODEL_FILE, model_meta, save_model, save_state
 from rayrcm.train.loop import Loop, batches_from, run_steps
-from rayrcm.train.optim import build_optimizer, build_scheduler
+from rayrcm.train.optim import EpochIndexedSchedule, build_optimizer, build_scheduler
 
 Log = Callable[[int, dict[str, float]], None]
 
@@ -69,11 +70,25 @@ def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, r
     if cfg.train.sync_bn:  # BatchNorm over the global batch, as the authors' single GPU or SyncBatchNorm
         objective = sync_batchnorm(objective, device, world)
     optimizer = build_optimizer(objective, objective.export(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    scheduler = epoch_indexed(build_scheduler(optimizer, cfg.optim, cfg.train.steps), cfg, len(splits.train), world)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     meta = model_meta(cfg_dict, cfg.method.export, splits.num_classes)
     return Session(cfg, train_set, MultiView(splits.val, plain), MultiView(splits.test, plain), splits.num_classes, objective,
                    optimizer, scheduler, scaler, meta, device, rank, world)
+
+
+def epoch_indexed(scheduler: Any, cfg: Any, n_train: int, world: int) -> Any:
+    """With ``train.epochs`` and epochs of varying size (a coreset method), the lr follows the
+    position in epochs, as the RCS authors' per-epoch cosine; otherwise ``scheduler`` itself."""
+    epochs = math.ceil(cfg.train.epochs)
+    if epochs <= 0 or all(cfg.method.epoch_samples(e, n_train) == n_train for e in range(epochs)):
+        return scheduler
+    per_worker = cfg.data.batch_size // world
+
+    def steps_in(epoch: int) -> int:
+        return max(1, (cfg.method.epoch_samples(epoch, n_train) // world) // per_worker)
+
+    return EpochIndexedSchedule(scheduler, steps_in, max(1, n_train // cfg.data.batch_size))
 
 
 def restore(s: Session, state: dict[str, Any]) -> None:
