@@ -94,7 +94,8 @@ def pretrain_tree(method: str, cmd: dict[str, Any], *, data: dict[str, Any], enc
         "method": m,
         # the authors' LARS(model.parameters(), weight_decay=1e-6): one group, every parameter decays
         "optim": {"name": cmd["optimizer"], "lr": cmd["lr"], "weight_decay": cmd["weight_decay"], "weight_decay_all": True,
-                  "warmup_epochs": cmd["lr_warmup"], "min_lr": cmd["min_lr"]},
+                  "warmup_epochs": cmd["lr_warmup"], "min_lr": cmd["min_lr"],
+                  "schedule_offset": 1},  # scheduler.step() before each update: update s runs at lr(s + 1)
         "train": {"name": f"{register_as}-{method}", "epochs": cmd["epochs"], "workers": workers, "use_gpu": use_gpu,
                   "checkpoint_epochs": cmd.get("checkpoint_epochs", 100), "log_every": cmd.get("log_every", 50)},
         "tracking": {"experiment": experiment, "register_as": register_as, "alias": method.replace("_", "-")},

@@ -89,6 +89,7 @@ class OptimConfig:
     milestone_epochs: tuple[float, ...] = ()  # the same in epochs (sets milestones; see resolve_epochs)
     gamma: float = 0.1
     clip_after_warmup: bool = False  # grad_clip only once the warm-up is over (the RCM authors' "after_warmup")
+    schedule_offset: int = 0  # update s uses the schedule at s + offset (1: the ACL authors step LambdaLR before each update)
     weight_decay_all: bool = False  # every parameter decays (the RCM and ACL authors); False: biases and norms at 0
 
 
@@ -173,7 +174,7 @@ def check_optim(o: OptimConfig) -> None:
     for key in ("milestones", "milestone_epochs"):
         values = list(getattr(o, key))
         check(all(v > 0 for v in values) and values == sorted(values), f"optim.{key}", getattr(o, key), "must be positive and increasing")
-    for key in ("warmup_epochs", "schedule_epochs", "schedule_steps"):
+    for key in ("warmup_epochs", "schedule_epochs", "schedule_steps", "schedule_offset"):
         check(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
 
 

@@ -140,24 +140,27 @@ def _authors_lrs(lr: float, epochs: int, per_epoch: int) -> list[float]:
     return out
 
 
-def test_warmup_and_cosine_match_the_authors_schedule_one_update_later():
+def test_warmup_and_cosine_match_the_authors_schedule():
     """The recipe warms up linearly over 10 epochs and decays to 1e-6 on the authors' curve. The
     authors step LambdaLR before each update, so their update ``s`` uses ``cosine_annealing(s + 1)``;
-    timm's scheduler gives update ``s`` the value at ``s``: our lr is theirs one update later (the first
-    update at lr 0, theirs at lr / warm-up steps), equal everywhere else."""
+    the recipe's ``optim.schedule_offset=1`` does the same (without it the first update ran at lr 0
+    and every later one a step behind)."""
+    from rayrcm.train.optim import ShiftedSchedule
+
     cfg = _recipe("acl_cifar10").pretrain_config("acl")
     epochs, per_epoch = 40, 7  # a short run with the recipe's optimizer section
     cfg = resolve_epochs(apply_overrides(cfg, [f"train.epochs={epochs}", "data.batch_size=10"]), 10 * per_epoch)
     assert (cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr) == (10 * per_epoch, epochs * per_epoch, 1e-6)
+    assert cfg.optim.schedule_offset == 1
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
-    sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
+    sched = ShiftedSchedule(build_scheduler(opt, cfg.optim, cfg.train.steps), cfg.optim.schedule_offset)
     ours = []
     for s in range(cfg.train.steps):
         sched.step_update(s)
         ours.append(opt.param_groups[0]["lr"])
     theirs = _authors_lrs(5.0, epochs, per_epoch)
-    assert ours[0] == 0.0 and theirs[0] == pytest.approx(5.0 / (10 * per_epoch))
-    np.testing.assert_allclose(ours[1:], theirs[:-1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+    assert theirs[0] == pytest.approx(5.0 / (10 * per_epoch))
     assert theirs[-1] == pytest.approx(1e-6) and max(theirs) == pytest.approx(5.0)
 
 

@@ -528,6 +528,34 @@ def test_rcs_steps_and_epoch_pools():
     assert torch.equal(next(resumed)[0], seen[21])
 
 
+def test_a_coreset_run_schedules_the_lr_by_epoch_position():
+    """What a training session builds for an RCS recipe: the cosine spans the whole-set epochs
+    (resolve_epochs) and is read at the epoch position, one update ahead as the authors step it."""
+    from rayrcm.train.optim import ShiftedSchedule
+    from rayrcm.train.session import epoch_indexed
+
+    cfg = validate(apply_overrides(ExperimentConfig(), ["method.name=acl", "method.rcs_fraction=0.2", "method.rcs_warmup_epochs=2",
+                                                        "train.epochs=5", "data.batch_size=10", "optim.name=sgd", "optim.lr=1.0",
+                                                        "optim.schedule_offset=1"]))
+    cfg = resolve_epochs(cfg, 100)
+    assert (cfg.train.steps, cfg.optim.schedule_steps) == (26, 50)  # 2 x 10 + 3 x 2 steps; a cosine of 5 x 10
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = ShiftedSchedule(epoch_indexed(build_scheduler(opt, cfg.optim, cfg.train.steps), cfg, 100, 1), 1)
+    lrs = []
+    for step in range(cfg.train.steps):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    cosine = [0.5 * (1 + np.cos(np.pi * t / 50)) for t in range(51)]
+    assert lrs[19] == pytest.approx(cosine[20])  # the last warm-up epoch's last update: 20 of 50
+    assert lrs[21] == pytest.approx(cosine[30])  # the first coreset epoch's 2 updates end at epoch 3 of 5
+    assert lrs[-1] == pytest.approx(cosine[50], abs=1e-12)
+    # without coresets nothing changes: the plain per-step schedule
+    plain = resolve_epochs(validate(apply_overrides(ExperimentConfig(), ["method.name=acl", "train.epochs=5", "data.batch_size=10"])), 100)
+    assert plain.optim.schedule_steps == 0
+    inner = build_scheduler(opt, plain.optim, plain.train.steps)
+    assert epoch_indexed(inner, plain, 100, 1) is inner
+
+
 @pytest.mark.parametrize("key,value", [("rcs_fraction", "0"), ("rcs_fraction", "-0.1"), ("rcs_fraction", "1.5"),
                                        ("rcs_lr", "0"), ("rcs_pgd_steps", "-1"), ("rcs_eps", "-0.1")])
 def test_bad_rcs_settings_fail_with_one_line(key, value):

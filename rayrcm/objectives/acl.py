@@ -223,6 +223,8 @@ class ACLObjective(Objective):
             plan.augmentation_strength = strength
             plan.metrics["augmentation_strength"] = strength
         if self.cfg.rcs_fraction < 1:
+            if plan.augmentation_strength is not None and hasattr(ctx.train_set, "set_augmentation_strength"):
+                ctx.train_set.set_augmentation_strength(plan.augmentation_strength)  # the authors select with this epoch's views
             if self._coresets is None:
                 from rayrcm.train.rcs import CoresetSchedule
 

@@ -111,3 +111,19 @@ class EpochIndexedSchedule:
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class ShiftedSchedule:
+    """``inner`` with update ``s`` at the schedule's ``s + offset``: the ACL authors step their
+    ``LambdaLR`` before each update, so their update ``s`` runs at ``lr(s + 1)``."""
+
+    def __init__(self, inner: Any, offset: int) -> None:
+        self.inner, self.offset = inner, offset
+
+    def step_update(self, num_updates: float, metric: Any = None) -> None:
+        self.inner.step_update(num_updates + self.offset, metric)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

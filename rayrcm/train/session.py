@@ -26,7 +26,12 @@ from rayrcm.models.batchnorm import sync_batchnorm
 from rayrcm.objectives import EpochContext, Objective, build_objective
 from rayrcm.train.checkpoint import MODEL_FILE, model_meta, save_model, save_state
 from rayrcm.train.loop import Loop, batches_from, run_steps
-from rayrcm.train.optim import EpochIndexedSchedule, build_optimizer, build_scheduler
+from rayrcm.train.optim import (
+    EpochIndexedSchedule,
+    ShiftedSchedule,
+    build_optimizer,
+    build_scheduler,
+)
 
 Log = Callable[[int, dict[str, float]], None]
 
@@ -71,6 +76,8 @@ def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, r
         objective = sync_batchnorm(objective, device, world)
     optimizer = build_optimizer(objective, objective.export(), cfg.optim)
     scheduler = epoch_indexed(build_scheduler(optimizer, cfg.optim, cfg.train.steps), cfg, len(splits.train), world)
+    if cfg.optim.schedule_offset:
+        scheduler = ShiftedSchedule(scheduler, cfg.optim.schedule_offset)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     meta = model_meta(cfg_dict, cfg.method.export, splits.num_classes)
     return Session(cfg, train_set, MultiView(splits.val, plain), MultiView(splits.test, plain), splits.num_classes, objective,
