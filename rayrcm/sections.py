@@ -41,7 +41,7 @@ class DataConfig:
     name: str = "digits"
     path: str | None = None
     image_size: int = 16
-    augmentation: str = "weak"  # none | weak | crop | strong | autoaug | simclr (rayrcm.data.views.build_transform)
+    augmentation: str = "weak"  # none | weak | crop | strong | autoaug | simclr | mocov3 | mocov3_1 | mocov3_2 | center (rayrcm.data.views.build_transform)
     hflip: bool = False
     crop_pct: float = 0.875  # large images: resize the short side to image_size / crop_pct, centre crop
     crop_min: float = 0.4  # smallest area fraction of the "crop" augmentation
@@ -64,7 +64,8 @@ class ModelConfig:
     proj_hidden_dim: int = 512
     proj_dim: int = 256
     head_hidden_dim: int = 0  # 0: linear head
-    layernorm: bool = False  # extra LayerNorm on features before the head
+    final_norm: bool = True  # ViT: the pretrained final LayerNorm on the CLS token (the RCM authors' fine-tuning "layernorm"); False: the CLS token before it
+    layernorm: bool = False  # extra, freshly initialised LayerNorm before the head (older rayrcm; files trained with it)
     input_scale: float = 1.0  # fixed factor after normalization (RCM preconditioning c_in)
     init_from: str | None = None  # encoder weights: registry URI, run id or checkpoint path
     init: str = "timm"  # ViT weight init: timm | mocov3 (MoCo v3's, as the RCM authors' moco_initialization)

@@ -353,3 +353,26 @@ def test_input_scale_uses_the_nearest_level_of_the_pretraining_grid():
     assert rcm_input_scale(0.5, levels=41) == pytest.approx(small.c_in(1.0), rel=1e-6)
     exact = 1 / math.sqrt(1.0**2 + 0.25)  # the old c_in at the exact sigma is 2.8 % off at sigma 0.5
     assert rcm_input_scale(0.5) / exact - 1 == pytest.approx(0.0283, abs=5e-4)
+
+
+def test_a_classifier_without_the_final_norm_is_rebuilt_without_it():
+    """An exported ``final_norm=False`` classifier certifies as it trained: the file rebuilds it
+    with the CLS token before the final LayerNorm; a file written before the option keeps the norm."""
+    from rayrcm.config import to_dict
+    from rayrcm.models.export import build_from_blob
+    from rayrcm.train.checkpoint import model_meta
+
+    cfg = apply_overrides(ExperimentConfig(), ["method.name=consistency", "model.final_norm=false"])
+    torch.manual_seed(0)
+    clf = build_objective(cfg, 10).export().eval()
+    with torch.no_grad():
+        clf.encoder.model.norm.weight.mul_(3.0)  # a final norm that changes the features
+    meta = model_meta(to_dict(cfg), "classifier", 10)
+    blob = {"model": clf.state_dict(), "meta": meta}
+    rebuilt, _ = build_from_blob(blob)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), clf(x))
+    assert rebuilt.final_norm is False
+    old = {**meta, "config": {**meta["config"], "model": {k: v for k, v in meta["config"]["model"].items() if k != "final_norm"}}}
+    assert build_from_blob({"model": clf.state_dict(), "meta": old})[0].final_norm is True

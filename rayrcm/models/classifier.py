@@ -97,4 +97,4 @@ def classifier_for(cfg: ModelConfig, encoder: Encoder, num_classes: int) -> Clas
     """The classifier of model config ``cfg`` around ``encoder`` (fresh head): training and rebuilding
     an exported file both build through here."""
     return Classifier(encoder, num_classes, hidden_dim=cfg.head_hidden_dim, layernorm=cfg.layernorm,
-                      input_scale=cfg.input_scale, final_norm=getattr(cfg, "final_norm", True))
+                      input_scale=cfg.input_scale, final_norm=cfg.final_norm)

@@ -28,7 +28,7 @@ from torch import nn
 
 import rayrcm
 from rayrcm.errors import ConfigError
-from rayrcm.models.classifier import Classifier
+from rayrcm.models.classifier import classifier_for
 from rayrcm.models.encoders import build_encoder
 from rayrcm.overrides import update_dataclass
 from rayrcm.registry import Registry
@@ -57,8 +57,7 @@ def _encoder(meta: dict[str, Any]) -> nn.Module:
 
 def _classifier(meta: dict[str, Any]) -> nn.Module:
     cfg = model_config(meta)
-    return Classifier(build_encoder(cfg, int(meta["image_size"])), int(meta["num_classes"]), hidden_dim=cfg.head_hidden_dim,
-                      layernorm=cfg.layernorm, input_scale=cfg.input_scale)
+    return classifier_for(cfg, build_encoder(cfg, int(meta["image_size"])), int(meta["num_classes"]))
 
 
 EXPORTS.register("encoder")(ExportKind(_encoder, predicts_classes=False))
