@@ -1,8 +1,8 @@
 """Adversarial contrastive pretraining on CIFAR-10 (CL, ACL, AIR, ACL + RCS; ResNet-18) and
 transfer to CIFAR-100 by SLF, ALF and AFF, with the authors' settings (seed 001; see _acl_seed.py).
 
-    python experiments/acl_cifar10.py pretrain --method air  --set data.path=/data/cifar-10-batches-py
-    python experiments/acl_cifar10.py finetune --method air  --mode all --set data.path=/data/cifar-100-python
+    python experiments/acl_cifar10.py pretrain --method air  --set data.path=/data   # /data holds cifar-10-batches-py/
+    python experiments/acl_cifar10.py finetune --method air  --mode all --set data.path=/data   # /data holds cifar-100-python/
     (either) --dry-run   # print the resolved config(s)
 
 Pretraining registers the encoder as ``models:/acl-cifar10@<method>`` (``acl-rcs`` for ACL + RCS);

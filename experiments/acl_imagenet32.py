@@ -2,7 +2,7 @@
 with the RCS authors' settings (seed 001, ``ACL_RCS/ImageNet_32/ACL_RCS.py --ACL_DS --fraction 0.05``).
 
     python experiments/acl_imagenet32.py pretrain --method acl_rcs --set data.path=/data/imagenet32   # ImageFolder, 32 px
-    python experiments/acl_imagenet32.py finetune --method acl_rcs --mode all --set data.path=/data/cifar-10-batches-py
+    python experiments/acl_imagenet32.py finetune --method acl_rcs --mode all --set data.path=/data   # /data holds cifar-10-batches-py/
 
 ACL + RCS uses the RCS authors' ImageNet-32 script (``ACL_RCS/ImageNet_32/ACL_RCS.py``) values:
 WRN-28-10 with their two-layer ``proj_head_module(640)`` (fc-BN-ReLU-fc-BN), 200 epochs, LARS lr 0.6

@@ -180,6 +180,11 @@ def check_optim(o: OptimConfig) -> None:
 
 
 def check_train(t: TrainConfig) -> None:
+    import re
+
+    if t.name:  # the job's folder under the results folder: one path component
+        check(re.fullmatch(r"[A-Za-z0-9_.-]+", t.name) is not None and t.name not in (".", ".."), "train.name", t.name,
+              "must be one path component: letters, digits, '-', '_', '.' (not '.' or '..')")
     check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = use train.steps)")
     check(t.checkpoint_epochs >= 0, "train.checkpoint_epochs", t.checkpoint_epochs, "must be >= 0")

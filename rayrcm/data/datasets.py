@@ -142,41 +142,120 @@ DATASETS.register("digits")(DatasetSpec("digits", _load_digits, _no_path))
 # ----------------------------------------------------------------------------- CIFAR
 
 
-def _cifar(name: str, folder: str, classes: int) -> DatasetSpec:
+@dataclass(frozen=True)
+class _CifarLayout:
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    meta_key: str
+
+
+_CIFAR_LAYOUTS = {
+    10: _CifarLayout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                     "batches.meta", "label_names"),
+    100: _CifarLayout("cifar-100-python", ("train",), ("test",), "meta", "fine_label_names"),
+}
+
+
+class CifarImages(Dataset):
+    """CIFAR images ``(N, 32, 32, 3)`` uint8 and labels, served as (PIL image, label) as
+    torchvision's ``CIFAR10`` / ``CIFAR100`` do (same arrays, labels and class order)."""
+
+    def __init__(self, data, targets: list[int], classes: list[str]) -> None:  # data: np.ndarray
+        self.data, self.targets, self.classes = data, targets, classes
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(self.data[i]), int(self.targets[i])
+
+
+def _plain_keys(entry: object, file: Path, what: str) -> dict:
+    if not isinstance(entry, dict):
+        raise ConfigError(what, str(file), "not a CIFAR file: expected a dict")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
+
+
+def _read_cifar_batch(file: Path, classes: int) -> tuple:
+    """``(data (N, 32, 32, 3) uint8, labels)`` of one CIFAR batch file, through the restricted unpickler."""
+    import numpy as np
+
+    from rayrcm.data.safe_pickle import load_data_pickle
+
+    what = "CIFAR batch file"
+    entry = _plain_keys(load_data_pickle(file, what=what), file, what)
+    labels = entry.get("labels", entry.get("fine_labels"))
+    data = entry.get("data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size % 3072:
+        raise ConfigError(what, str(file), "no uint8 'data' array of N x 3072 pixels")
+    data = data.reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+    if not isinstance(labels, (list, tuple, np.ndarray)) or len(labels) != len(data):
+        raise ConfigError(what, str(file), f"'labels'/'fine_labels' must list one label per image ({len(data)})")
+    try:
+        targets = [int(v) for v in labels]
+    except (TypeError, ValueError):
+        raise ConfigError(what, str(file), "labels must be integers") from None
+    bad = [t for t in targets if not 0 <= t < classes]
+    if bad:
+        raise ConfigError(what, str(file), f"label {bad[0]} outside 0..{classes - 1}")
+    return data, targets
+
+
+def _read_cifar(root: Path, classes: int) -> tuple[Dataset, Dataset]:
+    """torchvision's CIFAR reading, with every file unpickled by the restricted unpickler (no md5
+    check of the official archive: CIFAR-format files made elsewhere load too)."""
+    import numpy as np
+
+    from rayrcm.data.safe_pickle import load_data_pickle
+
+    layout = _CIFAR_LAYOUTS[classes]
+    folder = root / layout.folder
+    meta_file = folder / layout.meta
+    meta = _plain_keys(load_data_pickle(meta_file, what="CIFAR meta file"), meta_file, "CIFAR meta file")
+    names = meta.get(layout.meta_key)
+    if not isinstance(names, (list, tuple)) or len(names) != classes:
+        raise ConfigError("CIFAR meta file", str(meta_file), f"needs '{layout.meta_key}': a list of {classes} class names")
+    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+
+    def split(files: tuple[str, ...]) -> CifarImages:
+        parts = [_read_cifar_batch(folder / f, classes) for f in files]
+        data = np.ascontiguousarray(np.concatenate([d for d, _ in parts]))
+        targets = [t for _, ts in parts for t in ts]
+        return CifarImages(data, targets, names)
+
+    return split(layout.train), split(layout.test)
+
+
+def _cifar(name: str, classes: int) -> DatasetSpec:
+    layout = _CIFAR_LAYOUTS[classes]
+    folder = layout.folder
+
     def check(path: str | None) -> None:
         if not path:
             raise ConfigError("data.path", path, f"{name} needs data.path: the folder holding {folder}/")
-        if not (Path(path).expanduser() / folder).is_dir():
-            raise ConfigError("data.path", path, f"no {folder}/ folder there (torchvision's {name} format; nothing is downloaded)")
+        root = Path(path).expanduser() / folder
+        if not root.is_dir():
+            raise ConfigError("data.path", path, f"no {folder}/ folder there (the {name} python format; nothing is downloaded)")
+        for f in (layout.meta, *layout.train, *layout.test):
+            if not (root / f).is_file():
+                raise ConfigError("CIFAR file", str(root / f), f"missing ({name} needs {layout.meta}, "
+                                  f"{', '.join(layout.train + layout.test)} in {folder}/)")
 
     def load(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
-        from torchvision import datasets
-
-        base = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
-
-        class cls(base):  # type: ignore[valid-type,misc]
-            """torchvision's reader without the md5 check of the official archive: CIFAR-format
-            files made elsewhere load too; a damaged file still fails when unpickled."""
-
-            def _check_integrity(self) -> bool:
-                folder = Path(self.root) / self.base_folder
-                return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-            def _load_meta(self) -> None:
-                import pickle
-
-                with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-                    self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-        root = os.path.expanduser(cfg.path or "")
-        return cls(root, train=True, download=False), cls(root, train=False, download=False), classes
+        check(cfg.path)
+        train, test = _read_cifar(Path(os.path.expanduser(cfg.path or "")), classes)
+        return train, test, classes
 
     return DatasetSpec(name, load, check)
 
 
-DATASETS.register("cifar10")(_cifar("cifar10", "cifar-10-batches-py", 10))
-DATASETS.register("cifar100")(_cifar("cifar100", "cifar-100-python", 100))
+DATASETS.register("cifar10")(_cifar("cifar10", 10))
+DATASETS.register("cifar100")(_cifar("cifar100", 100))
 
 
 # ----------------------------------------------------------------------------- ImageFolder

@@ -8,8 +8,9 @@ A thin launcher around ``mlflow server`` that makes the secure setup the default
   every node (``file_mounts``), so the server, the job drivers and the rank-0 workers agree on it
   without the password ever appearing in a command line, a job's metadata or the Ray dashboard.
   ``default_permission = NO_PERMISSIONS``: an unknown user sees nothing.
-* The auth database, the Flask session secret (generated once, mode 0600) and the auth config
-  live in ``--state-dir`` (default ``~/.rayrcm/mlflow``), so restarting the server keeps users.
+* The auth database, the Flask session secret (generated once) and the auth config live in
+  ``--state-dir`` (default ``~/.rayrcm/mlflow``), so restarting the server keeps users. They and
+  the ``--detach`` log are mode 0600.
 * Artifacts are proxied (``--serve-artifacts``) to ``--artifacts-destination`` (an ``s3://`` or
   ``gs://`` bucket on a cluster): only the head node needs bucket credentials.
 
@@ -75,6 +76,13 @@ def _validate(spec: ServerSpec) -> None:
         raise ConfigError("--host", spec.host, "a server without auth must listen on loopback only (drop --no-auth)")
 
 
+def private_file(path: Path) -> Path:
+    """Create ``path`` if missing, and make it mode 0600 either way (whatever the umask)."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)
+    return path
+
+
 def command(spec: ServerSpec) -> tuple[list[str], dict[str, str]]:
     """The ``mlflow server`` command line and the environment it needs (secrets go in the env and
     in 0600 files, never on the command line)."""
@@ -89,12 +97,14 @@ def command(spec: ServerSpec) -> tuple[list[str], dict[str, str]]:
         user, password = admin_credentials()
         state = Path(spec.state_dir).expanduser()
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state.chmod(0o700)
         secret = state / "flask_secret_key"
         if not secret.exists():
-            secret.touch(mode=0o600)
+            private_file(secret)
             secret.write_text(secrets.token_hex(32))
-        ini = state / "basic_auth.ini"
-        ini.touch(mode=0o600)
+        private_file(secret)
+        private_file(state / "basic_auth.db")  # sqlite fills an empty file; its journals copy its mode
+        ini = private_file(state / "basic_auth.ini")
         ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                        f"database_uri = sqlite:///{state / 'basic_auth.db'}\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
@@ -124,7 +134,7 @@ def start(spec: ServerSpec, log: str | Path, timeout: float = 120.0) -> subproce
     cmd, env = command(spec)
     log = Path(log).expanduser()
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    with open(private_file(log), "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     try:
