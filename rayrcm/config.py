@@ -26,7 +26,14 @@ from rayrcm.eval import EVALUATIONS, build_evaluations
 from rayrcm.models.encoders import ENCODERS
 from rayrcm.models.export import EXPORTS
 from rayrcm.objectives import method_config_class
-from rayrcm.overrides import coerce, parse_dotted, to_dict, to_flat_dict, update_dataclass
+from rayrcm.overrides import (
+    check_finite,
+    coerce,
+    parse_dotted,
+    to_dict,
+    to_flat_dict,
+    update_dataclass,
+)
 from rayrcm.plugins import load_plugins
 from rayrcm.sections import (
     AUGMENTATIONS,
@@ -145,7 +152,11 @@ def _check_evals(cfg: ExperimentConfig) -> None:
 
 
 def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentConfig:
-    """Check every value; raise a one-line :class:`ConfigError` on the first bad one."""
+    """Check every value; raise a one-line :class:`ConfigError` on the first bad one.
+
+    Every float of every section (tuples of floats included) must be finite: a Python recipe's
+    values do not pass through the override parser, so they are walked here."""
+    check_finite(cfg)
     load_plugins(cfg.train.plugins)
     d, m = cfg.data, cfg.model
     check(d.name in DATASETS, "data.name", d.name, f"unknown dataset; choose one of: {', '.join(DATASETS.names())}")

@@ -11,6 +11,7 @@ the dotted key. Nothing here knows a registry, so every layer can use it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
@@ -39,22 +40,69 @@ def _parse_scalar(key: str, raw: str, typ: Any) -> Any:
         if typ is int:
             return int(raw)
         if typ is float:
-            return float(raw)
+            value = float(raw)
+        else:
+            return raw
     except ValueError:
         raise ConfigError(key, raw, f"expected a value of type {typ.__name__}") from None
-    return raw
+    return _finite(key, value)
+
+
+FINITE = "must be a finite number"
+
+
+def _finite(key: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(key, value, FINITE)
+    return value
+
+
+def _optional_inner(typ: Any) -> Any:
+    """``X`` of ``X | None`` / ``Optional[X]``; ``typ`` itself otherwise."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        inner = [a for a in typing.get_args(typ) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else typ
+    return typ
 
 
 def coerce(key: str, value: Any, typ: Any) -> Any:
-    """Coerce a YAML/Python value (or a string from the command line) to the field's type."""
+    """Coerce a YAML/Python value (or a string from the command line) to the field's type.
+
+    Numbers must be finite (no NaN or infinity) and ``true``/``false`` is not a number."""
     if isinstance(value, str):
         return _parse_scalar(key, value, typ)
+    if value is None:
+        return value
+    typ = _optional_inner(typ)
     origin = typing.get_origin(typ)
     if origin is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(typ)
+        elem = args[0] if args and (len(args) == 1 or args[-1] is Ellipsis) else None
+        if elem in (int, float):
+            for v in value:
+                coerce(key, v, elem)  # checks each element; the values are kept as given
         return tuple(value)
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if typ in (int, float) and isinstance(value, bool):
+        raise ConfigError(key, value, f"expected a number ({typ.__name__}), not true/false")
+    if typ is float and isinstance(value, (int, float)):
+        return _finite(key, float(value))
     return value
+
+
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float of the dataclass ``obj`` (nested sections and tuples of floats included) is
+    finite; a one-line :class:`ConfigError` naming the dotted key otherwise."""
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value) and not isinstance(value, type):
+            check_finite(value, key + ".")
+        elif isinstance(value, float):
+            _finite(key, value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(key, tuple(value), FINITE)
 
 
 def update_dataclass(obj: Any, tree: dict[str, Any], prefix: str = "") -> Any:

@@ -9,6 +9,7 @@ estimation rows run in parallel. A row delivered twice (a retried actor) is coun
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import Counter
@@ -100,11 +101,26 @@ class Collector:
         return rec
 
 
+class NonFiniteResult(RuntimeError):
+    """A certification row with a NaN or infinite number: never written."""
+
+
+def check_record(rec: dict[str, Any]) -> None:
+    """Every number of a row is finite and the radius is >= 0; :class:`NonFiniteResult` otherwise."""
+    for key, value in rec.items():
+        if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+            raise NonFiniteResult(f"image {rec.get('idx')}: {key} is {value}, not a finite number; the row was not written")
+    if "radius" in rec and not rec["radius"] >= 0:
+        raise NonFiniteResult(f"image {rec.get('idx')}: radius is {rec['radius']}, negative; the row was not written")
+
+
 def write_part(rows_dir: Path, records: list[dict[str, Any]]) -> Path | None:
     """Append ``records`` as a new ``part-*.parquet`` (written to a temporary file and renamed, so a
     part is whole or absent); nothing for no records."""
     if not records:
         return None
+    for rec in records:
+        check_record(rec)
     rows_dir.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = rows_dir / ("." + name + ".tmp")

@@ -13,13 +13,23 @@ only 10 classes, which is why the papers use ``skip`` (e.g. ``skip=100`` over 50
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 from rayrcm.errors import ConfigError
+from rayrcm.overrides import check_finite
 from rayrcm.sections import PRECISIONS, TrackingConfig, default_storage
 
 MODES = ("certify", "predict")
 SPLITS = ("test", "val")
+JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # one path component under out_dir
+
+
+def check_job_name(key: str, name: str) -> None:
+    """A job name is a single path component: letters, digits, ``-``, ``_``, ``.`` (not ``.`` or ``..``)."""
+    if not (JOB_NAME.match(name) and name not in (".", "..")):
+        raise ConfigError(key, name, "use letters, digits, '-', '_' or '.' (one folder name, not '.' or '..')")
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,11 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
 def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     """Check every value that can be checked without the model or the data; one-line errors."""
     s, c = cfg.smoothing, cfg.compute
+    check_finite(cfg)  # every float finite (a Python-built config skips the override parser)
     _check(bool(cfg.model), "model", cfg.model, "give a registry URI, a run id or a model.pt path")
     _check(cfg.mode in MODES, "mode", cfg.mode, f"choose one of: {', '.join(MODES)}")
     _check(cfg.split in SPLITS, "split", cfg.split, f"choose one of: {', '.join(SPLITS)}")
-    _check(s.sigma > 0, "sigma", s.sigma, "must be > 0 (pixel units, data in [0, 1])")
+    _check(math.isfinite(s.sigma) and s.sigma > 0, "sigma", s.sigma, "must be > 0 (pixel units, data in [0, 1])")
     _check(0 < s.alpha < 1, "alpha", s.alpha, "must be in (0, 1)")
     _check(s.n0 >= 1, "n0", s.n0, "must be >= 1")
     _check(s.n >= 1, "n", s.n, "must be >= 1")
@@ -99,7 +110,8 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(c.gpus_per_worker > 0 and c.cpus_per_worker > 0, "compute.gpus_per_worker", (c.gpus_per_worker, c.cpus_per_worker), "resources per worker must be > 0")
     _check(c.flush_every >= 1, "compute.flush_every", c.flush_every, "must be >= 1")
     _check(all(p.strip() for p in cfg.plugins), "plugins", cfg.plugins, "give module names or .py files")
-    _check(not cfg.name or all(ch.isalnum() or ch in "-_." for ch in cfg.name), "name", cfg.name, "use letters, digits, '-', '_' or '.'")
+    if cfg.name:
+        check_job_name("name", cfg.name)
     return cfg
 
 

@@ -4,6 +4,7 @@ or Cohen-format files), written to a folder and logged to each certification's M
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -21,10 +22,22 @@ def _read(paths: list[str]) -> dict[str, pd.DataFrame]:
         if not Path(path).exists():
             raise ConfigError("results", path, "no such file or folder")
         try:
-            frames.append(read_results(path))
+            df = read_results(path)
         except ValueError as err:
-            raise ConfigError("results", path, str(err).split(": ", 1)[-1]) from None
+            raise ConfigError("results", path, str(err).split(": ", 1)[-1] if str(err).startswith(f"{path}: ") else str(err)) from None
+        if df.empty:
+            raise ConfigError("results", path, "has no certification rows (no rows/part-*.parquet, results.tsv or data lines)")
+        frames.append(df)
     return dict(zip(result_labels(paths), frames))
+
+
+def check_radii(radii: list[float]) -> list[float]:
+    """Radii are finite numbers >= 0 (at least one); a one-line :class:`ConfigError` otherwise."""
+    radii = list(radii)
+    bad = [r for r in radii if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0]
+    if bad or not radii:
+        raise ConfigError("radii", ",".join(str(r) for r in radii), "give finite radii >= 0, e.g. 0,0.25,0.5")
+    return [float(r) for r in radii]
 
 
 def _log(paths: list[str], files: list[Path]) -> None:
@@ -41,6 +54,10 @@ def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Pa
     """Tables and curves over several results (folders or Cohen-format files), written to ``out``
     (default: the first folder's ``analysis/``) and logged to each certification's MLflow run."""
     paths = [str(p) for p in paths]
+    if not paths:
+        raise ConfigError("results", "", "give at least one certification folder or results file")
+    if radii is not None:
+        radii = check_radii(radii)
     results = _read(paths)
     first = Path(paths[0])
     folder = Path(out) if out else (first if first.is_dir() else first.parent) / "analysis"

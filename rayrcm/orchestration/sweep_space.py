@@ -11,6 +11,7 @@ trials run the ``smoothed`` validation evaluation (``train.evals``) with ``votes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -69,6 +70,8 @@ def parse_spec(key: str, spec: Any) -> tuple[str, list[Any]]:
         if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             raise ConfigError(f"space.{key}", spec, f"{kind} takes two numbers: {kind}:low,high")
         lo, hi = vals
+        if not all(math.isfinite(v) for v in vals):
+            raise ConfigError(f"space.{key}", spec, f"{kind} takes two finite numbers: {kind}:low,high")
         if not lo < hi:
             raise ConfigError(f"space.{key}", spec, "is an empty range: low must be < high")
         if kind == "loguniform" and lo <= 0:

@@ -9,6 +9,7 @@ augmentations, noise and noise level whether or not the run was interrupted befo
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,19 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run stops before that step's update, and no
+    checkpoint, model or registration follows it. Retrying cannot help (the steps are deterministic)."""
+
+    def __init__(self, step: int, value: float) -> None:
+        self.step, self.value = step, value
+        super().__init__(f"loss is {value} at step {step}: training stopped; no checkpoint or model was saved after it "
+                         "(lower optim.lr, set optim.grad_clip, or check the data and method settings)")
+
+    def __reduce__(self):  # picklable with its arguments (Ray ships worker errors to the driver)
+        return (type(self), (self.step, self.value))
+
+
 @dataclass
 class Loop:
     """One optimizer step at a time for a (possibly DDP-wrapped) objective."""
@@ -101,6 +115,9 @@ class Loop:
         self.model.train()
         with autocast_for(self.device, self.precision):
             out = self.model(views, target, step)
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(step, loss)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
@@ -115,7 +132,7 @@ class Loop:
         else:
             self.optimizer.step()
         self.objective.on_step_end(step)
-        metrics = {"loss": float(out.loss.detach()), "lr": self.optimizer.param_groups[-1]["lr"]}
+        metrics = {"loss": loss, "lr": self.optimizer.param_groups[-1]["lr"]}
         metrics.update({k: float(v) for k, v in out.metrics.items()})
         return metrics
 
