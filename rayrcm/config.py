@@ -46,6 +46,7 @@ from rayrcm.sections import (
     TrainConfig,
     check,
     check_data,
+    check_job_name,
     check_model,
     check_optim,
     check_tracking,
@@ -170,7 +171,7 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     check(cfg.method.export in EXPORTS, "method.name", cfg.method.name,
           f"exports an unregistered model kind {cfg.method.export!r}; registered: {', '.join(EXPORTS.names())}")
     _check_evals(cfg)
-    check(all(c.isalnum() or c in "-_." for c in cfg.job_name), "train.name", cfg.job_name, "use letters, digits, '-', '_' or '.'")
+    check_job_name("train.name" if cfg.train.name else "tracking.experiment", cfg.job_name)
     check_tracking(cfg.tracking)
     cfg.method.validate(cfg)
     return cfg

@@ -179,12 +179,18 @@ def check_optim(o: OptimConfig) -> None:
         check(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
 
 
-def check_train(t: TrainConfig) -> None:
+def check_job_name(key: str, name: str) -> None:
+    """A job's folder under the results folder is one path component: ASCII letters, digits,
+    ``-``, ``_``, ``.`` (not ``.`` or ``..``). Training and certification jobs alike."""
     import re
 
-    if t.name:  # the job's folder under the results folder: one path component
-        check(re.fullmatch(r"[A-Za-z0-9_.-]+", t.name) is not None and t.name not in (".", ".."), "train.name", t.name,
-              "must be one path component: letters, digits, '-', '_', '.' (not '.' or '..')")
+    check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None and name not in (".", ".."), key, name,
+          "must be one path component: letters, digits, '-', '_', '.' (not '.' or '..')")
+
+
+def check_train(t: TrainConfig) -> None:
+    if t.name:
+        check_job_name("train.name", t.name)
     check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = use train.steps)")
     check(t.checkpoint_epochs >= 0, "train.checkpoint_epochs", t.checkpoint_epochs, "must be >= 0")

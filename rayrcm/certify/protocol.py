@@ -14,22 +14,14 @@ only 10 classes, which is why the papers use ``skip`` (e.g. ``skip=100`` over 50
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from rayrcm.errors import ConfigError
 from rayrcm.overrides import check_finite
-from rayrcm.sections import PRECISIONS, TrackingConfig, default_storage
+from rayrcm.sections import PRECISIONS, TrackingConfig, check_job_name, default_storage
 
 MODES = ("certify", "predict")
 SPLITS = ("test", "val")
-JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # one path component under out_dir
-
-
-def check_job_name(key: str, name: str) -> None:
-    """A job name is a single path component: letters, digits, ``-``, ``_``, ``.`` (not ``.`` or ``..``)."""
-    if not (JOB_NAME.match(name) and name not in (".", "..")):
-        raise ConfigError(key, name, "use letters, digits, '-', '_' or '.' (one folder name, not '.' or '..')")
 
 
 @dataclass(frozen=True)
