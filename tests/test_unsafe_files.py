@@ -10,6 +10,7 @@ import stat
 
 import numpy as np
 import pytest
+import torch
 from helpers import make_model
 
 from rayrcm.config import DataConfig, ExperimentConfig, apply_overrides, validate
@@ -230,3 +231,41 @@ def test_tracking_server_files_are_private(tmp_path, monkeypatch, usual_umask):
     log.chmod(0o644)
     mlflow_server.start(spec, log)
     assert _mode(log) == 0o600
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["code", "text", "empty", "truncated"])
+def test_a_model_file_that_is_not_weights_is_one_line_and_runs_nothing(kind, tmp_path):
+    """``--model`` and ``model.init_from`` files: a pickle naming code, a text file, an empty and a
+    truncated file are each one line naming the file; the code never runs."""
+    from rayrcm.models import build_encoder
+    from rayrcm.models.classifier import load_encoder_file
+    from rayrcm.models.export import build_from_file
+    from rayrcm.sections import ModelConfig
+
+    marker, path = tmp_path / "MARKER", tmp_path / "model.pt"
+    if kind == "code":
+        torch.save({"model": _RunsCode(marker), "meta": {}}, path)
+    elif kind == "text":
+        path.write_text("data:\n  name: digits\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"model": {"w": torch.zeros(100)}, "meta": {}}, path)
+        path.write_bytes(path.read_bytes()[:60])
+    for load, key in ((lambda: build_from_file(path), "model"),
+                      (lambda: load_encoder_file(build_encoder(ModelConfig(), 16), path, "vit_digits"), "model.init_from")):
+        with pytest.raises(ConfigError) as err:
+            load()
+        line = str(err.value)
+        assert line.startswith(f"{key}='{path}' is invalid") and "\n" not in line
+    assert not marker.exists()

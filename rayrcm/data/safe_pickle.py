@@ -75,3 +75,28 @@ def load_data_pickle(path: str | Path, *, what: str = "data file") -> Any:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ConfigError(what, str(path), f"not a plain-data pickle or damaged/truncated ({reason}); "
                           "only dicts, lists, str, bytes, numbers and numpy arrays are allowed") from None
+
+
+def load_weights_file(path: str | Path, key: str = "model") -> Any:
+    """A ``torch.save`` file read with ``weights_only=True`` (tensors and plain containers; a file
+    that names any other callable never runs it). A missing, empty, truncated, non-torch or
+    code-carrying file is one :class:`~rayrcm.errors.ConfigError` line naming it under ``key``."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(key, str(path), "no such file")
+    if p.stat().st_size == 0:
+        raise ConfigError(key, str(path), "is an empty file, not a model file")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's weights-only refusal, a paragraph: keep its one fact
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(skip)]
+        detail = (lines[0] if lines else type(err).__name__).replace("WeightsUnpickler error: ", "")[:160]
+        if "GLOBAL" in detail:
+            raise ConfigError(key, str(path), f"names code to run; refused without running it ({detail})") from None
+        raise ConfigError(key, str(path), f"is not a model file ({detail})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file: one line, not torch's traceback
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ConfigError(key, str(path), f"is not a readable model file ({type(err).__name__}: {first.strip()[:160]})") from None

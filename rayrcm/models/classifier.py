@@ -65,7 +65,9 @@ def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str)
     p = Path(path)
     if not p.is_file():
         raise ConfigError("model.init_from", str(path), "no such checkpoint file")
-    blob = torch.load(p, map_location="cpu", weights_only=True)
+    from rayrcm.data.safe_pickle import load_weights_file
+
+    blob = load_weights_file(p, "model.init_from")
     state = blob.get("model", blob) if isinstance(blob, dict) else blob
     meta = blob.get("meta", {}) if isinstance(blob, dict) else {}
     saved = meta.get("encoder")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import rayrcm
@@ -107,8 +106,11 @@ def build_from_blob(blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
-    """The contents of a ``model.pt`` (``weights_only=True``: a model file never runs code)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The contents of a ``model.pt`` (``weights_only=True``: a model file never runs code); a
+    missing, damaged or code-carrying file is one line naming it."""
+    from rayrcm.data.safe_pickle import load_weights_file
+
+    return load_weights_file(path, "model")
 
 
 def build_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

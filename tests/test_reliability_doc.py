@@ -1,0 +1,47 @@
+"""docs/reliability.md stays true: every row of its command-line table runs here and must end
+with the exit status and the exact one-line error the table shows."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from rayrcm.cli import main
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+
+
+def _rows() -> list[tuple[str, str, int, str]]:
+    text = DOC.read_text().split("## Bad input on the command line", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) == 4 and cells[1].startswith("`rayrcm "):
+            kind, command, code, shown = cells
+            rows.append((kind, command.strip("`"), int(code), shown.strip("`")))
+    return rows
+
+
+ROWS = _rows()
+
+
+def test_the_table_is_not_empty():
+    assert len(ROWS) >= 15
+
+
+@pytest.mark.parametrize("kind,command,code,shown", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_row(kind, command, code, shown, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("data:\n  name: digits\noptim:\n  lr: 0.001\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage.tsv").write_text("bad\tline\n")
+    argv = shlex.split(command)[1:]
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert ex.value.code == code, err
+    assert err == [shown], f"{kind}: {command}"
+    assert not re.search(r"Traceback", "\n".join(err))
