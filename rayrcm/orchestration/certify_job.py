@@ -14,6 +14,10 @@ temporary file and renamed, so a part is whole or absent). A rerun of the same j
 skips those images and never writes one twice; a rerun with another protocol is refused.
 Rows that were in flight when a job died are simply recomputed: their noise is seeded, so the
 counts are the same. Ray Data restarts a killed actor and retries its rows.
+
+MLflow: any failure after the job's run is opened ends it FAILED; a rerun reopens an existing run
+(RUNNING) only when it has images to compute, so a rerun that fails before that leaves a finished
+run as it was. A ``--gpu`` job on a cluster without GPUs fails with one line instead of waiting.
 """
 
 from __future__ import annotations
@@ -122,12 +126,13 @@ class _Progress:
             self.logger.log(self.done_count, {"images_done": self.done_count, "samples_per_s": rate})
 
 
-def _start(p: Prepared) -> tuple[str | None, Any]:
-    """Write the protocol next to the rows; open (or reopen) the job's MLflow run."""
+def _start(p: Prepared) -> str | None:
+    """Write the protocol next to the rows; find or create the job's MLflow run (an existing run
+    keeps its status until there is work to do)."""
     p.out.mkdir(parents=True, exist_ok=True)
     (p.out / PROTOCOL_FILE).write_text(json.dumps({**p.protocol, "model": p.model_ref}, indent=1, sort_keys=True))
     if not p.uri:
-        return None, None
+        return None
     cfg = p.cfg
     params = {**{f"protocol.{k}": v for k, v in p.protocol.items()}, "model": p.model_ref,
               **{f"compute.{k}": v for k, v in to_flat_dict(cfg.compute).items()}}
@@ -136,35 +141,57 @@ def _start(p: Prepared) -> tuple[str | None, Any]:
     tags = {"rayrcm.stage": cfg.mode, "rayrcm.model_uri": p.model_ref}
     if p.warnings:
         tags["rayrcm.sigma_mismatch"] = "true"
-    run_id = tracking.start_job_run(p.uri, p.experiment, p.name, params, tags=tags, parent_run_id=p.parent_run_id)
-    (p.out / RUN_FILE).write_text(json.dumps({"tracking_uri": p.uri, "run_id": run_id}))
-    return run_id, tracking.MetricLogger(p.uri, run_id)
+    return tracking.start_job_run(p.uri, p.experiment, p.name, params, tags=tags, parent_run_id=p.parent_run_id,
+                                  reopen=False)
 
 
 def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared: Prepared | None = None,
         show_table: bool = True) -> CertifyResult:
     """Certify (or predict) the job's images; resumes when the same job ran before."""
-    from rayrcm.orchestration.trainer import ensure_ray
-
     p = prepared or prepare(cfg)
-    cfg, s = p.cfg, p.cfg.smoothing
     for w in p.warnings:
         print(f"[rayrcm] {w}", file=sys.stderr, flush=True)
-    run_id, logger = _start(p)
+    if p.todo:  # can the cluster hold the job? asked before any run is opened
+        from rayrcm.orchestration.trainer import ensure_ray, require_gpus
+
+        c = p.cfg.compute
+        ensure_ray(**(ray_init or {}))
+        require_gpus("compute.use_gpu", c.workers * c.gpus_per_worker if c.use_gpu else 0)
+    run_id = _start(p)
+    ok = False
+    try:
+        result = _run(p, run_id, ray_init, show_table)
+        ok = True
+    finally:
+        if not ok and p.uri and run_id:
+            tracking.fail_if_running(p.uri, run_id)
+    return result
+
+
+def _run(p: Prepared, run_id: str | None, ray_init: dict[str, Any] | None, show_table: bool) -> CertifyResult:
+    from rayrcm.orchestration.trainer import ensure_ray
+
+    cfg, s = p.cfg, p.cfg.smoothing
+    logger = None
+    if run_id:
+        (p.out / RUN_FILE).write_text(json.dumps({"tracking_uri": p.uri, "run_id": run_id}))
+        logger = tracking.MetricLogger(p.uri, run_id)
     collector = Collector(cfg, p.todo, p.labels, int(p.meta["num_classes"]))
     progress = _Progress(p, collector, logger)
     print(f"[rayrcm] {cfg.mode}: {p.name}: {progress.total} images ({progress.before} already done), sigma={s.sigma:g}, "
           f"n0={s.n0}, n={s.n}, alpha={s.alpha:g}; results in {p.out}", flush=True)
-    ok = False
-    try:
-        if collector.rows:
-            ensure_ray(**(ray_init or {}))
+    if collector.rows:
+        ensure_ray(**(ray_init or {}))
+        if run_id:
+            tracking.mark_running(p.uri, run_id)
+        try:
             _count_all(p, collector, progress)
-        ok = True
-    finally:
-        progress.flush()
-        if not ok and p.uri and run_id:
-            tracking.end_run(p.uri, run_id, ok=False)
+        except BaseException:
+            try:  # keep the images finished so far for the rerun; the first error is the news
+                progress.flush()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
     todo = progress.total - progress.before
     return _finish(p, run_id, logger, collector, time.perf_counter() - progress.tic, todo, show_table)
 

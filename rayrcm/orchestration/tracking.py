@@ -4,6 +4,10 @@
   and reruns of a job log into the same run id.
 * The driver creates the run and logs params once; rank 0 of the Ray Train workers logs metrics
   with the explicit run id; no other process writes.
+* Status: a new run is RUNNING from the start. A rerun can leave an existing run as it was
+  (``reopen=False``) and :func:`mark_running` it once it starts real work, so a rerun that fails
+  before doing any work leaves a FINISHED run FINISHED; :func:`fail_if_running` ends a run that
+  a failure left RUNNING as FAILED.
 * Models are logged as an MLflow ``pyfunc`` whose artifact is rayrcm's own ``model.pt``
   (state dict + resolved config, loaded with ``weights_only=True``), chosen on purpose over
   pickled modules (unsafe to load) and ``torch.export`` (needs fixed input shapes). Registered
@@ -66,15 +70,15 @@ def _experiment_id(client: Any, name: str) -> str:
 
 
 def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str] | None = None,
-                  parent_run_id: str | None = None) -> str:
-    """The run of ``job`` (created on first use, reused on restart); params are logged once."""
-    from mlflow.entities import RunStatus
-
+                  parent_run_id: str | None = None, reopen: bool = True) -> str:
+    """The run of ``job`` (created on first use, reused on restart); params are logged once.
+    ``reopen=False``: an existing run keeps its status until :func:`mark_running`."""
     client = _client(uri)
     exp_id = _experiment_id(client, experiment)
     found = find_job_run(uri, experiment, job)
     if found:
-        client.update_run(found, status=RunStatus.to_string(RunStatus.RUNNING))
+        if reopen:
+            mark_running(uri, found)
         return found
     all_tags = {JOB_TAG: job, "mlflow.runName": job, **(tags or {})}
     if parent_run_id:
@@ -86,6 +90,23 @@ def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], t
 
 def end_run(uri: str, run_id: str, ok: bool) -> None:
     terminate(uri, run_id, "FINISHED" if ok else "FAILED")
+
+
+def mark_running(uri: str, run_id: str) -> None:
+    """Mark a reused run RUNNING again (a rerun that starts real work)."""
+    from mlflow.entities import RunStatus
+
+    _client(uri).update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+
+def fail_if_running(uri: str, run_id: str) -> None:
+    """After a failure: end the run FAILED if it is RUNNING; a run the failed attempt never
+    reopened (FINISHED, FAILED) stays as it was. Never raises: the failure is the news."""
+    try:
+        if run_status(uri, run_id) == "RUNNING":
+            end_run(uri, run_id, ok=False)
+    except Exception as err:  # noqa: BLE001 - an unreachable server must not hide the real error
+        print(f"[rayrcm] could not mark MLflow run {run_id} FAILED ({str(err).splitlines()[0][:160]})", flush=True)
 
 
 class MetricLogger:

@@ -4,7 +4,8 @@ Everything that decides what is trained lives in :mod:`rayrcm.train.session` (bu
 per-epoch plans) and :mod:`rayrcm.train.selection` (validation, the kept model, test metrics).
 Here: the worker's place in the job, resuming from Ray's checkpoint, DDP, and the reports. Every
 worker calls ``ray.train.report`` at the same steps (it is a barrier); rank 0 attaches the
-checkpoint and is the only process that writes to MLflow or the console.
+checkpoint and is the only process that writes to MLflow or the console. Rank 0 marks the job's
+MLflow run RUNNING at the first step it trains (a rerun that fails before leaves the run as it was).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class _Rank0:
 
     def __init__(self, config: dict[str, Any], s: Session) -> None:
         self.logger = None
+        self._running = False
         self.rank0 = s.rank == 0
         if self.rank0 and config.get("run_id"):
             from rayrcm.orchestration.tracking import MetricLogger
@@ -59,6 +61,14 @@ class _Rank0:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None:
             self.logger.log(step, metrics)
+
+    def started(self, config: dict[str, Any]) -> None:
+        """Rank 0, at the first step it trains: the job's run is RUNNING (again)."""
+        if self.logger is not None and not self._running:
+            from rayrcm.orchestration.tracking import mark_running
+
+            mark_running(config["tracking_uri"], config["run_id"])
+        self._running = True
 
     def say(self, line: str) -> None:
         if self.rank0:
@@ -116,6 +126,7 @@ def train_worker(config: dict[str, Any]) -> None:
         _report(s, step, {**metrics, **validator(step)})
 
     def before(step: int) -> None:
+        out.started(config)
         if step == t.fault_at_step and s.rank == 0:
             _inject_fault(t.storage_path, cfg.job_name, step)
 

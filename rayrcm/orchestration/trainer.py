@@ -1,7 +1,22 @@
-"""The driver: validate, open the MLflow run, run the Ray Train job, log and register the model."""
+"""The driver: validate, open the MLflow run, run the Ray Train job, log and register the model.
+
+A job is one ``train.name`` under ``train.storage_path``: rerunning it resumes from its last
+checkpoint. Its resolved config is recorded in ``<storage>/<job>/job_config.json`` before any
+training, and a rerun with another config is refused (one line naming the differing keys) before
+any Ray or MLflow work and without touching the job's files. Keys that may change on resume
+(:data:`RESUME_KEYS`): where and how the job runs, never what it trains: ``train.workers``,
+``train.use_gpu``, ``train.max_failures``, ``train.progress_every_s``, ``train.log_every``,
+``train.keep_checkpoints``, ``train.storage_path``, ``train.fault_at_step``, ``train.plugins``,
+``data.num_workers``, ``tracking.uri`` and ``tracking.system_metrics``.
+
+MLflow: a new job's run is RUNNING from the start; a rerun's existing run is marked RUNNING by
+rank 0 at its first training step only, so a rerun that fails before doing any work leaves a
+FINISHED run as it was, and any other failure ends the run FAILED.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -23,6 +38,14 @@ from rayrcm.models.classifier import check_encoder_file
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.train_worker import train_worker
 from rayrcm.train.checkpoint import MODEL_FILE
+
+JOB_CONFIG_FILE = "job_config.json"  # the resolved config of a job, compared on rerun
+RESUME_KEYS = frozenset({  # may differ between runs of one job: where and how it runs, not what it trains
+    "train.workers", "train.use_gpu", "train.max_failures", "train.progress_every_s", "train.log_every",
+    "train.keep_checkpoints", "train.storage_path", "train.fault_at_step", "train.plugins", "data.num_workers",
+    "tracking.uri", "tracking.system_metrics",
+})
+GPU_WAIT_ENV = "RAYRCM_GPU_WAIT_S"  # how long to wait for GPUs on a cluster joined by address (default 300)
 
 
 @dataclass
@@ -51,8 +74,102 @@ def ensure_ray(**kwargs: Any) -> None:
         ray.init(**{**console.ray_init_kwargs(), **where}, log_to_driver=True)
 
 
-def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
-    """Validate everything and resolve URIs before any Ray work; returns (config, tracking uri)."""
+def _job_dir(storage: str, job: str) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path)`` of a job's folder (local or ``s3://``-like storage)."""
+    if "://" not in storage:
+        return None, str(Path(storage) / job)
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    return fs, f"{root.rstrip('/')}/{job}"
+
+
+def job_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The recorded config of a job: the flat resolved config, JSON-normalized, minus :data:`RESUME_KEYS`."""
+    flat = json.loads(json.dumps(to_flat_dict(cfg), default=str))
+    return {k: v for k, v in sorted(flat.items()) if k not in RESUME_KEYS}
+
+
+def read_job_config(storage: str, job: str) -> dict[str, Any] | None:
+    fs, d = _job_dir(storage, job)
+    if fs is None:
+        f = Path(d) / JOB_CONFIG_FILE
+        return json.loads(f.read_text()) if f.is_file() else None
+    import pyarrow.fs
+
+    if fs.get_file_info(f"{d}/{JOB_CONFIG_FILE}").type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{d}/{JOB_CONFIG_FILE}") as f:
+        return json.loads(f.read().decode())
+
+
+def write_job_config(storage: str, job: str, recorded: dict[str, Any]) -> None:
+    """Record a job's config (a temporary file renamed into place: whole or absent)."""
+    text = json.dumps(recorded, indent=1, sort_keys=True)
+    fs, d = _job_dir(storage, job)
+    if fs is None:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        tmp = Path(d) / f".{JOB_CONFIG_FILE}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, Path(d) / JOB_CONFIG_FILE)
+        return
+    fs.create_dir(d, recursive=True)
+    with fs.open_output_stream(f"{d}/{JOB_CONFIG_FILE}") as f:  # object stores write whole objects
+        f.write(text.encode())
+
+
+def check_rerun(storage: str, job: str, recorded: dict[str, Any]) -> bool:
+    """Refuse a rerun of ``job`` with another config; True when the job ran before with this one."""
+    old = read_job_config(storage, job)
+    if old is None:
+        return False
+    diff = [f"{k} ({old.get(k, '<unset>')!r} -> {recorded.get(k, '<unset>')!r})"
+            for k in sorted(set(old) | set(recorded)) if old.get(k) != recorded.get(k)]
+    if diff:
+        shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise ConfigError("train.name", job, f"this job ran with another config: {shown}; rerun it with its own "
+                          "config to resume it, or start a new job with --set train.name=<new name>")
+    return True
+
+
+def _resources_line(res: dict[str, float]) -> str:
+    shown = [f"{res[k]:g} {k}" for k in ("CPU", "GPU") if res.get(k)]
+    return ", ".join(shown) or "none"
+
+
+def require_gpus(key: str, needed: float) -> None:
+    """Fail with one line when the Ray cluster cannot hold ``needed`` GPUs (instead of waiting
+    forever for them). A local cluster never grows: fail at once. A cluster joined by address
+    (``RAY_ADDRESS``) may autoscale: wait up to ``$RAYRCM_GPU_WAIT_S`` seconds (300) first."""
+    if needed <= 0:
+        return
+    import ray
+
+    res = ray.cluster_resources()
+    if res.get("GPU", 0) >= needed:
+        return
+    wait = float(os.environ.get(GPU_WAIT_ENV, "300")) if os.environ.get("RAY_ADDRESS") else 0.0
+    if wait > 0:
+        print(f"[rayrcm] waiting up to {wait:.0f} s for {needed:g} GPU(s) in the Ray cluster (it has "
+              f"{_resources_line(res)}; an autoscaling cluster may add GPU nodes; ${GPU_WAIT_ENV} sets the wait)",
+              flush=True)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
+            res = ray.cluster_resources()
+            if res.get("GPU", 0) >= needed:
+                return
+    have = res.get("GPU", 0)
+    what = "no GPUs" if not have else f"{have:g} GPU(s), {needed:g} needed"
+    waited = f" after waiting {wait:.0f} s" if wait > 0 else ""
+    raise ConfigError(key, True, f"the Ray cluster has {what}{waited} (cluster resources: {_resources_line(res)})")
+
+
+def prepare(cfg: ExperimentConfig, *, job: bool = False) -> tuple[ExperimentConfig, str | None]:
+    """Validate everything and resolve URIs before any Ray work; returns (config, tracking uri).
+    ``job=True`` (:func:`fit`): ``cfg`` is a training job: a rerun with another config is refused
+    before anything is touched, and a new job's config is recorded (:data:`JOB_CONFIG_FILE`); a
+    sweep's or a transfer's base config is only checked."""
     cfg = validate(cfg)
     if needs_epochs(cfg):
         cfg = resolve_epochs(cfg, len(build_splits(cfg.data).train))
@@ -60,6 +177,8 @@ def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
     if batch % workers:
         raise ConfigError("data.batch_size", batch, f"must be divisible by train.workers={workers} (it is the global batch)")
     cfg = replace(cfg, train=replace(cfg.train, storage_path=storage_root(cfg)))
+    recorded = job_config(cfg)  # init_from as the user gave it, before it is resolved to a local file
+    ran_before = check_rerun(cfg.train.storage_path, cfg.job_name, recorded) if job else True
     uri = None
     if cfg.tracking.enabled:
         uri = tracking.normalize_uri(cfg.tracking.uri)
@@ -69,6 +188,8 @@ def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
         local = tracking.resolve_model(cfg.model.init_from, uri, dst)
         check_encoder_file(local, cfg.model, cfg.data.image_size)
         cfg = replace(cfg, model=replace(cfg.model, init_from=str(local)))
+    if not ran_before:
+        write_job_config(cfg.train.storage_path, cfg.job_name, recorded)
     return cfg, uri
 
 
@@ -91,17 +212,33 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
         callbacks: list[Any] | None = None) -> FitResult:
     """Run one training stage on Ray Train; resumes when ``cfg.job_name`` ran before.
     ``callbacks``: Ray Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``)."""
+    cfg, uri = prepare(cfg, job=True)
+    t, job = cfg.train, cfg.job_name
+    ensure_ray(**(ray_init or {}))
+    require_gpus("train.use_gpu", max(t.workers, 1) if t.use_gpu else 0)
+    run_id = None
+    if uri:  # a rerun's run stays as it was (FINISHED, FAILED) until rank 0 starts a step
+        run_id = tracking.start_job_run(uri, cfg.tracking.experiment, job, to_flat_dict(cfg),
+                                        tags={"rayrcm.stage": cfg.method.stage}, parent_run_id=parent_run_id,
+                                        reopen=False)
+        print(f"[rayrcm] MLflow run {run_id} ({uri})", flush=True)
+    ok = False
+    try:
+        fit_result = _fit(cfg, run_id, uri, callbacks)
+        ok = True
+    finally:
+        if not ok and uri and run_id:
+            tracking.fail_if_running(uri, run_id)
+    if uri and run_id:
+        tracking.end_run(uri, run_id, ok=True)
+    return fit_result
+
+
+def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: list[Any] | None) -> FitResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg, uri = prepare(cfg)
     t, job = cfg.train, cfg.job_name
-    run_id = None
-    if uri:
-        run_id = tracking.start_job_run(uri, cfg.tracking.experiment, job, to_flat_dict(cfg),
-                                        tags={"rayrcm.stage": cfg.method.stage}, parent_run_id=parent_run_id)
-        print(f"[rayrcm] MLflow run {run_id} ({uri})", flush=True)
-    ensure_ray(**(ray_init or {}))
     tic = time.perf_counter()
     trainer = TorchTrainer(
         train_worker,
@@ -115,12 +252,7 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
             callbacks=callbacks or None,
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception:
-        if uri and run_id:
-            tracking.end_run(uri, run_id, ok=False)
-        raise
+    result = trainer.fit()
     out_dir = Path(t.storage_path) / job if "://" not in t.storage_path else Path(".") / "rayrcm_results" / job
     out_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
@@ -130,5 +262,4 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
     if uri and run_id:
         fit_result.model = tracking.log_model(uri, run_id, out_dir / MODEL_FILE, register_as=cfg.tracking.register_as,
                                               alias=cfg.tracking.alias, version_tags=version_tags(cfg))
-        tracking.end_run(uri, run_id, ok=True)
     return fit_result
