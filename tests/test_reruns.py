@@ -147,3 +147,27 @@ def test_a_gpu_request_on_a_cluster_without_gpus_fails_at_once(tmp_path, ray_clu
     with pytest.raises(ConfigError, match=r"^train\.use_gpu=True is invalid: the Ray cluster has no GPUs"):
         fit(_cfg(tmp_path, "sqlite:///unused.db", "gpu", "train.use_gpu=true", "tracking.enabled=false"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("mlflow_run.json"))
+
+
+def test_a_non_finite_loss_ends_the_job_with_one_line_and_nothing_registered(tmp_path, ray_cluster, capsys):
+    """A loss that becomes non-finite stops training at that step: the user sees one line (exit 1),
+    Ray Train's retry stops at once instead of replaying the same steps, no model is written or
+    registered, and the MLflow run ends FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(BASE))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(recipe), *[f"--set={o}" for o in _overrides(tmp_path, uri, "diverges", "optim.lr=1e30",
+                                                                          "train.max_failures=2",
+                                                                          "tracking.register_as=diverged")]])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rayrcm: error:")]
+    assert exit_.value.code == 1
+    assert len(err) == 1 and re.match(r"rayrcm: error: loss is (nan|inf) at step \d+: training stopped", err[0]), err
+    assert not (tmp_path / "storage" / "diverges" / "model.pt").exists()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("reruns").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not client.search_registered_models("name='diverged'")

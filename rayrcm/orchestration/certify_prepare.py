@@ -24,7 +24,7 @@ from rayrcm.errors import ConfigError
 from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, load_file, predicts_classes
 from rayrcm.orchestration import tracking
 from rayrcm.plugins import load_plugins
-from rayrcm.sections import DataConfig
+from rayrcm.sections import DataConfig, check_job_name
 
 PROTOCOL_FILE = "protocol.json"  # the protocol of a results folder (compared on resume)
 RUN_FILE = "mlflow_run.json"  # the MLflow run of a results folder (``analyze`` logs to it)
@@ -100,6 +100,8 @@ def _load_model(cfg: CertifyConfig, uri: str | None) -> tuple[Path, dict[str, An
     try:
         blob = load_file(local)
         kind = export_kind(blob["meta"])
+    except ConfigError:  # already one line naming the file
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --model
         raise ConfigError("model", cfg.model, f"is not a rayrcm model file ({_first_line(err)})") from None
     if kind not in EXPORTS:  # build_from_blob says so too, naming train.plugins; here the flag is --plugin
@@ -149,6 +151,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
         raise ConfigError("max", cfg.smoothing.max, "selects no image")
     sha = _sha256(local)
     name = cfg.name or _default_name(cfg, data.name, sha)
+    check_job_name("name" if cfg.name else "dataset", name)  # a plugin's dataset name could hold a '/'
     out = Path(cfg.out_dir).expanduser().resolve() / name
     protocol = protocol_dict(cfg, dataset=data.name, model_sha256=sha, num_classes=num_classes, indices=indices)
     protocol["indices_sha1"] = hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest()

@@ -10,12 +10,14 @@ MLflow run RUNNING at the first step it trains (a rerun that fails before leaves
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from rayrcm.config import from_dict
+from rayrcm.errors import NonFiniteLoss
 from rayrcm.plugins import load_plugins
 from rayrcm.train.checkpoint import load_state
 from rayrcm.train.progress import Progress
@@ -25,6 +27,12 @@ from rayrcm.train.session import Session, build_session, restore, run_training, 
 
 def fault_marker(storage_path: str, job: str, step: int) -> Path:
     return Path(storage_path) / job / f".fault_injected_at_{step}"
+
+
+def non_finite_marker(storage_path: str, job: str) -> Path:
+    """Written when a worker's loss became non-finite: Ray Train's retry of the same deterministic
+    steps would meet it again, so the retried workers stop at once (the driver clears it first)."""
+    return Path(storage_path) / job / ".non_finite_loss.json"
 
 
 def _inject_fault(storage_path: str, job: str, step: int) -> None:
@@ -130,8 +138,16 @@ def train_worker(config: dict[str, Any]) -> None:
         if step == t.fault_at_step and s.rank == 0:
             _inject_fault(t.storage_path, cfg.job_name, step)
 
-    metrics = run_training(s, model, on_log=out.on_log, on_checkpoint=checkpoint, log=out.log, say=out.say,
-                           before_step=before)
+    marker = non_finite_marker(t.storage_path, cfg.job_name)
+    if marker.is_file():  # a retry after a non-finite loss: the same steps would reach it again
+        raise NonFiniteLoss(**json.loads(marker.read_text()))
+    try:
+        metrics = run_training(s, model, on_log=out.on_log, on_checkpoint=checkpoint, log=out.log, say=out.say,
+                               before_step=before)
+    except NonFiniteLoss as err:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"step": err.step, "value": err.value}))
+        raise
     final = validator.finish()
     tested = test_metrics(s, out.say)
     if tested or final:  # validation metrics were logged by the validator

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -33,10 +34,10 @@ from rayrcm.config import (
     validate,
 )
 from rayrcm.data import build_splits
-from rayrcm.errors import ConfigError
+from rayrcm.errors import ConfigError, NonFiniteLoss
 from rayrcm.models.classifier import check_encoder_file
 from rayrcm.orchestration import tracking
-from rayrcm.orchestration.train_worker import train_worker
+from rayrcm.orchestration.train_worker import non_finite_marker, train_worker
 from rayrcm.train.checkpoint import MODEL_FILE
 
 JOB_CONFIG_FILE = "job_config.json"  # the resolved config of a job, compared on rerun
@@ -208,6 +209,26 @@ def version_tags(cfg: ExperimentConfig) -> dict[str, str]:
     return tags
 
 
+def non_finite_cause(err: BaseException) -> NonFiniteLoss | None:
+    """The :class:`~rayrcm.train.loop.NonFiniteLoss` a worker raised, found in Ray's wrapping of it
+    (causes, contexts, per-worker failures), or in its text when the type did not survive."""
+    seen: set[int] = set()
+    todo: list[Any] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NonFiniteLoss):
+            return e
+        if isinstance(e, BaseException):
+            todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+            failures = getattr(e, "worker_failures", None)
+            todo += list(failures.values()) if isinstance(failures, dict) else []
+    match = re.search(r"loss is (nan|inf|-inf) at step (\d+)", str(err))
+    return NonFiniteLoss(int(match.group(2)), float(match.group(1))) if match else None
+
+
 def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: dict[str, Any] | None = None,
         callbacks: list[Any] | None = None) -> FitResult:
     """Run one training stage on Ray Train; resumes when ``cfg.job_name`` ran before.
@@ -252,7 +273,15 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
             callbacks=callbacks or None,
         ),
     )
-    result = trainer.fit()
+    if "://" not in t.storage_path:
+        non_finite_marker(t.storage_path, job).unlink(missing_ok=True)  # this run meets its own losses
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        found = non_finite_cause(err)
+        if found is not None:  # one line for the user, not Ray's traceback of the worker
+            raise found from None
+        raise
     out_dir = Path(t.storage_path) / job if "://" not in t.storage_path else Path(".") / "rayrcm_results" / job
     out_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from rayrcm.errors import NonFiniteLoss
 from rayrcm.objectives.base import Objective
 
 
@@ -74,19 +75,6 @@ def autocast_for(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite: the run stops before that step's update, and no
-    checkpoint, model or registration follows it. Retrying cannot help (the steps are deterministic)."""
-
-    def __init__(self, step: int, value: float) -> None:
-        self.step, self.value = step, value
-        super().__init__(f"loss is {value} at step {step}: training stopped; no checkpoint or model was saved after it "
-                         "(lower optim.lr, set optim.grad_clip, or check the data and method settings)")
-
-    def __reduce__(self):  # picklable with its arguments (Ray ships worker errors to the driver)
-        return (type(self), (self.step, self.value))
 
 
 @dataclass
