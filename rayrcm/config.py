@@ -119,7 +119,15 @@ def load_recipe(path: str | os.PathLike[str]) -> ExperimentConfig:
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:  # one line with the place, not PyYAML's multi-line report
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError("recipe", str(path), f"is not valid YAML ({where}{problem})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError("recipe", str(path), f"must be a mapping of sections (data, model, method, ...), not a {type(tree).__name__}")
         if not isinstance(tree, dict):
             raise ConfigError("recipe", str(path), "a YAML recipe is a mapping of sections")
         return from_dict(tree)

@@ -85,6 +85,13 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
         return tuple(value)
     if typ in (int, float) and isinstance(value, bool):
         raise ConfigError(key, value, f"expected a number ({typ.__name__}), not true/false")
+    if typ in (int, float, bool, str) and isinstance(value, (list, tuple, dict)):
+        what = "a mapping" if isinstance(value, dict) else "a list"
+        raise ConfigError(key, value, f"expected a single value of type {typ.__name__}, not {what}")
+    if typ is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(key, value, "expected a whole number (int)")
+        return int(value)
     if typ is float and isinstance(value, (int, float)):
         return _finite(key, float(value))
     return value

@@ -36,6 +36,8 @@ def test_the_table_is_not_empty():
 def test_bad_input_row(kind, command, code, shown, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text("data:\n  name: digits\noptim:\n  lr: 0.001\n")
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("optim:\n  lr: [1, 2]\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "garbage.tsv").write_text("bad\tline\n")
     argv = shlex.split(command)[1:]
