@@ -55,7 +55,7 @@ def test_bad_models(capsys, tmp_path):
            "has 7 classes but dataset digits has 10")
     _fails(capsys, ["certify", "--model", str(make_model(tmp_path / "enc.pt", stage="encoder")), *out], "certification needs a classifier")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    _fails(capsys, ["certify", "--model", str(tmp_path / "junk.pt"), *out], "not a rayrcm model file")
+    _fails(capsys, ["certify", "--model", str(tmp_path / "junk.pt"), *out], "is not a model file")
     _fails(capsys, ["predict", "--model", "no-such-model", *out], "model='no-such-model'")
 
 
