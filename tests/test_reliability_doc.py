@@ -32,8 +32,26 @@ def test_the_table_is_not_empty():
     assert len(ROWS) >= 15
 
 
+@pytest.fixture
+def builtins_only(monkeypatch):
+    """The registries as a fresh process has them: extensions other tests registered (plugins)
+    would add their names to "choose one of" lines."""
+    from rayrcm.registry import Registry
+
+    names = Registry.names
+
+    def module(item) -> str:
+        item = item[0] if isinstance(item, tuple) else item  # methods register (config class, builder)
+        return getattr(item, "__module__", None) or "rayrcm"
+
+    def builtin_names(self):
+        return [n for n in names(self) if module(self._items[n]).startswith("rayrcm")]
+
+    monkeypatch.setattr(Registry, "names", builtin_names)
+
+
 @pytest.mark.parametrize("kind,command,code,shown", ROWS, ids=[r[0] for r in ROWS])
-def test_bad_input_row(kind, command, code, shown, tmp_path, monkeypatch, capsys):
+def test_bad_input_row(kind, command, code, shown, tmp_path, monkeypatch, capsys, builtins_only):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text("data:\n  name: digits\noptim:\n  lr: 0.001\n")
     (tmp_path / "bad.yaml").write_text("optim:\n  lr: [1, 2\n")
