@@ -223,8 +223,9 @@ def terminate(uri: str, run_id: str, status: str) -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
-def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = None) -> Path:
-    """A local ``model.pt`` for a registry URI, a ``runs:/`` URI, a run id or a path."""
+def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = None, *, key: str = "model") -> Path:
+    """A local ``model.pt`` for a registry URI, a ``runs:/`` URI, a run id or a path; errors name
+    ``key`` (the option the reference came from: ``model``, ``model.init_from``)."""
     p = Path(ref).expanduser()
     if p.is_file():
         return p
@@ -232,11 +233,11 @@ def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = Non
         for cand in (p / "model.pt", p / "artifacts" / "model.pt"):
             if cand.is_file():
                 return cand
-        raise ConfigError("model", ref, "folder holds no model.pt")
+        raise ConfigError(key, ref, "folder holds no model.pt")
     if _RUN_ID.match(ref):
         ref = f"runs:/{ref}/model"
     if not ref.startswith(("models:/", "runs:/")):
-        raise ConfigError("model", ref, "not a file, a run id, runs:/<id>/model or models:/<name>@<alias>")
+        raise ConfigError(key, ref, "not a file, a run id, runs:/<id>/model or models:/<name>@<alias>")
     import mlflow
 
     if uri:
@@ -245,11 +246,11 @@ def resolve_model(ref: str, uri: str | None = None, dst: str | Path | None = Non
     try:
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(local)))
     except Exception as err:  # MLflow raises several types for a missing model/alias/run
-        raise ConfigError("model", ref, f"cannot be resolved in {uri or 'the tracking server'} ({str(err).splitlines()[0][:200]})") from None
+        raise ConfigError(key, ref, f"cannot be resolved in {uri or 'the tracking server'} ({str(err).splitlines()[0][:200]})") from None
     for cand in (got / "artifacts" / "model.pt", got / "model.pt", got):
         if cand.is_file():
             return cand
-    raise ConfigError("model", ref, "the artifact holds no model.pt")
+    raise ConfigError(key, ref, "the artifact holds no model.pt")
 
 
 def model_lineage(ref: str, uri: str) -> tuple[str | None, str | None]:

@@ -186,7 +186,7 @@ def prepare(cfg: ExperimentConfig, *, job: bool = False) -> tuple[ExperimentConf
         tracking.check_reachable(uri)
     if cfg.model.init_from:
         dst = Path(cfg.train.storage_path) / cfg.job_name / "init"
-        local = tracking.resolve_model(cfg.model.init_from, uri, dst)
+        local = tracking.resolve_model(cfg.model.init_from, uri, dst, key="model.init_from")
         check_encoder_file(local, cfg.model, cfg.data.image_size)
         cfg = replace(cfg, model=replace(cfg.model, init_from=str(local)))
     if not ran_before:
