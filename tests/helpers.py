@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 from rayrcm.config import ExperimentConfig, apply_overrides, to_dict
@@ -16,3 +20,18 @@ def make_model(path, *, num_classes=10, sigma=0.25, stage="classifier", seed=0):
                                                "model.patch_size=4"])
     save_model(path, build_classifier(cfg.model, 8, num_classes), model_meta(to_dict(cfg), stage, num_classes))
     return path
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_experiment(name: str, prefix: str = "recipe"):
+    """The module of ``experiments/<name>.py`` (its sibling ``_*_seed`` helpers importable)."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{prefix}_{name}", EXPERIMENTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXPERIMENTS))

@@ -6,37 +6,27 @@ and compares it with rayrcm's on the same inputs and weights."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_experiment
 from torch import nn
 from torch.nn import functional as F
 
 from rayrcm.config import ExperimentConfig, apply_overrides, resolve_epochs, validate
 from rayrcm.models import ACLProjector, DualBatchNorm, bn_route, build_classifier
+from rayrcm.models.dual_bn import branch_view
 from rayrcm.objectives import build_objective
-from rayrcm.objectives.adv_finetune import AdvFinetuneObjective, branch_view
+from rayrcm.objectives.adv_finetune import AdvFinetuneObjective
 from rayrcm.objectives.air import air_robust, air_standard
 from rayrcm.train.optim import build_optimizer, build_scheduler
 
-EXP = Path(__file__).resolve().parents[1] / "experiments"
-
 
 def _recipe(name):
-    sys.path.insert(0, str(EXP))
-    try:
-        spec = importlib.util.spec_from_file_location(f"fidelity_{name}", EXP / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXP))
+    return load_experiment(name, "fidelity")
 
 
 # --- item 8: LARS ---------------------------------------------------------------------------

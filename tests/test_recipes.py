@@ -3,15 +3,10 @@ config files, checked value by value against the configs the recipes build."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import load_experiment
 
 from rayrcm.config import validate
-
-EXP = Path(__file__).resolve().parents[1] / "experiments"
 
 # (dataset, sigma): eta, lbd, noise_aug, epochs, layernorm, lr_layer_decay, lr, wd, batch, augmentation,
 #                   mixup, cutmix, label_smoothing  -- the README's fine-tuning commands
@@ -38,14 +33,7 @@ SEED_PRETRAIN_VIT = {("imagenet", "b"): (True, True), ("imagenet", "s"): (True, 
 
 
 def _load(name):
-    sys.path.insert(0, str(EXP))
-    try:
-        spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXP / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXP))
+    return load_experiment(name, "recipe")
 
 
 @pytest.mark.parametrize("dataset, sigma", list(SEED_FINETUNE))

@@ -77,15 +77,17 @@ def random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 
 def pgd(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], cfg: PGDConfig,
-        init: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        init: Sequence[torch.Tensor] | None = None, *, project_init: bool = True) -> list[torch.Tensor]:
     """Adversarial versions of ``inputs`` that maximize ``loss_fn(*inputs)`` (a scalar, summed over
     samples so each sample's step does not depend on the batch size). ``init``: starting
-    perturbations (default: :func:`random_start` or zero). Returns detached tensors."""
+    perturbations (default: :func:`random_start` or zero), projected into the ball and the image
+    range unless ``project_init=False`` (the RCS authors take the first gradient at the raw start).
+    Returns detached tensors."""
     xs = [x.detach() for x in inputs]
     if cfg.steps == 0 or cfg.eps == 0:
         return [x.clone() for x in xs]
     if init is not None:
-        deltas = [project(d.detach(), x, cfg.eps, cfg.norm) for x, d in zip(xs, init)]
+        deltas = [project(d.detach(), x, cfg.eps, cfg.norm) if project_init else d.detach() for x, d in zip(xs, init)]
     else:
         deltas = [random_start(x, cfg.eps, cfg.norm) if cfg.random_start else torch.zeros_like(x) for x in xs]
     for _ in range(cfg.steps):
@@ -108,12 +110,14 @@ def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig) -
     return pgd(lambda xa: F.cross_entropy(model(xa).float(), y, reduction="sum"), [x], cfg)[0]
 
 
-def pgd_kl(model: nn.Module, x: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
+def pgd_kl(model: nn.Module, x: torch.Tensor, cfg: PGDConfig,
+           natural: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """TRADES' inner maximization (Zhang et al., ICML 2019): maximize
-    ``sum_b KL( softmax(model(x_b)) || softmax(model(x'_b)) )``; the start is ``x + 0.001 * N(0, I)``
-    as in the authors' code (``cfg.random_start`` is ignored)."""
+    ``sum_b KL( softmax(natural(x_b)) || softmax(model(x'_b)) )``; the start is ``x + 0.001 * N(0, I)``
+    as in the authors' code (``cfg.random_start`` is ignored). ``natural`` (default: ``model``) gives
+    the reference output, e.g. the natural BatchNorm branch of a dual-BN network."""
     with torch.no_grad():
-        p_nat = F.softmax(model(x).float(), dim=1)
+        p_nat = F.softmax((natural or model)(x).float(), dim=1)
 
     def loss(xa: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax(model(xa).float(), dim=1), p_nat, reduction="sum")

@@ -126,7 +126,7 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
 
         timm_t = create_transform(input_size=size, is_training=True, auto_augment=autoaug, interpolation="bicubic",
                                   hflip=0.5 if hflip else 0.0, color_jitter=None, re_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-        return v2.Compose([_ToPIL(), v2.Lambda(lambda im: im.convert("RGB")), timm_t])
+        return v2.Compose([_ToPILRGB(), timm_t])
     if kind == "simclr":
         return StrengthAugment(size, hflip=hflip)
     if kind in ("mocov3", "mocov3_1", "mocov3_2"):

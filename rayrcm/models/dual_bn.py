@@ -6,7 +6,8 @@ input distributions differ (Xie et al., "Adversarial examples improve image reco
 :func:`convert_dual_bn` swaps every BatchNorm of a network for a :class:`DualBatchNorm`;
 :func:`bn_route` selects the branch for a block of code; :func:`single_bn_state` turns the state of
 a converted network back into the plain network's state with one branch's statistics (the
-authors fine-tune from the adversarial branch, ``bnNameCnt = 1``).
+authors fine-tune from the adversarial branch, ``bnNameCnt = 1``); :func:`branch_view` is the plain
+network itself, sharing the converted one's weights.
 """
 
 from __future__ import annotations
@@ -74,3 +75,17 @@ def single_bn_state(module: nn.Module, route: str = "adv") -> dict[str, torch.Te
             key = ".".join(parts[:-2] + parts[-1:])
         out[key] = value
     return out
+
+
+def branch_view(module: nn.Module, route: str) -> nn.Module:
+    """``module`` as a plain network holding the ``route`` branch of every :class:`DualBatchNorm`:
+    containers are shallow copies whose children are views, every other module (and so every
+    parameter and buffer) is shared, so training the dual network updates the view and loading a
+    state into the view writes into the dual network. Its state dict has the plain network's keys."""
+    if isinstance(module, DualBatchNorm):
+        return getattr(module, route)
+    if not any(isinstance(m, DualBatchNorm) for m in module.modules()):
+        return module
+    view = copy.copy(module)
+    view._modules = {name: None if child is None else branch_view(child, route) for name, child in module._modules.items()}
+    return view

@@ -17,12 +17,14 @@ def make_frozen_copy(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, rate: float) -> None:
-    """``target <- rate * target + (1 - rate) * online`` for parameters; buffers are copied."""
+def ema_update(target: nn.Module, online: nn.Module, rate: float, *, copy_buffers: bool = True) -> None:
+    """``target <- rate * target + (1 - rate) * online`` for parameters; buffers are copied, or
+    (``copy_buffers=False``, as the RCM authors' ``utils.ema``) left as the target's own."""
     t_params = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):
         raise ValueError("target and online networks differ in structure")
     torch._foreach_lerp_(t_params, o_params, 1.0 - rate)
-    for tb, ob in zip(target.buffers(), online.buffers()):
-        tb.copy_(ob)
+    if copy_buffers:
+        for tb, ob in zip(target.buffers(), online.buffers()):
+            tb.copy_(ob)

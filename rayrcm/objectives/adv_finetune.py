@@ -29,7 +29,6 @@ Shapes: ``views = [x]``, ``x`` ``(B, 3, H, W)`` in [0, 1]; ``target`` ``(B,)``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,10 +36,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd, pgd_ce
+from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd_ce, pgd_kl
 from rayrcm.errors import ConfigError
 from rayrcm.eval.robust import RobustEvalConfig
-from rayrcm.models import Classifier, DualBatchNorm, bn_route, build_classifier, convert_dual_bn
+from rayrcm.models import Classifier, bn_route, branch_view, build_classifier, convert_dual_bn
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 MODES = ("slf", "alf", "aff")
@@ -86,33 +85,17 @@ class AdvFinetuneConfig(MethodConfig):
         self.robust_eval().validate("method.eval")
 
 
-def branch_view(module: nn.Module, route: str) -> nn.Module:
-    """``module`` as a plain network holding the ``route`` branch of every :class:`DualBatchNorm`:
-    containers are shallow copies whose children are views, every other module (and so every
-    parameter and buffer) is shared, so training the dual network updates the view and loading a
-    state into the view writes into the dual network. Its state dict has the plain network's keys."""
-    if isinstance(module, DualBatchNorm):
-        return getattr(module, route)
-    if not any(isinstance(m, DualBatchNorm) for m in module.modules()):
-        return module
-    view = copy.copy(module)
-    view._modules = {name: None if child is None else branch_view(child, route) for name, child in module._modules.items()}
-    return view
-
-
 def trades_adversary(model: nn.Module, x: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
-    """TRADES' inner maximization on a (possibly dual-BN) ``model``: maximize
-    ``sum_b KL( softmax(F_nat(x_b)) || softmax(F_adv(x'_b)) )`` from ``x + 0.001 N(0, I)``, with
-    ``F_nat`` on the ``nat`` branch and ``F_adv`` on the ``adv`` branch (the authors'
-    ``trades_loss_dual``; one branch: ``trades_loss``). Call it in eval mode."""
-    with torch.no_grad(), bn_route(model, "nat"):
-        p_nat = F.softmax(model(x).float(), dim=1)
+    """TRADES' inner maximization (:func:`~rayrcm.attacks.pgd.pgd_kl`) on a (possibly dual-BN)
+    ``model``: the reference output on the ``nat`` branch, the adversarial one on the ``adv`` branch
+    (the authors' ``trades_loss_dual``; one branch: ``trades_loss``). Call it in eval mode."""
 
-    def loss(xa: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(model(xa).float(), dim=1), p_nat, reduction="sum")
+    def natural(xa: torch.Tensor) -> torch.Tensor:
+        with bn_route(model, "nat"):
+            return model(xa)
 
     with bn_route(model, "adv"):
-        return pgd(loss, [x], cfg, init=[0.001 * torch.randn_like(x)])[0]
+        return pgd_kl(model, x, cfg, natural=natural)
 
 
 class AdvFinetuneObjective(Objective):

@@ -61,6 +61,7 @@ from rayrcm.models import (
     MoCoV3Projector,
     Normalize,
     build_encoder,
+    ema_update,
     make_frozen_copy,
 )
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
@@ -128,16 +129,6 @@ def level_index(seed: int, step: int, levels: int) -> int:
     return int(torch.randint(0, levels - 1, (), generator=g))
 
 
-@torch.no_grad()
-def ema_parameters(target: nn.Module, online: nn.Module, rate: float) -> None:
-    """``target <- rate * target + (1 - rate) * online`` for parameters only, as the authors'
-    ``utils.ema``; buffers (BatchNorm running statistics) stay the target's own."""
-    t_params, o_params = list(target.parameters()), [p.detach() for p in online.parameters()]
-    if len(t_params) != len(o_params):
-        raise ValueError("target and online networks differ in structure")
-    torch._foreach_lerp_(t_params, o_params, 1.0 - rate)
-
-
 class RCMObjective(Objective):
     """Online encoder + projector, an EMA teacher of both, and the InfoNCE terms."""
 
@@ -192,8 +183,8 @@ class RCMObjective(Objective):
     def on_step_end(self, step: int) -> None:
         cfg = self.cfg
         rate = ema_rate(step, cfg.ema_steps or self.total_steps, cfg.ema_start, cfg.ema_end, cfg.ema_sharpness)
-        ema_parameters(self.teacher_encoder, self.encoder, rate)
-        ema_parameters(self.teacher_projector, self.projector, rate)
+        ema_update(self.teacher_encoder, self.encoder, rate, copy_buffers=False)  # buffers: the teacher's own
+        ema_update(self.teacher_projector, self.projector, rate, copy_buffers=False)
 
     def export(self) -> nn.Module:
         return self.encoder

@@ -243,13 +243,12 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
                                         tags={"rayrcm.stage": cfg.method.stage}, parent_run_id=parent_run_id,
                                         reopen=False)
         print(f"[rayrcm] MLflow run {run_id} ({uri})", flush=True)
-    ok = False
     try:
         fit_result = _fit(cfg, run_id, uri, callbacks)
-        ok = True
-    finally:
-        if not ok and uri and run_id:
+    except BaseException:
+        if uri and run_id:
             tracking.fail_if_running(uri, run_id)
+        raise
     if uri and run_id:
         tracking.end_run(uri, run_id, ok=True)
     return fit_result

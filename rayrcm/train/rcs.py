@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from rayrcm.attacks.pgd import PGDConfig
+from rayrcm.attacks.pgd import PGDConfig, pgd
 from rayrcm.errors import ConfigError
 from rayrcm.train.optim import EpochIndexedSchedule  # noqa: F401 (the schedule RCS runs under; lives with the schedules)
 
@@ -140,15 +140,7 @@ def rd_attack(x: torch.Tensor, z_nat: torch.Tensor, adv_output: Callable[[torch.
         u = torch.rand_like(x)
     else:
         u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    delta = u * eps * 2 - eps
-    for _ in range(attack.steps):
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            grad = torch.autograd.grad(rd_loss(z_nat, adv_output(x + delta)), delta)[0]
-        with torch.no_grad():
-            delta = (delta + attack.step_size * grad.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0.0, 1.0) - x
-    return (x + delta).detach()
+    return pgd(lambda xa: rd_loss(z_nat, adv_output(xa)), [x], attack, init=[u * eps * 2 - eps], project_init=False)[0]
 
 
 def greedy_select(unit_vecs: torch.Tensor, n_units: int, q_val: torch.Tensor,
