@@ -117,7 +117,8 @@ class TrainConfig:
     select_metric: str = ""  # keep the checkpoint best on this validation metric (e.g. val_acc_sigma_0.25); "" = last
     plugins: tuple[str, ...] = ()  # modules or .py files imported first (driver and workers): your registered extensions
     progress_every_s: float = 10.0  # at most one console progress line per this many seconds (the last step always)
-    fault_at_step: int = -1  # test hook: raise once at this step (first attempt only)
+    fault_at_step: int = -1  # test hook: fail once at this step (first attempt only)
+    fault_mode: str = "raise"  # test hook: raise before the step, or exit (the worker process dies) right after its report
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class TrackingConfig:
     alias: str = ""
     system_metrics: bool = False
     enabled: bool = True
+    flush_timeout_s: float = 30.0  # at the end, how long rank 0 waits for buffered metrics to reach the server
 
 
 def check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -198,6 +200,7 @@ def check_train(t: TrainConfig) -> None:
     check(t.workers >= 0, "train.workers", t.workers, "must be >= 0 (0 = run in the driver)")
     check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    check(t.fault_mode in ("raise", "exit"), "train.fault_mode", t.fault_mode, "choose one of: raise, exit")
     check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     check(t.max_failures >= -1, "train.max_failures", t.max_failures, "must be >= 0, or -1 for unlimited")
     check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
@@ -210,3 +213,4 @@ def check_tracking(tr: TrackingConfig) -> None:
     check(bool(tr.experiment), "tracking.experiment", tr.experiment, "must not be empty")
     check(all(c.isalnum() or c in "-_" for c in tr.alias), "tracking.alias", tr.alias, "MLflow aliases use letters, digits, '_' and '-' only (e.g. sigma-0_50)")
     check(not tr.alias or bool(tr.register_as), "tracking.alias", tr.alias, "needs tracking.register_as")
+    check(tr.flush_timeout_s >= 0, "tracking.flush_timeout_s", tr.flush_timeout_s, "must be >= 0")

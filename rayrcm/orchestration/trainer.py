@@ -6,8 +6,9 @@ training, and a rerun with another config is refused (one line naming the differ
 any Ray or MLflow work and without touching the job's files. Keys that may change on resume
 (:data:`RESUME_KEYS`): where and how the job runs, never what it trains: ``train.workers``,
 ``train.use_gpu``, ``train.max_failures``, ``train.progress_every_s``, ``train.log_every``,
-``train.keep_checkpoints``, ``train.storage_path``, ``train.fault_at_step``, ``train.plugins``,
-``data.num_workers``, ``tracking.uri`` and ``tracking.system_metrics``.
+``train.keep_checkpoints``, ``train.storage_path``, ``train.fault_at_step``, ``train.fault_mode``,
+``train.plugins``, ``data.num_workers``, ``tracking.uri``, ``tracking.system_metrics`` and
+``tracking.flush_timeout_s``.
 
 MLflow: a new job's run is RUNNING from the start; a rerun's existing run is marked RUNNING by
 rank 0 at its first training step only, so a rerun that fails before doing any work leaves a
@@ -43,8 +44,8 @@ from rayrcm.train.checkpoint import MODEL_FILE
 JOB_CONFIG_FILE = "job_config.json"  # the resolved config of a job, compared on rerun
 RESUME_KEYS = frozenset({  # may differ between runs of one job: where and how it runs, not what it trains
     "train.workers", "train.use_gpu", "train.max_failures", "train.progress_every_s", "train.log_every",
-    "train.keep_checkpoints", "train.storage_path", "train.fault_at_step", "train.plugins", "data.num_workers",
-    "tracking.uri", "tracking.system_metrics",
+    "train.keep_checkpoints", "train.storage_path", "train.fault_at_step", "train.fault_mode", "train.plugins",
+    "data.num_workers", "tracking.uri", "tracking.system_metrics", "tracking.flush_timeout_s",
 })
 GPU_WAIT_ENV = "RAYRCM_GPU_WAIT_S"  # how long to wait for GPUs on a cluster joined by address (default 300)
 
