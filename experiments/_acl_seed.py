@@ -39,7 +39,7 @@ import yaml
 
 from rayrcm.cli import add_verbose_arg
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
-from rayrcm.errors import ConfigError
+from rayrcm.errors import ConfigError, RunFailed
 from rayrcm.orchestration import console
 
 METHODS = ("cl", "acl", "air", "acl_rcs")
@@ -159,6 +159,9 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     except ConfigError as err:
         print(f"rayrcm: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as err:  # the run failed, not its input
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 __all__ = ["FINETUNE", "FINETUNE_BY_METHOD", "FINETUNE_COMMON", "METHODS", "MODES", "PRETRAIN", "PRETRAIN_COMMON",

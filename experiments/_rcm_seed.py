@@ -43,7 +43,7 @@ import yaml
 
 from rayrcm.cli import add_verbose_arg
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
-from rayrcm.errors import ConfigError
+from rayrcm.errors import ConfigError, RunFailed
 from rayrcm.objectives.rcm import num_levels, rcm_input_scale
 from rayrcm.orchestration import console
 from rayrcm.quickstart import sigma_alias
@@ -193,6 +193,9 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     except ConfigError as err:
         print(f"rayrcm: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as err:  # the run failed, not its input
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(1)
     return None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rayrcm.errors import ConfigError, NonFiniteLoss
+from rayrcm.errors import ConfigError, RunFailed
 
 # flag -> dotted key of rayrcm.certify.CertifyConfig
 CERTIFY_FLAGS = {
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"rayrcm: error: {err}", file=sys.stderr)
         code = 2
-    except NonFiniteLoss as err:  # the run failed, not its input: exit 1, one line
+    except RunFailed as err:  # the run failed, not its input: exit 1, one line
         print(f"rayrcm: error: {err}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

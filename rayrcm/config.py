@@ -16,11 +16,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
+import weakref
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from rayrcm.data.datasets import DATASETS
+from rayrcm.data.native import native_size, resolve_image_size
 from rayrcm.errors import ConfigError
 from rayrcm.eval import EVALUATIONS, build_evaluations
 from rayrcm.models.encoders import ENCODERS
@@ -103,12 +106,200 @@ def from_dict(tree: dict[str, Any], base: ExperimentConfig | None = None) -> Exp
     for name in tree:
         if name not in sections:
             raise ConfigError(name, tree[name], f"unknown section; sections are: {', '.join(sorted(sections))}")
-    return update_dataclass(cfg, tree)
+    new, notes = _follow_dataset(update_dataclass(cfg, tree), cfg, tree)
+    return _defer(new, notes)
+
+
+# one-line notices about a config (what an override rescaled), printed on stderr by validate() once
+# the config is known to be good, so bad input stays one line
+_NOTICES: weakref.WeakKeyDictionary[ExperimentConfig, list[str]] = weakref.WeakKeyDictionary()
+
+
+def _defer(cfg: ExperimentConfig, notes: list[str]) -> ExperimentConfig:
+    if notes:
+        try:
+            pending = _NOTICES.setdefault(cfg, [])
+            pending.extend(n for n in notes if n not in pending)
+        except TypeError:  # an unhashable method config: say it now
+            for note in notes:
+                print(note, file=sys.stderr, flush=True)
+    return cfg
+
+
+def _follow_dataset(new: ExperimentConfig, old: ExperimentConfig,
+                    tree: dict[str, Any]) -> tuple[ExperimentConfig, list[str]]:
+    """``data.image_size`` 0 (unset) becomes the dataset's native size; a ``data.name`` change that
+    does not set ``data.image_size`` moves a size that was the old dataset's native one to the new
+    dataset's (with a notice), so digits' 16 never carries over to CIFAR-10 unnoticed."""
+    d, notes = new.data, []
+    data_tree = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    if d.image_size and d.name != old.data.name and "image_size" not in data_tree:
+        before, after = native_size(old.data.name), native_size(d.name)
+        if after and d.image_size == before and after != before:
+            notes.append(f"[rayrcm] data.name {old.data.name} -> {d.name}: data.image_size {d.image_size} -> {after} "
+                         "(the dataset's native size; set data.image_size to choose another)")
+            d = replace(d, image_size=after)
+    d = resolve_image_size(d)
+    return (new if d is new.data else replace(new, data=d)), notes
+
+
+# ----------------------------------------------------------------------------- lengths in steps or epochs
+
+# (key in steps, the key in epochs that sets it when > 0 / not empty, what it sets): resolve_epochs
+SHADOWED = (
+    ("train.steps", "train.epochs", "the length"),
+    ("train.checkpoint_every", "train.checkpoint_epochs", "the checkpoint interval"),
+    ("optim.warmup_steps", "optim.warmup_epochs", "the warm-up"),
+    ("optim.schedule_steps", "optim.schedule_epochs", "the schedule length"),
+    ("optim.milestones", "optim.milestone_epochs", "the milestones"),
+)
+
+
+_SCHEDULE_KEYS = ("optim.schedule_epochs", "optim.schedule_steps", "optim.warmup_epochs", "optim.warmup_steps",
+                  "optim.milestone_epochs", "optim.milestones")
+
+
+def _get(cfg: ExperimentConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _in_effect(value: Any) -> bool:
+    return bool(value) if isinstance(value, tuple) else value > 0
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(_show(v) for v in value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _off(value: Any) -> str:
+    return "to empty" if isinstance(value, tuple) else "=0"
+
+
+def _set_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a nested mapping sets: ``{"train": {"steps": 1}}`` -> ``{"train.steps"}``."""
+    out: set[str] = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        out |= _set_keys(value, dotted + ".") if isinstance(value, dict) else {dotted}
+    return out
+
+
+def check_shadowed(cfg: ExperimentConfig, keys: set[str]) -> None:
+    """A key in steps the user set (``keys``) that its epoch twin shadows in ``cfg`` would do nothing:
+    one-line :class:`ConfigError` naming both keys and the fix."""
+    for shadowed, by, what in SHADOWED:
+        if shadowed in keys and _in_effect(_get(cfg, by)):
+            value = _get(cfg, by)
+            raise ConfigError(shadowed, _get(cfg, shadowed), f"{by}={_show(value)} sets {what}; set {by}{_off(value)} "
+                              f"to use {shadowed}, or change {by}")
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_scaled(v, factor) for v in value)
+    if isinstance(value, int):
+        return max(1, int(round(value * factor)))
+    return round(value * factor, 6)
+
+
+def _length(cfg: ExperimentConfig) -> tuple[str, float]:
+    """The key that sets the run length and its value (epochs when > 0, else steps)."""
+    t = cfg.train
+    return ("train.epochs", t.epochs) if t.epochs > 0 else ("train.steps", float(t.steps))
+
+
+def _warmup(cfg: ExperimentConfig) -> str | None:
+    o = cfg.optim
+    return "optim.warmup_epochs" if o.warmup_epochs > 0 else "optim.warmup_steps" if o.warmup_steps > 0 else None
+
+
+def rescale_schedule(cfg: ExperimentConfig, base: ExperimentConfig, keys: set[str]) -> ExperimentConfig:
+    """``cfg`` (``base`` with the user's ``keys`` set) with the schedule following a changed run length.
+
+    When the user changes ``train.epochs`` (or ``train.steps``, in the same unit as ``base``) by a
+    factor ``f`` and sets no schedule length (``optim.schedule_epochs`` / ``schedule_steps``):
+
+    * a schedule length the recipe wrote for its own length (``> 0``) is scaled by ``f``, and so are
+      the ``step`` schedule's milestones and the warm-up (each unless the user set it);
+    * a schedule that follows the run (length 0) keeps the recipe's warm-up (the authors' fixed
+      warm-up of a shorter run), unless that warm-up would cover the whole new run: then it is
+      scaled by ``f`` too.
+
+    What was rescaled is one line on stderr, printed by :func:`validate` (so bad input stays one
+    line). Switching between ``train.epochs`` and
+    ``train.steps`` (a factor needs the training set's size) keeps the optimizer keys as written.
+    """
+    if not keys & {"train.epochs", "train.steps"} or keys & {"optim.schedule_epochs", "optim.schedule_steps"}:
+        return cfg
+    (unit, old), (new_unit, new) = _length(base), _length(cfg)
+    if unit != new_unit:  # no factor without the training set's size: say what stays as the recipe wrote it
+        kept = [f"{k}={_show(_get(cfg, k))}" for k in _SCHEDULE_KEYS if k not in keys and _in_effect(_get(cfg, k))]
+        if kept:
+            _defer(cfg, [f"[rayrcm] the length moved from {unit} to {new_unit}: {', '.join(kept)} kept as the recipe "
+                         "wrote them (set them for the new length)"])
+        return cfg
+    if old == new or old <= 0:
+        return cfg
+    factor = new / old
+    o = cfg.optim
+    changes: dict[str, Any] = {}
+    schedule = ("optim.schedule_epochs" if o.schedule_epochs > 0
+                else "optim.schedule_steps" if o.schedule_steps > 0 else None)
+    if schedule:
+        changes[schedule] = _scaled(_get(cfg, schedule), factor)
+    milestones = "optim.milestone_epochs" if o.milestone_epochs else "optim.milestones" if o.milestones else None
+    if o.schedule == "step" and milestones and not keys & {"optim.milestones", "optim.milestone_epochs"}:
+        changes[milestones] = _scaled(_get(cfg, milestones), factor)
+    warmup = _warmup(cfg)
+    if warmup and not keys & {"optim.warmup_steps", "optim.warmup_epochs"}:
+        covers = warmup.split("_")[-1] == unit.split(".")[-1] and _get(cfg, warmup) >= new
+        if changes or covers:
+            changes[warmup] = _scaled(_get(cfg, warmup), factor)
+            if isinstance(changes[warmup], int) and covers:
+                changes[warmup] = min(changes[warmup], int(new) - 1)
+    if not changes:
+        return cfg
+    say = ", ".join(f"{k} {_show(_get(cfg, k))} -> {_show(v)}" for k, v in changes.items())
+    note = (f"[rayrcm] {unit} {_show(old if unit == 'train.epochs' else int(old))} -> "
+            f"{_show(new if unit == 'train.epochs' else int(new))}: {say}")
+    optim = {k.split(".")[1]: v for k, v in changes.items()}
+    return _defer(replace(cfg, optim=replace(o, **optim)), [note])
 
 
 def apply_overrides(cfg: ExperimentConfig, items: list[str]) -> ExperimentConfig:
-    """``cfg`` with ``["optim.lr=2e-4", "method.name=gaussian", ...]`` applied."""
-    return from_dict(parse_dotted(items, min_depth=2), cfg)
+    """``cfg`` with ``["optim.lr=2e-4", "method.name=gaussian", ...]`` applied: the user's keys.
+
+    A key in steps the overrides set while its epoch twin (``train.epochs``, ...) is in effect is
+    refused (:func:`check_shadowed`); a changed run length rescales the schedule
+    (:func:`rescale_schedule`)."""
+    tree = parse_dotted(items, min_depth=2)
+    new = from_dict(tree, cfg)
+    keys = _set_keys(tree)
+    check_shadowed(new, keys)
+    notes = _NOTICES.pop(new, []) if _hashable(new) else []
+    out = rescale_schedule(new, cfg, keys)
+    return _defer(out, notes + (_NOTICES.pop(out, []) if _hashable(out) else []))
+
+
+def _hashable(cfg: ExperimentConfig) -> bool:
+    try:
+        hash(cfg)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_recipe(tree: dict[str, Any], cfg: ExperimentConfig, path: str) -> None:
+    """A recipe that sets a key in steps to a non-default value and its epoch twin too: one line."""
+    keys, defaults = _set_keys(tree), ExperimentConfig()
+    for shadowed, by, what in SHADOWED:
+        value = _get(cfg, by)
+        if shadowed in keys and by in keys and _in_effect(value) and _get(cfg, shadowed) != _get(defaults, shadowed):
+            raise ConfigError(shadowed, _get(cfg, shadowed), f"recipe {path} also sets {by}={_show(value)}, which sets "
+                              f"{what}; remove {shadowed} from the recipe, or set {by}{_off(value)}")
 
 
 def load_recipe(path: str | os.PathLike[str]) -> ExperimentConfig:
@@ -128,9 +319,9 @@ def load_recipe(path: str | os.PathLike[str]) -> ExperimentConfig:
             raise ConfigError("recipe", str(path), f"is not valid YAML ({where}{problem})") from None
         if not isinstance(tree, dict):
             raise ConfigError("recipe", str(path), f"must be a mapping of sections (data, model, method, ...), not a {type(tree).__name__}")
-        if not isinstance(tree, dict):
-            raise ConfigError("recipe", str(path), "a YAML recipe is a mapping of sections")
-        return from_dict(tree)
+        cfg = from_dict(tree)
+        _check_recipe(tree, cfg, str(path))
+        return cfg
     if p.suffix == ".py":
         spec = importlib.util.spec_from_file_location(f"rayrcm_recipe_{p.stem}", p)
         assert spec and spec.loader
@@ -138,7 +329,9 @@ def load_recipe(path: str | os.PathLike[str]) -> ExperimentConfig:
         spec.loader.exec_module(module)
         value = module.config() if hasattr(module, "config") else getattr(module, "CONFIG", None)
         if isinstance(value, dict):
-            return from_dict(value)
+            cfg = from_dict(value)
+            _check_recipe(value, cfg, str(path))
+            return cfg
         if isinstance(value, ExperimentConfig):
             return value
         raise ConfigError("recipe", str(path), "a Python recipe defines config() or CONFIG")
@@ -161,16 +354,23 @@ def _check_evals(cfg: ExperimentConfig) -> None:
 
 
 def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentConfig:
-    """Check every value; raise a one-line :class:`ConfigError` on the first bad one.
+    """Check every value; raise a one-line :class:`ConfigError` on the first bad one. Returns the
+    config with ``data.image_size=0`` resolved to the dataset's native size (always concrete), and
+    prints on stderr the one-line notices of :func:`apply_overrides` about it (what was rescaled).
 
     Every float of every section (tuples of floats included) must be finite: a Python recipe's
     values do not pass through the override parser, so they are walked here."""
+    given = cfg
     check_finite(cfg)
     load_plugins(cfg.train.plugins)
     d, m = cfg.data, cfg.model
     check(d.name in DATASETS, "data.name", d.name, f"unknown dataset; choose one of: {', '.join(DATASETS.names())}")
     if check_paths:
         DATASETS.get(d.name).check_path(d.path)
+    d = resolve_image_size(d)  # 0: the dataset's native size, before any check that uses it
+    check(d.image_size != 0, "data.image_size", d.image_size,
+          f"dataset {d.name} declares no native size (rayrcm.data.register_native_size); set data.image_size")
+    cfg = replace(cfg, data=d) if d is not cfg.data else cfg
     check_data(d)
     check(m.encoder in ENCODERS, "model.encoder", m.encoder, f"unknown encoder; choose one of: {', '.join(ENCODERS.names())}")
     check_model(m, d.image_size)
@@ -182,6 +382,8 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     check_job_name("train.name" if cfg.train.name else "tracking.experiment", cfg.job_name)
     check_tracking(cfg.tracking)
     cfg.method.validate(cfg)
+    for note in _NOTICES.pop(given, []) if _hashable(given) else []:
+        print(note, file=sys.stderr, flush=True)
     return cfg
 
 
@@ -190,7 +392,18 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
     ``optim.schedule_epochs`` into steps.
 
     One epoch is ``floor(train_images / data.batch_size)`` optimizer steps (the last partial
-    batch is dropped, as the seeds' loaders do).
+    batch is dropped, as the seeds' loaders do). A key in epochs, when set, decides: its twin in
+    steps is overwritten here, so setting that twin on the command line is refused
+    (:func:`check_shadowed`), and so is a recipe that sets both to non-default values.
+
+    Lengths under overrides (:func:`rescale_schedule`, applied by :func:`apply_overrides`): when the
+    user changes the run length (``train.epochs``, or ``train.steps`` in a recipe counted in steps)
+    and sets no schedule length, a schedule length the recipe wrote (``optim.schedule_epochs`` /
+    ``schedule_steps`` > 0) is scaled by new/old length, and the warm-up and the ``step``
+    schedule's milestones by the same factor; a schedule that follows the run (length 0) keeps the
+    recipe's warm-up unless it would cover the whole new run, which scales it too. One line says
+    what was rescaled, e.g. ``[rayrcm] train.epochs 30 -> 2: optim.schedule_epochs 30 -> 2,
+    optim.warmup_epochs 5 -> 0.333``. Without overrides, recipes resolve exactly as written.
     """
     per_epoch = max(1, train_images // cfg.data.batch_size)
     t, o = cfg.train, cfg.optim
@@ -222,8 +435,8 @@ def needs_epochs(cfg: ExperimentConfig) -> bool:
 
 
 __all__ = [
-    "AUGMENTATIONS", "PRECISIONS", "STORAGE_ENV", "DataConfig", "ExperimentConfig", "ModelConfig", "OptimConfig",
-    "TrackingConfig", "TrainConfig", "apply_overrides", "default_storage", "default_tracking_uri", "from_dict",
-    "load_recipe", "needs_epochs", "parse_dotted", "resolve_epochs", "to_dict", "to_flat_dict", "update_dataclass",
-    "validate",
+    "AUGMENTATIONS", "PRECISIONS", "SHADOWED", "STORAGE_ENV", "DataConfig", "ExperimentConfig", "ModelConfig",
+    "OptimConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "check_shadowed", "default_storage",
+    "default_tracking_uri", "from_dict", "load_recipe", "needs_epochs", "parse_dotted", "rescale_schedule",
+    "resolve_epochs", "to_dict", "to_flat_dict", "update_dataclass", "validate",
 ]

@@ -1,5 +1,6 @@
 """The errors users see as one line: bad input (:class:`ConfigError`, naming the key, the value and
-what is allowed) and a run that cannot go on (:class:`NonFiniteLoss`)."""
+what is allowed, exit 2) and a run that cannot go on (:class:`RunFailed`: :class:`NonFiniteLoss`,
+:class:`TrackingUnavailable`, exit 1)."""
 
 
 class ConfigError(ValueError):
@@ -10,7 +11,11 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
 
 
-class NonFiniteLoss(RuntimeError):
+class RunFailed(RuntimeError):
+    """A run that could not go on for a reason other than its input; one line for the user."""
+
+
+class NonFiniteLoss(RunFailed):
     """The training loss became NaN or infinite: the run stops before that step's update, and no
     checkpoint, model or registration follows it. Retrying cannot help (the steps are deterministic)."""
 
@@ -21,3 +26,14 @@ class NonFiniteLoss(RuntimeError):
 
     def __reduce__(self):  # picklable with its arguments (Ray ships worker errors to the driver)
         return (type(self), (self.step, self.value))
+
+
+class TrackingUnavailable(RunFailed):
+    """The driver could not reach the MLflow server at ``uri``; ``state`` says what was kept."""
+
+    def __init__(self, uri: str, reason: str, state: str = "") -> None:
+        self.uri, self.reason, self.state = uri, reason, state
+        super().__init__(f"MLflow server {uri} is unreachable ({reason})" + (f": {state}" if state else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.uri, self.reason, self.state))

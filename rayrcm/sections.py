@@ -40,7 +40,7 @@ class DataConfig:
 
     name: str = "digits"
     path: str | None = None
-    image_size: int = 16
+    image_size: int = 0  # 0: the dataset's native size (digits 16, CIFAR 32, imagefolder 224; rayrcm.data.native)
     augmentation: str = "weak"  # none | weak | crop | strong | autoaug | simclr | mocov3 | mocov3_1 | mocov3_2 | center (rayrcm.data.views.build_transform)
     hflip: bool = False
     crop_pct: float = 0.875  # large images: resize the short side to image_size / crop_pct, centre crop
@@ -138,7 +138,7 @@ def check(ok: bool, key: str, value: object, allowed: str) -> None:
 
 
 def check_data(d: DataConfig) -> None:
-    check(d.image_size >= 4, "data.image_size", d.image_size, "must be >= 4")
+    check(d.image_size >= 4, "data.image_size", d.image_size, "must be >= 4 (or 0: the dataset's native size)")
     check(d.augmentation in AUGMENTATIONS, "data.augmentation", d.augmentation, f"choose one of: {', '.join(AUGMENTATIONS)}")
     check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     check(0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in (0, 1]")

@@ -35,3 +35,13 @@ def load_experiment(name: str, prefix: str = "recipe"):
         return module
     finally:
         sys.path.remove(str(EXPERIMENTS))
+
+
+def same_weights(a, b, atol: float = 1e-6) -> None:
+    """Assert that two ``model.pt`` files hold the same parameters (to ``atol``)."""
+    from rayrcm.train.checkpoint import load_model_file
+
+    sa, sb = load_model_file(a)["model"], load_model_file(b)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=atol), k

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import same_weights
 
 from rayrcm.config import ExperimentConfig, apply_overrides
 from rayrcm.models.export import build_from_file
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.trainer import fit
-from rayrcm.train.checkpoint import load_model_file
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,6 @@ def _cfg(tmp_path, uri, name, *extra):
         "data.batch_size=32", "train.steps=6", "train.workers=2", "train.checkpoint_every=2", "train.log_every=2",
         "train.eval_sigmas=0.25", f"train.storage_path={tmp_path / 'storage'}", f"train.name={name}",
         f"tracking.uri={uri}", "tracking.experiment=e2e", *extra])
-
-
-def _same_weights(a, b):
-    sa, sb = load_model_file(a)["model"], load_model_file(b)["model"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=1e-6), k
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +59,12 @@ def test_run_is_tracked_once_and_registered(reference, mlflow_server):
     assert torch.equal(by_run.eval()(x), direct(x))
 
 
-def test_worker_failure_resumes_to_the_same_weights(reference, mlflow_server):
+def test_worker_failure_resumes_to_thesame_weights(reference, mlflow_server):
     tmp, ref = reference
     result = fit(_cfg(tmp, mlflow_server, "faulty", "train.fault_at_step=3", "train.max_failures=1"))
     assert (tmp / "storage" / "faulty" / ".fault_injected_at_3").exists()
     assert result.metrics["step"] == 6
-    _same_weights(result.model_file, ref.model_file)
+    same_weights(result.model_file, ref.model_file)
 
 
 def test_rerun_of_a_failed_job_resumes(reference, mlflow_server):
@@ -89,7 +82,7 @@ def test_rerun_of_a_failed_job_resumes(reference, mlflow_server):
     result = fit(cfg)  # same job name: resumes from the step-2 checkpoint
     assert result.run_id == failed[0].info.run_id
     assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [2, 4, 6]
-    _same_weights(result.model_file, ref.model_file)
+    same_weights(result.model_file, ref.model_file)
 
 
 def test_consistency_fine_tuning_keeps_the_model_best_on_validation(reference, mlflow_server):
@@ -106,5 +99,5 @@ def test_consistency_fine_tuning_keeps_the_model_best_on_validation(reference, m
     assert [m.step for m in history] == [2, 4, 6]
     best = max(history, key=lambda m: (m.value, -m.step))
     assert result.metrics["selected_step"] == best.step and result.metrics["selected_value"] == pytest.approx(best.value)
-    _same_weights(result.model_file, tmp / "storage" / "consistency-select" / "best_model.pt")
+    same_weights(result.model_file, tmp / "storage" / "consistency-select" / "best_model.pt")
     assert "test_acc_sigma_0.25" in result.metrics

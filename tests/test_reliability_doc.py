@@ -50,6 +50,34 @@ def builtins_only(monkeypatch):
     monkeypatch.setattr(Registry, "names", builtin_names)
 
 
+def _write_data(root: Path) -> None:
+    """``holes/``: CIFAR-10 without ``data_batch_3`` and ``batches.meta``; ``cut/``: CIFAR-10 with
+    ``data_batch_2`` cut in half; ``pics/``: an ImageFolder whose ``train/b/2.jpg`` is a text file."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("holes", "cut"):
+        folder = root / name / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(20)]}
+            (folder / batch).write_bytes(pickle.dumps(data))
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    (root / "holes" / "cifar-10-batches-py" / "data_batch_3").unlink()
+    (root / "holes" / "cifar-10-batches-py" / "batches.meta").unlink()
+    cut = root / "cut" / "cifar-10-batches-py" / "data_batch_2"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / "pics" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 80 * i, np.uint8)).save(root / "pics" / split / c / f"{i}.jpg")
+    (root / "pics" / "train" / "b" / "2.jpg").write_text("not an image\n")
+
+
 @pytest.mark.parametrize("kind,command,code,shown", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_row(kind, command, code, shown, tmp_path, monkeypatch, capsys, builtins_only):
     monkeypatch.chdir(tmp_path)
@@ -58,6 +86,7 @@ def test_bad_input_row(kind, command, code, shown, tmp_path, monkeypatch, capsys
     (tmp_path / "list.yaml").write_text("optim:\n  lr: [1, 2]\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "garbage.tsv").write_text("bad\tline\n")
+    _write_data(tmp_path)
     argv = shlex.split(command)[1:]
     with pytest.raises(SystemExit) as ex:
         main(argv)

@@ -122,12 +122,30 @@ def short_sigma(sigma: float) -> str:
     return f"{sigma:.2f}".replace(".", "_")
 
 
-def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_classes: int, indices: list[int]) -> dict:
-    """What decides the results (compared on resume; logged as params). Not ``plugins``."""
+# keys added to the protocol after results were first written: a protocol.json without them (an
+# older job) compares as equal on them, so its rerun still resumes
+ADDED_KEYS = ("image_size", "crop_pct")
+
+
+def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_classes: int, indices: list[int],
+                  image_size: int = 0, crop_pct: float | None = None) -> dict:
+    """What decides the results (compared on resume; logged as params). Not ``plugins``.
+    ``image_size``: the side of the images the model sees (the model file's); ``crop_pct``: the
+    centre crop of ImageNet-style (large) datasets, None for the others."""
     s = cfg.smoothing
-    return {
+    out = {
         "mode": cfg.mode, "dataset": dataset, "split": cfg.split, "sigma": s.sigma, "n0": s.n0 if cfg.mode == "certify" else 0,
         "n": s.n, "alpha": s.alpha, "seed": s.seed, "chunk": s.chunk, "block": s.block, "skip": s.skip, "max": s.max,
         "explicit_indices": bool(s.indices), "num_images": len(indices), "num_classes": num_classes,
-        "precision": cfg.compute.precision, "model_sha256": model_sha256,
+        "precision": cfg.compute.precision, "model_sha256": model_sha256, "image_size": int(image_size),
     }
+    if crop_pct is not None:
+        out["crop_pct"] = float(crop_pct)
+    return out
+
+
+def protocol_diff(old: dict, new: dict) -> list[str]:
+    """``"key old != new"`` for each key of ``new`` that ``old`` holds otherwise; a key of
+    :data:`ADDED_KEYS` that ``old`` lacks (written before it was recorded) compares as equal."""
+    return [f"{k} {old.get(k)!r} != {v!r}" for k, v in new.items()
+            if old.get(k) != v and not (k in ADDED_KEYS and k not in old)]

@@ -7,7 +7,9 @@ downloaded: CIFAR and ImageFolder data are read from ``data.path``.
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +76,51 @@ def _labels_of(ds: Dataset) -> list[int]:
     return [int(ds[i][1]) for i in range(len(ds))]
 
 
+def _fraction_range(n: int, k: int) -> tuple[float, float] | None:
+    """The ``data.val_fraction`` values (3 decimals) whose stratified split of ``n`` images in ``k``
+    classes leaves at least ``k`` images on each side, as ``(lowest, highest)``; None when none does."""
+    lo = math.ceil(k / n * 1000) / 1000
+    hi = math.floor((n - k) / n * 1000) / 1000
+    while hi >= lo and n - math.ceil(hi * n) < k:  # sklearn's held-out count is ceil(fraction * n)
+        hi = round(hi - 0.001, 3)
+    return (lo, hi) if 0 < lo <= hi < 1 else None
+
+
+def _check_fraction(labels: list[int], fraction: float, name: str) -> None:
+    """One line naming ``data.val_fraction`` when the stratified split of ``labels`` cannot be made."""
+    if fraction <= 0:
+        return
+    n, counts = len(labels), Counter(labels)
+    k, held = len(counts), math.ceil(fraction * n)
+    rest = n - held
+    if n and held >= k and rest >= k and min(counts.values()) >= 2:
+        return
+    works = _fraction_range(n, k) if n and min(counts.values()) >= 2 else None
+    fix = (f"use data.val_fraction from {works[0]:g} to {works[1]:g}, or 0 for no validation split" if works
+           else "too few images per class for a stratified split: use data.val_fraction=0 (no validation split)")
+    if n == 0:
+        what = f"{name} has no training images to split"
+    elif rest <= 0:
+        what = f"leaves 0 training images (all {n} images of {name} go to validation)"
+    elif n and min(counts.values()) < 2:
+        rare = min(counts, key=lambda c: counts[c])
+        what = f"cannot split {name}'s {n} images: class {rare} has only {counts[rare]} (a stratified split needs 2)"
+    elif held < k:
+        what = f"holds out {held} of the {n} images of {name} for validation, fewer than its {k} classes"
+    else:
+        what = f"leaves {rest} of the {n} images of {name} for training, fewer than its {k} classes"
+    raise ConfigError("data.val_fraction", fraction, f"{what}; {fix}")
+
+
 def build_splits(cfg: DataConfig) -> Splits:
-    """Load ``cfg.name`` and hold out a stratified validation split (fixed seed) from train."""
+    """Load ``cfg.name`` and hold out a stratified validation split (fixed seed) from train; a
+    ``data.val_fraction`` that leaves a side with fewer images than classes is one line naming it."""
     spec = DATASETS.get(cfg.name)
     spec.check_path(cfg.path)
     pool, test, num_classes = spec.load(cfg)
-    train_idx, val_idx = _split_indices(_labels_of(pool), cfg.val_fraction, seed=1)
+    labels = _labels_of(pool)
+    _check_fraction(labels, cfg.val_fraction, cfg.name)
+    train_idx, val_idx = _split_indices(labels, cfg.val_fraction, seed=1)
     return Splits(Subset(pool, train_idx), Subset(pool, val_idx), test, num_classes, spec.large)
 
 
@@ -99,7 +140,10 @@ def eval_images(ds: Dataset, indices: list[int], size: int, *, large: bool = Fal
     t = eval_transform_uint8(size, large=large, crop_pct=crop_pct)
     images, labels = [], []
     for i in indices:
-        image, label = ds[i]
+        try:
+            image, label = ds[i]
+        except OSError as err:  # an image file that cannot be read (read_image names it)
+            raise ConfigError("image", i, (str(err).splitlines() or [type(err).__name__])[0]) from None
         img = t(image)
         images.append(img.expand(3, -1, -1) if img.shape[0] == 1 else img)
         labels.append(int(label))
@@ -241,10 +285,12 @@ def _cifar(name: str, classes: int) -> DatasetSpec:
         root = Path(path).expanduser() / folder
         if not root.is_dir():
             raise ConfigError("data.path", path, f"no {folder}/ folder there (the {name} python format; nothing is downloaded)")
-        for f in (layout.meta, *layout.train, *layout.test):
-            if not (root / f).is_file():
-                raise ConfigError("CIFAR file", str(root / f), f"missing ({name} needs {layout.meta}, "
-                                  f"{', '.join(layout.train + layout.test)} in {folder}/)")
+        missing = [f for f in (layout.meta, *layout.train, *layout.test) if not (root / f).is_file()]
+        needs = f"{name} needs {layout.meta}, {', '.join(layout.train + layout.test)} in {folder}/"
+        if len(missing) == 1:
+            raise ConfigError("CIFAR file", str(root / missing[0]), f"missing ({needs})")
+        if missing:
+            raise ConfigError("CIFAR files", str(root), f"missing {', '.join(missing)} ({needs})")
 
     def load(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
         check(cfg.path)
@@ -270,11 +316,27 @@ def _check_folder(path: str | None) -> None:
             raise ConfigError("data.path", path, f"no {split}/ folder there (ImageNet layout: train/<class>/*.JPEG, val/<class>/*.JPEG)")
 
 
+def read_image(path: str):
+    """ImageFolder's loader: the RGB PIL image of ``path``; a file PIL cannot read is an ``OSError``
+    naming it (a truncated or mislabelled file found after the up-front header check)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise OSError(f"image file {path!r} cannot be read as an image ({type(err).__name__}: {reason})") from None
+
+
 def _load_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.path or "").expanduser()
-    train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+    try:
+        train, val = (ImageFolder(str(root / split), loader=read_image) for split in ("train", "val"))
+    except FileNotFoundError as err:  # a class folder without image files
+        raise ConfigError("data.path", cfg.path, (str(err).splitlines() or ["no image files"])[0][:200]) from None
     if train.classes != val.classes:
         raise ConfigError("data.path", cfg.path, "train/ and val/ must hold the same class folders")
     return train, val, len(train.classes)

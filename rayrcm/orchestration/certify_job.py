@@ -11,7 +11,9 @@ settings, per-image sums, Parquet parts). Preparation (everything that can fail 
 
 Resume: finished images are appended to ``<out_dir>/<name>/rows/part-*.parquet`` (written to a
 temporary file and renamed, so a part is whole or absent). A rerun of the same job reads them,
-skips those images and never writes one twice; a rerun with another protocol is refused.
+skips those images and never writes one twice; a rerun with another protocol is refused (the
+image size, recorded since it joined the protocol, compares as equal when an older job's
+``protocol.json`` lacks it).
 Rows that were in flight when a job died are simply recomputed: their noise is seeded, so the
 counts are the same. Ray Data restarts a killed actor and retries its rows.
 

@@ -16,6 +16,7 @@ from rayrcm.analysis.results import read_rows_dir
 from rayrcm.certify.protocol import (
     CertifyConfig,
     protocol_dict,
+    protocol_diff,
     select_indices,
     short_sigma,
     validate_certify,
@@ -85,7 +86,7 @@ def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> None:
     if not f.is_file():
         return
     old = json.loads(f.read_text())
-    diff = [f"{k} {old.get(k)!r} != {v!r}" for k, v in protocol.items() if old.get(k) != v]
+    diff = protocol_diff(old, protocol)  # image_size / crop_pct absent from an older job's file: equal
     if diff:
         raise ConfigError("name", name, f"holds results of another protocol ({'; '.join(diff[:3])}); choose another --name")
 
@@ -153,7 +154,8 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     name = cfg.name or _default_name(cfg, data.name, sha)
     check_job_name("name" if cfg.name else "dataset", name)  # a plugin's dataset name could hold a '/'
     out = Path(cfg.out_dir).expanduser().resolve() / name
-    protocol = protocol_dict(cfg, dataset=data.name, model_sha256=sha, num_classes=num_classes, indices=indices)
+    protocol = protocol_dict(cfg, dataset=data.name, model_sha256=sha, num_classes=num_classes, indices=indices,
+                             image_size=data.image_size, crop_pct=data.crop_pct if large else None)
     protocol["indices_sha1"] = hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest()
     _check_protocol(out, protocol, name)
     done = read_rows_dir(out)

@@ -34,11 +34,16 @@ from rayrcm.config import (
     to_flat_dict,
     validate,
 )
-from rayrcm.data import build_splits
-from rayrcm.errors import ConfigError, NonFiniteLoss
+from rayrcm.data.checks import check_dataset
+from rayrcm.errors import ConfigError, NonFiniteLoss, TrackingUnavailable
 from rayrcm.models.classifier import check_encoder_file
-from rayrcm.orchestration import tracking
-from rayrcm.orchestration.train_worker import non_finite_marker, train_worker
+from rayrcm.orchestration import job_files, tracking
+from rayrcm.orchestration.train_worker import (
+    non_finite_marker,
+    read_unsent,
+    train_worker,
+    write_unsent,
+)
 from rayrcm.train.checkpoint import MODEL_FILE
 
 JOB_CONFIG_FILE = "job_config.json"  # the resolved config of a job, compared on rerun
@@ -76,16 +81,6 @@ def ensure_ray(**kwargs: Any) -> None:
         ray.init(**{**console.ray_init_kwargs(), **where}, log_to_driver=True)
 
 
-def _job_dir(storage: str, job: str) -> tuple[Any, str]:
-    """``(pyarrow filesystem, path)`` of a job's folder (local or ``s3://``-like storage)."""
-    if "://" not in storage:
-        return None, str(Path(storage) / job)
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
-    return fs, f"{root.rstrip('/')}/{job}"
-
-
 def job_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """The recorded config of a job: the flat resolved config, JSON-normalized, minus :data:`RESUME_KEYS`."""
     flat = json.loads(json.dumps(to_flat_dict(cfg), default=str))
@@ -93,31 +88,13 @@ def job_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def read_job_config(storage: str, job: str) -> dict[str, Any] | None:
-    fs, d = _job_dir(storage, job)
-    if fs is None:
-        f = Path(d) / JOB_CONFIG_FILE
-        return json.loads(f.read_text()) if f.is_file() else None
-    import pyarrow.fs
-
-    if fs.get_file_info(f"{d}/{JOB_CONFIG_FILE}").type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(f"{d}/{JOB_CONFIG_FILE}") as f:
-        return json.loads(f.read().decode())
+    text = job_files.read_text(storage, job, JOB_CONFIG_FILE)
+    return json.loads(text) if text is not None else None
 
 
 def write_job_config(storage: str, job: str, recorded: dict[str, Any]) -> None:
-    """Record a job's config (a temporary file renamed into place: whole or absent)."""
-    text = json.dumps(recorded, indent=1, sort_keys=True)
-    fs, d = _job_dir(storage, job)
-    if fs is None:
-        Path(d).mkdir(parents=True, exist_ok=True)
-        tmp = Path(d) / f".{JOB_CONFIG_FILE}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, Path(d) / JOB_CONFIG_FILE)
-        return
-    fs.create_dir(d, recursive=True)
-    with fs.open_output_stream(f"{d}/{JOB_CONFIG_FILE}") as f:  # object stores write whole objects
-        f.write(text.encode())
+    """Record a job's config (written whole or not at all)."""
+    job_files.write_text(storage, job, JOB_CONFIG_FILE, json.dumps(recorded, indent=1, sort_keys=True))
 
 
 def check_rerun(storage: str, job: str, recorded: dict[str, Any]) -> bool:
@@ -173,8 +150,10 @@ def prepare(cfg: ExperimentConfig, *, job: bool = False) -> tuple[ExperimentConf
     before anything is touched, and a new job's config is recorded (:data:`JOB_CONFIG_FILE`); a
     sweep's or a transfer's base config is only checked."""
     cfg = validate(cfg)
+    need_val = cfg.method.stage == "classifier" and (cfg.data.val_fraction > 0 or bool(cfg.train.select_metric))
+    splits = check_dataset(cfg.data, batch_size=cfg.data.batch_size, need_val=need_val)  # before Ray, one line
     if needs_epochs(cfg):
-        cfg = resolve_epochs(cfg, len(build_splits(cfg.data).train))
+        cfg = resolve_epochs(cfg, len(splits.train))
     batch, workers = cfg.data.batch_size, max(cfg.train.workers, 1)
     if batch % workers:
         raise ConfigError("data.batch_size", batch, f"must be divisible by train.workers={workers} (it is the global batch)")
@@ -208,6 +187,38 @@ def version_tags(cfg: ExperimentConfig) -> dict[str, str]:
     if hasattr(cfg.method, "sigma"):
         tags["sigma"] = f"{cfg.method.sigma:g}"
     return tags
+
+
+def remove_untracked_checkpoints(storage: str, job: str, tracked: list[str]) -> int:
+    """Remove the job's checkpoint folders Ray Train does not track (one a worker reported just
+    before it died, which the retry resumed from or passed by); returns how many."""
+    import pyarrow.fs
+
+    fs, root = job_files.job_dir(storage, job)
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    keep = {Path(p).name for p in tracked}
+    gone = 0
+    for path in job_files.checkpoint_dirs(fs, root):
+        if Path(path).name not in keep:
+            fs.delete_dir(path)
+            gone += 1
+    return gone
+
+
+def send_unsent(cfg: ExperimentConfig, uri: str, run_id: str, model_file: Path) -> None:
+    """The driver's calls after training start here: fail with one line naming the URI when the
+    server is away (saying what was kept); else send the metric points rank 0 could not."""
+    t, job = cfg.train, cfg.job_name
+    unsent = read_unsent(t.storage_path, job)
+    reason = tracking.unreachable(uri)
+    if reason is not None:
+        kept = f" and {len(unsent)} metric points wait in the job folder" if unsent else ""
+        raise TrackingUnavailable(uri, reason, f"training finished and its model is {model_file}{kept}; the model was "
+                                  "not logged or registered: rerun the same command when the server answers")
+    if unsent:
+        sent = tracking.send_points(uri, run_id, unsent)
+        write_unsent(t.storage_path, job, [])
+        print(f"[rayrcm] sent {sent} buffered metric points to {uri}", flush=True)
 
 
 def non_finite_cause(err: BaseException) -> NonFiniteLoss | None:
@@ -286,9 +297,12 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
     out_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         shutil.copy2(Path(d) / MODEL_FILE, out_dir / MODEL_FILE)
+    remove_untracked_checkpoints(t.storage_path, job, [c.path for c, _ in (result.best_checkpoints or [])]
+                                 + [result.checkpoint.path])
     fit_result = FitResult(job, run_id, dict(result.metrics or {}), out_dir / MODEL_FILE)
     print(summary_line(job, fit_result.metrics, time.perf_counter() - tic), flush=True)
     if uri and run_id:
+        send_unsent(cfg, uri, run_id, out_dir / MODEL_FILE)
         fit_result.model = tracking.log_model(uri, run_id, out_dir / MODEL_FILE, register_as=cfg.tracking.register_as,
                                               alias=cfg.tracking.alias, version_tags=version_tags(cfg))
     return fit_result

@@ -2,6 +2,8 @@
 
 * ``state.pt``: the training state, ``{objective, optimizer, scaler, step, rng, meta}``; enough to
   resume bit-for-bit (the objective's state includes EMA teachers).
+* ``checkpoint.json``: the step and the size of every other file, written last, so a copy cut short
+  (a worker killed while its checkpoint was uploaded) is recognised as incomplete.
 * ``model.pt``: the exported network, ``{model: state_dict, meta: {...}}``, where ``meta`` holds the
   resolved config, encoder, method, export kind, number of classes and the code version;
   :func:`rayrcm.models.export.build_from_file` rebuilds it.
@@ -19,6 +21,7 @@ from torch import nn
 import rayrcm
 
 STATE_FILE = "state.pt"
+MANIFEST_FILE = "checkpoint.json"  # written last: the step and every file's size (a whole checkpoint has them all)
 MODEL_FILE = "model.pt"
 BEST_MODEL_FILE = "best_model.pt"  # the model best on the validation metric, with best_model.json
 
@@ -92,3 +95,14 @@ def read_best(path: str | Path) -> dict[str, Any] | None:
 
     info = Path(path).with_suffix(".json")
     return json.loads(info.read_text()) if info.is_file() and Path(path).is_file() else None
+
+
+def write_manifest(directory: str | Path, step: int) -> None:
+    """Record ``step`` and the size of every file in ``directory`` (call it after the last file)."""
+    import json
+
+    d = Path(directory)
+    files = {f.name: f.stat().st_size for f in sorted(d.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
+    tmp = d / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": files}))
+    os.replace(tmp, d / MANIFEST_FILE)

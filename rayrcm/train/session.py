@@ -24,7 +24,7 @@ from rayrcm.data.views import data_transform
 from rayrcm.distributed import Collectives
 from rayrcm.models.batchnorm import sync_batchnorm
 from rayrcm.objectives import EpochContext, Objective, build_objective
-from rayrcm.train.checkpoint import MODEL_FILE, model_meta, save_model, save_state
+from rayrcm.train.checkpoint import MODEL_FILE, model_meta, save_model, save_state, write_manifest
 from rayrcm.train.loop import Loop, batches_from, run_steps
 from rayrcm.train.optim import (
     EpochIndexedSchedule,
@@ -112,6 +112,7 @@ def save(s: Session, directory: str | Path, step: int, *, final: bool = False) -
     save_state(directory, s.objective, s.optimizer, s.scaler, step, s.meta)
     if final:
         save_model(Path(directory) / MODEL_FILE, s.objective.export(), s.meta)
+    write_manifest(directory, step)
 
 
 def epoch_count(total_steps: int, samples: Callable[[int], int], world: int, per_worker: int) -> int:
