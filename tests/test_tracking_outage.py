@@ -153,3 +153,10 @@ def test_a_checkpoint_reported_just_before_a_kill_is_resumed_from(tmp_path, ray_
 def test_tracking_unavailable_is_one_line():
     err = TrackingUnavailable("http://127.0.0.1:1", "Connection refused", "training finished")
     assert "\n" not in str(err) and "http://127.0.0.1:1" in str(err)
+
+
+def test_marking_a_run_failed_on_a_dead_server_takes_seconds_not_minutes(capsys):
+    tic = time.perf_counter()
+    tracking.fail_if_running("http://127.0.0.1:9", "0" * 32)  # nothing listens on port 9
+    assert time.perf_counter() - tic < 10
+    assert "http://127.0.0.1:9 is unreachable" in capsys.readouterr().out
