@@ -171,3 +171,11 @@ def test_a_non_finite_loss_ends_the_job_with_one_line_and_nothing_registered(tmp
     runs = client.search_runs([client.get_experiment_by_name("reruns").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not client.search_registered_models("name='diverged'")
+
+
+def test_a_run_in_the_driver_process_ends_with_its_model(tmp_path, ray_cluster):
+    """``train.workers=0`` (Ray Train's local mode keeps no checkpoint folder) still writes model.pt."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = fit(_cfg(tmp_path, uri, "in-driver", "train.workers=0", "tracking.register_as=in-driver-model"))
+    assert result.model_file == tmp_path / "storage" / "in-driver" / "model.pt" and result.model_file.is_file()
+    assert result.model["registry_uri"] == "models:/in-driver-model/1"

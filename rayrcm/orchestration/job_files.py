@@ -19,6 +19,12 @@ def job_dir(storage: str, job: str) -> tuple[Any, str]:
     return fs, f"{root.rstrip('/')}/{job}"
 
 
+def model_dir(storage: str, job: str) -> Path:
+    """Where a finished job's ``model.pt`` is copied: its folder, or ``./rayrcm_results/<job>``
+    for object-store storage."""
+    return Path(storage) / job if "://" not in storage else Path(".") / "rayrcm_results" / job
+
+
 def read_text(storage: str, job: str, name: str) -> str | None:
     """The text of ``<job>/<name>``, or None when it does not exist."""
     fs, d = job_dir(storage, job)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +29,9 @@ from typing import Any
 
 from rayrcm.config import from_dict
 from rayrcm.errors import NonFiniteLoss
-from rayrcm.orchestration.job_files import checkpoint_dirs, read_text, remove, write_text
+from rayrcm.orchestration.job_files import checkpoint_dirs, model_dir, read_text, remove, write_text
 from rayrcm.plugins import load_plugins
-from rayrcm.train.checkpoint import MANIFEST_FILE, load_state
+from rayrcm.train.checkpoint import MANIFEST_FILE, MODEL_FILE, load_state
 from rayrcm.train.progress import Progress
 from rayrcm.train.selection import Validator, test_metrics
 from rayrcm.train.session import Session, build_session, restore, run_training, save
@@ -204,6 +205,10 @@ def _report(s: Session, out: _Rank0, step: int, metrics: dict[str, float], final
                 (Path(d) / PENDING_FILE).write_text(_lines(pending))
             save(s, d, step, final=final)
             checkpoint = ray.train.Checkpoint.from_directory(d)
+            if final and s.cfg.train.workers == 0:  # local mode keeps no checkpoint folder after report()
+                out = model_dir(s.cfg.train.storage_path, s.cfg.job_name)
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(d) / MODEL_FILE, out / MODEL_FILE)
         ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
     t = s.cfg.train
     if step == t.fault_at_step and t.fault_mode == "exit" and s.rank == 0:

@@ -242,19 +242,29 @@ def non_finite_cause(err: BaseException) -> NonFiniteLoss | None:
 
 
 def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: dict[str, Any] | None = None,
-        callbacks: list[Any] | None = None) -> FitResult:
+        callbacks: list[Any] | None = None, run_name: str | None = None, init_ref: str | None = None,
+        tags: dict[str, str] | None = None) -> FitResult:
     """Run one training stage on Ray Train; resumes when ``cfg.job_name`` ran before.
-    ``callbacks``: Ray Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``)."""
+    ``callbacks``: Ray Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``).
+    ``run_name``: the MLflow run's name (default: the job's); ``init_ref``: the reference
+    ``model.init_from`` was given as when ``cfg`` holds it resolved already (a sweep's trials);
+    ``tags``: extra tags of a new MLflow run."""
+    ref = init_ref or cfg.model.init_from  # as the user gave it: prepare() resolves it to a local file
     cfg, uri = prepare(cfg, job=True)
     t, job = cfg.train, cfg.job_name
     ensure_ray(**(ray_init or {}))
     require_gpus("train.use_gpu", max(t.workers, 1) if t.use_gpu else 0)
     run_id = None
     if uri:  # a rerun's run stays as it was (FINISHED, FAILED) until rank 0 starts a step
-        run_id = tracking.start_job_run(uri, cfg.tracking.experiment, job, to_flat_dict(cfg),
-                                        tags={"rayrcm.stage": cfg.method.stage}, parent_run_id=parent_run_id,
-                                        reopen=False)
+        params = {**to_flat_dict(cfg), **({"model.init_from": ref} if ref else {})}
+        run_id = tracking.start_job_run(uri, cfg.tracking.experiment, job, params,
+                                        tags={"rayrcm.stage": cfg.method.stage, **(tags or {})},
+                                        parent_run_id=parent_run_id, reopen=False, run_name=run_name)
         print(f"[rayrcm] MLflow run {run_id} ({uri})", flush=True)
+        if ref:  # the run the encoder came from: a tag and a link each way
+            source = tracking.link_source(uri, run_id, ref)
+            if source:
+                print(f"[rayrcm] {job}: model.init_from {ref} (MLflow run {source})", flush=True)
     try:
         fit_result = _fit(cfg, run_id, uri, callbacks)
     except BaseException:
@@ -293,12 +303,13 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
         if found is not None:  # one line for the user, not Ray's traceback of the worker
             raise found from None
         raise
-    out_dir = Path(t.storage_path) / job if "://" not in t.storage_path else Path(".") / "rayrcm_results" / job
+    out_dir = job_files.model_dir(t.storage_path, job)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copy2(Path(d) / MODEL_FILE, out_dir / MODEL_FILE)
-    remove_untracked_checkpoints(t.storage_path, job, [c.path for c, _ in (result.best_checkpoints or [])]
-                                 + [result.checkpoint.path])
+    if t.workers > 0:  # train.workers=0 (Ray Train's local mode) keeps no checkpoint: the worker wrote model.pt
+        with result.checkpoint.as_directory() as d:
+            shutil.copy2(Path(d) / MODEL_FILE, out_dir / MODEL_FILE)
+        remove_untracked_checkpoints(t.storage_path, job, [c.path for c, _ in (result.best_checkpoints or [])]
+                                     + [result.checkpoint.path])
     fit_result = FitResult(job, run_id, dict(result.metrics or {}), out_dir / MODEL_FILE)
     print(summary_line(job, fit_result.metrics, time.perf_counter() - tic), flush=True)
     if uri and run_id:
