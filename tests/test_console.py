@@ -29,9 +29,12 @@ def test_progress_line_has_a_steady_cadence_and_an_eta():
     p = Progress("job", total=100, start=0, every_s=10, say=lines.append, clock=lambda: now[0])
     for step in range(10, 101, 10):
         now[0] += 4  # a logged step every 4 s: a line at most every 10 s, the first and the last always
+        if step == 50:
+            p.validated({"val_acc_sigma_0.25": 0.8125, "val_images": 64.0})
         p(step, {"loss": 1.0, "lr": 1e-3, "images_per_s": 250.0})
     assert [line.split("step ")[1].split("/")[0] for line in lines] == ["10", "40", "70", "100"]
-    assert lines[0] == "[rayrcm] job: step 10/100 loss 1, lr 0.001, 250 img/s, ETA 36s"
+    assert lines[0] == "[rayrcm] job: step 10/100 (10%) loss 1, lr 0.001, 250 img/s, ETA 36s"
+    assert lines[2] == "[rayrcm] job: step 70/100 (70%) loss 1, lr 0.001, val_acc_sigma_0.25 0.8125, 250 img/s, ETA 12s"
     assert lines[-1].endswith("done") and duration(3725) == "1h02m" and duration(75) == "1m15s"
 
 

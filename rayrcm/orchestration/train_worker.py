@@ -234,7 +234,9 @@ def train_worker(config: dict[str, Any]) -> None:
     validator = Validator(s, out.log, out.say)
 
     def checkpoint(step: int, metrics: dict[str, float]) -> None:
-        _report(s, out, step, {**metrics, **validator(step)})
+        val = validator(step)
+        out.progress.validated(val, t.select_metric)
+        _report(s, out, step, {**metrics, **val})
 
     def before(step: int) -> None:
         out.started(config)
