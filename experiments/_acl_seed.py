@@ -121,18 +121,38 @@ def finetune_tree(mode: str, cmd: dict[str, Any], common: dict[str, Any], *, ini
     }
 
 
+def stage_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """``pretrain`` and ``finetune`` subcommands, each with its own ``--help``: its flags and an example."""
+    prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    sub = p.add_subparsers(dest="stage", required=True)
+    keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
+    pre = sub.add_parser("pretrain", help="adversarial contrastive pretraining of the encoder (Ray Train)",
+                         description="adversarial contrastive pretraining of the encoder (Ray Train)", formatter_class=fmt,
+                         epilog=f"example:\n  python {prog} pretrain --method acl_rcs --set data.path=DIR{keys}")
+    ft = sub.add_parser("finetune", help="SLF / ALF / AFF fine-tuning with SA, PGD-20 and AutoAttack (Ray Train)",
+                        description="SLF / ALF / AFF fine-tuning with SA, PGD-20 and AutoAttack (Ray Train)",
+                        formatter_class=fmt,
+                        epilog=f"example:\n  python {prog} finetune --method acl_rcs --mode all --set data.path=DIR{keys}")
+    for sp in (pre, ft):
+        sp.add_argument("--method", default="air", choices=METHODS, help="pretraining method (default air)")
+    ft.add_argument("--mode", default="all", choices=[*MODES, "all"], help="SLF, ALF, AFF or all three in sequence")
+    ft.add_argument("--from", dest="init_from", help="the pretrained encoder (default: the registry alias of --method)")
+    for sp in (pre, ft):
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable)")
+        sp.add_argument("--dry-run", action="store_true", help="print the resolved config(s) and exit")
+        add_verbose_arg(sp)
+    add_verbose_arg(p)
+    return p
+
+
 def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
                finetune: Callable[[str, str, str | None], ExperimentConfig]) -> None:
     """``pretrain --method M``; ``finetune --mode slf|alf|aff|all --method M [--from REF]``;
     ``--set key=value`` overrides (every fine-tuning mode gets them) and ``--dry-run``."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["pretrain", "finetune"])
-    p.add_argument("--method", default="air", choices=METHODS, help="pretraining method (default air)")
-    p.add_argument("--mode", default="all", choices=[*MODES, "all"], help="finetune: SLF, ALF, AFF or all three in sequence")
-    p.add_argument("--from", dest="init_from", help="finetune: the pretrained encoder (default: the registry alias of --method)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config(s) and exit")
-    add_verbose_arg(p)
+    p = stage_parser(doc)
     args = p.parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
     try:

@@ -133,24 +133,63 @@ def certify_args(register_as: str, sigma: float, dataset: str, skip: int, max_in
             f"smoothing.max={max_index}", "compute.use_gpu=true", "compute.precision=fp32"]
 
 
+SIZE_NAMES = {"b": "RCM-B", "s": "RCM-S"}
+STAGE_EXAMPLES = {  # {prog}: this recipe's path
+    "pretrain": "python {prog} pretrain --set data.path=DIR [--set train.use_gpu=true]",
+    "finetune": "python {prog} finetune --sigma 0.25 --set data.path=DIR --set model.init_from=<pretrain run id>",
+    "tune": "python {prog} tune --sigma 0.25 --set model.init_from=<pretrain run id> --sweep max_concurrent_trials=4",
+    "certify": "python {prog} certify --sigma 0.25 --set smoothing.n=10000 [--set data_path=DIR]",
+    "analyze": "python {prog} analyze rayrcm_results/certify/<job> [more results ...]",
+}
+
+
+def stage_parser(doc: str, sizes: tuple[str, ...] = ("b",), tune: bool = True,
+                 prog: str | None = None) -> argparse.ArgumentParser:
+    """One subcommand per stage, each with its own ``--help``: its flags and an example."""
+    from rayrcm.cli import add_sweep_args
+
+    prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    sub = p.add_subparsers(dest="stage", required=True)
+    helps = {"pretrain": "RCM contrastive-denoising pretraining of the encoder (Ray Train)",
+             "finetune": "consistency fine-tuning of a classifier at one sigma (Ray Train)",
+             "tune": "a Ray Tune sweep around the seed's fine-tuning values (ASHA, MLflow parent/child runs)",
+             "certify": "randomized-smoothing certification of the registered model (Ray Data)",
+             "analyze": "certified-accuracy table, ACR and curve of certification results"}
+    keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
+    stages = {}
+    for name in ("pretrain", "finetune", *(("tune",) if tune else ()), "certify", "analyze"):
+        epilog = "example:\n  " + STAGE_EXAMPLES[name].format(prog=prog)
+        if name != "analyze":
+            epilog += keys + (" (certification keys: model, data_path, smoothing.n, compute.workers, ...)"
+                              if name == "certify" else "")
+        stages[name] = sub.add_parser(name, help=helps[name], description=helps[name], epilog=epilog, formatter_class=fmt)
+    stages["analyze"].add_argument("results", nargs="+", help="certification folders or Cohen-format .tsv files")
+    stages["pretrain"].add_argument("--size", default=sizes[0], choices=sizes,
+                                    help="model size: " + " or ".join(f"{SIZE_NAMES.get(z, z)} ({z})" for z in sizes))
+    for name, sp in stages.items():
+        if name in ("finetune", "tune", "certify"):
+            sp.add_argument("--sigma", type=float, default=0.25, choices=SIGMAS,
+                            help="noise level in pixel units, data in [0, 1] (default 0.25)")
+        if name != "analyze":
+            sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value (repeatable)")
+            sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        if name == "tune":
+            sp.add_argument("--random", action="store_true", help="the random/loguniform space instead of the grid")
+            add_sweep_args(sp)
+        add_verbose_arg(sp)
+    add_verbose_arg(p)
+    return p
+
+
 def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
                finetune: Callable[[float], ExperimentConfig], certify: Callable[[float], list[str]],
                sweep: Callable[[float, bool], Any] | None = None, sizes: tuple[str, ...] = ("b",)) -> None:
     """``pretrain [--size]``, ``finetune --sigma``, ``tune --sigma [--random]``, ``certify --sigma``,
     ``analyze RESULTS...``; ``--set key=value`` overrides and ``--dry-run`` prints the resolved config."""
-    from rayrcm.cli import add_sweep_args
-
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["pretrain", "finetune", "tune", "certify", "analyze"])
-    p.add_argument("results", nargs="*", help="analyze: certification folders or .tsv files")
-    p.add_argument("--sigma", type=float, default=0.25, choices=SIGMAS)
-    p.add_argument("--size", default=sizes[0], choices=sizes, help="pretrain: RCM-B (b) or RCM-S (s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--random", action="store_true", help="tune: the random/loguniform space instead of the grid")
-    add_sweep_args(p)
-    add_verbose_arg(p)
-    args = p.parse_args(argv)
+    args = stage_parser(doc, sizes).parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
     try:
         if args.stage == "analyze":

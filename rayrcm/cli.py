@@ -30,8 +30,30 @@ CERTIFY_FLAGS = {
 }
 
 
+_RAW = argparse.RawDescriptionHelpFormatter
+KEYS = ("keys: every --set key and its current value is listed by\n"
+        "  rayrcm config RECIPE [--set ...]        # e.g. rayrcm config examples/cifar10_gaussian.py")
+EPILOGS = {
+    "quickstart": "example:\n  rayrcm quickstart --set train.workers=1",
+    "train": "example:\n  rayrcm train examples/cifar10_gaussian.py --set data.path=DIR --set train.epochs=1\n\n" + KEYS,
+    "config": "example:\n  rayrcm config examples/cifar10_gaussian.py --set optim.lr=0.05",
+    "tune": "example:\n  rayrcm tune examples/cifar10_gaussian.py --set data.path=DIR --space optim.lr=loguniform:1e-3,0.3 "
+            "--sweep num_samples=8\n\n" + KEYS,
+    "certify": "example:\n  rayrcm certify --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --n 100000 --skip 20",
+    "predict": "example:\n  rayrcm predict --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --n 100000 --skip 20",
+    "analyze": "example:\n  rayrcm analyze rayrcm_results/certify/JOB1 rayrcm_results/certify/JOB2 --radii 0,0.25,0.5",
+    "mlflow-server": "example:\n  rayrcm mlflow-server --backend-store-uri sqlite:////mnt/rayrcm/mlflow.db "
+                     "--artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --detach",
+}
+
+
+def _sub(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    """A verb with its one-line help as description and an example (and where the keys are) as epilog."""
+    return sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS[name], formatter_class=_RAW)
+
+
 def _certify_parser(sub, name: str, help_: str) -> None:
-    c = sub.add_parser(name, help=help_)
+    c = _sub(sub, name, help_)
     c.add_argument("--model", required=True, help="models:/name@alias, models:/name/<version>, a run id, runs:/<id>/model or a model.pt path")
     c.add_argument("--dataset", help="default: the dataset the model was trained on")
     c.add_argument("--data-path", help="default: the model's training data path")
@@ -77,24 +99,26 @@ def add_verbose_arg(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayrcm", description="Robust representation learning and certification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="RCM pretrain + noisy fine-tune + certification on the bundled digits")
-    t = sub.add_parser("train", help="run one training stage of a recipe on Ray Train")
-    c = sub.add_parser("config", help="print the resolved config of a recipe")
-    w = sub.add_parser("tune", help="sweep config keys with Ray Tune (each trial a Ray Train run, ASHA, MLflow parent/child)")
+    q = _sub(sub, "quickstart", "RCM pretrain + noisy fine-tune + certification on the bundled digits")
+    t = _sub(sub, "train", "run one training stage of a recipe on Ray Train")
+    c = _sub(sub, "config", "print the resolved config of a recipe: every key and its value")
+    w = _sub(sub, "tune", "sweep config keys with Ray Tune (each trial a Ray Train run, ASHA, MLflow parent/child)")
     add_sweep_args(w)
     for sp in (t, c, w):
         sp.add_argument("recipe", help="a .py (config() or CONFIG) or .yaml recipe")
     for sp in (q, t, c, w):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=2e-4 (repeatable)")
+                        help="override a config value, e.g. --set optim.lr=2e-4 (repeatable); "
+                             "list the keys: rayrcm config RECIPE")
     _certify_parser(sub, "certify", "randomized-smoothing CERTIFY over a test set, sharded with Ray Data")
     _certify_parser(sub, "predict", "randomized-smoothing PREDICT (abstaining prediction) over a test set")
-    a = sub.add_parser("analyze", help="certified accuracy, ACR, tables and curves from certification results")
+    a = _sub(sub, "analyze", "certified accuracy, ACR, tables and curves from certification results")
     a.add_argument("results", nargs="+", help="certification folders or Cohen-format .tsv files")
-    a.add_argument("--radii", help="comma-separated radii (default 0, 0.25, ..., 2.0 and beyond as needed)")
+    a.add_argument("--radii", help="comma-separated radii (default 0, 0.25, ..., 2.0 and beyond as needed, never past the "
+                                   "largest radius the protocol can certify)")
     a.add_argument("--out", help="folder for table.md, table.tex, certified_accuracy.png")
     a.add_argument("--no-log", action="store_true", help="do not log to the certifications' MLflow runs")
-    m = sub.add_parser("mlflow-server", help="the MLflow tracking server of a cluster's head (basic auth on by default)")
+    m = _sub(sub, "mlflow-server", "the MLflow tracking server of a cluster's head (basic auth on by default)")
     m.add_argument("--backend-store-uri", default="sqlite:///mlflow.db", help="sqlite:////abs/mlflow.db or postgresql://...")
     m.add_argument("--artifacts-destination", default="./mlartifacts", help="s3://bucket/prefix, gs://... or a folder")
     m.add_argument("--host", default="127.0.0.1", help="0.0.0.0 on a cluster head (reachable inside the cluster only)")
@@ -168,7 +192,8 @@ def run(argv: list[str] | None = None) -> int:
 
         quickstart.run(args.overrides)
         return 0
-    cfg = validate(apply_overrides(load_recipe(args.recipe), args.overrides))
+    # `rayrcm config` lists the keys before any data is on disk: paths are checked when a stage runs
+    cfg = validate(apply_overrides(load_recipe(args.recipe), args.overrides), check_paths=args.command != "config")
     if args.command == "tune":
         from rayrcm.orchestration import sweep
 

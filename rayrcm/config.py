@@ -197,12 +197,13 @@ def check_shadowed(cfg: ExperimentConfig, keys: set[str]) -> None:
                               f"to use {shadowed}, or change {by}")
 
 
-def _scaled(value: Any, factor: float) -> Any:
+def _scaled(value: Any, factor: float, in_steps: bool) -> Any:
+    """``value * factor``: whole steps (at least 1) for a key in steps, a fraction for one in epochs."""
     if isinstance(value, tuple):
-        return tuple(_scaled(v, factor) for v in value)
-    if isinstance(value, int):
+        return tuple(_scaled(v, factor, in_steps) for v in value)
+    if in_steps:
         return max(1, int(round(value * factor)))
-    return round(value * factor, 6)
+    return round(float(value) * factor, 6)
 
 
 def _length(cfg: ExperimentConfig) -> tuple[str, float]:
@@ -249,15 +250,15 @@ def rescale_schedule(cfg: ExperimentConfig, base: ExperimentConfig, keys: set[st
     schedule = ("optim.schedule_epochs" if o.schedule_epochs > 0
                 else "optim.schedule_steps" if o.schedule_steps > 0 else None)
     if schedule:
-        changes[schedule] = _scaled(_get(cfg, schedule), factor)
+        changes[schedule] = _scaled(_get(cfg, schedule), factor, not schedule.endswith("epochs"))
     milestones = "optim.milestone_epochs" if o.milestone_epochs else "optim.milestones" if o.milestones else None
     if o.schedule == "step" and milestones and not keys & {"optim.milestones", "optim.milestone_epochs"}:
-        changes[milestones] = _scaled(_get(cfg, milestones), factor)
+        changes[milestones] = _scaled(_get(cfg, milestones), factor, not milestones.endswith("epochs"))
     warmup = _warmup(cfg)
     if warmup and not keys & {"optim.warmup_steps", "optim.warmup_epochs"}:
         covers = warmup.split("_")[-1] == unit.split(".")[-1] and _get(cfg, warmup) >= new
         if changes or covers:
-            changes[warmup] = _scaled(_get(cfg, warmup), factor)
+            changes[warmup] = _scaled(_get(cfg, warmup), factor, not warmup.endswith("epochs"))
             if isinstance(changes[warmup], int) and covers:
                 changes[warmup] = min(changes[warmup], int(new) - 1)
     if not changes:

@@ -228,3 +228,13 @@ def test_an_older_protocol_without_the_image_size_still_resumes(tmp_path):
     f.write_text(json.dumps({**old, "image_size": 16}))
     with pytest.raises(ConfigError, match=r"holds results of another protocol \(image_size 16 != 8\)"):
         certify_job.prepare(cfg)
+
+
+def test_milestones_in_epochs_written_as_whole_numbers_rescale_to_fractions():
+    """A 90-epoch recipe with milestone_epochs 30,60 shortened to 1 epoch decays at 1/3 and 2/3 of it
+    (not at epoch 1 twice, which would leave the whole run at the first lr)."""
+    from rayrcm.config import ExperimentConfig, apply_overrides
+
+    recipe = apply_overrides(ExperimentConfig(), ["train.epochs=90", "optim.schedule=step", "optim.milestone_epochs=30,60"])
+    short = apply_overrides(recipe, ["train.epochs=1"])
+    assert short.optim.milestone_epochs == pytest.approx((1 / 3, 2 / 3), abs=1e-6)

@@ -6,6 +6,11 @@
 * ACR (average certified radius, Zhai et al., MACER, ICLR 2020): ``mean(radius * correct)`` over
   all images, abstentions and errors contributing 0;
 * abstention rate: the fraction with ``predict == -1``.
+
+Reach: with ``n`` estimation draws no radius can exceed ``sigma * Phi^-1(alpha ** (1 / n))``
+(:func:`rayrcm.certify.stats.max_certifiable_radius`); given that maximum, the radius grid stops
+there and a run's accuracy at a radius beyond its own reach is left empty (NaN, ``-`` in the
+tables), never reported as a measured 0.
 """
 
 from __future__ import annotations
@@ -19,11 +24,26 @@ import pandas as pd
 STANDARD_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
-def default_radii(frames: Sequence[pd.DataFrame]) -> list[float]:
-    """0 to 2.0 in steps of 0.25, extended (up to 4.0) to cover the largest certified radius."""
+def default_radii(frames: Sequence[pd.DataFrame], max_radius: float | None = None) -> list[float]:
+    """0 to 2.0 in steps of 0.25, extended (up to 4.0) to cover the largest certified radius, and
+    stopped at ``max_radius`` (the largest radius the protocol can certify) when it is known."""
     top = max([float(df["radius"].max()) for df in frames if len(df)] + [0.0])
     stop = min(4.0, max(2.0, np.ceil(top * 4) / 4))
-    return [round(r, 2) for r in np.arange(0.0, stop + 1e-9, 0.25)]
+    radii = [round(r, 2) for r in np.arange(0.0, stop + 1e-9, 0.25)]
+    if max_radius is not None:
+        radii = [r for r in radii if r <= max_radius + 1e-12] or [0.0]
+    return radii
+
+
+def _reach(max_radii: Mapping[str, float | None] | None, name: str) -> float | None:
+    return None if max_radii is None else max_radii.get(name)
+
+
+def _top_reach(max_radii: Mapping[str, float | None] | None, names: Sequence[str]) -> float | None:
+    """The largest reach over the runs, when every run's is known (else None: no cut)."""
+    if not max_radii or any(max_radii.get(n) is None for n in names):
+        return None
+    return max(float(max_radii[n]) for n in names)  # type: ignore[arg-type]
 
 
 def certified_accuracy(df: pd.DataFrame, radii: Sequence[float]) -> np.ndarray:
@@ -40,26 +60,43 @@ def abstention_rate(df: pd.DataFrame) -> float:
     return float(np.mean(df["predict"].to_numpy() == -1)) if len(df) else 0.0
 
 
-def summary_table(results: Mapping[str, pd.DataFrame], radii: Sequence[float] | None = None) -> pd.DataFrame:
-    """One row per run: certified accuracy at each radius, ACR, abstention rate, image count."""
-    radii = list(radii) if radii is not None else default_radii(list(results.values()))
+def summary_table(results: Mapping[str, pd.DataFrame], radii: Sequence[float] | None = None,
+                  max_radii: Mapping[str, float | None] | None = None) -> pd.DataFrame:
+    """One row per run: certified accuracy at each radius, ACR, abstention rate, image count.
+
+    ``max_radii``: each run's largest certifiable radius, where known; the default grid stops at
+    the largest of them, and a run's cells beyond its own are NaN."""
+    if radii is None:
+        radii = default_radii(list(results.values()), _top_reach(max_radii, list(results)))
+    radii = list(radii)
     rows = {}
     for name, df in results.items():
         acc = certified_accuracy(df, radii)
+        reach = _reach(max_radii, name)
+        if reach is not None:
+            acc = np.where(np.asarray(radii, dtype=float) <= reach + 1e-12, acc, np.nan)
         rows[name] = {**{f"{r:.2f}": a for r, a in zip(radii, acc)}, "ACR": average_certified_radius(df),
                       "abstain": abstention_rate(df), "images": len(df)}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None) -> dict[str, float]:
-    """Flat metrics for MLflow: ``certified_acc_0.50``, ``acr``, ``abstain_rate``."""
-    radii = list(radii) if radii is not None else default_radii([df])
+def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
+                    max_radius: float | None = None) -> dict[str, float]:
+    """Flat metrics for MLflow: ``certified_acc_0.50``, ``acr``, ``abstain_rate``, ``images``, and
+    ``max_certifiable_radius`` when known (no ``certified_acc_*`` beyond it)."""
+    radii = list(radii) if radii is not None else default_radii([df], max_radius)
+    if max_radius is not None:
+        radii = [r for r in radii if r <= max_radius + 1e-12]
     out = {f"certified_acc_{r:.2f}": float(a) for r, a in zip(radii, certified_accuracy(df, radii))}
     out.update(acr=average_certified_radius(df), abstain_rate=abstention_rate(df), images=float(len(df)))
+    if max_radius is not None:
+        out["max_certifiable_radius"] = float(max_radius)
     return out
 
 
 def _fmt(col: str, v: object) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"  # beyond the run's reach: not measured
     if col == "images":
         return str(int(v))  # type: ignore[call-overload]
     return f"{float(v):.3f}"  # type: ignore[arg-type]
@@ -82,14 +119,19 @@ def to_latex(table: pd.DataFrame) -> str:
         cells = []
         for c in cols:
             v = row[c]
+            if isinstance(v, float) and np.isnan(v):
+                cells.append("--")
+                continue
             cells.append(str(int(v)) if c == "images" else (f"{float(v):.3f}" if c == "ACR" else f"{100 * float(v):.1f}"))
         lines.append(" & ".join([str(name).replace("_", r"\_"), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
 
-def plot_curves(results: Mapping[str, pd.DataFrame], path: str | Path, title: str = "") -> Path:
-    """Certified accuracy against radius, one line per run, as a PNG."""
+def plot_curves(results: Mapping[str, pd.DataFrame], path: str | Path, title: str = "",
+                max_radii: Mapping[str, float | None] | None = None) -> Path:
+    """Certified accuracy against radius, one line per run, as a PNG (a dotted line at each run's
+    largest certifiable radius, where known)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +141,10 @@ def plot_curves(results: Mapping[str, pd.DataFrame], path: str | Path, title: st
     grid = np.linspace(0.0, top * 1.05, 400)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, df in results.items():
-        ax.plot(grid, certified_accuracy(df, grid), label=f"{name} (ACR {average_certified_radius(df):.3f})")
+        line = ax.plot(grid, certified_accuracy(df, grid), label=f"{name} (ACR {average_certified_radius(df):.3f})")[0]
+        reach = _reach(max_radii, name)
+        if reach is not None:
+            ax.axvline(reach, color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("radius (L2, pixel units in [0, 1])")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)

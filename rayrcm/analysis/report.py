@@ -14,14 +14,15 @@ RESULT_SUFFIXES = (".tsv", ".txt", ".csv", ".parquet")
 
 
 def write_analysis(results: dict[str, pd.DataFrame], folder: Path, title: str = "",
-                   radii: list[float] | None = None) -> list[Path]:
-    """``table.md``, ``table.tex`` and ``certified_accuracy.png`` in ``folder``."""
+                   radii: list[float] | None = None, max_radii: dict[str, float | None] | None = None) -> list[Path]:
+    """``table.md``, ``table.tex`` and ``certified_accuracy.png`` in ``folder`` (``max_radii``: each
+    run's largest certifiable radius, where known; see :func:`summary_table`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = summary_table(results, radii)
+    table = summary_table(results, radii, max_radii)
     (folder / "table.md").write_text(to_markdown(table) + "\n")
     (folder / "table.tex").write_text(to_latex(table) + "\n")
-    png = plot_curves(results, folder / "certified_accuracy.png", title=title)
+    png = plot_curves(results, folder / "certified_accuracy.png", title=title, max_radii=max_radii)
     return [folder / "table.md", folder / "table.tex", png]
 
 

@@ -25,11 +25,12 @@ from rayrcm.certify.stats import (
     certified_radius,
     certify_from_counts,
     lower_confidence_bound,
+    max_certifiable_radius,
     predict_from_counts,
 )
 
 __all__ = [
     "ABSTAIN", "ESTIMATION", "PREDICTION", "SELECTION", "Certificate", "CertifyConfig", "ComputeConfig", "Prediction", "Row",
     "SmoothingConfig", "Smoother", "certified_radius", "certify", "certify_from_counts", "lower_confidence_bound",
-    "noise_seed", "plan_rows", "predict", "predict_from_counts", "select_indices", "validate_certify",
+    "max_certifiable_radius",     "noise_seed", "plan_rows", "predict", "predict_from_counts", "select_indices", "validate_certify",
 ]

@@ -37,6 +37,14 @@ def certified_radius(p_a_lower: float, sigma: float) -> float:
     return float(sigma * norm.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
 
 
+def max_certifiable_radius(n: int, alpha: float, sigma: float) -> float:
+    """The largest radius CERTIFY can return with ``n`` estimation draws: when all ``n`` land on
+    ``c_A`` the one-sided Clopper-Pearson bound is ``alpha ** (1 / n)``, so no image can be
+    certified beyond ``sigma * Phi^-1(alpha ** (1 / n))`` (0.615 at n = 1,000, alpha = 0.001,
+    sigma = 0.25)."""
+    return certified_radius(lower_confidence_bound(n, n, alpha), sigma)
+
+
 @dataclass(frozen=True)
 class Certificate:
     """One CERTIFY outcome. ``prediction`` is ``ABSTAIN`` (-1) with ``radius`` 0 when it abstains."""

@@ -12,7 +12,7 @@ import pandas as pd
 from rayrcm.analysis import read_results, result_labels, summary_table, to_markdown, write_analysis
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import tracking
-from rayrcm.orchestration.certify_prepare import RUN_FILE
+from rayrcm.orchestration.certify_prepare import PROTOCOL_FILE, RUN_FILE
 
 
 def _read(paths: list[str]) -> dict[str, pd.DataFrame]:
@@ -29,6 +29,24 @@ def _read(paths: list[str]) -> dict[str, pd.DataFrame]:
             raise ConfigError("results", path, "has no certification rows (no rows/part-*.parquet, results.tsv or data lines)")
         frames.append(df)
     return dict(zip(result_labels(paths), frames))
+
+
+def protocol_reach(path: str) -> float | None:
+    """The largest radius the certification in ``path`` could certify, from its ``protocol.json``
+    (None for a Cohen-format file or a ``predict`` job: unknown or no radius)."""
+    folder = Path(path)
+    proto = folder / PROTOCOL_FILE if folder.is_dir() else folder.parent / PROTOCOL_FILE
+    if not proto.is_file():
+        return None
+    try:
+        p = json.loads(proto.read_text())
+        if p.get("mode", "certify") != "certify":
+            return None
+        from rayrcm.certify.stats import max_certifiable_radius
+
+        return max_certifiable_radius(int(p["n"]), float(p["alpha"]), float(p["sigma"]))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def check_radii(radii: list[float]) -> list[float]:
@@ -61,9 +79,14 @@ def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Pa
     results = _read(paths)
     first = Path(paths[0])
     folder = Path(out) if out else (first if first.is_dir() else first.parent) / "analysis"
-    table = summary_table(results, radii)
-    files = write_analysis(results, folder, radii=radii)
+    max_radii = dict(zip(results, (protocol_reach(p) for p in paths)))
+    table = summary_table(results, radii, max_radii)
+    files = write_analysis(results, folder, radii=radii, max_radii=max_radii)
     print(to_markdown(table), flush=True)
+    known = {k: v for k, v in max_radii.items() if v is not None}
+    if known:
+        print("[rayrcm] largest certifiable radius (sigma * Phi^-1(alpha^(1/n))): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in known.items()) + "; '-': beyond a run's reach", flush=True)
     print(f"[rayrcm] wrote {', '.join(str(f) for f in files)}", flush=True)
     if log:
         _log(paths, files)

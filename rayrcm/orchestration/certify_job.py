@@ -44,13 +44,14 @@ from rayrcm.analysis import (
 from rayrcm.analysis.results import ROWS_DIR, TSV_NAME
 from rayrcm.certify.collect import Collector, CountSettings, write_part
 from rayrcm.certify.protocol import CertifyConfig
+from rayrcm.certify.stats import max_certifiable_radius
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.analyze import analyze
 from rayrcm.orchestration.certify_prepare import PROTOCOL_FILE, RUN_FILE, Prepared, prepare
 from rayrcm.overrides import parse_dotted, to_flat_dict, update_dataclass
 
 __all__ = [  # what callers import from here (the CLI, quickstart, experiments, benchmarks, tests)
-    "PROTOCOL_FILE", "RUN_FILE", "CertifyResult", "Prepared", "analyze", "config_from_args", "prepare", "read_results",
+    "PROTOCOL_FILE", "RUN_FILE", "CertifyResult", "Prepared", "analyze", "config_from_args", "max_radius", "prepare", "read_results",
     "run", "write_analysis",
 ]
 
@@ -125,7 +126,8 @@ class _Progress:
         print(f"[rayrcm] {mode}: {self.done_count}/{self.total} images, {rate:,.0f} samples/s, "
               f"{now - self.tic:.0f} s elapsed, {left}", flush=True)
         if self.logger:
-            self.logger.log(self.done_count, {"images_done": self.done_count, "samples_per_s": rate})
+            # progress, not results: kept under progress/ so they never read as a certification metric
+            self.logger.log(self.done_count, {"progress/images_done": self.done_count, "progress/samples_per_s": rate})
 
 
 def _start(p: Prepared) -> str | None:
@@ -138,6 +140,9 @@ def _start(p: Prepared) -> str | None:
     cfg = p.cfg
     params = {**{f"protocol.{k}": v for k, v in p.protocol.items()}, "model": p.model_ref,
               **{f"compute.{k}": v for k, v in to_flat_dict(cfg.compute).items()}}
+    reach = max_radius(cfg)
+    if reach is not None:
+        params["max_certifiable_radius"] = f"{reach:.6f}"
     if cfg.plugins:
         params["plugins"] = ",".join(cfg.plugins)  # not in the protocol: they do not change results
     tags = {"rayrcm.stage": cfg.mode, "rayrcm.model_uri": p.model_ref}
@@ -204,13 +209,14 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, collector: Collector, 
     if rows["idx"].duplicated().any():
         raise RuntimeError(f"{p.out}: an image was written twice: {rows['idx'][rows['idx'].duplicated()].tolist()[:5]}")
     write_cohen_tsv(rows, p.out / TSV_NAME, p.cfg.mode)
-    table = summary_table({p.name: rows})
-    metrics = summary_metrics(rows)
-    if computed:
-        metrics.update(wall_seconds=wall, samples_per_s=collector.samples / max(wall, 1e-9))
-    files = write_analysis({p.name: rows}, p.out, title=f"{p.cfg.mode} sigma={p.cfg.smoothing.sigma:g}")
+    reach = max_radius(p.cfg)
+    table = summary_table({p.name: rows}, max_radii={p.name: reach})
+    metrics = summary_metrics(rows, max_radius=reach)
+    progress = {"progress/wall_seconds": wall, "progress/samples_per_s": collector.samples / max(wall, 1e-9)}
+    files = write_analysis({p.name: rows}, p.out, title=f"{p.cfg.mode} sigma={p.cfg.smoothing.sigma:g}",
+                           max_radii={p.name: reach})
     if logger:
-        logger.log(len(rows), metrics)
+        logger.log(len(rows), {**metrics, **(progress if computed else {})})
         for f in [p.out / TSV_NAME, p.out / PROTOCOL_FILE, *files]:
             logger.log_artifact(f)
         logger.log_artifact(p.out / ROWS_DIR, ROWS_DIR)
@@ -219,7 +225,24 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, collector: Collector, 
           + (f", {computed} computed in {wall:.1f} s" if computed else ", nothing left to compute"), flush=True)
     if show_table:
         print(to_markdown(table), flush=True)
+        if reach is not None:
+            print(reach_note(p.cfg, reach), flush=True)
     return CertifyResult(p.name, p.out, run_id, rows, table, metrics, computed)
+
+
+def max_radius(cfg: CertifyConfig) -> float | None:
+    """The largest radius this protocol can certify (``certify`` only; ``predict`` has no radius)."""
+    if cfg.mode != "certify":
+        return None
+    s = cfg.smoothing
+    return max_certifiable_radius(s.n, s.alpha, s.sigma)
+
+
+def reach_note(cfg: CertifyConfig, reach: float) -> str:
+    """One line saying where the table stops and why."""
+    s = cfg.smoothing
+    return (f"[rayrcm] with n={s.n}, alpha={s.alpha:g} no radius can exceed sigma * Phi^-1(alpha^(1/n)) = {reach:.3f} "
+            f"(sigma={s.sigma:g}): radii beyond it are not reported")
 
 
 def config_from_args(overrides: list[str], base: CertifyConfig | None = None) -> CertifyConfig:

@@ -1,0 +1,100 @@
+"""The stage command line shared by the example recipes: ``train``, ``certify``, ``analyze``, each
+with its own ``--help`` (its flags and an example). Ray, torch and MLflow are imported only when a
+stage runs, so ``--help`` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SET_HELP = ("override a value (repeatable); list the keys and their values with "
+            "`rayrcm config {recipe}` (train) or `{prog} certify --dry-run` (certify)")
+
+
+def _parser(prog: str, doc: str, recipe: str, examples: dict[str, str]) -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=fmt)
+    sub = p.add_subparsers(dest="stage", required=True, metavar="{train,certify,analyze}")
+    sets = SET_HELP.format(recipe=recipe, prog=prog)
+    t = sub.add_parser("train", help="train the classifier on Ray Train, log it to MLflow, register it", formatter_class=fmt,
+                       description="Train the recipe's classifier (one Ray Train run) and register it in MLflow.",
+                       epilog=f"example:\n  {examples['train']}\n\nkeys: rayrcm config {recipe} [--set ...]")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=sets + ", e.g. --set data.path=DIR --set train.use_gpu=true")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    c = sub.add_parser("certify", help="certify the registered model with randomized smoothing (Ray Data)",
+                       formatter_class=fmt,
+                       description="CERTIFY (Cohen et al., 2019) of the registered model over the test split; prints "
+                                   "the certified-accuracy table.",
+                       epilog=f"example:\n  {examples['certify']}\n\nkeys: rayrcm certify --help names them "
+                              "(model, data_path, smoothing.n, smoothing.skip, compute.workers, ...)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a certification key (repeatable), e.g. --set data_path=DIR --set smoothing.n=10000")
+    c.add_argument("--dry-run", action="store_true", help="print the resolved certification config and exit")
+    a = sub.add_parser("analyze", help="certified-accuracy table, ACR and curve of certification results",
+                       formatter_class=fmt,
+                       description="Certified accuracy at each radius, ACR and abstention rate; writes table.md, "
+                                   "table.tex and certified_accuracy.png.",
+                       epilog=f"example:\n  {examples['analyze']}")
+    a.add_argument("results", nargs="*", help="certification folders or Cohen-format .tsv files "
+                                              "(default: this recipe's certification folder)")
+    a.add_argument("--radii", help="comma-separated radii (default 0, 0.25, ... up to the largest certifiable)")
+    for sp in (p, t, c, a):
+        sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's and MLflow's own logs too")
+    return p
+
+
+def main(argv: list[str] | None, *, prog: str, doc: str, recipe: str, config: Callable[[], Any],
+         certify: Callable[[], list[str]], examples: dict[str, str]) -> None:
+    """Run one stage of an example recipe; bad input is one line and exit status 2."""
+    args = _parser(prog, doc, recipe, examples).parse_args(argv)
+    from rayrcm.cli import main as cli_main
+    from rayrcm.errors import ConfigError, RunFailed
+    from rayrcm.orchestration import console
+
+    console.configure(True if getattr(args, "verbose", False) else None)
+    try:
+        if args.stage == "analyze":
+            results = args.results or [str(_certify_folder(certify()))]
+            return cli_main(["analyze", *results, *(["--radii", args.radii] if args.radii else [])])
+        if args.stage == "certify":
+            from rayrcm.orchestration import certify_job
+
+            cfg = certify_job.config_from_args(certify() + args.overrides)
+            if args.dry_run:
+                print(cfg)
+                return None
+            certify_job.run(cfg)
+            return None
+        import yaml
+
+        from rayrcm.config import apply_overrides, to_dict, validate
+
+        cfg = validate(apply_overrides(config(), args.overrides), check_paths=not args.dry_run)
+        if args.dry_run:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return None
+        from rayrcm.orchestration.trainer import fit
+
+        result = fit(cfg)
+        where = result.model.get("alias_uri") or result.model.get("registry_uri") or result.model_file
+        print(f"[rayrcm] train done: model {where}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))
+    except ConfigError as err:
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RunFailed as err:
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    return None
+
+
+def _certify_folder(args: list[str]) -> Path:
+    """Where the recipe's certification writes its results (``out_dir/name``)."""
+    from rayrcm.orchestration import certify_job
+
+    cfg = certify_job.config_from_args(args)
+    return Path(cfg.out_dir).expanduser() / cfg.name
