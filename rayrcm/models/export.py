@@ -28,6 +28,7 @@ from torch import nn
 import rayrcm
 from rayrcm.errors import ConfigError
 from rayrcm.models.classifier import classifier_for
+from rayrcm.models.denoisers import denoiser_from_meta
 from rayrcm.models.encoders import build_encoder
 from rayrcm.overrides import update_dataclass
 from rayrcm.registry import Registry
@@ -61,6 +62,7 @@ def _classifier(meta: dict[str, Any]) -> nn.Module:
 
 EXPORTS.register("encoder")(ExportKind(_encoder, predicts_classes=False))
 EXPORTS.register("classifier")(ExportKind(_classifier, predicts_classes=True))
+EXPORTS.register("denoiser")(ExportKind(denoiser_from_meta, predicts_classes=False))
 
 
 def export_kind(meta: dict[str, Any]) -> str:
