@@ -75,7 +75,8 @@ def test_sweep_metric_and_trial_config():
     base, sw, parsed = sweep.validate_sweep(_base(), sweep.SweepConfig(space={"method.lbd": "grid:5,10"}, votes=4))
     assert sw.metric == "val_smoothed_acc_sigma_0.25" and base.train.select_metric == sw.metric
     assert base.train.eval_votes == 4 and base.train.checkpoint_epochs == 1  # report every epoch
-    assert sw.name == "rcm-digits-finetune-sigma-0_25-sweep" and sw.alias == "sigma-0_25"
+    # the sweep's own alias, not the recipe's sigma-0_25 that its fine-tuning (or the quickstart) holds
+    assert sw.name == "rcm-digits-finetune-sigma-0_25-sweep" and sw.alias == "rcm-digits-finetune-sigma-0_25-sweep"
     assert base.train.evals == ("noisy", "smoothed")  # the metric's evaluation joins the user's
     with pytest.raises(ConfigError, match="sweep.metric") as err:
         sweep.validate_sweep(_base(), sweep.SweepConfig(space={"method.lbd": "grid:5"}, metric="val_smoothed_acc_sigma_0.3"))
@@ -118,6 +119,72 @@ def test_summary_table_and_files(tmp_path):
     assert [f.name for f in files] == ["sweep_summary.csv", "sweep_summary.md", "metric_vs_params.png"]
     assert all(f.stat().st_size > 0 for f in files)
     assert "| a | 0.0010 | completed | 2 | 0.7500 |" in files[1].read_text()
+
+
+def test_sweep_alias_defaults_to_its_own_and_checks_what_is_given():
+    space = {"method.lbd": "grid:5"}
+    assert sweep.validate_sweep(_base(), sweep.SweepConfig(space=space, name="v2"))[1].alias == "sweep-v2"
+    assert sweep.validate_sweep(_base(), sweep.SweepConfig(space=space, alias="mine"))[1].alias == "mine"
+    assert sweep.validate_sweep(_base("tracking.alias="), sweep.SweepConfig(space=space))[1].alias == ""
+    with pytest.raises(ConfigError, match="sweep.alias") as err:
+        sweep.validate_sweep(_base(), sweep.SweepConfig(space=space, alias="sigma 0.25"))
+    assert "\n" not in str(err.value)
+    assert sweep.config_from_args(["move_alias=true"], []).move_alias is True
+
+
+class _Trial:
+    def __init__(self, trial_id, config):
+        self.trial_id, self.config = trial_id, config
+
+
+def test_trials_are_named_by_their_values():
+    parsed = {"method.lbd": ("grid", [5, 20]), "optim.lr": ("loguniform", [1e-4, 1e-2]), "method.eta": ("const", [0.5])}
+    keys = sweep.label_keys(parsed)
+    assert keys == ["method.lbd", "optim.lr"]
+    config = {"method.lbd": 5, "optim.lr": 0.0012345678, "method.eta": 0.5}
+    assert sweep.trial_label(config, keys) == "lbd=5 lr=0.001235"
+    assert sweep.trial_label({"a.lr": 1, "b.lr": 2}, ["a.lr", "b.lr"]) == "a.lr=1 b.lr=2"  # clashing short names
+    name = sweep.TrialNames(keys)(_Trial("a3d56_00000", config))
+    assert name == "a3d56_00000-lbd=5,lr=0.001235" and sweep.trial_id_of(f"/x/{name}") == "a3d56_00000"
+    assert sweep.TrialNames(["data.augmentation"])(_Trial("b_1", {"data.augmentation": "a/b c"})) == "b_1-augmentation=a_b_c"
+
+
+def test_tensorboard_scalars_are_the_trials_own():
+    from rayrcm.orchestration.sweep_tensorboard import trial_scalars
+
+    result = {"loss": 0.5, "step": 4, "val_acc_clean": 0.9, "done": False, "time_this_iter_s": 1.0, "time_total_s": 2.0,
+              "training_iteration": 2, "timestamp": 1, "pid": 7, "trial_id": "x", "date": "d", "config": {},
+              "nan": float("nan"), "flag": True}
+    assert trial_scalars(result) == {"loss": 0.5, "val_acc_clean": 0.9}
+
+
+def test_summary_plot_reads_well_for_a_few_points(tmp_path, monkeypatch):
+    """The title fits in the figure, the axes show the swept values without offsets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    saved = []
+    save = Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # the figure as saved, before it is closed
+        save(fig, *args, **kwargs)
+        saved.append((fig, fig._suptitle.get_window_extent(fig.canvas.get_renderer()), fig.bbox.frozen()))
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    grid = [_Result("a", 2e-3, [0.8412, 0.8413]), _Result("b", 1e-7, [0.8411])]
+    ends = {"a": {"metrics": {"selected_value": 0.8413}, "run_id": "r" * 32}}
+    name, metric = "rcm-digits-finetune-sigma-0_25-sweep", "val_smoothed_acc_sigma_0.25"
+    table = sweep.trial_table(grid, ends, name, "m", "max", ["optim.lr"]).rename(columns={"m": metric})
+    sweep.write_summary(tmp_path, table, name, metric, ["optim.lr"])
+    ((fig, box, frame),) = saved
+    assert box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1, "the title is cut"
+    ax = fig.axes[0]
+    assert ax.yaxis.get_major_formatter().get_offset() == ""  # no "+8.411e-1" above the axis
+    lo, hi = ax.get_ylim()
+    assert lo <= 0.0 and hi >= 1.0  # an accuracy on its whole range
+    assert sorted(ax.get_xticks()) == pytest.approx([1e-7, 2e-3])
 
 
 def test_sweep_modules_call_mlflow_only_through_tracking():

@@ -24,17 +24,33 @@ same command again restores it (``Tuner.restore``, errored trials retried). A tr
 named ``<sweep>-<trial id>``, so a restarted trial resumes from its own Train checkpoints, and a
 trial whose run already finished reports its recorded result instead of training again:
 ``trials.jsonl`` in the sweep folder records every start and end.
+
+Readable: a trial is named by its values (``lbd=5 lr=0.002``) in MLflow (the run name; its job
+stays ``<sweep>-<trial id>``), in Tune's folders and in TensorBoard, whose scalars are the trial's
+own metrics against the training step (:mod:`rayrcm.orchestration.sweep_tensorboard`). Tune's
+status tables show with ``--verbose`` only; the sweep ends with rayrcm's table of trials.
+
+MLflow: the parent run's description links the best trial and its registered model; each trial's
+links its sweep; a sweep from a pretrained encoder (``model.init_from``) logs the reference as
+given, tags ``rayrcm.source_run_id`` and links that run. The best model gets the sweep's own
+alias by default; moving an alias that another job set needs ``--sweep move_alias=true``, and
+every move prints and tags ``alias name@alias: vN -> vM``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rayrcm.config import ExperimentConfig, apply_overrides, to_flat_dict, update_dataclass
+from rayrcm.errors import ConfigError
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.sweep_report import trial_table, write_summary
 from rayrcm.orchestration.sweep_space import (
@@ -45,17 +61,21 @@ from rayrcm.orchestration.sweep_space import (
     config_from_args,
     default_metric,
     parse_spec,
+    sweep_alias,
     trial_base,
+    trial_label,
+    trial_values,
     tune_space,
     validate_sweep,
 )
 
 __all__ = ["KINDS", "SCHEDULERS", "SWEEP_TAG", "TRIALS_LOG", "SweepConfig", "SweepResult", "check_space",
-           "concurrency", "config_from_args", "default_metric", "parse_spec", "read_events", "run", "trial_base",
-           "trial_table", "tune_space", "validate_sweep", "write_summary"]
+           "concurrency", "config_from_args", "default_metric", "parse_spec", "read_events", "run", "sweep_alias",
+           "trial_base", "trial_label", "trial_table", "tune_space", "validate_sweep", "write_summary"]
 
 TRIALS_LOG = "trials.jsonl"
-SWEEP_TAG = "sweep"  # tag of the registered model version: the sweep's name
+SWEEP_TAG = tracking.SWEEP_VERSION_TAG  # tag of the registered model version: the sweep's name
+MOVE_ALIAS = "sweep.move_alias=true (--sweep move_alias=true)"
 
 
 def concurrency(base: ExperimentConfig, sw: SweepConfig) -> int:
@@ -102,6 +122,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
     cfg = apply_overrides(from_dict(base), [f"{k}={v}" for k, v in params.items()])
     cfg = update_dataclass(cfg, {"train": {"name": job}, "tracking": {"register_as": "", "alias": ""}})
     _log_event(folder, {"trial": trial_id, "event": "start", "job": job, "params": params})
+    label = trial_label(params, sweep["label_keys"])
 
     class ReportUntilTheEnd(TuneReportCallback):
         """Forward every report but the last: that one is sent below, once the model is logged,
@@ -112,7 +133,9 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
                 super().after_report(run_context, metrics, checkpoint)
 
     total_steps = sweep["steps"]
-    result = fit(cfg, parent_run_id=sweep["parent_run_id"], callbacks=[ReportUntilTheEnd()])
+    result = fit(cfg, parent_run_id=sweep["parent_run_id"], callbacks=[ReportUntilTheEnd()],
+                 run_name=f"{label} [{trial_id}]" if label else job, init_ref=sweep["init_ref"],
+                 tags={"rayrcm.sweep": sweep["name"], "rayrcm.trial": trial_id})
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     _log_event(folder, {"trial": trial_id, "event": "end", "job": job, "run_id": result.run_id, "metrics": final})
     tune.report(final)
@@ -139,17 +162,42 @@ def _absolute_paths(base: ExperimentConfig, uri: str | None) -> ExperimentConfig
     return update_dataclass(base, {"tracking": {"uri": uri or base.tracking.uri}, "data": {"path": path}})
 
 
-def _start_parent(uri: str | None, base: ExperimentConfig, sw: SweepConfig) -> str | None:
+def _start_parent(uri: str | None, base: ExperimentConfig, sw: SweepConfig, init_ref: str | None) -> str | None:
     """The sweep's MLflow parent run (reused when the sweep is run again), or None without tracking."""
     if not uri:
         return None
     params = {"metric": sw.metric, "mode": sw.mode, "scheduler": sw.scheduler, "num_samples": sw.num_samples,
               "votes": sw.votes, "grace_period": sw.grace_period, "reduction_factor": sw.reduction_factor,
               **{f"space.{k}": v for k, v in sw.space.items()},
-              **{f"base.{k}": v for k, v in to_flat_dict(base).items()}}
+              **{f"base.{k}": v for k, v in to_flat_dict(base).items()},
+              **({"base.model.init_from": init_ref} if init_ref else {})}
     parent = tracking.start_job_run(uri, base.tracking.experiment, sw.name, params, tags={"rayrcm.stage": "sweep"})
     print(f"[rayrcm] sweep {sw.name}: MLflow parent run {parent} ({uri})", flush=True)
+    if init_ref:
+        tracking.link_source(uri, parent, init_ref)
     return parent
+
+
+def label_keys(parsed: dict[str, tuple[str, list[Any]]]) -> list[str]:
+    """The keys whose values tell trials apart (all keys when none does)."""
+    varying = [k for k, (kind, vals) in parsed.items() if kind != "const" and not (kind == "grid" and len(vals) == 1)]
+    return varying or list(parsed)
+
+
+class TrialNames:
+    """Tune's trial names and folder names: the trial id and its values (``a3d56_00000-lbd=5,lr=0.002``)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def __call__(self, trial: Any) -> str:
+        safe = ",".join(re.sub(r"[^A-Za-z0-9_.=+-]", "_", v) for v in trial_values(trial.config, self.keys))[:120]
+        return f"{trial.trial_id}-{safe}" if safe else trial.trial_id
+
+
+def trial_id_of(path: str) -> str:
+    """The Tune trial id that starts a trial folder's name (see :class:`TrialNames`)."""
+    return Path(path).name.split("-", 1)[0]
 
 
 def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict[str, Any], folder: Path,
@@ -157,6 +205,9 @@ def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict
     """A new Tuner, or the sweep's Tune experiment restored from ``folder``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from rayrcm.orchestration.console import is_verbose
+    from rayrcm.orchestration.sweep_tensorboard import StepScalars
 
     if tune.Tuner.can_restore(str(folder)):
         print(f"[rayrcm] sweep {sw.name}: resuming from {folder}", flush=True)
@@ -166,14 +217,35 @@ def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict
                                   reduction_factor=sw.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    names = TrialNames(label_keys(parsed))
     return tune.Tuner(
         trainable,
         param_space=tune_space(parsed),
         tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler, num_samples=sw.num_samples,
-                                    max_concurrent_trials=max_conc, trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=sw.name, storage_path=base.train.storage_path,
-                                  failure_config=tune.FailureConfig(max_failures=sw.max_failures), verbose=1),
+                                    max_concurrent_trials=max_conc, trial_name_creator=names,
+                                    trial_dirname_creator=names),
+        # Tune's status tables only with --verbose: rayrcm prints its own table of trials at the end
+        run_config=tune.RunConfig(name=sw.name, storage_path=base.train.storage_path, callbacks=[StepScalars()],
+                                  failure_config=tune.FailureConfig(max_failures=sw.max_failures),
+                                  verbose=2 if is_verbose() else 0),
     )
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Tune's console output off unless verbose: its new output engine prints the experiment's
+    configuration table even at ``verbose=0``, its legacy one prints nothing at 0 (a user's own
+    ``RAY_AIR_NEW_OUTPUT`` wins)."""
+    from rayrcm.orchestration.console import is_verbose
+
+    if is_verbose() or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
 def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | None = None) -> SweepResult:
@@ -183,15 +255,20 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
     from rayrcm.orchestration.trainer import ensure_ray, prepare
 
     base, sw, parsed = validate_sweep(base, sw)
+    init_ref = base.model.init_from  # as the user gave it: prepare() resolves it to a local file
     base, uri = prepare(base)  # resolves epochs to steps, storage, tracking, init_from
+    if uri and not sw.move_alias:  # before any training: never move another job's alias unasked
+        tracking.check_alias_owner(uri, sw.register_as, sw.alias, SWEEP_TAG, sw.name, key="sweep.alias",
+                                   allow=MOVE_ALIAS)
     base = _absolute_paths(base, uri)
     folder = Path(base.train.storage_path) / sw.name
     reports = max(1, base.train.steps // base.train.checkpoint_every)
-    parent = _start_parent(uri, base, sw)
+    parent = _start_parent(uri, base, sw, init_ref)
     ensure_ray(**(ray_init or {}))
     trainable = tune.with_parameters(
         _trial, base=to_dict(base),
-        sweep={"name": sw.name, "folder": str(folder), "parent_run_id": parent, "steps": base.train.steps})
+        sweep={"name": sw.name, "folder": str(folder), "parent_run_id": parent, "steps": base.train.steps,
+               "init_ref": init_ref, "label_keys": label_keys(parsed)})
     # the trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
     # no CPU (a fraction would leave the last worker of a full node unplaced), only a token of memory
     # (Tune refuses an empty request)
@@ -200,18 +277,22 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
     tuner = _tuner(trainable, base, sw, parsed, folder, reports, max_conc)
     print(f"[rayrcm] sweep {sw.name}: up to {max_conc} concurrent trials, {reports} reports each, "
           f"{sw.scheduler} on {sw.metric} ({sw.mode})", flush=True)
-    grid = tuner.fit()
+    with _quiet_tune():
+        grid = tuner.fit()
     return _finish(base, sw, uri, parent, folder, grid, list(parsed))
 
 
-def _close_trial_runs(uri: str, experiment: str, table: Any) -> None:
-    """Tag every trial's run with its sweep status; runs of trials that ASHA stopped (or that
-    failed) end as KILLED (FAILED)."""
+def _close_trial_runs(uri: str, experiment: str, table: Any, parent: str, keys: list[str]) -> None:
+    """Tag every trial's run with its sweep status and link it to the sweep's run; runs of trials
+    that ASHA stopped (or that failed) end as KILLED (FAILED)."""
+    sweep_link = tracking.run_link(uri, parent)
     for _, row in table.iterrows():
         run_id = row["run_id"] if isinstance(row["run_id"], str) else tracking.find_job_run(uri, experiment, row["job"])
         if not run_id:
             continue
         tracking.set_tags(uri, run_id, {"rayrcm.sweep_status": row["status"]})
+        values = ", ".join(f"{k}={row[k]}" for k in keys)
+        tracking.add_note(uri, run_id, f"Trial {row['trial']} of sweep {sweep_link}: {values} ({row['status']}).")
         # a stopped trial's fit() may have marked its run FAILED as its Train run was torn down
         if row["status"] == "stopped" or tracking.run_status(uri, run_id) == "RUNNING":
             tracking.terminate(uri, run_id, "KILLED" if row["status"] == "stopped" else "FAILED")
@@ -220,18 +301,35 @@ def _close_trial_runs(uri: str, experiment: str, table: Any) -> None:
 def _log_best(uri: str, parent: str, base: ExperimentConfig, sw: SweepConfig, best: dict[str, Any],
               keys: list[str]) -> dict[str, Any]:
     """Register the best trial's model (tagged like a training job's, plus the sweep's name) and
-    record the best values, metric and run on the parent run."""
+    record the best values, metric and run on the parent run. The alias is checked again: another
+    job may have taken it while the sweep ran."""
     from rayrcm.orchestration.trainer import version_tags
 
     model_uri = f"runs:/{best['run_id']}/model"
-    tags = {**version_tags(apply_overrides(base, [f"{k}={best[k]}" for k in keys])), SWEEP_TAG: sw.name}
-    model = {"model_uri": model_uri, **tracking.register(uri, model_uri, best["run_id"], sw.register_as, sw.alias, tags)}
+    trial_cfg = apply_overrides(base, [f"{k}={best[k]}" for k in keys])
+    tags = {**version_tags(trial_cfg), "job": best["job"], SWEEP_TAG: sw.name}
+    alias = sw.alias
+    if alias and not sw.move_alias:
+        try:
+            tracking.check_alias_owner(uri, sw.register_as, alias, SWEEP_TAG, sw.name, key="sweep.alias",
+                                       allow=MOVE_ALIAS)
+        except ConfigError as err:
+            print(f"[rayrcm] sweep {sw.name}: alias not moved: {err}", flush=True)
+            alias = ""
+    model = {"model_uri": model_uri, **tracking.register(uri, model_uri, best["run_id"], sw.register_as, alias, tags)}
     tracking.log_params(uri, parent, {f"best.{k}": best[k] for k in keys})
     tracking.log_metrics(uri, parent, {f"best_{sw.metric}": float(best[sw.metric])})
     parent_tags = {"rayrcm.best_run_id": best["run_id"]}
     if model.get("alias_uri") or model.get("registry_uri"):
         parent_tags["rayrcm.registered_model"] = model.get("alias_uri") or model["registry_uri"]
+    if model.get("alias_change"):
+        parent_tags[tracking.ALIAS_CHANGE_TAG] = model["alias_change"]
     tracking.set_tags(uri, parent, parent_tags)
+    where = model.get("alias_uri") or model.get("registry_uri") or model_uri
+    tracking.add_note(uri, parent, f"Best trial: {tracking.run_link(uri, best['run_id'])} with "
+                      + ", ".join(f"{k}={best[k]}" for k in keys) + f": {sw.metric} = {float(best[sw.metric]):.4f}; "
+                      f"model `{where}`. Certify it with `--model {where}`: the certification run is a child of "
+                      "the trial's run.")
     return model
 
 
@@ -248,7 +346,7 @@ def _finish(base: ExperimentConfig, sw: SweepConfig, uri: str | None, parent: st
     files = write_summary(folder, table, sw.name, sw.metric, keys)
     model: dict[str, Any] = {}
     if uri and parent:
-        _close_trial_runs(uri, base.tracking.experiment, table)
+        _close_trial_runs(uri, base.tracking.experiment, table, parent, keys)
         if best:
             model = _log_best(uri, parent, base, sw, best, keys)
         tracking.log_artifacts(uri, parent, files)

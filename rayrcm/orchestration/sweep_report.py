@@ -5,6 +5,7 @@ These functions only make files; :mod:`rayrcm.orchestration.tracking` logs them.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ def trial_table(grid: Any, ends: dict[str, dict[str, Any]], name: str, metric: s
     pick = max if mode == "max" else min
     rows = []
     for r in grid:
-        trial_id = Path(r.path).name if r.path else ""
+        trial_id = Path(r.path).name.split("-", 1)[0] if r.path else ""  # <trial id>-<values>
         curve = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         values = curve[metric].dropna().tolist() if metric in curve else []
         end = ends.get(trial_id)
@@ -52,6 +53,36 @@ def _numeric(column: Any) -> bool:
     return bool(column.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all())
 
 
+def _sane_axes(ax: Any, table: Any, key: str, metric: str) -> None:
+    """Axes that read well for a handful of points: the swept values as x ticks, no offset or
+    scientific notation, a y range with margins (0..1 for an accuracy)."""
+    from matplotlib.ticker import FuncFormatter
+
+    values = table[metric].dropna().astype(float)
+    if len(values):
+        lo, hi = float(values.min()), float(values.max())
+        if 0.0 <= lo and hi <= 1.0:  # an accuracy: its whole range, so that a few points are not blown up
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            pad = max((hi - lo) * 0.1, abs(hi) * 0.05, 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+    ax.yaxis.get_major_formatter().set_useOffset(False)
+    if _numeric(table[key]):
+        xs = sorted(set(table[key].astype(float)))
+        if len(xs) <= 8:
+            ax.set_xticks(xs)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        if len(xs) == 1:
+            ax.set_xlim(xs[0] - (abs(xs[0]) or 1) * 0.5, xs[0] + (abs(xs[0]) or 1) * 0.5)
+        elif ax.get_xscale() == "linear":
+            pad = (xs[-1] - xs[0]) * 0.1
+            ax.set_xlim(xs[0] - pad, xs[-1] + pad)
+        else:  # log: a margin of a tenth of the decades shown
+            span = math.log10(xs[-1] / xs[0]) * 0.1
+            ax.set_xlim(xs[0] / 10 ** span, xs[-1] * 10 ** span)
+
+
 def plot(folder: Path, table: Any, name: str, metric: str, keys: list[str]) -> Path:
     """``metric_vs_params.png``: the metric against each swept key, one colour per trial status."""
     import matplotlib
@@ -59,19 +90,22 @@ def plot(folder: Path, table: Any, name: str, metric: str, keys: list[str]) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    width = max(4.5 * len(keys), 6.0)
+    fig, axes = plt.subplots(1, len(keys), figsize=(width, 4.0), squeeze=False, layout="constrained")
     for ax, key in zip(axes[0], keys):
         for status, part in table.groupby("status"):
             x = part[key].astype(float) if _numeric(part[key]) else part[key].astype(str)
-            ax.scatter(x, part[metric], label=status, color=STATUS_COLORS.get(status, "gray"))
+            ax.scatter(x, part[metric], label=status, color=STATUS_COLORS.get(status, "gray"), zorder=3)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
-        if key.endswith(("lbd", "lr")) and _numeric(table[key]) and (table[key].astype(float) > 0).all():
+        if key.endswith(("lbd", "lr")) and _numeric(table[key]) and (table[key].astype(float) > 0).all() \
+                and table[key].astype(float).nunique() > 1:
             ax.set_xscale("log")
+        _sane_axes(ax, table, key, metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{name}: {metric} (best per trial)")
-    fig.tight_layout()
+    chars = int(width * 10)  # about what fits across the figure at this font size
+    fig.suptitle("\n".join(textwrap.wrap(f"{name}: {metric} (best per trial)", chars)), fontsize=11)
     png = folder / "metric_vs_params.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)

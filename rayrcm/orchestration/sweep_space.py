@@ -7,11 +7,15 @@ trial base config and validated, so a bad space fails with one line.
 
 The metric defaults to ``val_smoothed_acc_sigma_<s>`` at the base config's ``method.sigma``: the
 trials run the ``smoothed`` validation evaluation (``train.evals``) with ``votes`` noise draws.
+
+The best trial's model is registered under ``register_as`` with the sweep's own alias by default
+(:func:`sweep_alias`); an alias that points at another job's model moves only with ``move_alias``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,7 +44,10 @@ class SweepConfig:
     max_failures: int = 1  # retries of a failed trial
     name: str = ""  # default: <base train.name>-sweep
     register_as: str = ""  # default: the base config's tracking.register_as
-    alias: str = ""  # default: the base config's tracking.alias
+    # default: the sweep's own alias (its name) when the base config sets tracking.alias; never the
+    # base config's alias, which another job (the recipe's fine-tuning, the quickstart) may hold
+    alias: str = ""
+    move_alias: bool = False  # allow moving an alias that points at a model another job registered
 
 
 def _scalar(v: str) -> Any:
@@ -113,6 +120,33 @@ def default_metric(base: ExperimentConfig) -> str:
     return f"val_smoothed_acc_sigma_{sigma:g}"
 
 
+def sweep_alias(name: str) -> str:
+    """The sweep's own registry alias: its name in the letters MLflow aliases allow."""
+    alias = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    return f"sweep-{alias}" if re.fullmatch(r"[vV]\d+|latest", alias) else alias
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Each key's last part (``method.lbd`` -> ``lbd``), or the whole key where two last parts clash."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def _show(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def trial_values(config: dict[str, Any], keys: list[str]) -> list[str]:
+    """A trial's ``key=value`` of each of ``keys`` that it has, short keys (``lbd=5``)."""
+    short = _short_keys(keys)
+    return [f"{short[k]}={_show(config[k])}" for k in keys if k in config]
+
+
+def trial_label(config: dict[str, Any], keys: list[str]) -> str:
+    """A trial's values of ``keys``, short: ``lbd=5 lr=0.002`` (its name in MLflow, Tune and TensorBoard)."""
+    return " ".join(trial_values(config, keys))
+
+
 def _check_settings(sw: SweepConfig) -> None:
     if sw.mode not in ("max", "min"):
         raise ConfigError("sweep.mode", sw.mode, "choose max or min")
@@ -151,8 +185,14 @@ def validate_sweep(base: ExperimentConfig, sw: SweepConfig) -> tuple[ExperimentC
     if base.method.stage != "classifier":
         raise ConfigError("method.name", base.method.name, "sweeps tune classifier stages (fine-tuning)")
     _check_settings(sw)
-    sw = replace(sw, metric=sw.metric or default_metric(base), name=sw.name or f"{base.job_name}-sweep",
-                 register_as=sw.register_as or base.tracking.register_as, alias=sw.alias or base.tracking.alias)
+    name = sw.name or f"{base.job_name}-sweep"
+    register_as = sw.register_as or base.tracking.register_as
+    alias = sw.alias or (sweep_alias(name) if base.tracking.alias and register_as else "")
+    if alias and not all(c.isalnum() or c in "-_" for c in alias):
+        raise ConfigError("sweep.alias", alias, "MLflow aliases use letters, digits, '_' and '-' only (e.g. sigma-0_50)")
+    if alias and not register_as:
+        raise ConfigError("sweep.alias", alias, "needs sweep.register_as (or tracking.register_as)")
+    sw = replace(sw, metric=sw.metric or default_metric(base), name=name, register_as=register_as, alias=alias)
     base = trial_base(base, sw)
     return base, sw, check_space(base, sw.space)
 

@@ -76,9 +76,10 @@ def _experiment_id(client: Any, name: str) -> str:
 
 
 def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], tags: dict[str, str] | None = None,
-                  parent_run_id: str | None = None, reopen: bool = True) -> str:
+                  parent_run_id: str | None = None, reopen: bool = True, run_name: str | None = None) -> str:
     """The run of ``job`` (created on first use, reused on restart); params are logged once.
-    ``reopen=False``: an existing run keeps its status until :func:`mark_running`."""
+    ``reopen=False``: an existing run keeps its status until :func:`mark_running`. ``run_name``:
+    what the MLflow UI shows (default: the job's name; a sweep's trials show their values)."""
     client = _client(uri)
     exp_id = _experiment_id(client, experiment)
     found = find_job_run(uri, experiment, job)
@@ -86,10 +87,11 @@ def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], t
         if reopen:
             mark_running(uri, found)
         return found
-    all_tags = {JOB_TAG: job, "mlflow.runName": job, **(tags or {})}
+    name = run_name or job
+    all_tags = {JOB_TAG: job, "mlflow.runName": name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, tags=all_tags, run_name=job)
+    run = client.create_run(exp_id, tags=all_tags, run_name=name)
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
@@ -318,9 +320,42 @@ def log_model(uri: str, run_id: str, model_file: str | Path, *, register_as: str
     return {"model_uri": info.model_uri, **register(uri, info.model_uri, run_id, register_as, alias, version_tags)}
 
 
+ALIAS_CHANGE_TAG = "rayrcm.alias_change"  # "alias name@alias: v1 -> v2" on the run and the new version
+
+
+def alias_target(uri: str, name: str, alias: str) -> tuple[int, dict[str, str]] | None:
+    """``(version, version tags)`` that ``models:/name@alias`` points at now, or None when unset."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = _client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such model or alias
+        return None
+    return int(mv.version), dict(mv.tags or {})
+
+
+SWEEP_VERSION_TAG = "sweep"  # a model version registered by a sweep: the sweep's name
+
+
+def check_alias_owner(uri: str, name: str, alias: str, owner_tag: str, owner: str, *, key: str, allow: str) -> None:
+    """Refuse with one line (naming ``key`` and ``allow``, the setting that allows it) to move
+    ``name@alias`` off a version that another job registered: one whose ``owner_tag`` is not ``owner``."""
+    if not (name and alias):
+        return
+    now = alias_target(uri, name, alias)
+    if now is None or now[1].get(owner_tag) == owner:
+        return
+    version, tags = now
+    who = (f"sweep {tags[SWEEP_VERSION_TAG]}" if tags.get(SWEEP_VERSION_TAG)
+           else f"job {tags['job']}" if tags.get("job") else "another job")
+    raise ConfigError(key, alias, f"models:/{name}@{alias} points at v{version}, registered by {who}; set {allow} "
+                      "to move it to this sweep's best model, or choose another alias")
+
+
 def register(uri: str, model_uri: str, run_id: str, name: str, alias: str = "", tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Register ``model_uri`` (logged by ``run_id``) as a new version of ``name``, point ``alias`` at
-    it, and tag the run with the registered reference. Nothing happens when ``name`` is empty."""
+    it, and tag the run with the registered reference. Nothing happens when ``name`` is empty.
+    Moving an alias prints and tags (run and new version) ``alias name@alias: vN -> vM``."""
     if not name:
         return {}
     import mlflow
@@ -333,8 +368,14 @@ def register(uri: str, model_uri: str, run_id: str, name: str, alias: str = "", 
         mv = mlflow.register_model(model_uri, name, tags=tags or {})
     out: dict[str, Any] = {"name": name, "version": int(mv.version), "registry_uri": f"models:/{name}/{mv.version}"}
     if alias:
+        before = alias_target(uri, name, alias)
         client.set_registered_model_alias(name, alias, mv.version)
         out["alias_uri"] = f"models:/{name}@{alias}"
+        change = f"alias {name}@{alias}: {f'v{before[0]}' if before else '(unset)'} -> v{mv.version}"
+        out["alias_change"] = change
+        client.set_model_version_tag(name, mv.version, ALIAS_CHANGE_TAG, change)
+        client.set_tag(run_id, ALIAS_CHANGE_TAG, change)
+        print(f"[rayrcm] {change}", flush=True)
     client.set_tag(run_id, "rayrcm.registered_model", out.get("alias_uri", out["registry_uri"]))
     return out
 
@@ -436,6 +477,36 @@ def model_lineage(ref: str, uri: str) -> tuple[str | None, str | None]:
         return None, None
     run = client.get_run(run_id)
     return run_id, client.get_experiment(run.info.experiment_id).name
+
+
+SOURCE_RUN_TAG = "rayrcm.source_run_id"  # the run that logged the model a job started from
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI (Markdown)
+
+
+def run_link(uri: str, run_id: str) -> str:
+    """A Markdown link to a run's page in the MLflow UI, named by its run name."""
+    run = _client(uri).get_run(run_id)
+    return f"[{run.info.run_name or run_id}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
+
+
+def add_note(uri: str, run_id: str, line: str) -> None:
+    """Append ``line`` to a run's description (the MLflow UI's note) unless it holds it already."""
+    client = _client(uri)
+    note = client.get_run(run_id).data.tags.get(NOTE_TAG, "")
+    if line not in note:
+        client.set_tag(run_id, NOTE_TAG, f"{note}\n\n{line}" if note else line)
+
+
+def link_source(uri: str, run_id: str, ref: str, key: str = "model.init_from") -> str | None:
+    """Link a job's run to the run that logged the model it started from (``ref``, as the user gave
+    it): tags ``rayrcm.source_run_id``/``rayrcm.source_model``, a note with a link each way.
+    Returns the source run id (None for a local file)."""
+    source, _ = model_lineage(ref, uri)
+    set_tags(uri, run_id, {"rayrcm.source_model": ref, **({SOURCE_RUN_TAG: source} if source else {})})
+    if source:
+        add_note(uri, run_id, f"Started from {run_link(uri, source)} ({key} = `{ref}`).")
+        add_note(uri, source, f"Used by {run_link(uri, run_id)} ({key} = `{ref}`).")
+    return source
 
 
 def load_model(ref: str, uri: str | None = None):
