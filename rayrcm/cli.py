@@ -6,6 +6,7 @@
     rayrcm tune RECIPE --space method.lbd=grid:5,10,20 [--space ...] [--sweep num_samples=2 ...] [--set ...]
     rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 --plugin M ...]
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
+    rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa-apgd [--severities 1,3,5 --corruptions NAMES ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
     rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
 
@@ -29,6 +30,16 @@ CERTIFY_FLAGS = {
     "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "plugin": "plugins",
 }
 
+# flag -> key of rayrcm.orchestration.evaluate_job.EvaluateConfig
+EVALUATE_FLAGS = {
+    "model": "model", "suite": "suite", "severities": "severities", "corruptions": "corruptions", "c_path": "c_path",
+    "shift_path": "shift_path",
+    "dataset": "dataset", "data_path": "data_path", "split": "split", "skip": "skip", "max_images": "max_images",
+    "seed": "seed", "shard_size": "shard_size", "batch": "batch", "eps": "eps", "pgd_steps": "pgd_steps",
+    "workers": "workers", "gpu": "use_gpu", "name": "name", "out": "out_dir", "tracking_uri": "tracking.uri",
+    "experiment": "tracking.experiment", "plugin": "plugins",
+}
+
 
 _RAW = argparse.RawDescriptionHelpFormatter
 KEYS = ("keys: every --set key and its current value is listed by\n"
@@ -41,6 +52,10 @@ EPILOGS = {
             "--sweep num_samples=8\n\n" + KEYS,
     "certify": "example:\n  rayrcm certify --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --n 100000 --skip 20",
     "predict": "example:\n  rayrcm predict --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --n 100000 --skip 20",
+    "evaluate": "example:\n  rayrcm evaluate --model models:/cifar10-acl@finetuned --suite clean,corruptions,pgd "
+                "--severities 1,3,5 --workers 4\n\n"
+                "Corruptions are generated with CIFAR-10-C's parameters (labelled 'generated': new draws, not the\n"
+                "released files) unless --c-path names a released CIFAR-10-C / CIFAR-100-C folder.",
     "analyze": "example:\n  rayrcm analyze rayrcm_results/certify/JOB1 rayrcm_results/certify/JOB2 --radii 0,0.25,0.5",
     "mlflow-server": "example:\n  rayrcm mlflow-server --backend-store-uri sqlite:////mnt/rayrcm/mlflow.db "
                      "--artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --detach",
@@ -84,6 +99,42 @@ def _certify_parser(sub, name: str, help_: str) -> None:
                    help="any CertifyConfig key, e.g. --set compute.flush_every=4")
 
 
+def _evaluate_parser(sub) -> None:
+    e = _sub(sub, "evaluate", "robustness suite (clean, corruptions, PGD, APGD) over a test set, sharded with Ray Data")
+    e.add_argument("--model", required=True,
+                   help="models:/name@alias, models:/name/<version>, a run id, runs:/<id>/model or a model.pt path")
+    e.add_argument("--suite", help="comma separated: clean, corruptions, pgd, aa-apgd, shift "
+                                   "(default clean,corruptions); aa (the standard AutoAttack) is not built yet")
+    e.add_argument("--severities", help="corruption severities 1-5, comma separated (default 1,3,5)")
+    e.add_argument("--corruptions", help="corruption names, comma separated (default: every one that can be generated, "
+                                         "or every file of --c-path)")
+    e.add_argument("--c-path", help="a released CIFAR-10-C / CIFAR-100-C folder (<corruption>.npy, labels.npy); "
+                                    "default: generate the corruptions")
+    e.add_argument("--shift-path", help="the CIFAR-10.1 folder (cifar10.1_v6_data.npy, cifar10.1_v6_labels.npy) "
+                                        "of the shift part")
+    e.add_argument("--dataset", help="default: the dataset the model was trained on")
+    e.add_argument("--data-path", help="default: the model's training data path")
+    e.add_argument("--split", help="test (default) or val")
+    e.add_argument("--skip", help="every skip-th image (default 1)")
+    e.add_argument("--max-images", help="at most this many images (default 0: all)")
+    e.add_argument("--seed", help="seed of the generated corruptions and the attacks' starts (default 0)")
+    e.add_argument("--shard-size", help="images per unit of work (default 500)")
+    e.add_argument("--batch", help="images per forward pass (default 256)")
+    e.add_argument("--eps", help="L-inf budget of pgd and aa-apgd in [0, 1] pixel units (default 8/255)")
+    e.add_argument("--pgd-steps", help="PGD steps (default 20)")
+    e.add_argument("--workers", help="evaluation actors (default 1)")
+    e.add_argument("--gpu", action="store_const", const="true", help="one GPU per actor")
+    e.add_argument("--name", help="job name; rerunning a name resumes it (computes only missing shards)")
+    e.add_argument("--out", help="results folder (default $RAYRCM_STORAGE/evaluate, else ./rayrcm_results/evaluate)")
+    e.add_argument("--tracking-uri",
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    e.add_argument("--experiment", help="MLflow experiment (default: the model's)")
+    e.add_argument("--plugin", action="append", metavar="MODULE|FILE.py",
+                   help="import this module or .py file first, in the driver and every actor (repeatable)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any EvaluateConfig key, e.g. --set tracking.enabled=false --set aa_iters=50")
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="a swept key: grid:a,b,c | choice:a,b | uniform:lo,hi | loguniform:lo,hi | randint:lo,hi")
@@ -112,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
                              "list the keys: rayrcm config RECIPE")
     _certify_parser(sub, "certify", "randomized-smoothing CERTIFY over a test set, sharded with Ray Data")
     _certify_parser(sub, "predict", "randomized-smoothing PREDICT (abstaining prediction) over a test set")
+    _evaluate_parser(sub)
     a = _sub(sub, "analyze", "certified accuracy, ACR, tables and curves from certification results")
     a.add_argument("results", nargs="+", help="certification folders or Cohen-format .tsv files")
     a.add_argument("--radii", help="comma-separated radii (default 0, 0.25, ..., 2.0 and beyond as needed, never past the "
@@ -156,6 +208,27 @@ def _certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_config(args: argparse.Namespace):
+    """The :class:`~rayrcm.orchestration.evaluate_job.EvaluateConfig` of a parsed ``evaluate`` command line."""
+    from rayrcm.orchestration import evaluate_job
+
+    items = []
+    for flag, key in EVALUATE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if isinstance(value, list):
+            value = ",".join(value)
+        if value is not None:
+            items.append(f"{key}={value}")
+    return evaluate_job.config_from_args(items + args.overrides)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from rayrcm.orchestration import evaluate_job
+
+    evaluate_job.run(evaluate_config(args))
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from rayrcm.orchestration import certify_job
 
@@ -176,6 +249,8 @@ def run(argv: list[str] | None = None) -> int:
     console.configure(True if getattr(args, "verbose", False) else None)  # before anything imports ray
     if args.command in ("certify", "predict"):
         return _certify(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "analyze":
         return _analyze(args)
     if args.command == "mlflow-server":

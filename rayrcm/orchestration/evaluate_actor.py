@@ -1,0 +1,150 @@
+"""The evaluation job's per-shard work: one model per Ray Data actor, ``correct`` per shard row.
+
+:func:`shard_correct` is the pure half (a model, the shard's uint8 images and labels, the shard's
+key -> how many images the model gets right); :class:`EvalActor` is the Ray Data callable class
+that loads the model and the clean images once and maps shard rows to counts. Everything a shard's
+result depends on is in its row and the job's :class:`ShardSettings` (the corruption key
+``(seed, image index, corruption, severity)``; the attack's torch seed from the shard's key), never
+in which actor ran it or in what order: results are the same on any number of workers.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rayrcm.plugins import load_plugins
+
+NONE = "none"  # the corruption of a clean set, the attack of a plain forward pass
+SOURCES = ("clean", "generated", "released", "cifar10.1")  # where a shard's images come from
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What every shard of a job shares: the protocol's numbers and the actors' resources."""
+
+    seed: int = 0
+    batch: int = 256
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    pgd_steps: int = 20
+    aa_iters: int = 100
+    aa_targets: int = 9
+    norm: str = "linf"
+    image_size: int = 32
+    num_classes: int = 10
+    c_path: str = ""  # the released CIFAR-C folder (read by the actors: a path every node sees)
+    shift_path: str = ""  # the CIFAR-10.1 folder (likewise)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    plugins: tuple[str, ...] = ()
+
+
+def shard_seed(seed: int, key: str) -> int:
+    """The torch seed of a shard's attack: a function of the job's seed and the shard's key only."""
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
+
+
+def shard_images(row: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
+                 settings: ShardSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shard's uint8 ``(B, 3, H, W)`` images and labels: clean, generated from the clean ones
+    under key ``(seed, dataset index, corruption, severity)``, or read from the released files (CIFAR-C, the
+    shifted set CIFAR-10.1)."""
+    start, stop = int(row["start"]), int(row["stop"])
+    index = [int(i) for i in row["index"]]
+    source = str(row["source"])
+    if source == "clean":
+        return images[start:stop], labels[start:stop]
+    if source == "generated":
+        from rayrcm.data.corruptions import corrupt_tensor
+
+        return corrupt_tensor(images[start:stop], index, str(row["corruption"]), int(row["severity"]),
+                              seed=settings.seed), labels[start:stop]
+    if source == "released":
+        from rayrcm.data.datasets import eval_images
+        from rayrcm.data.shift import read_cifar_c
+
+        ds = read_cifar_c(settings.c_path, str(row["corruption"]), int(row["severity"]),
+                          num_classes=settings.num_classes)
+        return eval_images(ds, index, settings.image_size)
+    if source == "cifar10.1":
+        from rayrcm.data.datasets import eval_images
+        from rayrcm.data.shift import read_cifar10_1
+
+        return eval_images(read_cifar10_1(settings.shift_path), index, settings.image_size)
+    raise ValueError(f"unknown image source {source!r} (one of {', '.join(SOURCES)})")
+
+
+def shard_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack: str, settings: ShardSettings, *,
+                  key: str, device: torch.device | str = "cpu") -> int:
+    """How many of the shard's images the model classifies right (under ``attack``: ``none``,
+    ``pgd<k>`` (L-inf PGD-k, random start) or ``aa-apgd`` (APGD-CE then APGD-T; an upper bound on
+    AutoAttack's number)), in batches of ``settings.batch``."""
+    from rayrcm.attacks import PGDConfig, autoattack_robust, pgd_ce
+
+    model.eval()
+    if attack != NONE:
+        torch.manual_seed(shard_seed(settings.seed, key))
+    correct = 0
+    for lo in range(0, len(y), settings.batch):
+        x = x_u8[lo:lo + settings.batch].to(device).float().div_(255)
+        t = y[lo:lo + settings.batch].to(device)
+        if attack == NONE:
+            with torch.no_grad():
+                correct += int((model(x).argmax(1) == t).sum())
+        elif attack.startswith("pgd"):
+            cfg = PGDConfig(settings.norm, settings.eps, settings.step_size, settings.pgd_steps, True)
+            x_adv = pgd_ce(model, x, t, cfg)
+            with torch.no_grad():
+                correct += int((model(x_adv).argmax(1) == t).sum())
+        elif attack == "aa-apgd":
+            correct += int(autoattack_robust(model, x, t, eps=settings.eps, norm=settings.norm,
+                                             n_iter=settings.aa_iters, n_targets=settings.aa_targets).sum())
+        else:
+            raise ValueError(f"unknown attack {attack!r}")
+    return correct
+
+
+class EvalActor:
+    """Loads the model and the job's clean images once; ``__call__`` maps shard rows
+    ``{key, source, corruption, severity, attack, start, stop, index}`` to
+    ``{key, images, correct, seconds, device}``."""
+
+    def __init__(self, model_ref: Any, images_ref: Any, labels_ref: Any, settings: ShardSettings) -> None:
+        import ray
+
+        from rayrcm.models.export import build_from_blob
+
+        load_plugins(settings.plugins, key="plugins")  # an export kind of the user's, in this process too
+        blob = torch.load(io.BytesIO(ray.get(model_ref)), map_location="cpu", weights_only=True)
+        self.model, _ = build_from_blob(blob)
+        self.images, self.labels = ray.get(images_ref), ray.get(labels_ref)
+        use_gpu = settings.use_gpu and torch.cuda.is_available()
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.device_name = torch.cuda.get_device_name(self.device) if use_gpu else "cpu"
+        self.model.to(self.device).eval()
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys, images, correct, seconds = [], [], [], []
+        for i in range(len(batch["key"])):
+            row = {k: v[i] for k, v in batch.items()}
+            tic = time.perf_counter()
+            x, y = shard_images(row, self.images, self.labels, self.settings)
+            correct.append(shard_correct(self.model, x, y, str(row["attack"]), self.settings, key=str(row["key"]),
+                                         device=self.device))
+            keys.append(str(row["key"]))
+            images.append(len(y))
+            seconds.append(time.perf_counter() - tic)
+        return {"key": np.asarray(keys), "images": np.asarray(images, dtype=np.int64),
+                "correct": np.asarray(correct, dtype=np.int64), "seconds": np.asarray(seconds),
+                "device": np.asarray([self.device_name] * len(keys))}
