@@ -139,7 +139,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="a swept key: grid:a,b,c | choice:a,b | uniform:lo,hi | loguniform:lo,hi | randint:lo,hi")
     p.add_argument("--sweep", dest="sweep", action="append", default=[], metavar="KEY=VALUE",
-                   help="sweep settings, e.g. --sweep num_samples=2 --sweep alias=sigma-0_50 --sweep max_concurrent_trials=4")
+                   help="sweep settings, e.g. --sweep num_samples=2 --sweep max_concurrent_trials=4 --sweep alias=NAME "
+                        "(default: the sweep's name; --sweep move_alias=true moves an alias another job set)")
 
 
 def add_verbose_arg(p: argparse.ArgumentParser) -> None:
