@@ -252,8 +252,10 @@ def tune_cluster(isolated_home):
 def test_asha_sweep_parent_children_and_alias(tune_cluster, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
+    # the recipe's 30-epoch schedule with its 2-epoch warm-up, kept as written (set explicitly, so the
+    # shortened run does not rescale it): lr 2e-3 learns within 2 epochs, lr 1e-7 does not
     base = _base(f"train.storage_path={tmp_path}", f"tracking.uri={mlflow_server}", "tracking.experiment=sweep-asha",
-                 "tracking.register_as=rcm-digits-sweep")
+                 "tracking.register_as=rcm-digits-sweep", "optim.schedule_epochs=30", "optim.warmup_epochs=2")
     sw = sweep.SweepConfig(space={"optim.lr": "grid:2e-3,1e-7", "method.lbd": "grid:5,10"}, max_concurrent_trials=2,
                            name="asha", alias="sigma-0_25")  # lr 1e-7 learns nothing: ASHA must cut it
     result = sweep.run(base, sw)

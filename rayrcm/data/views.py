@@ -1,4 +1,4 @@
-"""View pipelines (none / weak / crop / strong / autoaug / simclr / mocov3 / center) from
+"""View pipelines (none / weak / crop / strong / autoaug / simclr / mocov3 / mocov2 / stablerep / center) from
 torchvision, and mixup/cutmix from timm.
 
 All pipelines end in float32 tensors in [0, 1]; normalization is the model's first layer.
@@ -90,6 +90,35 @@ def mocov3_view(size: int, second: bool, *, hflip: bool = True) -> v2.Compose:
     return v2.Compose([*t, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
 
+class DownSampleAndUpsample:
+    """StableRep's ``DownSampleAndUpsample`` (``dataset/util.py:22-54``): resize the short side to a
+    resolution drawn uniformly from ``down_res``, then back up to ``up_size``. PIL in, PIL out."""
+
+    def __init__(self, down_res: Sequence[int], up_size: int) -> None:
+        self.down_res, self.up_size = [int(r) for r in down_res], int(up_size)
+
+    def __call__(self, image: Any) -> Any:
+        res = self.down_res[int(torch.randint(len(self.down_res), ()))]
+        return v2.Resize(self.up_size, antialias=True)(v2.Resize(res, antialias=True)(image))
+
+
+def mocov2_view(size: int, *, scale_min: float = 0.2, hflip: bool = True, downsample: float = 0.0) -> v2.Compose:
+    """MoCo v2's ``aug_plus`` (``main_moco.py``; seed 004's ``moco-non-sem-neg.py``): RandomResizedCrop(size,
+    scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, Gaussian blur
+    (sigma in [0.1, 2]) with p = 0.5, horizontal flip; all on PIL images. ``scale_min=0.08`` and
+    ``downsample=0.05`` give StableRep's (``main_stablerep.py:185-202``): with probability ``downsample``
+    the raw image is first brought down to 64 or 128 px and back up to 256 (at 224 px; scaled with ``size``)."""
+    t: list[Any] = [_ToPILRGB()]
+    if downsample > 0:
+        res = [max(1, round(r * size / 224)) for r in (128, 64)]
+        t.append(v2.RandomApply([DownSampleAndUpsample(res, max(1, round(256 * size / 224)))], p=downsample))
+    t += [v2.RandomResizedCrop(size, scale=(scale_min, 1.0)),
+          v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2),
+          v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5)]
+    t += [v2.RandomHorizontalFlip()] if hflip else []
+    return v2.Compose([*t, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
 def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = False, crop_pct: float = 0.875,
                     crop_min: float = 0.4, autoaug: str = "rand-m9-mstd0.5-inc1") -> Any:
     """One view pipeline, ending in float32 [0, 1] tensors ``(3, size, size)``.
@@ -104,6 +133,8 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
     * ``mocov3_1`` / ``mocov3_2``: MoCo v3's asymmetric pair (:func:`mocov3_view`), the RCM
       authors' pretraining views; ``mocov3`` is ``mocov3_1`` (an objective with two views, RCM,
       pairs it with ``mocov3_2``);
+    * ``mocov2``: MoCo v2's augmentation with blur (:func:`mocov2_view`), seed 004's views;
+    * ``stablerep``: StableRep's (:func:`mocov2_view` with scale 0.08-1 and the 5% downsample);
     * ``center``: the RCM authors' pretraining consistency input ``x_start``: short side to
       ``size``, centre crop (:class:`ShortSideCenterCrop`, identity for CIFAR's 32 px at 32), optional
       flip; also their ImageNet fine-tuning "weak" view.
@@ -131,6 +162,10 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
         return StrengthAugment(size, hflip=hflip)
     if kind in ("mocov3", "mocov3_1", "mocov3_2"):
         return mocov3_view(size, kind == "mocov3_2", hflip=hflip)
+    if kind == "mocov2":
+        return mocov2_view(size, hflip=hflip)
+    if kind == "stablerep":
+        return mocov2_view(size, scale_min=0.08, hflip=hflip, downsample=0.05)
     if kind == "center":
         return v2.Compose([_ToPILRGB(), ShortSideCenterCrop(size), *flip, v2.ToImage(), to_float])
     raise ValueError(f"unknown augmentation {kind!r}")

@@ -8,7 +8,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rayrcm.objectives import acl, adv_finetune, air, consistency, gaussian, rcm, simclr
+from rayrcm.objectives import (
+    acl,
+    adv_finetune,
+    air,
+    consistency,
+    ddpm,
+    gaussian,
+    moco,
+    rcm,
+    simclr,
+    stablerep,
+)
 from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodConfig, Objective
 from rayrcm.registry import Registry
 
@@ -20,6 +31,9 @@ OBJECTIVES.register("simclr")((simclr.SimCLRConfig, simclr.build))
 OBJECTIVES.register("acl")((acl.ACLConfig, acl.build))
 OBJECTIVES.register("air")((air.AIRConfig, air.build))
 OBJECTIVES.register("adv_finetune")((adv_finetune.AdvFinetuneConfig, adv_finetune.build))
+OBJECTIVES.register("moco")((moco.MoCoConfig, moco.build))
+OBJECTIVES.register("stablerep")((stablerep.StableRepConfig, stablerep.build))
+OBJECTIVES.register("ddpm")((ddpm.DDPMConfig, ddpm.build))
 
 
 def method_config_class(name: str) -> type[MethodConfig]:

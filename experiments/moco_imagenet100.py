@@ -1,0 +1,117 @@
+"""MoCo-v2 with patch-based non-semantic negatives on ImageNet-100 (seed 004), the seed's commands.
+
+    python experiments/moco_imagenet100.py pretrain [--negatives none|patch] [--alpha 2|3] [--queue 16384|8192] \\
+        --set data.path=DIR
+    python experiments/moco_imagenet100.py probe    --from <pretrain run id | models:/... | path> --set data.path=DIR
+    (pretrain, probe) --dry-run
+
+``data.path`` is an ImageNet-100 folder with ``train/`` and ``val/`` class folders: the 100 classes of
+CMC's list (:data:`IMAGENET100`), as the authors' ``preprocess/imagenet_100_subset.py`` makes it.
+
+Pretraining (README): ``moco-non-sem-neg.py -a resnet50 --lr 0.03 --batch-size 128 --mlp --moco-t 0.2
+--aug-plus --cos --moco-k 16384 --robust nonsem --num-nonsem 1 --alpha 2 --epochs 200 --patch-ratio 16 72``
+(``--moco-k 8192`` and ``--alpha 3`` the other rows of the table); SGD momentum 0.9, wd 1e-4, m = 0.999,
+128-d head, no warm-up. Texture negatives (``--robust texture_syn``) are not built yet. Shuffle BN over
+8 GPU workers (the GPUs of one machine; the README does not say how many), per-GPU BatchNorm.
+
+Linear evaluation (``main_lincls.py -a resnet50 --lr 10.0 --batch-size 128 --epochs 60``): frozen
+encoder in eval mode, SGD momentum 0.9, wd 0, lr x0.1 at epochs 30, 40, 50, RandomResizedCrop + flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
+from rayrcm.errors import ConfigError, RunFailed
+
+REGISTER_AS = "moco-imagenet100"
+EXPERIMENT = "rayrcm-moco-imagenet100"
+DATA = {"name": "imagefolder", "image_size": 224, "hflip": True, "val_fraction": 0.01, "batch_size": 128,
+        "num_workers": 8}
+WORKERS = 8
+# CMC's ImageNet-100 (HobbitLong/CMC imagenet100.txt), as listed in the authors' preprocess/imagenet_100_subset.py
+IMAGENET100 = (
+    "n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797 "
+    "n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653 "
+    "n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531 "
+    "n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855 "
+    "n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051 "
+    "n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868 "
+    "n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322 "
+    "n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029 "
+    "n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045 "
+    "n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622"
+).split()
+# the README's pretraining command (and the table's other rows: K 8192, alpha 3)
+SEED = {"arch": "resnet50", "lr": 0.03, "batch_size": 128, "moco_t": 0.2, "moco_k": 16384, "moco_m": 0.999,
+        "moco_dim": 128, "num_nonsem": 1, "alpha": 2.0, "epochs": 200, "patch_ratio": (16, 72), "momentum": 0.9,
+        "weight_decay": 1e-4}
+LINCLS = {"lr": 10.0, "batch_size": 128, "epochs": 60, "schedule": (30, 40, 50), "weight_decay": 0.0, "momentum": 0.9}
+
+
+def pretrain_config(negatives: str = "patch", alpha: float = 2.0, queue: int = 16384) -> ExperimentConfig:
+    s = SEED
+    alias = "plain" if negatives == "none" else f"{negatives}-a{alpha:g}"
+    return from_dict({
+        "data": {**DATA, "batch_size": s["batch_size"]},
+        "model": {"encoder": s["arch"]},
+        "method": {"name": "moco", "temperature": s["moco_t"], "queue_size": queue, "momentum": s["moco_m"],
+                   "dim": s["moco_dim"], "mlp": True, "negatives": negatives, "alpha": alpha,
+                   "n_negatives": s["num_nonsem"], "patch_min": s["patch_ratio"][0], "patch_max": s["patch_ratio"][1],
+                   "view": "mocov2", "shuffle_groups": 1},
+        "optim": {"name": "sgd", "lr": s["lr"], "momentum": s["momentum"], "weight_decay": s["weight_decay"],
+                  "weight_decay_all": True, "schedule": "cosine", "warmup_steps": 0},
+        "train": {"name": f"{REGISTER_AS}-k{queue}-{alias}", "epochs": s["epochs"], "workers": WORKERS, "use_gpu": True,
+                  "sync_bn": False, "checkpoint_epochs": 10, "log_every": 50},
+        "tracking": {"experiment": EXPERIMENT, "register_as": REGISTER_AS, "alias": f"k{queue}-{alias}"},
+    })
+
+
+def probe_config(init_from: str) -> ExperimentConfig:
+    c = LINCLS
+    return from_dict({
+        "data": {**DATA, "batch_size": c["batch_size"], "augmentation": "crop", "crop_min": 0.08},
+        "model": {"encoder": SEED["arch"], "init_from": init_from},
+        "method": {"name": "adv_finetune", "mode": "slf", "eval_pgd_steps": 1, "eval_autoattack": False},
+        "optim": {"name": "sgd", "lr": c["lr"], "momentum": c["momentum"], "weight_decay": c["weight_decay"],
+                  "schedule": "step", "milestone_epochs": list(c["schedule"]), "gamma": 0.1},
+        "train": {"name": f"{REGISTER_AS}-lincls", "epochs": c["epochs"], "workers": WORKERS, "use_gpu": True,
+                  "checkpoint_epochs": 5, "log_every": 50},
+        "tracking": {"experiment": EXPERIMENT},
+    })
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("pretrain", "probe"))
+    p.add_argument("--negatives", default="patch", choices=("none", "patch"))
+    p.add_argument("--alpha", type=float, default=2.0)
+    p.add_argument("--queue", type=int, default=16384)
+    p.add_argument("--from", dest="init_from", default=f"models:/{REGISTER_AS}@k16384-patch-a2")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    if args.stage == "pretrain":
+        base = pretrain_config(args.negatives, args.alpha, args.queue)
+    else:
+        base = probe_config(args.init_from)
+    try:
+        cfg = validate(apply_overrides(base, args.overrides), check_paths=not args.dry_run)
+        if args.dry_run:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return
+        from rayrcm.orchestration.trainer import fit
+
+        result = fit(cfg)
+        print(f"[rayrcm] {args.stage} done: run {result.run_id}")
+    except (ConfigError, RunFailed) as err:
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

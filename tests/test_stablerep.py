@@ -1,0 +1,185 @@
+"""StableRep's multi-positive contrastive loss (seed 003): hand values, NT-Xent at n = 2,
+invariances, two workers equal one, and the objective's wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rayrcm.config import ExperimentConfig, apply_overrides
+from rayrcm.errors import ConfigError
+from rayrcm.objectives import build_objective
+from rayrcm.objectives.contrastive import nt_xent
+from rayrcm.objectives.stablerep import StableRepConfig, multi_positive_loss
+
+
+def _groups(g: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g`` groups of ``n`` identical unit vectors, groups orthogonal, view-major like the objective."""
+    h = torch.eye(g).repeat(n, 1)
+    return h, torch.arange(g).repeat(n)
+
+
+@pytest.mark.parametrize("g, n, tau, expected", [(2, 2, 1.0, 0.551445), (2, 3, 1.0, 1.132575), (3, 6, 0.1, 1.609547)])
+def test_hand_values_of_orthogonal_groups(g, n, tau, expected):
+    h, labels = _groups(g, n)
+    total = g * n
+    closed = math.log((n - 1) * math.exp(1 / tau) + total - n) - 1 / tau
+    assert closed == pytest.approx(expected, abs=1e-6)
+    assert multi_positive_loss(h, labels, tau).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_anchor_without_positive_contributes_zero_but_counts_in_the_mean():
+    loss = multi_positive_loss(torch.eye(3), torch.tensor([0, 0, 1]), 1.0)
+    assert loss.item() == pytest.approx(2 * math.log(2) / 3, abs=1e-6)
+    assert loss.item() == pytest.approx(0.462098, abs=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5, 1.0])
+def test_two_views_per_group_is_nt_xent(tau):
+    g = torch.Generator().manual_seed(0)
+    zi, zj = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    got = multi_positive_loss(torch.cat([zi, zj]), torch.arange(6).repeat(2), tau)
+    torch.testing.assert_close(got, nt_xent(zi, zj, tau), rtol=1e-5, atol=1e-6)
+
+
+def test_invariant_to_scale_order_and_label_names():
+    g = torch.Generator().manual_seed(1)
+    h, labels = torch.randn(12, 4, generator=g), torch.randint(0, 4, (12,), generator=g)
+    ref = multi_positive_loss(h, labels, 0.1)
+    scale = torch.rand(12, 1, generator=g) + 0.1
+    torch.testing.assert_close(multi_positive_loss(h * scale, labels, 0.1), ref)  # only directions matter
+    perm = torch.randperm(12, generator=g)
+    torch.testing.assert_close(multi_positive_loss(h[perm], labels[perm], 0.1), ref)  # order of the anchors
+    torch.testing.assert_close(multi_positive_loss(h, (labels * 7 + 3), 0.1), ref)  # names of the groups
+    other = multi_positive_loss(h, torch.arange(12), 0.1)  # no positives anywhere: 0
+    assert other.item() == 0.0
+
+
+def test_gradient_is_finite_with_the_self_mask():
+    h = torch.randn(8, 3, requires_grad=True)
+    multi_positive_loss(h, torch.tensor([0, 0, 1, 1, 2, 2, 3, 4]), 0.1).backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="must be"):
+        multi_positive_loss(torch.randn(4, 3), torch.arange(3))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g), torch.randn(6, 5, generator=g)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, labels, w0 = _inputs()
+        per = x.shape[0] // world
+        w = w0.clone().requires_grad_(True)
+        rows = slice(rank * per, (rank + 1) * per)
+        loss = multi_positive_loss(x[rows] @ w, labels[rows], 0.1, gather=True)
+        loss.backward()
+        dist.all_reduce(w.grad)  # DDP: the average of the workers' gradients
+        w.grad /= world
+        torch.save({"loss": loss.detach(), "grad": w.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_equal_one_worker_on_the_whole_batch(tmp_path):
+    """Two gloo processes, 8 features each: the mean of the workers' losses is the one-process loss
+    on the 16 features and the averaged gradient is its gradient (a wrong self-mask offset fails)."""
+    import torch.multiprocessing as mp
+
+    # spawn, not fork: a fork after this process ran OpenMP kernels (earlier tests) can deadlock the children
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    x, labels, w0 = _inputs()
+    w = w0.clone().requires_grad_(True)
+    ref = multi_positive_loss(x @ w, labels, 0.1)
+    ref.backward()
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close((got[0]["loss"] + got[1]["loss"]) / 2, ref.detach(), rtol=1e-5, atol=1e-6)
+    for r in range(2):
+        torch.testing.assert_close(got[r]["grad"], w.grad, rtol=1e-4, atol=1e-6)
+
+
+def _cfg(*extra: str) -> ExperimentConfig:
+    return apply_overrides(ExperimentConfig(), ["method.name=stablerep", "data.image_size=8", "model.patch_size=4",
+                                                "model.proj_hidden_dim=16", "model.proj_dim=8", *extra])
+
+
+def test_objective_views_groups_and_per_view_batchnorm():
+    cfg = _cfg("method.n_views=3")
+    assert cfg.method.views("weak") == ("stablerep",) * 3
+    assert _cfg("method.view=").method.views("weak") == ("weak",) * 6
+    torch.manual_seed(0)
+    obj = build_objective(cfg, 10)
+    views = [torch.rand(4, 3, 8, 8) for _ in range(3)]
+    out = obj(views, torch.zeros(4, dtype=torch.long), 0)
+    assert torch.isfinite(out.loss)
+    # each view chunk has its own BatchNorm statistics: view 0's projection ignores the other views
+    feats = obj.encoder.forward_features(obj.normalize(torch.cat(views)))
+    alone = obj.projector(feats[:4])
+    changed = obj.encoder.forward_features(obj.normalize(torch.cat([views[0], torch.rand(8, 3, 8, 8)])))
+    torch.testing.assert_close(obj.projector(changed[:4]), alone)
+    assert obj.export() is obj.encoder
+
+
+def test_label_groups_make_same_class_images_positives():
+    cfg = _cfg("method.groups=label", "method.n_views=1")
+    torch.manual_seed(0)
+    obj = build_objective(cfg, 10)
+    x = torch.rand(6, 3, 8, 8)
+    one_class = obj([x], torch.zeros(6, dtype=torch.long), 0).loss
+    all_distinct = obj([x], torch.arange(6), 0).loss
+    assert all_distinct.item() == 0.0 and one_class.item() > 0
+
+
+@pytest.mark.parametrize("key, value", [("temperature", 0.0), ("groups", "caption"), ("n_views", 1), ("view", "nope")])
+def test_bad_values_are_one_line_errors(key, value):
+    with pytest.raises(ConfigError, match=f"method.{key}="):
+        StableRepConfig(**{key: value}).validate(_cfg())
+
+
+@pytest.mark.parametrize("groups", ["label", "image"])
+def test_digits_recipe_keeps_the_seed_method_settings(groups):
+    from helpers import load_experiment
+
+    from rayrcm.config import validate
+
+    recipe = load_experiment("stablerep_digits")
+    cfg = validate(recipe.pretrain_config(groups), check_paths=False)
+    m, o = cfg.method, cfg.optim
+    assert (m.name, m.temperature, m.groups, m.view, m.gather) == ("stablerep", 0.1, groups, "stablerep", True)
+    assert (o.name, o.weight_decay, o.schedule) == ("adamw", 0.1, "cosine") and o.warmup_steps > 0
+    assert cfg.train.sync_bn and cfg.train.workers == 2  # the head's BatchNorm all-reduced over the CPU workers
+    probe = validate(recipe.probe_config("/tmp/encoder.pt"), check_paths=False)
+    assert (probe.method.mode, probe.optim.name) == ("slf", "sgd")
+    assert (probe.optim.momentum, probe.optim.weight_decay) == (0.9, 0.0)
+    assert probe.optim.lr == pytest.approx(0.1 * 128 / 256)
+
+
+@pytest.mark.slow
+def test_digits_recipe_trains_on_a_ray_cluster_with_two_workers(tmp_path, ray_cluster, mlflow_server):
+    """A few steps of the class-grouped recipe on 2 Ray Train workers (features gathered with gradient,
+    the head's BatchNorm all-reduced), tracked in MLflow; the encoder is exported."""
+    from helpers import load_experiment
+
+    from rayrcm.orchestration.trainer import fit
+    from rayrcm.train.checkpoint import load_model_file
+
+    recipe = load_experiment("stablerep_digits")
+    cfg = apply_overrides(recipe.pretrain_config("label"), [
+        "data.batch_size=32", "train.steps=4", "train.checkpoint_every=2", "train.log_every=2", "optim.warmup_steps=1",
+        f"train.storage_path={tmp_path / 'storage'}", "train.name=stablerep-e2e", f"tracking.uri={mlflow_server}",
+        "tracking.experiment=e2e-stablerep", "tracking.register_as=", "tracking.alias="])
+    result = fit(cfg)
+    assert math.isfinite(result.metrics["loss"]) and "multi_pos" in result.metrics
+    state = load_model_file(result.model_file)["model"]
+    assert state and not any(k.startswith("projector.") for k in state)
