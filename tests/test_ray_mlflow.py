@@ -59,7 +59,7 @@ def test_run_is_tracked_once_and_registered(reference, mlflow_server):
     assert torch.equal(by_run.eval()(x), direct(x))
 
 
-def test_worker_failure_resumes_to_thesame_weights(reference, mlflow_server):
+def test_worker_failure_resumes_to_the_same_weights(reference, mlflow_server):
     tmp, ref = reference
     result = fit(_cfg(tmp, mlflow_server, "faulty", "train.fault_at_step=3", "train.max_failures=1"))
     assert (tmp / "storage" / "faulty" / ".fault_injected_at_3").exists()

@@ -29,9 +29,13 @@ def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
         return k, 0
     rank = dist.get_rank()
     if k.requires_grad:
+        import warnings
+
         from torch.distributed.nn.functional import all_gather
 
-        parts = list(all_gather(k))
+        with warnings.catch_warnings():  # deprecated in favour of a private module without this autograd rule
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = list(all_gather(k))
     else:
         parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, k.contiguous())
