@@ -238,3 +238,25 @@ def test_milestones_in_epochs_written_as_whole_numbers_rescale_to_fractions():
     recipe = apply_overrides(ExperimentConfig(), ["train.epochs=90", "optim.schedule=step", "optim.milestone_epochs=30,60"])
     short = apply_overrides(recipe, ["train.epochs=1"])
     assert short.optim.milestone_epochs == pytest.approx((1 / 3, 2 / 3), abs=1e-6)
+
+
+def test_a_job_recorded_before_a_config_key_existed_still_resumes(tmp_path):
+    """Upgrading rayrcm adds config keys: a job whose recorded config lacks one resumes while the key
+    holds its default, and is refused (naming the key) when the rerun sets another value."""
+    from rayrcm.config import ExperimentConfig, apply_overrides
+    from rayrcm.errors import ConfigError
+    from rayrcm.orchestration.trainer import (
+        check_rerun,
+        default_job_config,
+        job_config,
+        write_job_config,
+    )
+
+    cfg = apply_overrides(ExperimentConfig(), ["method.name=gaussian", "train.name=old-job"])
+    recorded = job_config(cfg)
+    older = {k: v for k, v in recorded.items() if k != "optim.clip_after_warmup"}  # as an older version wrote it
+    write_job_config(str(tmp_path), "old-job", older)
+    assert check_rerun(str(tmp_path), "old-job", recorded, default_job_config(cfg)) is True
+    changed = job_config(apply_overrides(cfg, ["optim.clip_after_warmup=true"]))
+    with pytest.raises(ConfigError, match=r"optim.clip_after_warmup \('<unset>' -> True\)"):
+        check_rerun(str(tmp_path), "old-job", changed, default_job_config(cfg))

@@ -97,13 +97,25 @@ def write_job_config(storage: str, job: str, recorded: dict[str, Any]) -> None:
     job_files.write_text(storage, job, JOB_CONFIG_FILE, json.dumps(recorded, indent=1, sort_keys=True))
 
 
-def check_rerun(storage: str, job: str, recorded: dict[str, Any]) -> bool:
-    """Refuse a rerun of ``job`` with another config; True when the job ran before with this one."""
+def default_job_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """:func:`job_config` of the defaults for ``cfg``'s method: the value a key has in a job recorded
+    before that key existed."""
+    from rayrcm.objectives import method_config_class
+
+    return job_config(replace(ExperimentConfig(), method=method_config_class(cfg.method.name)()))
+
+
+def check_rerun(storage: str, job: str, recorded: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
+    """Refuse a rerun of ``job`` with another config; True when the job ran before with this one.
+    A key the recorded config lacks (added by a later rayrcm) counts as unchanged while it holds
+    its default (``defaults``), so upgrading never strands a job."""
     old = read_job_config(storage, job)
     if old is None:
         return False
+    defaults = defaults or {}
     diff = [f"{k} ({old.get(k, '<unset>')!r} -> {recorded.get(k, '<unset>')!r})"
-            for k in sorted(set(old) | set(recorded)) if old.get(k) != recorded.get(k)]
+            for k in sorted(set(old) | set(recorded)) if old.get(k) != recorded.get(k)
+            and not (k not in old and k in defaults and recorded.get(k) == defaults[k])]
     if diff:
         shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise ConfigError("train.name", job, f"this job ran with another config: {shown}; rerun it with its own "
@@ -159,7 +171,7 @@ def prepare(cfg: ExperimentConfig, *, job: bool = False) -> tuple[ExperimentConf
         raise ConfigError("data.batch_size", batch, f"must be divisible by train.workers={workers} (it is the global batch)")
     cfg = replace(cfg, train=replace(cfg.train, storage_path=storage_root(cfg)))
     recorded = job_config(cfg)  # init_from as the user gave it, before it is resolved to a local file
-    ran_before = check_rerun(cfg.train.storage_path, cfg.job_name, recorded) if job else True
+    ran_before = check_rerun(cfg.train.storage_path, cfg.job_name, recorded, default_job_config(cfg)) if job else True
     uri = None
     if cfg.tracking.enabled:
         uri = tracking.normalize_uri(cfg.tracking.uri)
