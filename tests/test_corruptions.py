@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rayrcm.data import corruptions as C
+from rayrcm.data.color import hsv_to_rgb, rgb_to_hsv
 from rayrcm.errors import ConfigError
 
 
@@ -130,7 +131,7 @@ def test_saturate_and_hsv_round_trip():
     rng = np.random.default_rng(0)
     x = rng.random((20, 20, 3))
     x[0, 0], x[1, 1] = 0.0, 0.5
-    assert np.allclose(C._hsv_to_rgb(C._rgb_to_hsv(x)), x)
+    assert np.allclose(hsv_to_rgb(rgb_to_hsv(x)), x)
     grey = np.full((4, 4, 3), 128, np.uint8)
     assert (C.corrupt(grey, "saturate", 1, seed=0, index=0) == 128).all()  # no saturation to scale
     # severity 5 adds 0.2 saturation at hue 0 (red): (V, V * 0.8, V * 0.8)

@@ -23,7 +23,7 @@ from conftest import free_port, start_mlflow_server, stop_mlflow_server
 from rayrcm.cli import main
 from rayrcm.config import ExperimentConfig, apply_overrides
 from rayrcm.errors import TrackingUnavailable
-from rayrcm.orchestration import tracking
+from rayrcm.orchestration import metric_buffer, tracking
 from rayrcm.orchestration.train_worker import UNSENT_FILE
 from rayrcm.orchestration.trainer import fit
 
@@ -41,12 +41,12 @@ def test_the_buffered_logger_outlives_an_outage(tmp_path):
     server = start_mlflow_server(tmp_path, port)
     run_id = tracking.start_job_run(uri, "outage", "job", {})
     said: list[str] = []
-    logger = tracking.BufferedMetricLogger(uri, run_id, say=said.append, retry_s=0.5)
+    logger = metric_buffer.BufferedMetricLogger(uri, run_id, say=said.append, retry_s=0.5)
     logger.log(1, {"loss": 1.0})
     assert logger.close(10) == [] and _history(uri, run_id, "loss") == [1]
     stop_mlflow_server(server)
 
-    logger = tracking.BufferedMetricLogger(uri, run_id, say=said.append, retry_s=0.5)
+    logger = metric_buffer.BufferedMetricLogger(uri, run_id, say=said.append, retry_s=0.5)
     tic = time.perf_counter()
     for step in range(1, 6):  # step 1 again: a step replayed after a resume
         logger.log(step, {"loss": float(step)})
@@ -60,7 +60,7 @@ def test_the_buffered_logger_outlives_an_outage(tmp_path):
 
     server = start_mlflow_server(tmp_path, port)
     try:
-        logger = tracking.BufferedMetricLogger(uri, run_id, say=said.append, pending=unsent, retry_s=0.5)
+        logger = metric_buffer.BufferedMetricLogger(uri, run_id, say=said.append, pending=unsent, retry_s=0.5)
         logger.log(6, {"loss": 6.0})
         assert logger.close(20) == []
         assert _history(uri, run_id, "loss") == [1, 2, 3, 4, 5, 6], "each (key, step) once"

@@ -18,7 +18,7 @@ published CIFAR-10-C numbers (read the released files with :mod:`rayrcm.data.shi
 re-written: ``skimage.filters.gaussian`` -> ``scipy.ndimage.gaussian_filter`` with skimage's
 defaults (``mode='nearest'``, ``truncate=4``); ``cv2.filter2D`` / ``cv2.warpAffine`` ->
 ``scipy.ndimage`` with OpenCV's reflect-101 border (``mode='mirror'``); ``skimage.color`` HSV ->
-:func:`_rgb_to_hsv` / :func:`_hsv_to_rgb`, the same formulas): 12 of the 15 standard corruptions
+:func:`rgb_to_hsv` / :func:`hsv_to_rgb`, the same formulas): 12 of the 15 standard corruptions
 -- gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur, zoom_blur, fog, brightness,
 contrast, elastic_transform, pixelate, jpeg_compression -- and 3 of the 4 extras: speckle_noise,
 gaussian_blur, saturate.
@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rayrcm.data.color import hsv_to_rgb, rgb_to_hsv
 from rayrcm.errors import ConfigError
 
 GENERATED = "generated"
@@ -154,33 +155,6 @@ def _disk(radius: float, alias_blur: float) -> np.ndarray:
     kernel = correlate1d(correlate1d(disk, taps, axis=0, mode="mirror"), taps, axis=1, mode="mirror")
     r = half - int(np.flatnonzero(kernel.any(axis=0)).min())  # symmetric support: crop the zero taps (speed)
     return kernel[half - r:half + r + 1, half - r:half + r + 1]
-
-
-def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """``skimage.color.rgb2hsv`` for ``(..., 3)`` floats in [0, 1] (hue 0 where max == min)."""
-    v = rgb.max(-1)
-    delta = v - rgb.min(-1)
-    safe = np.where(delta == 0, 1.0, delta)
-    s = np.where(delta == 0, 0.0, delta / np.where(v == 0, 1.0, v))
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    h = np.zeros_like(v)
-    h = np.where(r == v, (g - b) / safe, h)  # later cases win, as in skimage
-    h = np.where(g == v, 2.0 + (b - r) / safe, h)
-    h = np.where(b == v, 4.0 + (r - g) / safe, h)
-    h = np.where(delta == 0, 0.0, (h / 6.0) % 1.0)
-    return np.stack([h, s, v], axis=-1)
-
-
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """``skimage.color.hsv2rgb`` for ``(..., 3)`` floats."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    hi = np.floor(h * 6)
-    f = h * 6 - hi
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    hi = hi.astype(np.int64) % 6
-    table = np.stack([np.stack(c, axis=-1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
-                                                      (v, p, q))])
-    return np.take_along_axis(table, hi[None, ..., None].repeat(3, axis=-1), axis=0)[0]
 
 
 def _plasma_fractal(mapsize: int, wibbledecay: float, rng: np.random.Generator) -> np.ndarray:
@@ -307,15 +281,15 @@ def fog(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
 
 
 def brightness(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
-    hsv = _rgb_to_hsv(_unit(img))
+    hsv = rgb_to_hsv(_unit(img))
     hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
-    return np.clip(_hsv_to_rgb(hsv), 0, 1) * 255
+    return np.clip(hsv_to_rgb(hsv), 0, 1) * 255
 
 
 def saturate(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
-    hsv = _rgb_to_hsv(_unit(img))
+    hsv = rgb_to_hsv(_unit(img))
     hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)
-    return np.clip(_hsv_to_rgb(hsv), 0, 1) * 255
+    return np.clip(hsv_to_rgb(hsv), 0, 1) * 255
 
 
 def contrast(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:

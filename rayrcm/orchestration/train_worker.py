@@ -8,7 +8,7 @@ only process that writes to MLflow or the console. Rank 0 marks the job's MLflow
 first step it trains (a rerun that fails before leaves the run as it was).
 
 * Checkpoints never wait on the tracking server: rank 0's metrics go through a
-  :class:`~rayrcm.orchestration.tracking.BufferedMetricLogger`, so an outage is one warning line
+  :class:`~rayrcm.orchestration.metric_buffer.BufferedMetricLogger`, so an outage is one warning line
   while training and checkpointing go on; points still unsent at the end are kept in
   ``<job>/unsent_metrics.jsonl`` and sent by the job's next run (the driver says so).
 * Resuming takes the newest *complete* checkpoint of the job (its ``checkpoint.json`` lists every
@@ -100,7 +100,7 @@ class _Rank0:
         self.rank0 = s.rank == 0
         self.cfg = s.cfg
         if self.rank0 and config.get("run_id"):
-            from rayrcm.orchestration.tracking import BufferedMetricLogger
+            from rayrcm.orchestration.metric_buffer import BufferedMetricLogger
 
             pending = read_unsent(s.cfg.train.storage_path, s.cfg.job_name)
             if pending:

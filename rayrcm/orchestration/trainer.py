@@ -37,7 +37,7 @@ from rayrcm.config import (
 from rayrcm.data.checks import check_dataset
 from rayrcm.errors import ConfigError, NonFiniteLoss, TrackingUnavailable
 from rayrcm.models.classifier import check_encoder_file
-from rayrcm.orchestration import job_files, tracking
+from rayrcm.orchestration import job_files, metric_buffer, tracking
 from rayrcm.orchestration.train_worker import (
     non_finite_marker,
     read_unsent,
@@ -228,7 +228,7 @@ def send_unsent(cfg: ExperimentConfig, uri: str, run_id: str, model_file: Path) 
         raise TrackingUnavailable(uri, reason, f"training finished and its model is {model_file}{kept}; the model was "
                                   "not logged or registered: rerun the same command when the server answers")
     if unsent:
-        sent = tracking.send_points(uri, run_id, unsent)
+        sent = metric_buffer.send_points(uri, run_id, unsent)
         write_unsent(t.storage_path, job, [])
         print(f"[rayrcm] sent {sent} buffered metric points to {uri}", flush=True)
 
