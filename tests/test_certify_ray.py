@@ -201,3 +201,43 @@ def test_a_lost_node_does_not_change_any_result(setup):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_input_specific_sampling_on_one_and_three_workers_gives_the_single_process_certificates(setup):
+    """``--sampling iss``: each image's estimation draws are planned from its selection draws
+    inside the actor; the rows equal the single-process ISS reference on 1 and 3 workers over two
+    nodes, record the draws spent, and analyze shows the total; the fixed job's name refuses it."""
+    from rayrcm.analysis import total_samples
+    from rayrcm.certify import SampleSizePlan, certify_iss
+    from rayrcm.errors import ConfigError
+
+    tmp, model_file, ref_fixed, _ = setup
+    iss = ("smoothing.sampling=iss", "smoothing.max_decline=0.1", "smoothing.n0=200", "smoothing.n=2000")
+    cfg = _cfg(model_file, tmp / "out", "iss-one", 1, *iss)
+    p = certify_job.prepare(cfg)
+    model, _ = build_from_file(model_file)
+    torch.set_num_threads(1)
+    sm = Smoother(model, 10, sigma=0.25, batch=200, block=100, device="cpu")
+    plan = SampleSizePlan(n=2000, sigma=0.25, alpha=0.001, max_decline=0.1)
+    ref = {}
+    for pos, idx in enumerate(p.indices):
+        ref[idx] = certify_iss(sm, p.images[pos].float().div_(255), plan, n0=200, alpha=0.001, seed=0, index=idx, chunk=500)
+    one = certify_job.run(cfg)
+    three = certify_job.run(_cfg(model_file, tmp / "out", "iss-three", 3, *iss))
+    for result in (one, three):
+        rows = result.rows.set_index("idx")
+        assert sorted(rows.index) == sorted(ref)
+        for idx, (cert, sel, est) in ref.items():
+            r = rows.loc[idx]
+            assert list(r.counts_selection) == sel.tolist() and list(r.counts_estimation) == est.tolist()
+            assert r.predict == cert.prediction and r.radius == cert.radius and r.n == est.sum()
+            assert r.samples == 200 + est.sum()
+    assert len({int(n) for n in one.rows["n"]}) > 1, "sample sizes differ between images"
+    assert total_samples(one.rows) < len(ref) * 2200 and one.metrics["samples"] == total_samples(one.rows)
+    proto = (one.out / "protocol.json").read_text()
+    assert '"sampling": "iss"' in proto and '"max_decline": 0.1' in proto
+    table, _ = certify_job.analyze([str(one.out)], log=False)
+    assert table.loc[one.name, "samples"] == total_samples(one.rows)
+    with pytest.raises(ConfigError, match="sampling"):  # the fixed job's folder, another sampling mode
+        certify_job.prepare(_cfg(model_file, tmp / "out", "one-worker", 1, "smoothing.sampling=iss"))
+    assert len(ref_fixed) == len(ref)

@@ -11,6 +11,7 @@ from rayrcm.analysis.certified import (
     summary_table,
     to_latex,
     to_markdown,
+    total_samples,
 )
 from rayrcm.analysis.report import result_labels, write_analysis
 from rayrcm.analysis.results import read_results, write_cohen_tsv
@@ -18,5 +19,5 @@ from rayrcm.analysis.results import read_results, write_cohen_tsv
 __all__ = [
     "STANDARD_RADII", "abstention_rate", "average_certified_radius", "certified_accuracy", "default_radii",
     "plot_curves", "read_results", "result_labels", "summary_metrics", "summary_table", "to_latex", "to_markdown",
-    "write_analysis", "write_cohen_tsv",
+    "total_samples", "write_analysis", "write_cohen_tsv",
 ]

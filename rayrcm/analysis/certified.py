@@ -5,7 +5,9 @@
   accuracy, abstentions counting as errors;
 * ACR (average certified radius, Zhai et al., MACER, ICLR 2020): ``mean(radius * correct)`` over
   all images, abstentions and errors contributing 0;
-* abstention rate: the fraction with ``predict == -1``.
+* abstention rate: the fraction with ``predict == -1``;
+* samples: the Monte Carlo draws spent, summed over the images (selection plus estimation: with
+  input-specific sampling, the cost an ACR was bought at).
 
 Reach: with ``n`` estimation draws no radius can exceed ``sigma * Phi^-1(alpha ** (1 / n))``
 (:func:`rayrcm.certify.stats.max_certifiable_radius`); given that maximum, the radius grid stops
@@ -52,6 +54,17 @@ def certified_accuracy(df: pd.DataFrame, radii: Sequence[float]) -> np.ndarray:
     return np.array([float(np.mean(correct & (radius >= r))) if len(df) else 0.0 for r in radii])
 
 
+def total_samples(df: pd.DataFrame) -> float:
+    """Draws spent on ``df``'s images (``samples``; from the count columns in rows written before
+    it); NaN when the rows do not say (a Cohen-format TSV)."""
+    if "samples" in df and not df["samples"].isna().any():
+        return float(df["samples"].sum())
+    cols = [c for c in ("counts_selection", "counts_estimation", "counts") if c in df]
+    if not cols and len(df):
+        return float("nan")
+    return float(sum(int(np.sum(v)) for c in cols for v in df[c] if isinstance(v, (list, np.ndarray))))
+
+
 def average_certified_radius(df: pd.DataFrame) -> float:
     return float(np.mean(df["radius"].to_numpy(dtype=float) * df["correct"].to_numpy())) if len(df) else 0.0
 
@@ -76,8 +89,11 @@ def summary_table(results: Mapping[str, pd.DataFrame], radii: Sequence[float] | 
         if reach is not None:
             acc = np.where(np.asarray(radii, dtype=float) <= reach + 1e-12, acc, np.nan)
         rows[name] = {**{f"{r:.2f}": a for r, a in zip(radii, acc)}, "ACR": average_certified_radius(df),
-                      "abstain": abstention_rate(df), "images": len(df)}
-    return pd.DataFrame.from_dict(rows, orient="index")
+                      "abstain": abstention_rate(df), "images": len(df), "samples": total_samples(df)}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    if not table.empty and table["samples"].isna().all():  # Cohen-format files do not say
+        table = table.drop(columns="samples")
+    return table
 
 
 def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
@@ -89,6 +105,8 @@ def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
         radii = [r for r in radii if r <= max_radius + 1e-12]
     out = {f"certified_acc_{r:.2f}": float(a) for r, a in zip(radii, certified_accuracy(df, radii))}
     out.update(acr=average_certified_radius(df), abstain_rate=abstention_rate(df), images=float(len(df)))
+    if np.isfinite(total_samples(df)):
+        out["samples"] = total_samples(df)
     if max_radius is not None:
         out["max_certifiable_radius"] = float(max_radius)
     return out
@@ -97,8 +115,8 @@ def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
 def _fmt(col: str, v: object) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"  # beyond the run's reach: not measured
-    if col == "images":
-        return str(int(v))  # type: ignore[call-overload]
+    if col in ("images", "samples"):
+        return f"{int(v):,}"  # type: ignore[call-overload]
     return f"{float(v):.3f}"  # type: ignore[arg-type]
 
 
@@ -122,7 +140,8 @@ def to_latex(table: pd.DataFrame) -> str:
             if isinstance(v, float) and np.isnan(v):
                 cells.append("--")
                 continue
-            cells.append(str(int(v)) if c == "images" else (f"{float(v):.3f}" if c == "ACR" else f"{100 * float(v):.1f}"))
+            cells.append(str(int(v)) if c in ("images", "samples")
+                         else (f"{float(v):.3f}" if c == "ACR" else f"{100 * float(v):.1f}"))
         lines.append(" & ".join([str(name).replace("_", r"\_"), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)

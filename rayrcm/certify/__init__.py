@@ -1,5 +1,6 @@
 """Randomized-smoothing certification (pure PyTorch + scipy/statsmodels; no Ray, no MLflow)."""
 
+from rayrcm.certify.iss import SampleSizePlan, certify_iss
 from rayrcm.certify.protocol import (
     CertifyConfig,
     ComputeConfig,
@@ -31,6 +32,6 @@ from rayrcm.certify.stats import (
 
 __all__ = [
     "ABSTAIN", "ESTIMATION", "PREDICTION", "SELECTION", "Certificate", "CertifyConfig", "ComputeConfig", "Prediction", "Row",
-    "SmoothingConfig", "Smoother", "certified_radius", "certify", "certify_from_counts", "lower_confidence_bound",
-    "max_certifiable_radius",     "noise_seed", "plan_rows", "predict", "predict_from_counts", "select_indices", "validate_certify",
+    "SampleSizePlan", "SmoothingConfig", "Smoother", "certified_radius", "certify", "certify_from_counts", "certify_iss",
+    "lower_confidence_bound", "max_certifiable_radius", "noise_seed", "plan_rows", "predict", "predict_from_counts", "select_indices", "validate_certify",
 ]

@@ -5,6 +5,10 @@ Ordering: every row counts *all* classes, and ``c_A`` is taken from the selectio
 both roles are in. This is the same test as counting ``c_A`` only, because the estimation draws
 are independent of the selection draws (different generator seeds), and it lets selection and
 estimation rows run in parallel. A row delivered twice (a retried actor) is counted once.
+
+Input-specific sampling (``smoothing.sampling=iss``): one row per image (role ``ISS_ROW``); its
+actor counts the selection draws, plans the estimation sample size from them alone
+(:mod:`rayrcm.certify.iss`) and counts that many estimation draws, returning both count vectors.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rayrcm.certify.iss import ISS_ROW, SampleSizePlan
 from rayrcm.certify.protocol import CertifyConfig
 from rayrcm.certify.smoothing import ESTIMATION, PREDICTION, SELECTION, plan_rows
 from rayrcm.certify.stats import certify_from_counts, predict_from_counts
@@ -39,6 +44,8 @@ class CountSettings:
     use_gpu: bool
     cpus_per_worker: float
     plugins: tuple[str, ...] = ()  # imported by each actor before it rebuilds the model
+    n0: int = 0  # iss: the selection (pilot) draws of an ISS row
+    plan: SampleSizePlan | None = None  # iss: the sample-size table (built once, on the driver)
 
     @classmethod
     def from_config(cls, cfg: CertifyConfig) -> CountSettings:
@@ -46,7 +53,16 @@ class CountSettings:
         # .py plugins as absolute paths: an actor's working directory need not be the driver's
         plugins = tuple(str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in cfg.plugins)
         return cls(sigma=s.sigma, seed=s.seed, block=s.block, chunk=s.chunk, batch=c.batch, precision=c.precision,
-                   channels_last=c.channels_last, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, plugins=plugins)
+                   channels_last=c.channels_last, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, plugins=plugins,
+                   n0=s.n0, plan=sample_size_plan(cfg))
+
+
+def sample_size_plan(cfg: CertifyConfig) -> SampleSizePlan | None:
+    """The job's input-specific sample-size table, or None for the fixed protocol."""
+    s = cfg.smoothing
+    if s.sampling != "iss":
+        return None
+    return SampleSizePlan(n=s.n, sigma=s.sigma, alpha=s.alpha, max_decline=s.max_decline, decline=s.decline, step=s.block)
 
 
 class Collector:
@@ -61,8 +77,11 @@ class Collector:
         self.mode, self.sigma, self.alpha = cfg.mode, s.sigma, s.alpha
         self.todo, self.labels = list(todo), labels
         roles = {SELECTION: s.n0, ESTIMATION: s.n} if self.mode == "certify" else {PREDICTION: s.n}
-        self.rows = [dict(pos=pos, index=idx, role=r.role, chunk=r.chunk, num=r.num)
-                     for pos, idx in enumerate(self.todo) for r in plan_rows(idx, roles, s.chunk)]
+        if s.sampling == "iss":  # one row per image: its actor plans the estimation draws
+            self.rows = [dict(pos=pos, index=idx, role=ISS_ROW, chunk=0, num=s.n0 + s.n) for pos, idx in enumerate(self.todo)]
+        else:
+            self.rows = [dict(pos=pos, index=idx, role=r.role, chunk=r.chunk, num=r.num)
+                         for pos, idx in enumerate(self.todo) for r in plan_rows(idx, roles, s.chunk)]
         self.expected = Counter(r["pos"] for r in self.rows)
         self.sums = {pos: {role: np.zeros(int(num_classes), np.int64) for role in roles} for pos in self.expected}
         self.got: dict[int, set[tuple[int, int]]] = {pos: set() for pos in self.expected}
@@ -72,13 +91,18 @@ class Collector:
 
     def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         done = []
-        for pos, role, chunk, num, counts, sec, dev in zip(batch["pos"], batch["role"], batch["chunk"], batch["num"],
-                                                            batch["counts"], batch["seconds"], batch["device"]):
+        pilots = batch.get("selection", [None] * len(batch["pos"]))  # ISS rows carry their selection counts
+        for pos, role, chunk, num, counts, sec, dev, pilot in zip(batch["pos"], batch["role"], batch["chunk"], batch["num"],
+                                                                   batch["counts"], batch["seconds"], batch["device"], pilots):
             pos, key = int(pos), (int(role), int(chunk))
             if key in self.got[pos]:
                 continue  # a retried row delivered twice: identical counts, keep one
             self.got[pos].add(key)
-            self.sums[pos][int(role)] += np.asarray(counts, dtype=np.int64)
+            if int(role) == ISS_ROW:
+                self.sums[pos][SELECTION] += np.asarray(pilot, dtype=np.int64)
+                self.sums[pos][ESTIMATION] += np.asarray(counts, dtype=np.int64)
+            else:
+                self.sums[pos][int(role)] += np.asarray(counts, dtype=np.int64)
             self.seconds[pos] += float(sec)
             self.devices[pos].add(str(dev))
             self.samples += int(num)
@@ -93,10 +117,12 @@ class Collector:
         if self.mode == "certify":
             c = certify_from_counts(sums[SELECTION], sums[ESTIMATION], self.sigma, self.alpha)
             rec.update(predict=c.prediction, radius=c.radius, top_class=c.top_class, n_a=c.n_a, n=c.n, p_a_lower=c.p_a_lower,
+                       samples=int(sums[SELECTION].sum()) + c.n,
                        counts_selection=sums[SELECTION].tolist(), counts_estimation=sums[ESTIMATION].tolist())
         else:
             pr = predict_from_counts(sums[PREDICTION], self.alpha)
-            rec.update(predict=pr.prediction, radius=0.0, n_a=pr.n_a, n_b=pr.n_b, p_value=pr.p_value, counts=sums[PREDICTION].tolist())
+            rec.update(predict=pr.prediction, radius=0.0, n_a=pr.n_a, n_b=pr.n_b, p_value=pr.p_value,
+                       samples=int(sums[PREDICTION].sum()), counts=sums[PREDICTION].tolist())
         rec["correct"] = int(rec["predict"] == label)
         return rec
 

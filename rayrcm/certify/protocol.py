@@ -21,6 +21,8 @@ from rayrcm.overrides import check_finite
 from rayrcm.sections import PRECISIONS, TrackingConfig, check_job_name, default_storage
 
 MODES = ("certify", "predict")
+SAMPLINGS = ("fixed", "iss")
+DECLINES = ("absolute", "relative")  # how an iss max_decline is measured
 SPLITS = ("test", "val")
 
 
@@ -38,6 +40,11 @@ class SmoothingConfig:
     indices: tuple[int, ...] = ()  # explicit dataset indices (instead of skip/max)
     chunk: int = 10_000  # draws per row of work (an image is spread over ceil(n / chunk) rows)
     block: int = 100  # noise is drawn in blocks of this many samples; batches are multiples of it
+    # fixed: n estimation draws for every image (Cohen et al.); iss: input-specific sample sizes of at
+    # most n, chosen from the n0 selection draws (Chen et al., AAAI 2022; rayrcm.certify.iss)
+    sampling: str = "fixed"
+    max_decline: float = 0.05  # iss: the certified-radius decline allowed against the full n
+    decline: str = "absolute"  # iss: max_decline in radius units (absolute) or as a fraction (relative)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,13 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(all(i >= 0 for i in s.indices), "indices", s.indices, "dataset indices are >= 0")
     _check(len(set(s.indices)) == len(s.indices), "indices", s.indices, "must not repeat an index")
     _check(s.block >= 1, "block", s.block, "must be >= 1")
+    _check(s.sampling in SAMPLINGS, "sampling", s.sampling, f"choose one of: {', '.join(SAMPLINGS)}")
+    if s.sampling == "iss":
+        _check(cfg.mode == "certify", "sampling", s.sampling, "input-specific sampling is for certify, not predict")
+        _check(s.decline in DECLINES, "decline", s.decline, f"choose one of: {', '.join(DECLINES)}")
+        top = 1.0 if s.decline == "relative" else math.inf
+        _check(0 < s.max_decline < top, "max_decline", s.max_decline,
+               "must be > 0" + (" and < 1 (a fraction of the radius)" if s.decline == "relative" else " (radius units)"))
     _check(s.chunk >= 1 and s.chunk % s.block == 0, "chunk", s.chunk, f"must be a positive multiple of block={s.block}")
     _check(c.workers >= 1, "workers", c.workers, "must be >= 1")
     _check(c.batch >= 0, "batch", c.batch, "must be >= 0 (0 = automatic)")
@@ -122,9 +136,9 @@ def short_sigma(sigma: float) -> str:
     return f"{sigma:.2f}".replace(".", "_")
 
 
-# keys added to the protocol after results were first written: a protocol.json without them (an
-# older job) compares as equal on them, so its rerun still resumes
-ADDED_KEYS = ("image_size", "crop_pct")
+# keys added to the protocol after results were first written, with the value an older job had:
+# a protocol.json without them compares as that value (None: as any value), so its rerun resumes
+ADDED_KEYS = {"image_size": None, "crop_pct": None, "sampling": "fixed"}
 
 
 def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_classes: int, indices: list[int],
@@ -138,14 +152,23 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
         "n": s.n, "alpha": s.alpha, "seed": s.seed, "chunk": s.chunk, "block": s.block, "skip": s.skip, "max": s.max,
         "explicit_indices": bool(s.indices), "num_images": len(indices), "num_classes": num_classes,
         "precision": cfg.compute.precision, "model_sha256": model_sha256, "image_size": int(image_size),
+        "sampling": s.sampling,
     }
+    if s.sampling == "iss":
+        out.update(max_decline=s.max_decline, decline=s.decline)
     if crop_pct is not None:
         out["crop_pct"] = float(crop_pct)
     return out
 
 
 def protocol_diff(old: dict, new: dict) -> list[str]:
-    """``"key old != new"`` for each key of ``new`` that ``old`` holds otherwise; a key of
-    :data:`ADDED_KEYS` that ``old`` lacks (written before it was recorded) compares as equal."""
-    return [f"{k} {old.get(k)!r} != {v!r}" for k, v in new.items()
-            if old.get(k) != v and not (k in ADDED_KEYS and k not in old)]
+    """``"key old != new"`` for each key of ``new`` that ``old`` holds otherwise, and for each
+    sampling key (``max_decline``, ``decline``) only one of them holds; a key of
+    :data:`ADDED_KEYS` that ``old`` lacks (written before it was recorded) compares as its old value."""
+    def before(k: str) -> object:
+        if k in old or k not in ADDED_KEYS:
+            return old.get(k)
+        return new[k] if ADDED_KEYS[k] is None else ADDED_KEYS[k]
+
+    diff = [f"{k} {before(k)!r} != {v!r}" for k, v in new.items() if before(k) != v]
+    return diff + [f"{k} {old[k]!r} != None" for k in ("max_decline", "decline") if k in old and k not in new]

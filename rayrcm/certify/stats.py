@@ -62,11 +62,14 @@ def certify_from_counts(selection: np.ndarray, estimation: np.ndarray, sigma: fl
 
     ``c_A`` is the top class of ``selection`` (lowest index on ties); ``n_A = estimation[c_A]``.
     Counting every class during estimation and picking ``c_A`` afterwards is the same test as
-    counting only ``c_A``: the estimation draws are independent of the selection draws.
+    counting only ``c_A``: the estimation draws are independent of the selection draws. No
+    estimation draws (an input-specific plan of 0) abstain with ``p_a_lower = 0``.
     """
     c_a = int(np.argmax(selection))
     n = int(np.sum(estimation))
     n_a = int(estimation[c_a])
+    if n == 0:
+        return Certificate(ABSTAIN, 0.0, c_a, 0, 0, 0.0)
     p = lower_confidence_bound(n_a, n, alpha)
     if p < 0.5:
         return Certificate(ABSTAIN, 0.0, c_a, n_a, n, p)

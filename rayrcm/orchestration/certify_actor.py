@@ -10,13 +10,18 @@ import numpy as np
 import torch
 
 from rayrcm.certify.collect import CountSettings
+from rayrcm.certify.iss import ISS_ROW, iss_counts
 from rayrcm.certify.smoothing import Row, Smoother, choose_batch
 from rayrcm.plugins import load_plugins
 
 
 class CountActor:
     """Loads the model and the job's images once; ``__call__`` maps rows
-    ``{pos, index, role, chunk, num}`` to ``{pos, role, chunk, counts, seconds, device}``."""
+    ``{pos, index, role, chunk, num}`` to ``{pos, role, chunk, num, counts, seconds, device}``.
+
+    An ISS row (input-specific sampling) is a whole image: the selection draws, then as many
+    estimation draws as they plan; it returns the estimation ``counts``, the ``selection`` counts
+    and in ``num`` the draws it made."""
 
     def __init__(self, model_ref: Any, images_ref: Any, settings: CountSettings) -> None:
         import ray
@@ -32,7 +37,7 @@ class CountActor:
             torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
         device = torch.device("cuda" if use_gpu else "cpu")
         self.device_name = torch.cuda.get_device_name(device) if use_gpu else "cpu"
-        self.seed = settings.seed
+        self.seed, self.settings = settings.seed, settings
         self.sm = Smoother(model, meta["num_classes"], settings.sigma, batch=settings.batch or settings.block,
                            block=settings.block, device=device, precision=settings.precision,
                            channels_last=settings.channels_last)
@@ -41,14 +46,25 @@ class CountActor:
             choose_batch(self.sm, self.images.shape[1:], limit=limit)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts, seconds = [], []
+        counts, seconds, pilots, nums = [], [], [], []
+        s = self.settings
         for pos, index, role, chunk, num in zip(batch["pos"], batch["index"], batch["role"], batch["chunk"], batch["num"]):
             tic = time.perf_counter()
             x = self.images[int(pos)].float().div_(255)
-            counts.append(self.sm.count_row(x, Row(int(index), int(role), int(chunk), int(num)), self.seed).numpy())
+            if int(role) == ISS_ROW:
+                sel, est = iss_counts(self.sm, x, s.plan, index=int(index), seed=self.seed, n0=s.n0, chunk=s.chunk)
+                counts.append(est)
+                pilots.append(sel)
+                nums.append(int(sel.sum() + est.sum()))
+            else:
+                counts.append(self.sm.count_row(x, Row(int(index), int(role), int(chunk), int(num)), self.seed).numpy())
+                nums.append(int(num))
             seconds.append(time.perf_counter() - tic)
-        return {
+        out = {
             "pos": np.asarray(batch["pos"]), "role": np.asarray(batch["role"]), "chunk": np.asarray(batch["chunk"]),
-            "num": np.asarray(batch["num"]), "counts": np.stack(counts), "seconds": np.asarray(seconds),
+            "num": np.asarray(nums), "counts": np.stack(counts), "seconds": np.asarray(seconds),
             "device": np.asarray([self.device_name] * len(counts)),
         }
+        if pilots:  # a job's rows are all ISS rows or none
+            out["selection"] = np.stack(pilots)
+        return out

@@ -185,8 +185,10 @@ def _run(p: Prepared, run_id: str | None, ray_init: dict[str, Any] | None, show_
         logger = tracking.MetricLogger(p.uri, run_id)
     collector = Collector(cfg, p.todo, p.labels, int(p.meta["num_classes"]))
     progress = _Progress(p, collector, logger)
+    sampling = (f", input-specific sample sizes up to n (radius decline <= {s.max_decline:g}"
+                f"{' of the radius' if s.decline == 'relative' else ''})" if s.sampling == "iss" else "")
     print(f"[rayrcm] {cfg.mode}: {p.name}: {progress.total} images ({progress.before} already done), sigma={s.sigma:g}, "
-          f"n0={s.n0}, n={s.n}, alpha={s.alpha:g}; results in {p.out}", flush=True)
+          f"n0={s.n0}, n={s.n}, alpha={s.alpha:g}{sampling}; results in {p.out}", flush=True)
     if collector.rows:
         ensure_ray(**(ray_init or {}))
         if run_id:

@@ -66,6 +66,8 @@ def _sha256(path: Path) -> str:
 def _default_name(cfg: CertifyConfig, dataset: str, sha: str) -> str:
     s = cfg.smoothing
     parts = [cfg.mode, dataset, cfg.split, sha[:8], f"sigma-{short_sigma(s.sigma)}", f"n{s.n}"]
+    if s.sampling == "iss":  # its own folder: the fixed job of the same model and n stays apart
+        parts.append(f"iss-{s.decline[:3]}{short_sigma(s.max_decline)}")
     if s.indices:
         parts.append("idx" + hashlib.sha1(",".join(map(str, s.indices)).encode()).hexdigest()[:6])
     else:
