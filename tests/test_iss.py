@@ -269,3 +269,15 @@ def test_a_rerun_with_another_sampling_mode_is_a_protocol_change():
     assert protocol_diff(iss, proto(sampling="iss", max_decline=0.1))
     older = {k: v for k, v in fixed.items() if k != "sampling"}  # written before sampling was recorded
     assert protocol_diff(older, fixed) == [] and protocol_diff(older, iss)
+
+
+def test_the_command_line_flags_set_the_sampling_keys():
+    from rayrcm.cli import _parser, certify_config
+
+    args = _parser().parse_args(["certify", "--model", "m.pt", "--sampling", "iss", "--max-decline", "0.1",
+                                 "--decline", "relative", "--n0", "1000"])
+    s = certify_config(args).smoothing
+    assert (s.sampling, s.max_decline, s.decline, s.n0) == ("iss", 0.1, "relative", 1000)
+    assert certify_config(_parser().parse_args(["certify", "--model", "m.pt"])).smoothing.sampling == "fixed"
+    with pytest.raises(SystemExit):  # predict has no sampling flag
+        _parser().parse_args(["predict", "--model", "m.pt", "--sampling", "iss"])
