@@ -28,6 +28,7 @@ from torch import nn
 import rayrcm
 from rayrcm.errors import ConfigError
 from rayrcm.models.classifier import classifier_for
+from rayrcm.models.denoised import denoised_classifier_from_meta
 from rayrcm.models.denoisers import denoiser_from_meta
 from rayrcm.models.encoders import build_encoder
 from rayrcm.overrides import update_dataclass
@@ -63,6 +64,8 @@ def _classifier(meta: dict[str, Any]) -> nn.Module:
 EXPORTS.register("encoder")(ExportKind(_encoder, predicts_classes=False))
 EXPORTS.register("classifier")(ExportKind(_classifier, predicts_classes=True))
 EXPORTS.register("denoiser")(ExportKind(denoiser_from_meta, predicts_classes=False))
+EXPORTS.register("denoised_classifier")(ExportKind(lambda meta: denoised_classifier_from_meta(meta, _classifier(meta)),
+                                                   predicts_classes=True))  # the cadis objective
 
 
 def export_kind(meta: dict[str, Any]) -> str:

@@ -12,9 +12,11 @@ from rayrcm.objectives import (
     acl,
     adv_finetune,
     air,
+    cadis,
     consistency,
     ddpm,
     gaussian,
+    linear_probe,
     moco,
     rcm,
     simclr,
@@ -34,6 +36,8 @@ OBJECTIVES.register("adv_finetune")((adv_finetune.AdvFinetuneConfig, adv_finetun
 OBJECTIVES.register("moco")((moco.MoCoConfig, moco.build))
 OBJECTIVES.register("stablerep")((stablerep.StableRepConfig, stablerep.build))
 OBJECTIVES.register("ddpm")((ddpm.DDPMConfig, ddpm.build))
+OBJECTIVES.register("linear_probe")((linear_probe.LinearProbeConfig, linear_probe.build))
+OBJECTIVES.register("cadis")((cadis.CADISConfig, cadis.build))
 
 
 def method_config_class(name: str) -> type[MethodConfig]:

@@ -34,6 +34,7 @@ class MethodConfig:
     """
 
     export: ClassVar[str] = "encoder"
+    child_of_source: ClassVar[bool] = False  # True: the MLflow run is a child of the run that logged model.init_from
 
     @property
     def stage(self) -> str:
@@ -109,6 +110,13 @@ class Objective(nn.Module):
         """Called on every worker before each (zero-based) data epoch, also the one a resume lands
         in; returns what that epoch trains on (DynACL's strength, an RCS coreset)."""
         return EpochPlan()
+
+    def on_validation(self, val_set: Dataset, *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> dict[str, float]:
+        """Called on every worker before each validation of the exported network, with the held-out
+        split (this worker's shard is ``rank::world``; ``reduce`` sums count vectors over workers);
+        returns further ``val_`` metrics (the linear probe selects its best head here)."""
+        return {}
 
     def export(self) -> nn.Module:
         """The network that is checkpointed as "the model" (encoder or classifier)."""

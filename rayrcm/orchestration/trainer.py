@@ -268,6 +268,8 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
     require_gpus("train.use_gpu", max(t.workers, 1) if t.use_gpu else 0)
     run_id = None
     if uri:  # a rerun's run stays as it was (FINISHED, FAILED) until rank 0 starts a step
+        if parent_run_id is None and ref and cfg.method.child_of_source:  # a probe: a child of its pretraining run
+            parent_run_id = tracking.model_lineage(ref, uri)[0]
         params = {**to_flat_dict(cfg), **({"model.init_from": ref} if ref else {})}
         run_id = tracking.start_job_run(uri, cfg.tracking.experiment, job, params,
                                         tags={"rayrcm.stage": cfg.method.stage, **(tags or {})},

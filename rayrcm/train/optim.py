@@ -33,6 +33,9 @@ def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> li
     ``AdamW(model.parameters())`` and the ACL authors' ``LARS(model.parameters())``."""
     from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 
+    own = getattr(module, "param_groups", None)
+    if callable(own):  # an objective with its own groups (the linear probe: one lr per head)
+        return own(cfg)
     if cfg.weight_decay_all:
         return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
 

@@ -29,8 +29,9 @@ class Validator:
         s, t = self.s, self.s.cfg.train
         if not self.enabled:
             return {}
-        val = evaluate(self.evals, s.objective.export(), s.val_set, prefix="val", device=s.device, rank=s.rank,
-                       world=s.world, seed=t.seed, reduce=s.comm.sum)
+        val = s.objective.on_validation(s.val_set, device=s.device, rank=s.rank, world=s.world, reduce=s.comm.sum)
+        val.update(evaluate(self.evals, s.objective.export(), s.val_set, prefix="val", device=s.device, rank=s.rank,
+                            world=s.world, seed=t.seed, reduce=s.comm.sum))
         if s.rank == 0:
             self.log(step, val)
             best = read_best(self.best_file)
