@@ -38,7 +38,7 @@ PRETRAIN_DIGITS = {"batch_size": 128, "epochs": 20, "optimizer": "adam", "lr": 2
                    "checkpoint_epochs": 5, "log_every": 10}
 RCS_DIGITS = {"warmup": 6, "interval": 4, "val_fraction": 0.1}
 FINETUNE_DIGITS = {"batch_size": 128, "epochs": 10, "decreasing_lr": (5, 8), "checkpoint_epochs": 5, "log_every": 10}
-EVAL_DIGITS = {"eval_max_images": 300, "eval_aa_iters": 50}
+EVAL_DIGITS = {"eval_max_images": 300, "eval_aa_iters": 50, "eval_aa_queries": 500}
 
 
 def pretrain_config(method: str) -> ExperimentConfig:

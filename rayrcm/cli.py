@@ -6,7 +6,7 @@
     rayrcm tune RECIPE --space method.lbd=grid:5,10,20 [--space ...] [--sweep num_samples=2 ...] [--set ...]
     rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 --plugin M ...]
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
-    rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa-apgd [--severities 1,3,5 --corruptions NAMES ...]
+    rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa [--severities 1,3,5 --corruptions NAMES ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
     rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
 
@@ -25,7 +25,8 @@ CERTIFY_FLAGS = {
     "model": "model", "dataset": "dataset", "data_path": "data_path", "split": "split", "name": "name", "out": "out_dir",
     "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
     "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
-    "chunk": "smoothing.chunk", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
+    "chunk": "smoothing.chunk", "sampling": "smoothing.sampling", "max_decline": "smoothing.max_decline",
+    "decline": "smoothing.decline", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
     "precision": "compute.precision", "channels_last": "compute.channels_last",
     "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "plugin": "plugins",
 }
@@ -75,14 +76,19 @@ def _certify_parser(sub, name: str, help_: str) -> None:
     c.add_argument("--split", help="test (default) or val")
     c.add_argument("--sigma", help="noise std in [0, 1] pixel units (default 0.25)")
     if name == "certify":
-        c.add_argument("--n0", help="selection samples (default 100)")
-    c.add_argument("--n", help="estimation samples (default 100000)")
+        c.add_argument("--n0", help="selection samples (default 100; with --sampling iss also the pilot that plans n)")
+    c.add_argument("--n", help="estimation samples (default 100000; with --sampling iss the most an image gets)")
     c.add_argument("--alpha", help="failure probability (default 0.001)")
     c.add_argument("--seed", help="noise seed (default 0)")
     c.add_argument("--skip", help="certify every skip-th image (default 1)")
     c.add_argument("--max", help="stop at this dataset index (default -1: the whole split)")
     c.add_argument("--indices", help="explicit dataset indices, comma separated")
     c.add_argument("--chunk", help="samples per unit of work (default 10000)")
+    if name == "certify":
+        c.add_argument("--sampling", help="fixed (default: n estimation samples per image, Cohen et al.) or iss "
+                                          "(input-specific sample sizes, Chen et al. 2022)")
+        c.add_argument("--max-decline", help="iss: certified-radius decline allowed against the full n (default 0.05)")
+        c.add_argument("--decline", help="iss: absolute (default, radius units) or relative (a fraction of the radius)")
     c.add_argument("--batch", help="samples per forward pass (default 0: fill the device)")
     c.add_argument("--workers", help="counting actors (default 1)")
     c.add_argument("--gpu", action="store_const", const="true", help="one GPU per actor")
@@ -100,11 +106,12 @@ def _certify_parser(sub, name: str, help_: str) -> None:
 
 
 def _evaluate_parser(sub) -> None:
-    e = _sub(sub, "evaluate", "robustness suite (clean, corruptions, PGD, APGD) over a test set, sharded with Ray Data")
+    e = _sub(sub, "evaluate", "robustness suite (clean, corruptions, PGD, AutoAttack) over a test set, sharded with Ray Data")
     e.add_argument("--model", required=True,
                    help="models:/name@alias, models:/name/<version>, a run id, runs:/<id>/model or a model.pt path")
-    e.add_argument("--suite", help="comma separated: clean, corruptions, pgd, aa-apgd, shift "
-                                   "(default clean,corruptions); aa (the standard AutoAttack) is not built yet")
+    e.add_argument("--suite", help="comma separated: clean, corruptions, pgd, aa (the standard AutoAttack: APGD-CE, "
+                                   "APGD-T, FAB-T, Square), aa-apgd (APGD-CE + APGD-T only: faster, an upper bound), "
+                                   "shift (default clean,corruptions)")
     e.add_argument("--severities", help="corruption severities 1-5, comma separated (default 1,3,5)")
     e.add_argument("--corruptions", help="corruption names, comma separated (default: every one that can be generated, "
                                          "or every file of --c-path)")
@@ -120,7 +127,7 @@ def _evaluate_parser(sub) -> None:
     e.add_argument("--seed", help="seed of the generated corruptions and the attacks' starts (default 0)")
     e.add_argument("--shard-size", help="images per unit of work (default 500)")
     e.add_argument("--batch", help="images per forward pass (default 256)")
-    e.add_argument("--eps", help="L-inf budget of pgd and aa-apgd in [0, 1] pixel units (default 8/255)")
+    e.add_argument("--eps", help="L-inf budget of pgd, aa and aa-apgd in [0, 1] pixel units (default 8/255)")
     e.add_argument("--pgd-steps", help="PGD steps (default 20)")
     e.add_argument("--workers", help="evaluation actors (default 1)")
     e.add_argument("--gpu", action="store_const", const="true", help="one GPU per actor")

@@ -93,7 +93,7 @@ def _plain_released(model_file, root: Path, corruption: str, severity: int, n: i
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--suite", "clean,aa"], "suite='aa' is invalid: the standard AutoAttack"),
+    (["--suite", "clean,aa", "--set", "aa_queries=0"], "aa_queries=0 is invalid: must be >= 1"),
     (["--suite", "clean,bogus"], "suite='bogus' is invalid: choose from"),
     (["--severities", "0,3"], "severities='0,3' is invalid"),
     (["--corruptions", "frost"], "corruption='frost' is invalid: not generated here"),
@@ -158,7 +158,7 @@ def test_tables_of_a_hand_made_result():
     assert list(table.columns) == ej.RESULT_COLUMNS and len(table) == 6
     assert table.iloc[0].accuracy == pytest.approx(0.9) and table["images"].tolist() == [10, 10, 10, 10, 10, 10]
     head = ej.headline(table)
-    assert head == pytest.approx({"SA": 0.9, "AA-APGD (upper bound)": 0.2, "CS-1 (generated)": 0.5,
+    assert head == pytest.approx({"SA": 0.9, "APGD-CE+APGD-T (upper bound)": 0.2, "CS-1 (generated)": 0.5,
                                   "CS-5 (generated)": 0.1})
     md, tex = ej.to_markdown(table), ej.to_latex(table)
     assert "| digits-c-generated | fog | 5 | generated | none | 10 | 0.100 |" in md
@@ -273,7 +273,7 @@ def test_the_table_and_plot_list_every_corruption_and_severity(setup):
     assert (result.out / "accuracy_vs_severity.png").stat().st_size > 1000
     saved = pd.read_parquet(result.out / "results.parquet")
     assert list(saved.columns) == evaluate_job.RESULT_COLUMNS and len(saved) == 7
-    assert "PGD-3" in md and "AA-APGD (upper bound)" in md
+    assert "PGD-3" in md and "APGD-CE+APGD-T (upper bound)" in md
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ def test_acl_then_slf_and_aff_on_digits(ray_cluster, mlflow_server, tmp_path):
     encoder = fit(pre).model_file
     tune = [*common, "method.name=adv_finetune", f"model.init_from={encoder}", "data.val_fraction=0", "optim.name=sgd",
             "optim.lr=0.05", "optim.schedule=step", "optim.milestones=60", "train.steps=80", "train.checkpoint_every=1000",
-            "method.pgd_steps=5", "method.eval_max_images=200", "method.eval_aa_iters=10", "method.eval_aa_targets=3",
+            "method.pgd_steps=5", "method.eval_max_images=200", "method.eval_aa_iters=10", "method.eval_aa_targets=3", "method.eval_aa_queries=50",
             "train.eval_sigmas=0.25"]
     cfgs = {m: apply_overrides(ExperimentConfig(), [*tune, f"method.mode={m}"]) for m in ("slf", "aff")}
     result = run_all(cfgs, name="acl-e2e-transfer")

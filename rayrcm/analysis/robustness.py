@@ -1,6 +1,7 @@
 """The robustness profile's tables and plot: shard rows of ``rayrcm evaluate`` -> one row per
-(set, corruption, severity, attack) in the result schema, headline SA / PGD / AA-APGD / CS-s
-numbers, Markdown and LaTeX tables, and accuracy against severity per corruption."""
+(set, corruption, severity, attack) in the result schema, headline SA / PGD / AutoAttack (standard)
+/ APGD-CE+APGD-T (upper bound) / CS-s numbers, Markdown and LaTeX tables, and accuracy against
+severity per corruption."""
 
 from __future__ import annotations
 
@@ -37,16 +38,19 @@ def results_table(rows: pd.DataFrame, model: str | None = None) -> pd.DataFrame:
 
 
 def _attack_label(attack: str) -> str:
-    if attack == "aa-apgd":
-        return "AA-APGD (upper bound)"
+    from rayrcm.attacks.autoattack import LABELS
+
+    if attack in LABELS:
+        return LABELS[attack]
     if attack.startswith("pgd"):
         return f"PGD-{attack[3:]}"
     return attack
 
 
 def headline(table: pd.DataFrame) -> dict[str, float]:
-    """The seed-001 row: SA, PGD-k, AA-APGD (upper bound) on the clean set, and CS-s (mean accuracy
-    over the corruptions at severity s; ``(generated)`` when the corruptions were generated here)."""
+    """The seed-001 row: SA, PGD-k, AutoAttack (standard), APGD-CE+APGD-T (upper bound) on the clean
+    set, and CS-s (mean accuracy over the corruptions at severity s; ``(generated)`` when the
+    corruptions were generated here)."""
     out: dict[str, float] = {}
     clean = table[table["corruption"] == NONE]
     for r in clean.itertuples():
@@ -146,4 +150,4 @@ def metric_name(r: Any) -> str:
 
 def headline_metric(key: str) -> str:
     return key.lower().replace(" (upper bound)", "_upper_bound").replace(" (generated)", "_generated") \
-        .replace("-", "").replace(" ", "_")
+        .replace(" (standard)", "_standard").replace("+", "_").replace("-", "").replace(" ", "_")

@@ -4,13 +4,17 @@
   (classifier attack), :func:`pgd_kl` (TRADES' inner maximization); ACL's contrastive attack is
   :func:`pgd` on the contrastive loss of a pair of views (see :mod:`rayrcm.objectives.acl`).
 * :func:`apgd_ce`, :func:`apgd_targeted`, :func:`autoattack_robust` (APGD-CE + APGD-T, the
-  standard AutoAttack's first two attacks).
+  standard AutoAttack's first two attacks: "APGD-CE+APGD-T (upper bound)").
+* :func:`standard_autoattack`: Croce & Hein's standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square;
+  the last two from torchattacks): "AutoAttack (standard)".
 """
 
 from rayrcm.attacks.apgd import apgd_ce, apgd_run, apgd_targeted, autoattack_robust, dlr_targeted
+from rayrcm.attacks.autoattack import AutoAttackResult, standard_autoattack
 from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd, pgd_ce, pgd_kl, project, random_start
 
 __all__ = [
+    "AutoAttackResult",
     "NORMS",
     "PGDConfig",
     "apgd_ce",
@@ -23,4 +27,5 @@ __all__ = [
     "pgd_kl",
     "project",
     "random_start",
+    "standard_autoattack",
 ]

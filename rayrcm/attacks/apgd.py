@@ -17,8 +17,9 @@ Losses: CE, and the targeted difference of logits ratio
 ``DLR_t(z, y) = -(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)`` (``z_(i)`` the i-th largest logit)
 against each of the ``n_targets`` highest non-true classes of the clean input. AutoAttack's
 "standard" version runs APGD-CE (100 iterations, 1 restart) then APGD-T (100 iterations, 9 targets)
-on the points still robust; its last two attacks (FAB-T, Square) rarely change the number and are
-not run here, which is said wherever the number is reported ("AA" = APGD-CE + APGD-T).
+on the points still robust, then FAB-T and Square (:mod:`rayrcm.attacks.autoattack`);
+:func:`autoattack_robust` is its first two attacks only, "APGD-CE+APGD-T (upper bound)" wherever the
+number is reported.
 """
 
 from __future__ import annotations

@@ -5,6 +5,6 @@ from rayrcm.eval.base import EVALUATIONS, Evaluation, build_evaluations, evaluat
 
 EVALUATIONS.register("noisy")(accuracy.NoisyAccuracy.from_config)  # clean + one noise draw at train.eval_sigmas
 EVALUATIONS.register("smoothed")(accuracy.SmoothedAccuracy.from_config)  # majority vote of train.eval_votes draws
-EVALUATIONS.register("robust")(robust.RobustAccuracy.from_config)  # SA / PGD-k / AutoAttack (APGD-CE + APGD-T)
+EVALUATIONS.register("robust")(robust.RobustAccuracy.from_config)  # SA / PGD-k / AutoAttack (standard) and its APGD upper bound
 
 __all__ = ["EVALUATIONS", "Evaluation", "build_evaluations", "evaluate"]

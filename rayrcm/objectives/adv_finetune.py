@@ -61,13 +61,16 @@ class AdvFinetuneConfig(MethodConfig):
     eval_aa_iters: int = 100
     eval_aa_targets: int = 9
     eval_max_images: int = 0  # 0 = the whole test split
+    eval_aa_version: str = "standard"  # standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) | apgd (an upper bound)
+    eval_aa_queries: int = 5000  # Square's queries in the standard version
 
     def attack(self) -> PGDConfig:
         return PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps, True)
 
     def robust_eval(self) -> RobustEvalConfig:
         return RobustEvalConfig(self.norm, self.eps, self.step_size, self.eval_pgd_steps, self.eval_autoattack,
-                                self.eval_aa_iters, self.eval_aa_targets, self.eval_max_images)
+                                self.eval_aa_iters, self.eval_aa_targets, self.eval_max_images,
+                                aa_version=self.eval_aa_version, aa_queries=self.eval_aa_queries)
 
     def evals(self) -> tuple[str, ...]:
         return ("robust",)  # SA / PGD-20 / AA on the test split, the seed's protocol

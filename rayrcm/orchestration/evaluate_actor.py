@@ -37,6 +37,7 @@ class ShardSettings:
     pgd_steps: int = 20
     aa_iters: int = 100
     aa_targets: int = 9
+    aa_queries: int = 5000
     norm: str = "linf"
     image_size: int = 32
     num_classes: int = 10
@@ -50,6 +51,15 @@ class ShardSettings:
 def shard_seed(seed: int, key: str) -> int:
     """The torch seed of a shard's attack: a function of the job's seed and the shard's key only."""
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
+
+
+def attack_seed_key(key: str) -> str:
+    """The key a shard's attack is seeded from: its own, except that ``aa`` replays the draws of the
+    same shard's ``aa-apgd`` (its first two attacks are the same), so per shard AA <= AA-APGD."""
+    parts = key.split("|")
+    if len(parts) == 5 and parts[3] == "aa":
+        parts[3] = "aa-apgd"
+    return "|".join(parts)
 
 
 def shard_images(row: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
@@ -85,13 +95,14 @@ def shard_images(row: dict[str, Any], images: torch.Tensor, labels: torch.Tensor
 def shard_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack: str, settings: ShardSettings, *,
                   key: str, device: torch.device | str = "cpu") -> int:
     """How many of the shard's images the model classifies right (under ``attack``: ``none``,
-    ``pgd<k>`` (L-inf PGD-k, random start) or ``aa-apgd`` (APGD-CE then APGD-T; an upper bound on
-    AutoAttack's number)), in batches of ``settings.batch``."""
-    from rayrcm.attacks import PGDConfig, autoattack_robust, pgd_ce
+    ``pgd<k>`` (L-inf PGD-k, random start), ``aa`` (the standard AutoAttack: APGD-CE, APGD-T, FAB-T,
+    Square) or ``aa-apgd`` (APGD-CE then APGD-T; an upper bound on AutoAttack's number)), in batches
+    of ``settings.batch``."""
+    from rayrcm.attacks import PGDConfig, autoattack_robust, pgd_ce, standard_autoattack
 
     model.eval()
     if attack != NONE:
-        torch.manual_seed(shard_seed(settings.seed, key))
+        torch.manual_seed(shard_seed(settings.seed, attack_seed_key(key)))
     correct = 0
     for lo in range(0, len(y), settings.batch):
         x = x_u8[lo:lo + settings.batch].to(device).float().div_(255)
@@ -104,6 +115,10 @@ def shard_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack:
             x_adv = pgd_ce(model, x, t, cfg)
             with torch.no_grad():
                 correct += int((model(x_adv).argmax(1) == t).sum())
+        elif attack == "aa":
+            correct += int(standard_autoattack(model, x, t, eps=settings.eps, norm=settings.norm,
+                                               n_iter=settings.aa_iters, n_targets=settings.aa_targets,
+                                               n_queries=settings.aa_queries).robust.sum())
         elif attack == "aa-apgd":
             correct += int(autoattack_robust(model, x, t, eps=settings.eps, norm=settings.norm,
                                              n_iter=settings.aa_iters, n_targets=settings.aa_targets).sum())

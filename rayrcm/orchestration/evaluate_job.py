@@ -1,7 +1,7 @@
 """The robustness evaluation suite as one Ray Data job: clean accuracy, common corruptions
-(generated or released), PGD and APGD, sharded over actors, resumable, with one result schema.
+(generated or released), PGD and AutoAttack, sharded over actors, resumable, with one result schema.
 
-    rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa-apgd --severities 1,3,5
+    rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa --severities 1,3,5
 
 **Result schema** (one row per evaluated cell; ``results.parquet`` / ``results.csv`` of the job
 folder, :data:`RESULT_COLUMNS`):
@@ -15,9 +15,9 @@ corruption ``none`` for a clean set, else the corruption's name (``contrast``, .
 severity   0 for a clean set, else 1-5
 generated  True for corruptions generated here (new random draws with CIFAR-10-C's parameters, keyed by
            ``(seed, image index, corruption, severity)``; not comparable with published CIFAR-10-C numbers)
-attack     ``none``, ``pgd<k>`` (L-inf PGD-k, random start) or ``aa-apgd`` (APGD-CE then APGD-T: the first
-           two attacks of AutoAttack, an upper bound on its robust accuracy; the standard AutoAttack with
-           FAB-T and Square is not built yet)
+attack     ``none``, ``pgd<k>`` (L-inf PGD-k, random start), ``aa`` (the standard AutoAttack: APGD-CE,
+           APGD-T, FAB-T, Square; "AutoAttack (standard)" in the tables) or ``aa-apgd`` (APGD-CE then
+           APGD-T only: "APGD-CE+APGD-T (upper bound)", faster; :mod:`rayrcm.attacks.autoattack`)
 images     images evaluated
 correct    images classified right (and, under an attack, not broken by it)
 accuracy   correct / images
@@ -43,7 +43,8 @@ dataset, split, images, seed, shard size, batch, attack budget) differs is refus
 :mod:`rayrcm.data.shift` (ImageNet-Sketch, ImageNet-R, Stylized-ImageNet) are not wired in yet.
 
 **Outputs.** ``results.parquet``/``results.csv`` (the schema above), ``table.md``/``table.tex`` (a
-headline row SA / PGD / AA-APGD / CS-s per severity, then every cell) and
+headline row SA / PGD / AutoAttack (standard) / APGD-CE+APGD-T (upper bound) / CS-s per severity,
+then every cell) and
 ``accuracy_vs_severity.png`` (one line per corruption); with tracking on, all of it is logged to an
 MLflow run that is a child of the run that logged the model.
 """
@@ -80,10 +81,7 @@ ROWS_DIR = "rows"
 ROW_COLUMNS = ["key", "model", "set", "corruption", "severity", "generated", "attack", "shard", "images", "correct",
                "seconds", "device"]
 SUITES = ("clean", "corruptions", "pgd", "aa-apgd", "aa", "shift")
-NOT_BUILT = {
-    "aa": "the standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) is not built yet (FAB-T and Square are missing); "
-          "use aa-apgd: APGD-CE + APGD-T only, an upper bound on AutoAttack's robust accuracy",
-}
+NOT_BUILT: dict[str, str] = {}  # suite part -> why it is refused (none today)
 SPLITS = ("test", "val")
 
 __all__ = ["EvaluateConfig", "EvaluateResult", "RESULT_COLUMNS", "config_from_args", "headline", "prepare",
@@ -108,11 +106,12 @@ class EvaluateConfig:
     seed: int = 0  # corruption draws and attack starts
     shard_size: int = 500  # images per row of work
     batch: int = 256  # images per forward pass
-    eps: float = 8 / 255  # L-inf budget of pgd and aa-apgd, [0, 1] pixel units
+    eps: float = 8 / 255  # L-inf budget of pgd, aa and aa-apgd, [0, 1] pixel units
     step_size: float = 2 / 255
     pgd_steps: int = 20
-    aa_iters: int = 100
-    aa_targets: int = 9
+    aa_iters: int = 100  # APGD's and FAB-T's iterations
+    aa_targets: int = 9  # APGD-T's and FAB-T's target classes
+    aa_queries: int = 5000  # Square's queries (aa)
     name: str = ""  # job name (results folder and MLflow run); rerunning it resumes
     out_dir: str = field(default_factory=lambda: default_storage("evaluate"))
     workers: int = 1
@@ -167,6 +166,7 @@ def validate(cfg: EvaluateConfig) -> EvaluateConfig:
     _check(cfg.step_size > 0, "step_size", cfg.step_size, "must be > 0")
     _check(cfg.pgd_steps >= 1 and cfg.aa_iters >= 1 and cfg.aa_targets >= 1, "pgd_steps",
            (cfg.pgd_steps, cfg.aa_iters, cfg.aa_targets), "steps, iterations and targets must be >= 1")
+    _check(cfg.aa_queries >= 1, "aa_queries", cfg.aa_queries, "must be >= 1")
     _check(cfg.workers >= 1, "workers", cfg.workers, "must be >= 1")
     _check(cfg.gpus_per_worker > 0 and cfg.cpus_per_worker > 0, "cpus_per_worker",
            (cfg.gpus_per_worker, cfg.cpus_per_worker), "resources per worker must be > 0")
@@ -228,8 +228,8 @@ def _cells(cfg: EvaluateConfig, dataset: str, num_classes: int) -> list[Cell]:
             out.append(Cell(dataset, NONE, 0, False, NONE, "clean"))
         elif part == "pgd":
             out.append(Cell(dataset, NONE, 0, False, f"pgd{cfg.pgd_steps}", "clean"))
-        elif part == "aa-apgd":
-            out.append(Cell(dataset, NONE, 0, False, "aa-apgd", "clean"))
+        elif part in ("aa", "aa-apgd"):
+            out.append(Cell(dataset, NONE, 0, False, part, "clean"))
         elif part == "corruptions" and cfg.c_path:
             from rayrcm.data.shift import cifar_c_corruptions
 
@@ -297,6 +297,7 @@ def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> None:
         return
     old = json.loads(f.read_text())
     old.pop("model", None)
+    old.setdefault("aa_queries", EvaluateConfig.aa_queries)  # recorded before Square ran: its default
     diff = protocol_diff(old, protocol)
     if diff:
         raise ConfigError("name", name,
@@ -354,6 +355,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
         "indices_sha1": hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest(), "seed": cfg.seed,
         "shard_size": cfg.shard_size, "batch": cfg.batch, "norm": "linf", "eps": cfg.eps, "step_size": cfg.step_size,
         "pgd_steps": cfg.pgd_steps, "aa_iters": cfg.aa_iters, "aa_targets": cfg.aa_targets,
+        "aa_queries": cfg.aa_queries,
     }
     _check_protocol(out, protocol, name)
     rows = _shards(cells, indices, cfg.shard_size, cfg.model, cfg.skip, cfg.max_images)
@@ -372,7 +374,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     experiment = cfg.tracking.experiment or experiment or "rayrcm-evaluate"
     settings = ShardSettings(seed=cfg.seed, batch=cfg.batch, eps=cfg.eps, step_size=cfg.step_size,
                              pgd_steps=cfg.pgd_steps, aa_iters=cfg.aa_iters, aa_targets=cfg.aa_targets,
-                             image_size=data.image_size, num_classes=num_classes,
+                             aa_queries=cfg.aa_queries, image_size=data.image_size, num_classes=num_classes,
                              c_path=str(Path(cfg.c_path).expanduser().resolve()) if cfg.c_path else "",
                              shift_path=str(Path(cfg.shift_path).expanduser().resolve()) if cfg.shift_path else "",
                              use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, plugins=cfg.plugins)

@@ -2,7 +2,8 @@
 
 Each mode is one Ray Train run (:func:`rayrcm.orchestration.trainer.fit` with
 ``method.name=adv_finetune``), a child of one MLflow parent run. Each run ends with the robust
-evaluation of its model on the test split (SA, PGD-20, AA; :mod:`rayrcm.eval.robust`). The parent
+evaluation of its model on the test split (SA, PGD-20 and "AutoAttack (standard)": APGD-CE, APGD-T,
+FAB-T and Square, the protocol of ``rayrcm evaluate --suite aa``; :mod:`rayrcm.eval.robust`). The parent
 holds the table (``robustness.md``/``.csv``) and one metric per cell (``slf_sa``, ``aff_aa``, ...);
 the table is printed. Rerunning the same command resumes: finished modes are not trained again.
 """
@@ -19,7 +20,7 @@ from rayrcm.config import ExperimentConfig, to_flat_dict, validate
 from rayrcm.orchestration import tracking
 
 MODES = ("slf", "alf", "aff")
-COLUMNS = (("sa", "SA"), ("pgd20", "PGD-20"), ("aa", "AA"))
+COLUMNS = (("sa", "SA"), ("pgd20", "PGD-20"), ("aa", "AutoAttack (standard)"))
 
 
 @dataclass
