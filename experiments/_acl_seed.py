@@ -113,6 +113,7 @@ def finetune_tree(mode: str, cmd: dict[str, Any], common: dict[str, Any], *, ini
                    "pgd_steps": common["num_steps_train"], "beta": common["beta"], "eval_pgd_steps": common["num_steps_test"],
                    **(eval_extra or {})},
         "optim": {"name": "sgd", "lr": cmd["lr"], "momentum": common["momentum"], "weight_decay": common["weight_decay"],
+                  "nesterov": bool(common.get("nesterov", False)),
                   "schedule": "step", "milestone_epochs": list(cmd["decreasing_lr"]), "gamma": 0.1},
         "train": {"name": f"{name}-{mode}", "epochs": cmd["epochs"], "workers": workers, "use_gpu": use_gpu,
                   "eval_sigmas": (0.25,), "checkpoint_epochs": cmd.get("checkpoint_epochs", 5),

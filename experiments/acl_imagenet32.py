@@ -12,7 +12,7 @@ temperature 0.1 in the loss and the attack, ACL without DynACL's schedule, the l
 first after 20 warm-up epochs and again every 10, greedy step 0.01. The other methods (not run by
 the authors on ImageNet-32) keep the CIFAR values of _acl_seed.py with the WRN, its 640-wide
 projector and 200 epochs. Fine-tuning to CIFAR-10 uses the authors' ``transfer.py`` /
-``adv_tune.py`` learning rates: SLF 0.01, ALF and AFF 0.1.
+``adv_tune.py`` learning rates (SLF 0.01, ALF and AFF 0.1) and their Nesterov momentum.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def pretrain_config(method: str) -> ExperimentConfig:
 
 def finetune_config(mode: str, method: str, init_from: str | None = None) -> ExperimentConfig:
     ref = init_from or f"models:/{REGISTER_AS}@{method.replace('_', '-')}"
-    return from_dict(finetune_tree(mode, {**FINETUNE[mode], "lr": LRS[mode]}, FINETUNE_COMMON, init_from=ref, data=FINETUNE_DATA,
+    # the authors' transfer.py / adv_tune.py: SGD(..., nesterov=True)
+    common = {**FINETUNE_COMMON, "nesterov": True}
+    return from_dict(finetune_tree(mode, {**FINETUNE[mode], "lr": LRS[mode]}, common, init_from=ref, data=FINETUNE_DATA,
                                    encoder="wrn28_10", name=f"{REGISTER_AS}-{method.replace('_', '-')}-to-cifar10",
                                    experiment=EXPERIMENT, workers=4))
 

@@ -78,6 +78,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = False  # sgd: Nesterov momentum (torch's and most seeds' default is plain momentum)
     layer_decay: float = 1.0  # 1.0 = off
     warmup_steps: int = 0
     min_lr: float = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rayrcm.config import (
     ExperimentConfig,
@@ -90,3 +91,18 @@ def test_yaml_and_python_recipes(tmp_path):
     bad.write_text("optim:\n  nosuch: 1\n")
     with pytest.raises(ConfigError, match="optim.nosuch"):
         load_recipe(bad)
+
+
+def test_sgd_is_plain_momentum_unless_nesterov_is_asked():
+    """The seeds call ``torch.optim.SGD(momentum=0.9)`` (plain) except where they pass
+    ``nesterov=True``; timm's own ``sgd`` is Nesterov, so the name alone must not decide it."""
+    from torch import nn
+
+    from rayrcm.config import apply_overrides
+    from rayrcm.train.optim import build_optimizer
+
+    net = nn.Linear(3, 2)
+    for extra, nesterov in (([], False), (["optim.nesterov=true"], True)):
+        cfg = apply_overrides(ExperimentConfig(), ["optim.name=sgd", "optim.momentum=0.9", *extra])
+        opt = build_optimizer(net, net, cfg.optim)
+        assert isinstance(opt, torch.optim.SGD) and all(g["nesterov"] is nesterov for g in opt.param_groups)

@@ -180,6 +180,7 @@ def test_acl_transfer_to_cifar100_matches_the_seed(mode, method):
     cfg = validate(_load("acl_cifar10").finetune_config(mode, method), check_paths=False)
     assert (cfg.data.name, cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs) == ("cifar100", batch, lr, epochs)
     assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.schedule) == ("sgd", 0.9, 2e-4, "step")
+    assert not cfg.optim.nesterov  # finetuning_utils.py: optim.SGD(..., momentum=args.momentum), no Nesterov
     assert cfg.optim.milestone_epochs == milestones and cfg.model.init_from == f"models:/acl-cifar10@{method}"
     m = cfg.method
     assert (m.mode, m.eps, m.step_size, m.pgd_steps, m.beta, m.eval_pgd_steps) == (mode, 8 / 255, 2 / 255, 10, 6.0, 20)
@@ -198,3 +199,10 @@ def test_acl_imagenet32_rcs_uses_the_rcs_authors_imagenet32_script():
         "lars", 0.6, 1e-6, True, 2, 1e-6, 200)
     assert (m.temperature, m.dynamic, m.weight, m.scale, m.pgd_steps, m.eps, m.step_size) == (0.1, False, 0.0, 0.5, 5, 8 / 255, 2 / 255)
     assert (m.rcs_fraction, m.rcs_warmup_epochs, m.rcs_interval_epochs, m.rcs_lr, cfg.data.val_fraction) == (0.05, 20, 10, 0.01, 0.005)
+
+
+@pytest.mark.parametrize("mode", ["slf", "alf", "aff"])
+def test_acl_imagenet32_transfer_uses_nesterov_momentum_as_the_authors(mode):
+    # ACL_RCS/ImageNet_32/transfer.py and adv_tune.py: optim.SGD(..., nesterov=True)
+    cfg = validate(_load("acl_imagenet32").finetune_config(mode, "acl_rcs"), check_paths=False)
+    assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.nesterov) == ("sgd", 0.9, True)

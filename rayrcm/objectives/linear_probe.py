@@ -15,8 +15,8 @@ group with learning rate
     lr_h = base_lr_h * B / lr_batch        (B = data.batch_size, the global batch; lr_batch = 0: lr_h = base_lr_h)
 
 and the run's schedule (timm's, ``optim.schedule``) scales every group alike. ``optim.lr`` is not
-used by the heads. With ``optim.name=sgd`` the heads use plain momentum (``nesterov=False``), as
-both seeds' ``torch.optim.SGD``; timm's ``sgd`` would otherwise be Nesterov.
+used by the heads. ``optim.name=sgd`` is plain momentum (``optim.nesterov=false``), as both
+seeds' ``torch.optim.SGD``.
 
 Before every validation (:meth:`LinearProbeObjective.on_validation`) each head's accuracy is
 counted on the held-out validation split (never the test set); the best head (the first on ties)
@@ -185,8 +185,7 @@ class LinearProbeObjective(Objective):
 
     def param_groups(self, optim: Any) -> list[dict]:
         """One optimizer param group per head, with that head's learning rate (see the module docstring)."""
-        extra = {"nesterov": False} if optim.name == "sgd" else {}
-        return [{"params": list(head.parameters()), "lr": lr, "weight_decay": optim.weight_decay, **extra}
+        return [{"params": list(head.parameters()), "lr": lr, "weight_decay": optim.weight_decay}
                 for head, lr in zip(self.heads, self.lrs)]
 
     @torch.no_grad()

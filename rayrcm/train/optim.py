@@ -60,7 +60,9 @@ def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) ->
     if cfg.name == "lars":  # the ACL authors' LARS: trust ratio eta |w| / (|g| + wd |w|) on every parameter
         kwargs.update(always_adapt=True, trust_coeff=0.001, trust_clip=False, eps=0.0)
     groups = param_groups(module, exported, cfg)
-    return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    # timm's "sgd" is Nesterov; torch.optim.SGD (what the seeds call) is plain momentum unless asked
+    opt = ("nesterov" if cfg.nesterov else "momentum") if cfg.name == "sgd" else cfg.name
+    return create_optimizer_v2(groups, opt=opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
