@@ -50,18 +50,14 @@ def pretrain_config(negatives: str = "patch", alpha: float = 2.0) -> ExperimentC
 
 
 def probe_config(init_from: str, epochs: int = 60) -> ExperimentConfig:
-    """MoCo's linear evaluation on the frozen encoder (the ``slf`` mode of ``adv_finetune``): clean accuracy
-    (and a cheap PGD-1)."""
-    return from_dict({
-        "data": {**DATA, "augmentation": "crop", "val_fraction": 0.1},
-        "model": {"encoder": ENCODER, "init_from": init_from},
-        "method": {"name": "adv_finetune", "mode": "slf", "eval_pgd_steps": 1, "eval_autoattack": False},
-        "optim": {"name": "sgd", "lr": 10.0, "momentum": 0.9, "weight_decay": 0.0, "schedule": "step",
-                  "milestone_epochs": [epochs * 30 / 60, epochs * 40 / 60, epochs * 50 / 60], "gamma": 0.1},
-        "train": {"name": f"{REGISTER_AS}-probe", "epochs": epochs, "workers": 2, "use_gpu": False,
-                  "checkpoint_epochs": epochs / 2, "log_every": 50},
-        "tracking": {"experiment": EXPERIMENT},
-    })
+    """MoCo's linear evaluation on the frozen encoder, the shared linear-probe stage with MoCo's
+    protocol (one head, SGD lr 10, wd 0, x0.1 at 30/40/50 of 60 epochs, scaled with ``epochs``)."""
+    from rayrcm.objectives.linear_probe import recipe
+
+    tree = recipe("moco", init_from=init_from, encoder=ENCODER, epochs=epochs, name=f"{REGISTER_AS}-probe",
+                  experiment=EXPERIMENT, data={**DATA, "augmentation": "crop", "val_fraction": 0.1})
+    tree["train"].update(workers=2, use_gpu=False, checkpoint_epochs=epochs / 2, log_every=50)
+    return from_dict(tree)
 
 
 def main(argv: list[str]) -> None:

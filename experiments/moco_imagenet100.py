@@ -70,17 +70,16 @@ def pretrain_config(negatives: str = "patch", alpha: float = 2.0, queue: int = 1
 
 
 def probe_config(init_from: str) -> ExperimentConfig:
+    """MoCo's ``main_lincls.py`` as the shared linear-probe stage (one head, lr 10, x0.1 at 30/40/50)."""
+    from rayrcm.objectives.linear_probe import recipe
+
     c = LINCLS
-    return from_dict({
-        "data": {**DATA, "batch_size": c["batch_size"], "augmentation": "crop", "crop_min": 0.08},
-        "model": {"encoder": SEED["arch"], "init_from": init_from},
-        "method": {"name": "adv_finetune", "mode": "slf", "eval_pgd_steps": 1, "eval_autoattack": False},
-        "optim": {"name": "sgd", "lr": c["lr"], "momentum": c["momentum"], "weight_decay": c["weight_decay"],
-                  "schedule": "step", "milestone_epochs": list(c["schedule"]), "gamma": 0.1},
-        "train": {"name": f"{REGISTER_AS}-lincls", "epochs": c["epochs"], "workers": WORKERS, "use_gpu": True,
-                  "checkpoint_epochs": 5, "log_every": 50},
-        "tracking": {"experiment": EXPERIMENT},
-    })
+    tree = recipe("moco", init_from=init_from, encoder=SEED["arch"], epochs=c["epochs"], name=f"{REGISTER_AS}-lincls",
+                  experiment=EXPERIMENT, base_lrs=(c["lr"],),
+                  data={**DATA, "batch_size": c["batch_size"], "augmentation": "crop", "crop_min": 0.08})
+    tree["optim"].update(momentum=c["momentum"], weight_decay=c["weight_decay"])
+    tree["train"].update(workers=WORKERS, use_gpu=True, checkpoint_epochs=5, log_every=50)
+    return from_dict(tree)
 
 
 def main(argv: list[str]) -> None:

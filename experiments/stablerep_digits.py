@@ -13,10 +13,9 @@ BatchNorm statistics (all-reduced over the two CPU workers), StableRep's views (
 digits scale: the small digits ViT, a 512-wide head to 128, 400 steps of batch 128 with 2 views,
 lr 2e-3 after 20 warm-up steps (the seed's blr 1e-4 x 256 / 256 barely moves in 400 steps), no flips.
 
-``probe`` trains a linear head on the frozen encoder in eval mode (the ``slf`` mode of
-``adv_finetune``): SGD momentum 0.9, wd 0, per-step cosine, base lr 0.1 x 128 / 256 (one head of
-the seed's ten-lr grid; selecting over the grid on the held-out split is the linear-probe stage
-still to build), 30 epochs.
+``probe`` is the linear-probe stage (``linear_probe``, StableRep's protocol): ten heads on the
+frozen encoder in eval mode, one per base lr of the seed's grid (x 128 / 256), SGD momentum 0.9,
+wd 0, per-step cosine, 30 epochs; the head best on the held-out split is kept.
 """
 
 from __future__ import annotations
@@ -47,18 +46,15 @@ def pretrain_config(groups: str = "label", n_views: int = 2) -> ExperimentConfig
     })
 
 
-def probe_config(init_from: str, epochs: int = 30, base_lr: float = 0.1) -> ExperimentConfig:
-    """A linear head on the frozen encoder, clean accuracy (and a cheap PGD-1) (one head of the seed's lr grid)."""
-    return from_dict({
-        "data": {**DATA, "augmentation": "crop", "val_fraction": 0.1},
-        "model": {"encoder": ENCODER, "init_from": init_from},
-        "method": {"name": "adv_finetune", "mode": "slf", "eval_pgd_steps": 1, "eval_autoattack": False},
-        "optim": {"name": "sgd", "lr": base_lr * DATA["batch_size"] / 256, "momentum": 0.9, "weight_decay": 0.0,
-                  "schedule": "cosine", "warmup_steps": 0},
-        "train": {"name": f"{REGISTER_AS}-probe", "epochs": epochs, "workers": 2, "use_gpu": False,
-                  "checkpoint_epochs": epochs / 2, "log_every": 50},
-        "tracking": {"experiment": EXPERIMENT},
-    })
+def probe_config(init_from: str, epochs: int = 30) -> ExperimentConfig:
+    """StableRep's linear probe as the shared stage: ten heads over the seed's base lrs (x batch / 256),
+    SGD momentum 0.9, wd 0, per-step cosine; the best head chosen on the held-out split."""
+    from rayrcm.objectives.linear_probe import recipe
+
+    tree = recipe("stablerep", init_from=init_from, encoder=ENCODER, epochs=epochs, name=f"{REGISTER_AS}-probe",
+                  experiment=EXPERIMENT, data={**DATA, "augmentation": "crop", "val_fraction": 0.1})
+    tree["train"].update(workers=2, use_gpu=False, checkpoint_epochs=epochs / 2, log_every=50)
+    return from_dict(tree)
 
 
 def main(argv: list[str]) -> None:

@@ -282,8 +282,8 @@ def test_digits_recipe_keeps_the_seed_method_settings(negatives):
     assert m.queue_size % d.batch_size == 0 and not t.sync_bn and t.workers == 2 and not d.hflip
     lr, lwd, lbatch, epochs, milestones = SEED_LINCLS
     probe = validate(recipe.probe_config("/tmp/encoder.pt"), check_paths=False)
-    assert (probe.method.name, probe.method.mode) == ("adv_finetune", "slf")
-    assert (probe.optim.name, probe.optim.lr, probe.optim.weight_decay) == ("sgd", lr, lwd)
+    assert (probe.method.name, probe.method.protocol, probe.method.head_lrs(lbatch)) == ("linear_probe", "moco", (lr,))
+    assert (probe.optim.name, probe.optim.weight_decay) == ("sgd", lwd)
     assert probe.data.batch_size == lbatch
     assert probe.train.epochs == epochs and probe.optim.schedule == "step" and probe.optim.gamma == 0.1
     assert tuple(probe.optim.milestone_epochs) == milestones
@@ -328,6 +328,6 @@ def test_imagenet100_recipe_equals_the_seed_commands(queue, alpha):
     assert (o.schedule, o.warmup_steps) == ("cosine", 0)
     assert t.epochs == 200 and not t.sync_bn and m.shuffle_groups == 1
     probe = validate(recipe.probe_config("/tmp/encoder.pt"), check_paths=False)
-    assert (probe.optim.lr, probe.optim.weight_decay, probe.data.batch_size, probe.train.epochs) == (10.0, 0.0, 128, 60)
-    assert tuple(probe.optim.milestone_epochs) == (30, 40, 50) and probe.method.mode == "slf"
+    assert (probe.method.head_lrs(128), probe.optim.weight_decay, probe.data.batch_size, probe.train.epochs) == ((10.0,), 0.0, 128, 60)
+    assert tuple(probe.optim.milestone_epochs) == (30, 40, 50) and probe.method.name == "linear_probe"
     assert len(set(recipe.IMAGENET100)) == 100 and all(w.startswith("n") and len(w) == 9 for w in recipe.IMAGENET100)

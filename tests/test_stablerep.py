@@ -160,9 +160,10 @@ def test_digits_recipe_keeps_the_seed_method_settings(groups):
     assert (o.name, o.weight_decay, o.schedule) == ("adamw", 0.1, "cosine") and o.warmup_steps > 0
     assert cfg.train.sync_bn and cfg.train.workers == 2  # the head's BatchNorm all-reduced over the CPU workers
     probe = validate(recipe.probe_config("/tmp/encoder.pt"), check_paths=False)
-    assert (probe.method.mode, probe.optim.name) == ("slf", "sgd")
-    assert (probe.optim.momentum, probe.optim.weight_decay) == (0.9, 0.0)
-    assert probe.optim.lr == pytest.approx(0.1 * 128 / 256)
+    assert (probe.method.name, probe.method.protocol, probe.optim.name) == ("linear_probe", "stablerep", "sgd")
+    assert (probe.optim.momentum, probe.optim.weight_decay, probe.optim.nesterov) == (0.9, 0.0, False)
+    assert probe.method.head_lrs(128) == pytest.approx(tuple(b * 128 / 256 for b in
+                                                             (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)))
 
 
 @pytest.mark.slow
