@@ -22,7 +22,8 @@ from rayrcm.errors import ConfigError, RunFailed
 
 # flag -> dotted key of rayrcm.certify.CertifyConfig
 CERTIFY_FLAGS = {
-    "model": "model", "dataset": "dataset", "data_path": "data_path", "split": "split", "name": "name", "out": "out_dir",
+    "model": "model", "denoiser": "denoiser", "dataset": "dataset", "data_path": "data_path", "split": "split",
+    "name": "name", "out": "out_dir",
     "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
     "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
     "chunk": "smoothing.chunk", "sampling": "smoothing.sampling", "max_decline": "smoothing.max_decline",
@@ -71,6 +72,8 @@ def _sub(sub, name: str, help_: str) -> argparse.ArgumentParser:
 def _certify_parser(sub, name: str, help_: str) -> None:
     c = _sub(sub, name, help_)
     c.add_argument("--model", required=True, help="models:/name@alias, models:/name/<version>, a run id, runs:/<id>/model or a model.pt path")
+    c.add_argument("--denoiser", help="denoised smoothing (DDS): certify model(denoiser(x + sigma z)); a rayrcm denoiser "
+                   "model.pt (a ddpm run's), its folder, a run id, runs:/ or models:/ reference")
     c.add_argument("--dataset", help="default: the dataset the model was trained on")
     c.add_argument("--data-path", help="default: the model's training data path")
     c.add_argument("--split", help="test (default) or val")

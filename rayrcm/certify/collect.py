@@ -46,6 +46,9 @@ class CountSettings:
     plugins: tuple[str, ...] = ()  # imported by each actor before it rebuilds the model
     n0: int = 0  # iss: the selection (pilot) draws of an ISS row
     plan: SampleSizePlan | None = None  # iss: the sample-size table (built once, on the driver)
+    # denoised smoothing: the actors wrap the model as DenoisedClassifier(model, denoiser, sigma) with the
+    # denoiser the job hands them (its file's bytes, put in Ray's object store once)
+    denoised: bool = False
 
     @classmethod
     def from_config(cls, cfg: CertifyConfig) -> CountSettings:
@@ -54,7 +57,7 @@ class CountSettings:
         plugins = tuple(str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in cfg.plugins)
         return cls(sigma=s.sigma, seed=s.seed, block=s.block, chunk=s.chunk, batch=c.batch, precision=c.precision,
                    channels_last=c.channels_last, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, plugins=plugins,
-                   n0=s.n0, plan=sample_size_plan(cfg))
+                   n0=s.n0, plan=sample_size_plan(cfg), denoised=bool(cfg.denoiser))
 
 
 def sample_size_plan(cfg: CertifyConfig) -> SampleSizePlan | None:

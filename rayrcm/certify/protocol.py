@@ -76,6 +76,9 @@ class CertifyConfig:
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment=""))  # "" = the model's experiment
+    # denoised smoothing (DDS): a rayrcm denoiser model file (export kind "denoiser", a ddpm run's model.pt),
+    # referenced like ``model``; the job certifies model(denoiser(x + sigma z, sigma)). "" = no denoiser
+    denoiser: str = ""
     # modules or .py files imported by the driver and every counting actor (an export kind, a dataset);
     # not part of the protocol: they make results possible, they do not change them
     plugins: tuple[str, ...] = ()
@@ -116,6 +119,9 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(c.gpus_per_worker > 0 and c.cpus_per_worker > 0, "compute.gpus_per_worker", (c.gpus_per_worker, c.cpus_per_worker), "resources per worker must be > 0")
     _check(c.flush_every >= 1, "compute.flush_every", c.flush_every, "must be >= 1")
     _check(all(p.strip() for p in cfg.plugins), "plugins", cfg.plugins, "give module names or .py files")
+    _check(not (cfg.denoiser in ("wiener", "wiener_cov") or cfg.denoiser.startswith("adm:")), "denoiser", cfg.denoiser,
+           "certify takes a rayrcm denoiser model file (a ddpm run's model.pt) or its run / registry reference; "
+           "wiener and adm: sources are for the cadis objective's method.denoiser")
     if cfg.name:
         check_job_name("name", cfg.name)
     return cfg
@@ -138,22 +144,27 @@ def short_sigma(sigma: float) -> str:
 
 # keys added to the protocol after results were first written, with the value an older job had:
 # a protocol.json without them compares as that value (None: as any value), so its rerun resumes
-ADDED_KEYS = {"image_size": None, "crop_pct": None, "sampling": "fixed"}
+ADDED_KEYS = {"image_size": None, "crop_pct": None, "sampling": "fixed", "denoiser_sha256": ""}  # "": no denoiser
+# recorded in the protocol but not compared on resume (as the model reference: the file's SHA-256 decides)
+NOT_COMPARED = ("denoiser",)
 
 
 def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_classes: int, indices: list[int],
-                  image_size: int = 0, crop_pct: float | None = None) -> dict:
+                  image_size: int = 0, crop_pct: float | None = None, denoiser_sha256: str = "") -> dict:
     """What decides the results (compared on resume; logged as params). Not ``plugins``.
     ``image_size``: the side of the images the model sees (the model file's); ``crop_pct``: the
-    centre crop of ImageNet-style (large) datasets, None for the others."""
+    centre crop of ImageNet-style (large) datasets, None for the others; ``denoiser_sha256``: the
+    SHA-256 of the denoiser file in front of the model ("" for none; its reference is recorded too)."""
     s = cfg.smoothing
     out = {
         "mode": cfg.mode, "dataset": dataset, "split": cfg.split, "sigma": s.sigma, "n0": s.n0 if cfg.mode == "certify" else 0,
         "n": s.n, "alpha": s.alpha, "seed": s.seed, "chunk": s.chunk, "block": s.block, "skip": s.skip, "max": s.max,
         "explicit_indices": bool(s.indices), "num_images": len(indices), "num_classes": num_classes,
         "precision": cfg.compute.precision, "model_sha256": model_sha256, "image_size": int(image_size),
-        "sampling": s.sampling,
+        "sampling": s.sampling, "denoiser_sha256": denoiser_sha256,
     }
+    if denoiser_sha256:
+        out["denoiser"] = cfg.denoiser
     if s.sampling == "iss":
         out.update(max_decline=s.max_decline, decline=s.decline)
     if crop_pct is not None:
@@ -170,5 +181,5 @@ def protocol_diff(old: dict, new: dict) -> list[str]:
             return old.get(k)
         return new[k] if ADDED_KEYS[k] is None else ADDED_KEYS[k]
 
-    diff = [f"{k} {before(k)!r} != {v!r}" for k, v in new.items() if before(k) != v]
+    diff = [f"{k} {before(k)!r} != {v!r}" for k, v in new.items() if k not in NOT_COMPARED and before(k) != v]
     return diff + [f"{k} {old[k]!r} != None" for k in ("max_decline", "decline") if k in old and k not in new]

@@ -15,15 +15,32 @@ from rayrcm.certify.smoothing import Row, Smoother, choose_batch
 from rayrcm.plugins import load_plugins
 
 
+def _denoised(model: torch.nn.Module, settings: CountSettings, denoiser_ref: Any) -> torch.nn.Module:
+    """The base classifier certified: ``model``, or ``DenoisedClassifier(model, denoiser, sigma)`` with
+    the job's denoiser; either way a denoised classifier's denoiser is told the certification sigma
+    (the noise itself stays in the Smoother: ``x + sigma z``)."""
+    import ray
+
+    from rayrcm.models.denoised import DenoisedClassifier
+    from rayrcm.models.export import build_from_blob
+
+    if settings.denoised:
+        denoiser, _ = build_from_blob(torch.load(io.BytesIO(ray.get(denoiser_ref)), map_location="cpu", weights_only=True))
+        return DenoisedClassifier(model, denoiser, settings.sigma)
+    if isinstance(model, DenoisedClassifier):
+        model.sigma = float(settings.sigma)
+    return model
+
+
 class CountActor:
-    """Loads the model and the job's images once; ``__call__`` maps rows
+    """Loads the model (behind the job's denoiser, if any) and the job's images once; ``__call__`` maps rows
     ``{pos, index, role, chunk, num}`` to ``{pos, role, chunk, num, counts, seconds, device}``.
 
     An ISS row (input-specific sampling) is a whole image: the selection draws, then as many
     estimation draws as they plan; it returns the estimation ``counts``, the ``selection`` counts
     and in ``num`` the draws it made."""
 
-    def __init__(self, model_ref: Any, images_ref: Any, settings: CountSettings) -> None:
+    def __init__(self, model_ref: Any, images_ref: Any, settings: CountSettings, denoiser_ref: Any = None) -> None:
         import ray
 
         from rayrcm.models.export import build_from_blob
@@ -31,6 +48,7 @@ class CountActor:
         load_plugins(settings.plugins, key="plugins")  # an export kind of the user's, in this process too
         blob = torch.load(io.BytesIO(ray.get(model_ref)), map_location="cpu", weights_only=True)
         model, meta = build_from_blob(blob)
+        model = _denoised(model, settings, denoiser_ref)
         self.images = ray.get(images_ref)
         use_gpu = settings.use_gpu and torch.cuda.is_available()
         if not use_gpu:

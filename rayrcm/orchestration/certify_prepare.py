@@ -1,12 +1,17 @@
 """Everything of a certification job that can fail on bad input, before any Ray work: the config,
 the plugins, the model (it must rebuild and predict classes), the dataset and its image list, the
-job's name and folder, and the protocol (a rerun of a name with another protocol is refused)."""
+job's name and folder, and the protocol (a rerun of a name with another protocol is refused).
+
+Denoised smoothing (``denoiser``, DDS): the denoiser file must be a rayrcm denoiser export, work on
+the classifier's image size and reach the certification sigma within its diffusion schedule; its
+SHA-256 joins the protocol and the default job name, and the counting actors wrap the classifier as
+:class:`~rayrcm.models.denoised.DenoisedClassifier` at the certification sigma."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ class Prepared:
     experiment: str
     parent_run_id: str | None
     warnings: list[str] = field(default_factory=list)
+    denoiser_file: Path | None = None  # the local denoiser file (``cfg.denoiser`` names it once prepared)
 
     @property
     def todo(self) -> list[int]:
@@ -63,7 +69,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _default_name(cfg: CertifyConfig, dataset: str, sha: str) -> str:
+def _default_name(cfg: CertifyConfig, dataset: str, sha: str, denoiser_sha: str = "") -> str:
     s = cfg.smoothing
     parts = [cfg.mode, dataset, cfg.split, sha[:8], f"sigma-{short_sigma(s.sigma)}", f"n{s.n}"]
     if s.sampling == "iss":  # its own folder: the fixed job of the same model and n stays apart
@@ -72,6 +78,8 @@ def _default_name(cfg: CertifyConfig, dataset: str, sha: str) -> str:
         parts.append("idx" + hashlib.sha1(",".join(map(str, s.indices)).encode()).hexdigest()[:6])
     else:
         parts += [f"skip{s.skip}"] + ([f"max{s.max}"] if s.max > 0 else [])
+    if denoiser_sha:  # its own folder: a denoised job never resumes into the plain one
+        parts.append(f"den{denoiser_sha[:8]}")
     return "-".join(parts + [f"seed{s.seed}"])
 
 
@@ -130,6 +138,53 @@ def _sigma_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
             f"certified at sigma={cfg.smoothing.sigma:g}: expect much lower certified accuracy"]
 
 
+def _load_denoiser(cfg: CertifyConfig, uri: str | None, meta: dict[str, Any]) -> Path:
+    """The local denoiser file of ``cfg.denoiser``, once it is known to rebuild into a denoiser for the
+    classifier's image size that reaches the certification sigma."""
+    ref, sigma = cfg.denoiser, cfg.smoothing.sigma
+    if export_kind(meta) == "denoised_classifier":
+        raise ConfigError("denoiser", ref, f"model {cfg.model} is already a denoised classifier (export kind "
+                          "denoised_classifier); give --denoiser with a plain classifier only")
+    local = tracking.resolve_model(ref, uri, key="denoiser")
+    try:
+        blob = load_file(local)
+        kind = export_kind(blob["meta"])
+    except ConfigError as err:  # one line naming the file, under the denoiser's key
+        raise ConfigError("denoiser", ref, err.allowed) from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --denoiser
+        raise ConfigError("denoiser", ref, f"is not a rayrcm model file ({_first_line(err)})") from None
+    if kind != "denoiser":
+        raise ConfigError("denoiser", ref, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} model file, not a denoiser "
+                          "(export kind 'denoiser': the model.pt of a ddpm run)")
+    try:
+        den, dmeta = build_from_blob(blob)
+    except ConfigError as err:
+        raise ConfigError("denoiser", ref, f"{err.value}: {err.allowed}") from None
+    except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
+        raise ConfigError("denoiser", ref, f"does not match its own config ({_first_line(err)})") from None
+    size, want = int(dmeta.get("image_size", 0)), int(meta["image_size"])
+    if size != want:
+        raise ConfigError("denoiser", ref, f"works on {size} px images but model {cfg.model} on {want} px; "
+                          "give a denoiser trained at the classifier's image size")
+    if hasattr(den, "timestep"):  # a diffusion denoiser: sigma must map to a step t* of its schedule
+        try:
+            den.timestep(sigma)
+        except ConfigError as err:
+            raise ConfigError("sigma", sigma, f"beyond the denoiser's diffusion schedule: {err.allowed}") from None
+    return local
+
+
+def _denoised_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
+    """A ``denoised_classifier`` file's denoiser is told its training sigma; certification tells it the job's."""
+    if cfg.denoiser or export_kind(meta) != "denoised_classifier":
+        return []
+    trained = meta["config"].get("method", {}).get("sigma")
+    if trained is None or abs(float(trained) - cfg.smoothing.sigma) <= 1e-12:
+        return []
+    return [f"WARNING: the denoiser of this denoised classifier is told sigma={cfg.smoothing.sigma:g} (the "
+            f"certification sigma), not its training sigma={float(trained):g}"]
+
+
 def prepare(cfg: CertifyConfig) -> Prepared:
     """Everything that can fail on bad input, before any Ray work."""
     from rayrcm.data import DATASETS
@@ -142,6 +197,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
         uri = tracking.normalize_uri(cfg.tracking.uri)
         tracking.check_reachable(uri)
     local, meta = _load_model(cfg, uri)
+    denoiser_file = _load_denoiser(cfg, uri, meta) if cfg.denoiser else None
     data = _data_config(cfg, meta)
     if data.name not in DATASETS:
         raise ConfigError("dataset", data.name, f"unknown dataset; choose one of: {', '.join(DATASETS.names())}")
@@ -153,11 +209,13 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if not indices:
         raise ConfigError("max", cfg.smoothing.max, "selects no image")
     sha = _sha256(local)
-    name = cfg.name or _default_name(cfg, data.name, sha)
+    dsha = _sha256(denoiser_file) if denoiser_file else ""
+    name = cfg.name or _default_name(cfg, data.name, sha, dsha)
     check_job_name("name" if cfg.name else "dataset", name)  # a plugin's dataset name could hold a '/'
     out = Path(cfg.out_dir).expanduser().resolve() / name
     protocol = protocol_dict(cfg, dataset=data.name, model_sha256=sha, num_classes=num_classes, indices=indices,
-                             image_size=data.image_size, crop_pct=data.crop_pct if large else None)
+                             image_size=data.image_size, crop_pct=data.crop_pct if large else None,
+                             denoiser_sha256=dsha)
     protocol["indices_sha1"] = hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest()
     _check_protocol(out, protocol, name)
     done = read_rows_dir(out)
@@ -168,5 +226,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if uri:
         parent, experiment = tracking.model_lineage(cfg.model, uri)
     experiment = cfg.tracking.experiment or experiment or "rayrcm-certify"
+    if denoiser_file:  # the actors read the resolved local file (a registry reference is downloaded once)
+        cfg = replace(cfg, denoiser=str(denoiser_file.resolve()))
     return Prepared(cfg, uri, name, out, cfg.model, local, meta, indices, images, labels, protocol, finished,
-                    experiment, parent, _sigma_warnings(cfg, meta))
+                    experiment, parent, _sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta), denoiser_file)

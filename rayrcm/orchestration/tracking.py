@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -94,6 +95,23 @@ def start_job_run(uri: str, experiment: str, job: str, params: dict[str, Any], t
     run = client.create_run(exp_id, tags=all_tags, run_name=name)
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
+
+
+def start_results_run(p: Any, protocol_file: str, stage: str, params: dict[str, Any],
+                      tags: dict[str, str] | None = None) -> str | None:
+    """Open a results job (certify, predict, evaluate): write its protocol next to its rows
+    (``p.out / protocol_file``, the model reference added), then, with tracking on, find or create
+    its run: params ``protocol.*`` and ``model`` then ``params``; tags ``rayrcm.stage`` and
+    ``rayrcm.model_uri`` then ``tags``. An existing run keeps its status until there is work to do
+    (:func:`mark_running`). ``p``: the job's ``Prepared`` (``out``, ``protocol``, ``model_ref``,
+    ``uri``, ``experiment``, ``name``, ``parent_run_id``)."""
+    p.out.mkdir(parents=True, exist_ok=True)
+    (p.out / protocol_file).write_text(json.dumps({**p.protocol, "model": p.model_ref}, indent=1, sort_keys=True))
+    if not p.uri:
+        return None
+    params = {**{f"protocol.{k}": v for k, v in p.protocol.items()}, "model": p.model_ref, **params}
+    tags = {"rayrcm.stage": stage, "rayrcm.model_uri": p.model_ref, **(tags or {})}
+    return start_job_run(p.uri, p.experiment, p.name, params, tags=tags, parent_run_id=p.parent_run_id, reopen=False)
 
 
 def end_run(uri: str, run_id: str, ok: bool) -> None:
