@@ -79,11 +79,12 @@ def _count_all(p: Prepared, collector: Collector, progress: _Progress) -> None:
     c = p.cfg.compute
     model_ref = ray.put(p.model_file.read_bytes())
     images_ref = ray.put(p.images)
+    denoiser_ref = ray.put(p.denoiser_file.read_bytes()) if p.denoiser_file else None
     ds = ray.data.from_items(collector.rows, override_num_blocks=len(collector.rows))
     ds = ds.map_batches(
         CountActor,
         fn_constructor_kwargs={"model_ref": model_ref, "images_ref": images_ref,
-                               "settings": CountSettings.from_config(p.cfg)},
+                               "settings": CountSettings.from_config(p.cfg), "denoiser_ref": denoiser_ref},
         batch_size=1,
         compute=ActorPoolStrategy(size=c.workers),
         num_gpus=c.gpus_per_worker if c.use_gpu else 0,
@@ -96,13 +97,17 @@ def _count_all(p: Prepared, collector: Collector, progress: _Progress) -> None:
 
 
 class _Progress:
-    """Buffers finished images into Parquet parts; prints (and logs) progress every few seconds."""
+    """Buffers finished images into Parquet parts; prints (and logs) progress every few seconds,
+    or draws a live bar in a terminal (:mod:`rayrcm.orchestration.live`)."""
 
     def __init__(self, p: Prepared, collector: Collector, logger: Any) -> None:
+        from rayrcm.orchestration import live
+
         self.p, self.collector, self.logger = p, collector, logger
         self.total, self.before = len(p.indices), len(p.indices) - len(collector.todo)
         self.done_count, self.buffer = self.before, []
         self.tic = self.last = time.perf_counter()
+        self.bar = live.bar(self.total, f"{p.cfg.mode} {p.name}", "img", initial=self.before) if live.interactive() else None
 
     def flush(self) -> None:
         write_part(self.p.out / ROWS_DIR, self.buffer)
@@ -116,15 +121,21 @@ class _Progress:
 
     def tick(self, final: bool = False) -> None:
         now, mode = time.perf_counter(), self.p.cfg.mode
+        rate = self.collector.samples / max(now - self.tic, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.done_count - self.bar.n)
+            self.bar.set_postfix_str(f"{rate:,.0f} samples/s", refresh=False)
+            if final:
+                self.bar.close()
         if not final and now - self.last < self.p.cfg.compute.progress_every_s:
             return
         self.flush()
         self.last = now
-        rate = self.collector.samples / max(now - self.tic, 1e-9)
         new = self.done_count - self.before
         left = f"~{(now - self.tic) / new * (self.total - self.done_count):.0f} s left" if new else "starting workers"
-        print(f"[rayrcm] {mode}: {self.done_count}/{self.total} images, {rate:,.0f} samples/s, "
-              f"{now - self.tic:.0f} s elapsed, {left}", flush=True)
+        if self.bar is None:
+            print(f"[rayrcm] {mode}: {self.done_count}/{self.total} images, {rate:,.0f} samples/s, "
+                  f"{now - self.tic:.0f} s elapsed, {left}", flush=True)
         if self.logger:
             # progress, not results: kept under progress/ so they never read as a certification metric
             self.logger.log(self.done_count, {"progress/images_done": self.done_count, "progress/samples_per_s": rate})
@@ -133,23 +144,15 @@ class _Progress:
 def _start(p: Prepared) -> str | None:
     """Write the protocol next to the rows; find or create the job's MLflow run (an existing run
     keeps its status until there is work to do)."""
-    p.out.mkdir(parents=True, exist_ok=True)
-    (p.out / PROTOCOL_FILE).write_text(json.dumps({**p.protocol, "model": p.model_ref}, indent=1, sort_keys=True))
-    if not p.uri:
-        return None
     cfg = p.cfg
-    params = {**{f"protocol.{k}": v for k, v in p.protocol.items()}, "model": p.model_ref,
-              **{f"compute.{k}": v for k, v in to_flat_dict(cfg.compute).items()}}
+    params: dict[str, Any] = {f"compute.{k}": v for k, v in to_flat_dict(cfg.compute).items()}
     reach = max_radius(cfg)
     if reach is not None:
         params["max_certifiable_radius"] = f"{reach:.6f}"
     if cfg.plugins:
         params["plugins"] = ",".join(cfg.plugins)  # not in the protocol: they do not change results
-    tags = {"rayrcm.stage": cfg.mode, "rayrcm.model_uri": p.model_ref}
-    if p.warnings:
-        tags["rayrcm.sigma_mismatch"] = "true"
-    return tracking.start_job_run(p.uri, p.experiment, p.name, params, tags=tags, parent_run_id=p.parent_run_id,
-                                  reopen=False)
+    tags = {"rayrcm.sigma_mismatch": "true"} if p.warnings else {}
+    return tracking.start_results_run(p, PROTOCOL_FILE, cfg.mode, params, tags)
 
 
 def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared: Prepared | None = None,

@@ -109,14 +109,18 @@ class EvaluateResult:
 
 
 class _Progress:
-    """Buffers finished shards into Parquet parts; prints (and logs) progress every few seconds."""
+    """Buffers finished shards into Parquet parts; prints (and logs) progress every few seconds, or
+    draws a live bar in a terminal (:mod:`rayrcm.orchestration.live`)."""
 
     def __init__(self, p: Prepared, logger: Any) -> None:
+        from rayrcm.orchestration import live
+
         self.p, self.logger = p, logger
         self.by_key = {r["key"]: r for r in p.rows}
         self.total, self.before = len(p.rows), len(p.rows) - len(p.todo)
         self.done_count, self.images, self.buffer = self.before, 0, []
         self.tic = self.last = time.perf_counter()
+        self.bar = live.bar(self.total, f"evaluate {p.name}", "shard", initial=self.before) if live.interactive() else None
 
     def flush(self) -> None:
         from rayrcm.certify.collect import write_part
@@ -139,15 +143,21 @@ class _Progress:
 
     def tick(self, final: bool = False) -> None:
         now = time.perf_counter()
+        rate = self.images / max(now - self.tic, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.done_count - self.bar.n)
+            self.bar.set_postfix_str(f"{rate:,.0f} images/s", refresh=False)
+            if final:
+                self.bar.close()
         if not final and now - self.last < self.p.cfg.progress_every_s:
             return
         self.flush()
         self.last = now
-        rate = self.images / max(now - self.tic, 1e-9)
         new = self.done_count - self.before
         left = f"~{(now - self.tic) / new * (self.total - self.done_count):.0f} s left" if new else "starting workers"
-        print(f"[rayrcm] evaluate: {self.done_count}/{self.total} shards, {rate:,.0f} images/s, "
-              f"{now - self.tic:.0f} s elapsed, {left}", flush=True)
+        if self.bar is None:
+            print(f"[rayrcm] evaluate: {self.done_count}/{self.total} shards, {rate:,.0f} images/s, "
+                  f"{now - self.tic:.0f} s elapsed, {left}", flush=True)
         if self.logger:
             self.logger.log(self.done_count, {"progress/shards_done": self.done_count, "progress/images_per_s": rate})
 

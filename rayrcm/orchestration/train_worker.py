@@ -107,7 +107,17 @@ class _Rank0:
                 self.say(f"[rayrcm] sending {len(pending)} metric points kept from the job's last run")
             self.logger = BufferedMetricLogger(config["tracking_uri"], config["run_id"], say=self.say, pending=pending,
                                                system_metrics=s.cfg.tracking.system_metrics)
-        self.progress = Progress(s.cfg.job_name, s.cfg.train.steps, s.start, s.cfg.train.progress_every_s, self.say)
+        sink = None
+        if self.rank0 and config.get("live"):  # the driver draws a bar from <job>/progress.json
+            from rayrcm.orchestration.job_files import write_text
+            from rayrcm.orchestration.live import PROGRESS_FILE
+
+            storage, job = s.cfg.train.storage_path, s.cfg.job_name
+
+            def sink(text: str) -> None:
+                write_text(storage, job, PROGRESS_FILE, text)
+        self.progress = Progress(s.cfg.job_name, s.cfg.train.steps, s.start, s.cfg.train.progress_every_s, self.say,
+                                 sink=sink)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None:

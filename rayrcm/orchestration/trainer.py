@@ -294,11 +294,18 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from rayrcm.orchestration import live
+
     t, job = cfg.train, cfg.job_name
     tic = time.perf_counter()
+    # a terminal gets a bar drawn here from rank 0's progress file (local or shared storage; not in a sweep)
+    follow = None
+    if live.interactive() and "://" not in t.storage_path and not callbacks:
+        (Path(t.storage_path) / job / live.PROGRESS_FILE).unlink(missing_ok=True)
+        follow = live.FollowProgress(Path(t.storage_path) / job / live.PROGRESS_FILE, job, t.steps)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "live": follow is not None},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu),
         run_config=ray.train.RunConfig(
             name=job,
@@ -311,12 +318,17 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
     if "://" not in t.storage_path:
         non_finite_marker(t.storage_path, job).unlink(missing_ok=True)  # this run meets its own losses
     try:
+        if follow is not None:
+            follow.start()
         result = trainer.fit()
     except Exception as err:
         found = non_finite_cause(err)
         if found is not None:  # one line for the user, not Ray's traceback of the worker
             raise found from None
         raise
+    finally:
+        if follow is not None:
+            follow.close()
     out_dir = job_files.model_dir(t.storage_path, job)
     out_dir.mkdir(parents=True, exist_ok=True)
     if t.workers > 0:  # train.workers=0 (Ray Train's local mode) keeps no checkpoint: the worker wrote model.pt

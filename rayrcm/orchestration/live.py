@@ -1,0 +1,81 @@
+"""Live progress bars in an interactive terminal; plain periodic ``[rayrcm]`` lines everywhere else.
+
+A terminal (the driver's stdout is a TTY) gets one tqdm bar per long stage: percent, counts,
+elapsed time, ETA and the stage's own figures (loss, the latest validation metric, images/s;
+samples/s for certification). A job log (``ray job submit``, a redirect, CI) keeps the plain
+lines, which read well there. ``RAYRCM_PROGRESS=lines`` forces lines, ``--verbose`` too (Ray's own
+output would tear a bar).
+
+Training runs in Ray workers, whose output reaches the driver line by line, so a bar cannot be
+drawn there: rank 0 writes its progress to ``<job>/progress.json`` on the job's storage instead of
+printing, and :class:`FollowProgress`, a thread of the driver, draws the bar from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+PROGRESS_ENV = "RAYRCM_PROGRESS"  # auto (default) | lines
+PROGRESS_FILE = "progress.json"
+
+
+def interactive(stream: IO[str] | None = None) -> bool:
+    """A bar is drawn: ``stream`` (stdout) is a terminal, not verbose, lines not forced."""
+    from rayrcm.orchestration.console import is_verbose
+
+    stream = stream if stream is not None else sys.stdout
+    if os.environ.get(PROGRESS_ENV, "auto").lower() == "lines" or is_verbose():
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def bar(total: int, desc: str, unit: str, *, initial: int = 0, stream: IO[str] | None = None) -> Any:
+    """A tqdm bar on ``stream`` (stdout); the caller checks :func:`interactive` first."""
+    import shutil
+
+    from tqdm import tqdm
+
+    size = shutil.get_terminal_size((120, 24))  # a terminal that reports no size (0 x 0) gets 120 x 24
+    return tqdm(total=total, initial=initial, desc=f"[rayrcm] {desc}", unit=unit, file=stream or sys.stdout,
+                ncols=size.columns, nrows=size.lines, leave=True, smoothing=0.1)
+
+
+class FollowProgress(threading.Thread):
+    """Draws a training job's bar from its ``progress.json`` (polled every ``every_s`` seconds)."""
+
+    def __init__(self, path: Path, desc: str, total: int, *, every_s: float = 0.5, stream: IO[str] | None = None) -> None:
+        super().__init__(daemon=True, name="rayrcm-progress")
+        self.path, self.desc, self.total, self.every_s, self.stream = path, desc, total, every_s, stream
+        self.bar: Any = None
+        self._halt = threading.Event()
+
+    def update(self) -> None:
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return  # not written yet, or being replaced
+        if self.bar is None:
+            self.bar = bar(int(state.get("total", self.total)), self.desc, "step", initial=int(state.get("start", 0)),
+                           stream=self.stream)
+        step = min(int(state["step"]), self.bar.total)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(str(state.get("postfix", "")), refresh=True)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every_s):
+            self.update()
+
+    def close(self) -> None:
+        """Stop polling, draw the last state, end the bar's line."""
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        self.update()
+        if self.bar is not None:
+            self.bar.close()
