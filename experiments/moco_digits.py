@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
-from rayrcm.errors import ConfigError, RunFailed
+from _train_stage import run_training_stage
+
+from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "moco-digits"
 EXPERIMENT = "rayrcm-moco-digits"
@@ -70,20 +71,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     base = pretrain_config(args.negatives, args.alpha) if args.stage == "pretrain" else probe_config(args.init_from)
-    try:
-        cfg = validate(apply_overrides(base, args.overrides), check_paths=not args.dry_run)
-        if args.dry_run:
-            import yaml
-
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return
-        from rayrcm.orchestration.trainer import fit
-
-        result = fit(cfg)
-        print(f"[rayrcm] {args.stage} done: run {result.run_id}")
-    except (ConfigError, RunFailed) as err:
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 1)
+    run_training_stage(args.stage, base, args.overrides, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -45,3 +45,31 @@ def same_weights(a, b, atol: float = 1e-6) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.allclose(sa[k], sb[k], atol=atol), k
+
+
+def fails_in_one_line(capsys, argv: list[str], needle: str, *, before_ray: bool = True) -> str:
+    """``rayrcm ARGV`` exits 2 with one ``rayrcm: error:`` line holding ``needle``; with
+    ``before_ray``, without having asked for a Ray cluster (Ray may already run in this test process,
+    started by another module's fixture, so the check is that no job reached ``ensure_ray``)."""
+    from unittest import mock
+
+    import pytest
+
+    from rayrcm.cli import main
+
+    def no_ray(**_kw):
+        raise AssertionError("bad input reached Ray")
+
+    with mock.patch("rayrcm.orchestration.trainer.ensure_ray", side_effect=no_ray) if before_ray else _nothing():
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("rayrcm: error:") and needle in err, err
+    return err
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

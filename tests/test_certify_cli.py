@@ -6,10 +6,9 @@ from __future__ import annotations
 import sys
 
 import pytest
-from helpers import make_model
+from helpers import fails_in_one_line, make_model
 
 from rayrcm.certify.protocol import SmoothingConfig, select_indices
-from rayrcm.cli import main
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import certify_job
 
@@ -20,12 +19,7 @@ def model(tmp_path):
 
 
 def _fails(capsys, argv, needle):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("rayrcm: error:") and needle in err, err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    fails_in_one_line(capsys, argv, needle)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -12,11 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import make_model
+from helpers import fails_in_one_line, make_model
 
 from rayrcm.certify import Smoother, certify
 from rayrcm.certify.collect import Collector, CountSettings
-from rayrcm.cli import main
 from rayrcm.errors import ConfigError
 from rayrcm.models.denoised import DenoisedClassifier
 from rayrcm.models.export import build_from_file
@@ -126,12 +125,7 @@ def test_a_denoised_classifier_is_told_the_certification_sigma():
 
 
 def _fails(capsys, argv, needle):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("rayrcm: error:") and needle in err, err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    fails_in_one_line(capsys, argv, needle)
 
 
 def test_bad_denoisers_are_one_line_before_ray(capsys, files, tmp_path):

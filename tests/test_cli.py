@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import fails_in_one_line
 
 from rayrcm.cli import main
 from rayrcm.config import ModelConfig
@@ -21,11 +22,7 @@ def recipe(tmp_path):
 
 
 def _fails(capsys, argv, needle):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("rayrcm: error:") and needle in err, err
+    fails_in_one_line(capsys, argv, needle, before_ray=False)
 
 
 @pytest.mark.parametrize("override, needle", [
