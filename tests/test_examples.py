@@ -21,9 +21,10 @@ README = ROOT / "README.md"
 EXAMPLES = ("cifar10_gaussian", "imagefolder_gaussian")
 STAGES = ("train", "certify", "analyze")
 # tiny settings for the walk-through, passed as the README documents: --set on the stage's line
+TINY_N0, TINY_N = 10, 100
 TINY = {
     "train": ["train.epochs=1", "data.batch_size=10", "train.checkpoint_epochs=1"],
-    "certify": ["smoothing.n0=10", "smoothing.n=100", "smoothing.skip=2", "smoothing.chunk=100"],
+    "certify": [f"smoothing.n0={TINY_N0}", f"smoothing.n={TINY_N}", "smoothing.skip=2", "smoothing.chunk=100"],
 }
 
 
@@ -174,6 +175,9 @@ def test_readme_cifar10_walkthrough_runs_as_written(tmp_path):
         out = run.stdout
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0].startswith("| run | 0.00 | 0.25 |") and "ACR" in table[0], out
-    assert table[2].startswith("| cifar10-gaussian-sigma-0_25 |") and table[2].rstrip(" |").endswith("10"), out
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    row = [c.strip() for c in table[2].strip("|").split("|")]
+    assert row[0] == "cifar10-gaussian-sigma-0_25" and row[head.index("images")] == "10", out
+    assert row[head.index("samples")] == f"{10 * (TINY_N0 + TINY_N):,}", out  # the draws spent, n0 + n per image
     assert "0.50" not in table[0]  # n = 100 cannot certify 0.5 (reach 0.375): no column claims it
     assert (work / "rayrcm_results" / "certify" / "cifar10-gaussian-sigma-0_25" / "analysis" / "table.md").is_file()
