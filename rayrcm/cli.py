@@ -23,7 +23,7 @@ from rayrcm.errors import ConfigError, RunFailed
 # flag -> dotted key of rayrcm.certify.CertifyConfig
 CERTIFY_FLAGS = {
     "model": "model", "denoiser": "denoiser", "dataset": "dataset", "data_path": "data_path", "split": "split",
-    "name": "name", "out": "out_dir",
+    "name": "name", "out": "out_dir", "corruption": "corruption", "severity": "severity",
     "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
     "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
     "chunk": "smoothing.chunk", "sampling": "smoothing.sampling", "max_decline": "smoothing.max_decline",
@@ -77,6 +77,9 @@ def _certify_parser(sub, name: str, help_: str) -> None:
     c.add_argument("--dataset", help="default: the dataset the model was trained on")
     c.add_argument("--data-path", help="default: the model's training data path")
     c.add_argument("--split", help="test (default) or val")
+    c.add_argument("--corruption", help="with --dataset cifar10c or cifar100c (--data-path: the released .npy files): "
+                                        "the corruption, e.g. fog")
+    c.add_argument("--severity", help="with --corruption: its severity, 1-5")
     c.add_argument("--sigma", help="noise std in [0, 1] pixel units (default 0.25)")
     if name == "certify":
         c.add_argument("--n0", help="selection samples (default 100; with --sampling iss also the pilot that plans n)")

@@ -3,6 +3,7 @@ the protocol is resolved from the model; a model trained at another sigma is fla
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -107,3 +108,35 @@ def test_plugin_flag_maps_to_plugins_and_prepare_loads_them(capsys, tmp_path):
     assert "cli_plugged_kind" in sys.modules and p.meta["export"] == "cli_plugged_kind"
     assert "plugins" not in p.protocol, "plugins do not change results"
     _fails(capsys, ["certify", "--model", str(model), "--plugin", "no_such_plugin_module", *out], "plugins='no_such_plugin_module'")
+
+
+def _cifar_c(root, n=20):
+    """A CIFAR-10-C-format folder: contrast.npy with severity s's block a constant image of value 40 s."""
+    import numpy as np
+
+    root.mkdir(parents=True)
+    images = np.concatenate([np.full((n, 32, 32, 3), 40 * s, np.uint8) for s in range(1, 6)])
+    np.save(root / "contrast.npy", images)
+    np.save(root / "labels.npy", np.tile(np.arange(n) % 10, 5))
+    return root
+
+
+def test_certify_on_a_released_corruption_at_one_severity(capsys, model, tmp_path):
+    root = _cifar_c(tmp_path / "CIFAR-10-C")
+    base = [f"model={model}", f"out_dir={tmp_path / 'out'}", "tracking.enabled=false", "dataset=cifar10c",
+            f"data_path={root}", "corruption=contrast", "smoothing.n=100"]
+    p = certify_job.prepare(certify_job.config_from_args([*base, "severity=3"]))
+    assert len(p.indices) == 20 and bool((p.images == 120).all()), "severity 3's block, resized to the model's 8 px"
+    assert p.labels.tolist() == [i % 10 for i in range(20)]
+    assert (p.protocol["dataset"], p.protocol["corruption"], p.protocol["severity"]) == ("cifar10c", "contrast", 3)
+    assert "-cifar10c-contrast-3-" in p.name
+    p.out.mkdir(parents=True)
+    (p.out / "protocol.json").write_text(json.dumps(p.protocol))
+    with pytest.raises(ConfigError, match="severity 3 != 4"):  # the same name, another severity
+        certify_job.prepare(certify_job.config_from_args([*base, "severity=4", f"name={p.name}"]))
+    out = ["--out", str(tmp_path / "out"), "--set", "tracking.enabled=false"]
+    cli = ["certify", "--model", str(model), "--dataset", "cifar10c", "--data-path", str(root), *out]
+    _fails(capsys, [*cli, "--severity", "2"], "corruption=''")
+    _fails(capsys, [*cli, "--corruption", "contrast", "--severity", "7"], "severity=7")
+    _fails(capsys, [*cli, "--corruption", "fog", "--severity", "2"], "no fog.npy in that folder (found: contrast)")
+    _fails(capsys, ["certify", "--model", str(model), "--corruption", "fog", *out], "only with --dataset cifar10c")

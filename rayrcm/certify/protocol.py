@@ -21,6 +21,7 @@ from rayrcm.overrides import check_finite
 from rayrcm.sections import PRECISIONS, TrackingConfig, check_job_name, default_storage
 
 MODES = ("certify", "predict")
+CORRUPTED = {"cifar10c": 10, "cifar100c": 100}  # released corruption sets certify reads (dataset -> classes)
 SAMPLINGS = ("fixed", "iss")
 DECLINES = ("absolute", "relative")  # how an iss max_decline is measured
 SPLITS = ("test", "val")
@@ -71,6 +72,10 @@ class CertifyConfig:
     dataset: str = ""  # default: the dataset the model was trained on
     data_path: str = ""  # default: the model's training data path
     split: str = "test"
+    # the released CIFAR-10-C / CIFAR-100-C files (dataset cifar10c / cifar100c, data_path their folder):
+    # the images of one corruption at one severity, in the order of the files
+    corruption: str = ""
+    severity: int = 0
     name: str = ""  # job name (results folder and MLflow run); rerunning it resumes
     out_dir: str = field(default_factory=lambda: default_storage("certify"))
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
@@ -96,6 +101,14 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(bool(cfg.model), "model", cfg.model, "give a registry URI, a run id or a model.pt path")
     _check(cfg.mode in MODES, "mode", cfg.mode, f"choose one of: {', '.join(MODES)}")
     _check(cfg.split in SPLITS, "split", cfg.split, f"choose one of: {', '.join(SPLITS)}")
+    if cfg.dataset in CORRUPTED:
+        _check(bool(cfg.corruption), "corruption", cfg.corruption, f"name the corruption to certify on ({cfg.dataset})")
+        _check(1 <= cfg.severity <= 5, "severity", cfg.severity, "must be an integer from 1 to 5")
+        _check(bool(cfg.data_path), "data_path", cfg.data_path, f"the folder of the {cfg.dataset} .npy files (never downloaded)")
+        _check(cfg.split == "test", "split", cfg.split, "corrupted sets are test sets")
+    else:
+        _check(not cfg.corruption and not cfg.severity, "corruption", (cfg.corruption, cfg.severity),
+               f"only with --dataset {' or '.join(CORRUPTED)}")
     _check(math.isfinite(s.sigma) and s.sigma > 0, "sigma", s.sigma, "must be > 0 (pixel units, data in [0, 1])")
     _check(0 < s.alpha < 1, "alpha", s.alpha, "must be in (0, 1)")
     _check(s.n0 >= 1, "n0", s.n0, "must be >= 1")
@@ -144,7 +157,8 @@ def short_sigma(sigma: float) -> str:
 
 # keys added to the protocol after results were first written, with the value an older job had:
 # a protocol.json without them compares as that value (None: as any value), so its rerun resumes
-ADDED_KEYS = {"image_size": None, "crop_pct": None, "sampling": "fixed", "denoiser_sha256": ""}  # "": no denoiser
+ADDED_KEYS = {"image_size": None, "crop_pct": None, "sampling": "fixed", "denoiser_sha256": "", "corruption": "",
+              "severity": 0}  # "": no denoiser
 # recorded in the protocol but not compared on resume (as the model reference: the file's SHA-256 decides)
 NOT_COMPARED = ("denoiser",)
 
@@ -161,7 +175,8 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
         "n": s.n, "alpha": s.alpha, "seed": s.seed, "chunk": s.chunk, "block": s.block, "skip": s.skip, "max": s.max,
         "explicit_indices": bool(s.indices), "num_images": len(indices), "num_classes": num_classes,
         "precision": cfg.compute.precision, "model_sha256": model_sha256, "image_size": int(image_size),
-        "sampling": s.sampling, "denoiser_sha256": denoiser_sha256,
+        "sampling": s.sampling, "denoiser_sha256": denoiser_sha256, "corruption": cfg.corruption,
+        "severity": int(cfg.severity),
     }
     if denoiser_sha256:
         out["denoiser"] = cfg.denoiser

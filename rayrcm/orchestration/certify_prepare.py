@@ -19,6 +19,7 @@ import torch
 
 from rayrcm.analysis.results import read_rows_dir
 from rayrcm.certify.protocol import (
+    CORRUPTED,
     CertifyConfig,
     protocol_dict,
     protocol_diff,
@@ -199,10 +200,17 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     local, meta = _load_model(cfg, uri)
     denoiser_file = _load_denoiser(cfg, uri, meta) if cfg.denoiser else None
     data = _data_config(cfg, meta)
-    if data.name not in DATASETS:
-        raise ConfigError("dataset", data.name, f"unknown dataset; choose one of: {', '.join(DATASETS.names())}")
-    DATASETS.get(data.name).check_path(data.path)
-    ds, num_classes, large = eval_split(data, cfg.split)
+    if data.name in CORRUPTED:  # the released files of one corruption and severity
+        from rayrcm.data.shift import read_cifar_c
+
+        ds, num_classes, large = read_cifar_c(cfg.data_path, cfg.corruption, cfg.severity,
+                                              num_classes=CORRUPTED[data.name]), CORRUPTED[data.name], False
+    else:
+        if data.name not in DATASETS:
+            raise ConfigError("dataset", data.name, f"unknown dataset; choose one of: "
+                              f"{', '.join([*DATASETS.names(), *CORRUPTED])}")
+        DATASETS.get(data.name).check_path(data.path)
+        ds, num_classes, large = eval_split(data, cfg.split)
     if num_classes != meta["num_classes"]:
         raise ConfigError("model", cfg.model, f"has {meta['num_classes']} classes but dataset {data.name} has {num_classes}")
     indices = select_indices(len(ds), cfg.smoothing)  # type: ignore[arg-type]
@@ -210,7 +218,8 @@ def prepare(cfg: CertifyConfig) -> Prepared:
         raise ConfigError("max", cfg.smoothing.max, "selects no image")
     sha = _sha256(local)
     dsha = _sha256(denoiser_file) if denoiser_file else ""
-    name = cfg.name or _default_name(cfg, data.name, sha, dsha)
+    shown = f"{data.name}-{cfg.corruption}-{cfg.severity}" if data.name in CORRUPTED else data.name
+    name = cfg.name or _default_name(cfg, shown, sha, dsha)
     check_job_name("name" if cfg.name else "dataset", name)  # a plugin's dataset name could hold a '/'
     out = Path(cfg.out_dir).expanduser().resolve() / name
     protocol = protocol_dict(cfg, dataset=data.name, model_sha256=sha, num_classes=num_classes, indices=indices,
