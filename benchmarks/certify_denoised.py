@@ -99,7 +99,6 @@ def main() -> None:
         torch.set_num_threads(1)  # as a 1-CPU counting actor
     classifier, denoiser, ddpm = build(args)
     from rayrcm.models.denoised import DenoisedClassifier
-    from rayrcm.models.denoisers import timestep_for_sigma  # noqa: F401 - the denoiser's t* is computed inside
 
     xs = [torch.rand(3, args.image_size, args.image_size) for _ in range(args.images)]
     alone = time_engine(classifier, xs, args)

@@ -6,12 +6,12 @@ applies them."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rayrcm.errors import ConfigError
 
-if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+# a rayrcm.config.ExperimentConfig; not imported, even for type checking: config imports this module
+ExperimentConfig = Any
 
 
 # (key in steps, the key in epochs that sets it when > 0 / not empty, what it sets): resolve_epochs

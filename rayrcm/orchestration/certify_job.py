@@ -45,7 +45,7 @@ from rayrcm.analysis.results import ROWS_DIR, TSV_NAME
 from rayrcm.certify.collect import Collector, CountSettings, write_part
 from rayrcm.certify.protocol import CertifyConfig
 from rayrcm.certify.stats import max_certifiable_radius
-from rayrcm.orchestration import tracking
+from rayrcm.orchestration import live, tracking
 from rayrcm.orchestration.analyze import analyze
 from rayrcm.orchestration.certify_prepare import PROTOCOL_FILE, RUN_FILE, Prepared, prepare
 from rayrcm.overrides import parse_dotted, to_flat_dict, update_dataclass
@@ -101,8 +101,6 @@ class _Progress:
     or draws a live bar in a terminal (:mod:`rayrcm.orchestration.live`)."""
 
     def __init__(self, p: Prepared, collector: Collector, logger: Any) -> None:
-        from rayrcm.orchestration import live
-
         self.p, self.collector, self.logger = p, collector, logger
         self.total, self.before = len(p.indices), len(p.indices) - len(collector.todo)
         self.done_count, self.buffer = self.before, []
@@ -123,10 +121,7 @@ class _Progress:
         now, mode = time.perf_counter(), self.p.cfg.mode
         rate = self.collector.samples / max(now - self.tic, 1e-9)
         if self.bar is not None:
-            self.bar.update(self.done_count - self.bar.n)
-            self.bar.set_postfix_str(f"{rate:,.0f} samples/s", refresh=False)
-            if final:
-                self.bar.close()
+            live.advance(self.bar, self.done_count, f"{rate:,.0f} samples/s", final)
         if not final and now - self.last < self.p.cfg.compute.progress_every_s:
             return
         self.flush()

@@ -72,7 +72,7 @@ from rayrcm.analysis.robustness import (
     to_markdown,
     write_outputs,
 )
-from rayrcm.orchestration import tracking
+from rayrcm.orchestration import live, tracking
 from rayrcm.orchestration.evaluate_prepare import (
     NOT_BUILT,
     PROTOCOL_FILE,
@@ -113,8 +113,6 @@ class _Progress:
     draws a live bar in a terminal (:mod:`rayrcm.orchestration.live`)."""
 
     def __init__(self, p: Prepared, logger: Any) -> None:
-        from rayrcm.orchestration import live
-
         self.p, self.logger = p, logger
         self.by_key = {r["key"]: r for r in p.rows}
         self.total, self.before = len(p.rows), len(p.rows) - len(p.todo)
@@ -145,10 +143,7 @@ class _Progress:
         now = time.perf_counter()
         rate = self.images / max(now - self.tic, 1e-9)
         if self.bar is not None:
-            self.bar.update(self.done_count - self.bar.n)
-            self.bar.set_postfix_str(f"{rate:,.0f} images/s", refresh=False)
-            if final:
-                self.bar.close()
+            live.advance(self.bar, self.done_count, f"{rate:,.0f} images/s", final)
         if not final and now - self.last < self.p.cfg.progress_every_s:
             return
         self.flush()

@@ -45,6 +45,14 @@ def bar(total: int, desc: str, unit: str, *, initial: int = 0, stream: IO[str] |
                 ncols=size.columns, nrows=size.lines, leave=True, smoothing=0.1)
 
 
+def advance(bar: Any, done: int, postfix: str, final: bool = False) -> None:
+    """Move ``bar`` to ``done`` with ``postfix``; close it on the final tick."""
+    bar.update(done - bar.n)
+    bar.set_postfix_str(postfix, refresh=False)
+    if final:
+        bar.close()
+
+
 class FollowProgress(threading.Thread):
     """Draws a training job's bar from its ``progress.json`` (polled every ``every_s`` seconds)."""
 

@@ -50,7 +50,8 @@ class Progress:
         now = self.clock()
         done = step - self.start
         eta = (now - self.tic) / done * (self.total - step) if done > 0 else float("nan")
-        shown = [self.postfix(metrics)] if self.postfix(metrics) else []
+        postfix = self.postfix(metrics)
+        shown = [postfix] if postfix else []
         left = "done" if step >= self.total else f"ETA {duration(eta)}" if eta == eta else ""
         percent = f"{100 * step / self.total:.0f}%" if self.total else ""
         return (f"[rayrcm] {self.job}: step {step}/{self.total} ({percent}) " + ", ".join(shown)
