@@ -44,14 +44,14 @@ import yaml
 from rayrcm.cli import add_verbose_arg
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError, RunFailed
-from rayrcm.objectives.rcm import num_levels, rcm_input_scale
 from rayrcm.orchestration import console
 from rayrcm.quickstart import sigma_alias
 
 SIGMAS = (0.25, 0.5, 1.0)
 # rrcm_tune.py: the pretraining grid is ema_scale_fn(pretrained steps) of the fine-tuning config's schedule
 # (start_scales 20, end_scales 80, total_steps 600,000): 81 levels after 300k (CIFAR-10) or 600k (ImageNet) steps
-FINETUNE_GRID_LEVELS = num_levels(300_000, 600_000, 20, 80)
+# (rayrcm.objectives.rcm.num_levels(300_000, 600_000, 20, 80); a test checks it, torch stays unloaded for --help)
+FINETUNE_GRID_LEVELS = 81
 AUGMENTATION = {  # (dataset kind, seed augmentation_type) -> rayrcm data settings
     ("small", "weak"): {"augmentation": "none"},
     ("large", "weak"): {"augmentation": "center", "hflip": True},
@@ -67,6 +67,8 @@ def finetune_tree(cmd: dict[str, Any], conf: dict[str, Any], *, data: dict[str, 
     """A config tree from one seed fine-tuning command (``cmd``) and its config file (``conf``);
     ``grid``: the pretraining's Karras grid for ``c_in`` (:func:`rcm_input_scale` keywords; default
     the seed's: 81 levels from 0.001 to 40)."""
+    from rayrcm.objectives.rcm import rcm_input_scale  # torch: loaded when a config is built, not for --help
+
     sigma = cmd["noise_aug"] / 2  # the seed's noise is on [-1, 1] data; ours on [0, 1] pixels
     kind = "large" if data["image_size"] >= 128 else "small"
     grid = grid or {"levels": FINETUNE_GRID_LEVELS}

@@ -23,7 +23,6 @@ import sys
 from _rcm_seed import finetune_tree, seed_sweep, stage_main
 
 from rayrcm.config import ExperimentConfig, from_dict
-from rayrcm.objectives.rcm import num_levels
 from rayrcm.quickstart import certify_config as quickstart_certify
 from rayrcm.quickstart import pretrain_config as quickstart_pretrain
 from rayrcm.quickstart import sigma_alias
@@ -46,6 +45,8 @@ def pretrain_config(size: str = "b") -> ExperimentConfig:
 
 def pretrain_grid() -> dict[str, float]:
     """The Karras grid the digits pretraining ends with (:func:`rcm_input_scale` keywords)."""
+    from rayrcm.objectives.rcm import num_levels  # torch: loaded when a config is built, not for --help
+
     pre = quickstart_pretrain()
     m, steps = pre.method, pre.train.steps
     return {"levels": num_levels(steps, steps, m.levels_start, m.levels_end), "sigma_min": m.sigma_min,

@@ -22,14 +22,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from rayrcm.data.datasets import DATASETS
 from rayrcm.data.native import native_size, resolve_image_size
 from rayrcm.errors import ConfigError
-from rayrcm.eval import EVALUATIONS, build_evaluations
 from rayrcm.lengths import SHADOWED, check_recipe, check_shadowed, rescale_schedule, set_keys
-from rayrcm.models.encoders import ENCODERS
-from rayrcm.models.export import EXPORTS
-from rayrcm.objectives import method_config_class
 from rayrcm.overrides import (
     check_finite,
     coerce,
@@ -60,6 +55,15 @@ from rayrcm.sections import (
 )
 
 DEFAULT_METHOD = "rcm"
+
+
+def method_config_class(name: str) -> type:
+    """The config dataclass of method ``name``. The registries (objectives, datasets, encoders,
+    evaluations, exports) load when a config is built or checked, not when this module is imported:
+    a recipe's ``--help`` answers without torch."""
+    from rayrcm.objectives import method_config_class as lookup
+
+    return lookup(name)
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,8 @@ def load_recipe(path: str | os.PathLike[str]) -> ExperimentConfig:
 
 
 def _check_evals(cfg: ExperimentConfig) -> None:
+    from rayrcm.eval import EVALUATIONS, build_evaluations
+
     t = cfg.train
     for key in ("evals", "test_evals"):
         for name in getattr(t, key):
@@ -225,6 +231,10 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
 
     Every float of every section (tuples of floats included) must be finite: a Python recipe's
     values do not pass through the override parser, so they are walked here."""
+    from rayrcm.data.datasets import DATASETS
+    from rayrcm.models.encoders import ENCODERS
+    from rayrcm.models.export import EXPORTS
+
     given = cfg
     check_finite(cfg)
     load_plugins(cfg.train.plugins)

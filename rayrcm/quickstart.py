@@ -20,7 +20,6 @@ from rayrcm.config import ExperimentConfig, apply_overrides, from_dict
 
 if TYPE_CHECKING:
     from rayrcm.certify.protocol import CertifyConfig
-from rayrcm.objectives.rcm import rcm_input_scale
 
 SIGMA = 0.25
 
@@ -43,6 +42,8 @@ def pretrain_config() -> ExperimentConfig:
 
 
 def finetune_config(encoder_ref: str = "") -> ExperimentConfig:
+    from rayrcm.objectives.rcm import rcm_input_scale  # torch: loaded when a config is built, not for --help
+
     return from_dict({
         # 16 px digits: random crops cost more accuracy than they add in 300 steps
         "data": {"name": "digits", "image_size": 16, "augmentation": "none", "batch_size": 128},
