@@ -67,7 +67,9 @@ def finetune_tree(cmd: dict[str, Any], conf: dict[str, Any], *, data: dict[str, 
     """A config tree from one seed fine-tuning command (``cmd``) and its config file (``conf``);
     ``grid``: the pretraining's Karras grid for ``c_in`` (:func:`rcm_input_scale` keywords; default
     the seed's: 81 levels from 0.001 to 40)."""
-    from rayrcm.objectives.rcm import rcm_input_scale  # torch: loaded when a config is built, not for --help
+    from rayrcm.objectives.rcm import (
+        rcm_input_scale,  # torch: loaded when a config is built, not for --help
+    )
 
     sigma = cmd["noise_aug"] / 2  # the seed's noise is on [-1, 1] data; ours on [0, 1] pixels
     kind = "large" if data["image_size"] >= 128 else "small"

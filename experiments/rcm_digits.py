@@ -45,7 +45,9 @@ def pretrain_config(size: str = "b") -> ExperimentConfig:
 
 def pretrain_grid() -> dict[str, float]:
     """The Karras grid the digits pretraining ends with (:func:`rcm_input_scale` keywords)."""
-    from rayrcm.objectives.rcm import num_levels  # torch: loaded when a config is built, not for --help
+    from rayrcm.objectives.rcm import (
+        num_levels,  # torch: loaded when a config is built, not for --help
+    )
 
     pre = quickstart_pretrain()
     m, steps = pre.method, pre.train.steps

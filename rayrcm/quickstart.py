@@ -42,7 +42,9 @@ def pretrain_config() -> ExperimentConfig:
 
 
 def finetune_config(encoder_ref: str = "") -> ExperimentConfig:
-    from rayrcm.objectives.rcm import rcm_input_scale  # torch: loaded when a config is built, not for --help
+    from rayrcm.objectives.rcm import (
+        rcm_input_scale,  # torch: loaded when a config is built, not for --help
+    )
 
     return from_dict({
         # 16 px digits: random crops cost more accuracy than they add in 300 steps

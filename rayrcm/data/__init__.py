@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from rayrcm.data.datasets import DATASETS, DatasetSpec, Splits, build_splits
-    from rayrcm.data.native import NATIVE_SIZES, native_size, register_native_size, resolve_image_size
+    from rayrcm.data.native import (
+        NATIVE_SIZES,
+        native_size,
+        register_native_size,
+        resolve_image_size,
+    )
     from rayrcm.data.noise import add_gaussian_noise, karras_sigmas
     from rayrcm.data.views import MultiView, build_mixup, build_transform
 
@@ -23,7 +28,10 @@ _HOMES = {
     "MultiView": "views", "build_mixup": "views", "build_transform": "views",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "DATASETS", "NATIVE_SIZES", "DatasetSpec", "MultiView", "Splits", "add_gaussian_noise", "build_mixup",
+    "build_splits", "build_transform", "karras_sigmas", "native_size", "register_native_size", "resolve_image_size",
+]
 
 
 def __getattr__(name: str) -> Any:
