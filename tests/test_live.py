@@ -127,3 +127,48 @@ def test_a_terminal_gets_live_bars_for_training_and_certification(tmp_path):
     assert "[rayrcm] live: done in" in text  # the summary still prints
     assert "[rayrcm] certify live: 100%" in text and "6/6" in text and "samples/s" in text, text[-3000:]
     assert "[rayrcm] certify: 6/6 images" not in text
+
+
+def test_sweep_bar_state_counts_every_trials_steps(tmp_path):
+    from rayrcm.orchestration import sweep
+
+    folder, storage = tmp_path / "sw", tmp_path
+    folder.mkdir()
+    events = [{"trial": "a", "event": "start", "job": "sw-a"}, {"trial": "b", "event": "start", "job": "sw-b"},
+              {"trial": "c", "event": "start", "job": "sw-c"},
+              {"trial": "a", "event": "end", "job": "sw-a", "metrics": {"val_acc": 0.8, "step": 10}}]
+    (folder / sweep.TRIALS_LOG).write_text("".join(json.dumps(e) + "\n" for e in events))
+    (tmp_path / "sw-b").mkdir()
+    (tmp_path / "sw-b" / live.PROGRESS_FILE).write_text(json.dumps({"step": 4, "total": 10, "start": 0, "postfix": ""}))
+    state = sweep.sweep_state(folder, str(storage), 4, 10, "val_acc", "max")  # sw-c: started, no file yet
+    assert state["step"] == 10 + 4 + 0 and state["total"] == 40
+    assert state["postfix"] == "trials 1/4 done, 2 running, best val_acc 0.8"
+
+
+SWEEP_SCRIPT = textwrap.dedent("""
+    import sys
+    from rayrcm.orchestration import console
+    console.configure()
+    from rayrcm.config import apply_overrides, ExperimentConfig
+    from rayrcm.orchestration import sweep
+    cfg = apply_overrides(ExperimentConfig(), [
+        "data.name=digits", "data.image_size=8", "data.batch_size=64", "model.encoder=cifar_resnet8",
+        "method.name=gaussian", "method.sigma=0.25", "optim.name=sgd", "optim.lr=0.05", "train.steps=6",
+        "train.workers=1", "train.log_every=2", "train.checkpoint_every=3", "train.name=livesweep",
+        f"train.storage_path={sys.argv[1]}", "tracking.enabled=false"])
+    sweep.run(cfg, sweep.SweepConfig(space={"optim.lr": "grid:0.05,0.01"}, name="livesweep", votes=2,
+                                     max_concurrent_trials=1))
+""")
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_one_live_bar_for_a_sweep(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    for key in ("RAY_ADDRESS", live.PROGRESS_ENV, "RAYRCM_VERBOSE", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    (tmp_path / "home").mkdir()
+    text = _run_in_terminal([sys.executable, "-c", SWEEP_SCRIPT, str(tmp_path / "out")], env, timeout=500)
+    assert "[rayrcm] sweep livesweep: 100%" in text and "12/12" in text, text[-3000:]
+    assert "trials 2/2 done" in text, text[-3000:]
+    assert " step " not in text and "done in" not in text, "no trial lines beside the sweep's bar"
+    assert "[rayrcm] best trial" in text  # rayrcm's own table and summary still print

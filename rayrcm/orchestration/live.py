@@ -17,6 +17,8 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,21 +56,24 @@ def advance(bar: Any, done: int, postfix: str, final: bool = False) -> None:
 
 
 class FollowProgress(threading.Thread):
-    """Draws a training job's bar from its ``progress.json`` (polled every ``every_s`` seconds)."""
+    """Draws a stage's bar from its state, polled every ``every_s`` seconds: a training job's
+    ``progress.json`` (``source`` a path), or what ``source()`` returns (a sweep's trials); the state
+    is ``{"step", "total", "start", "postfix"}``, None while there is none yet."""
 
-    def __init__(self, path: Path, desc: str, total: int, *, every_s: float = 0.5, stream: IO[str] | None = None) -> None:
+    def __init__(self, source: Path | Callable[[], dict[str, Any] | None], desc: str, total: int, *,
+                 unit: str = "step", every_s: float = 0.5, stream: IO[str] | None = None) -> None:
         super().__init__(daemon=True, name="rayrcm-progress")
-        self.path, self.desc, self.total, self.every_s, self.stream = path, desc, total, every_s, stream
+        self.read = source if callable(source) else partial(read_state, source)
+        self.desc, self.total, self.unit, self.every_s, self.stream = desc, total, unit, every_s, stream
         self.bar: Any = None
         self._halt = threading.Event()
 
     def update(self) -> None:
-        try:
-            state = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return  # not written yet, or being replaced
+        state = self.read()
+        if state is None:
+            return
         if self.bar is None:
-            self.bar = bar(int(state.get("total", self.total)), self.desc, "step", initial=int(state.get("start", 0)),
+            self.bar = bar(int(state.get("total", self.total)), self.desc, self.unit, initial=int(state.get("start", 0)),
                            stream=self.stream)
         step = min(int(state["step"]), self.bar.total)
         if step > self.bar.n:
@@ -79,11 +84,22 @@ class FollowProgress(threading.Thread):
         while not self._halt.wait(self.every_s):
             self.update()
 
-    def close(self) -> None:
-        """Stop polling, draw the last state, end the bar's line."""
+    def close(self, complete: bool = False) -> None:
+        """Stop polling, draw the last state, end the bar's line; ``complete``: the stage ended,
+        so the bar ends full (a sweep's trials that a scheduler stopped early leave steps undone)."""
         self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
         self.update()
         if self.bar is not None:
+            if complete and self.bar.n < self.bar.total:
+                self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A ``progress.json``'s state; None before it is written (or while it is being replaced)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not written yet, or being replaced

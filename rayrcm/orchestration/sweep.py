@@ -28,7 +28,10 @@ trial whose run already finished reports its recorded result instead of training
 Readable: a trial is named by its values (``lbd=5 lr=0.002``) in MLflow (the run name; its job
 stays ``<sweep>-<trial id>``), in Tune's folders and in TensorBoard, whose scalars are the trial's
 own metrics against the training step (:mod:`rayrcm.orchestration.sweep_tensorboard`). Tune's
-status tables show with ``--verbose`` only; the sweep ends with rayrcm's table of trials.
+status tables show with ``--verbose`` only; the sweep ends with rayrcm's table of trials. In a
+terminal the sweep is one live bar (steps of all trials, trials done and running, the best final
+metric so far), drawn from ``trials.jsonl`` and each trial's ``progress.json``; in a job log each
+trial prints its own progress lines.
 
 MLflow: the parent run's description links the best trial and its registered model; each trial's
 links its sweep; a sweep from a pretrained encoder (``model.init_from``) logs the reference as
@@ -41,17 +44,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from rayrcm.config import ExperimentConfig, apply_overrides, to_flat_dict, update_dataclass
 from rayrcm.errors import ConfigError
-from rayrcm.orchestration import tracking
+from rayrcm.orchestration import live, tracking
 from rayrcm.orchestration.sweep_report import trial_table, write_summary
 from rayrcm.orchestration.sweep_space import (
     KINDS,
@@ -135,7 +140,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
     total_steps = sweep["steps"]
     result = fit(cfg, parent_run_id=sweep["parent_run_id"], callbacks=[ReportUntilTheEnd()],
                  run_name=f"{label} [{trial_id}]" if label else job, init_ref=sweep["init_ref"],
-                 tags={"rayrcm.sweep": sweep["name"], "rayrcm.trial": trial_id})
+                 tags={"rayrcm.sweep": sweep["name"], "rayrcm.trial": trial_id}, live=sweep["live"])
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     _log_event(folder, {"trial": trial_id, "event": "end", "job": job, "run_id": result.run_id, "metrics": final})
     tune.report(final)
@@ -265,10 +270,11 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
     reports = max(1, base.train.steps // base.train.checkpoint_every)
     parent = _start_parent(uri, base, sw, init_ref)
     ensure_ray(**(ray_init or {}))
+    bar = live.interactive() and "://" not in base.train.storage_path  # else each trial prints its lines
     trainable = tune.with_parameters(
         _trial, base=to_dict(base),
         sweep={"name": sw.name, "folder": str(folder), "parent_run_id": parent, "steps": base.train.steps,
-               "init_ref": init_ref, "label_keys": label_keys(parsed)})
+               "init_ref": init_ref, "label_keys": label_keys(parsed), "live": bar})
     # the trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
     # no CPU (a fraction would leave the last worker of a full node unplaced), only a token of memory
     # (Tune refuses an empty request)
@@ -277,9 +283,44 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
     tuner = _tuner(trainable, base, sw, parsed, folder, reports, max_conc)
     print(f"[rayrcm] sweep {sw.name}: up to {max_conc} concurrent trials, {reports} reports each, "
           f"{sw.scheduler} on {sw.metric} ({sw.mode})", flush=True)
-    with _quiet_tune():
-        grid = tuner.fit()
+    follow = _follow(base, sw, parsed, folder) if bar else None
+    try:
+        with _quiet_tune():
+            grid = tuner.fit()
+    finally:
+        if follow is not None:
+            follow.close(complete=True)
     return _finish(base, sw, uri, parent, folder, grid, list(parsed))
+
+
+def sweep_state(folder: Path, storage: str, trials: int, steps: int, metric: str, mode: str) -> dict[str, Any]:
+    """The sweep bar's state: the steps done by all trials (``trials.jsonl`` and each running trial's
+    ``progress.json``; an ended trial counts whole), trials done and running, the best final metric."""
+    events = read_events(folder)
+    jobs = {e["trial"]: e["job"] for e in events if e["event"] == "start"}
+    ends = {e["trial"]: e["metrics"] for e in events if e["event"] == "end"}
+    done = 0
+    for trial, job in jobs.items():
+        if trial in ends:
+            done += steps
+            continue
+        state = live.read_state(Path(storage) / job / live.PROGRESS_FILE)
+        done += min(int(state["step"]), steps) if state else 0
+    values = [m[metric] for m in ends.values() if isinstance(m.get(metric), (int, float))]
+    shown = [f"trials {len(ends)}/{trials} done, {len(jobs) - len(ends)} running"]
+    shown += [f"best {metric} {(max if mode == 'max' else min)(values):.4g}"] if values else []
+    return {"step": done, "total": trials * steps, "start": 0, "postfix": ", ".join(shown)}
+
+
+def _follow(base: ExperimentConfig, sw: SweepConfig, parsed: dict[str, Any], folder: Path) -> live.FollowProgress:
+    """The sweep's bar, drawn from its trials' files while Tune runs them."""
+    grid = [len(values) for kind, values in parsed.values() if kind == "grid"]
+    trials = math.prod(grid) * sw.num_samples
+    steps = base.train.steps
+    follow = live.FollowProgress(partial(sweep_state, folder, base.train.storage_path, trials, steps, sw.metric,
+                                         sw.mode), f"sweep {sw.name}", trials * steps)
+    follow.start()
+    return follow
 
 
 def _close_trial_runs(uri: str, experiment: str, table: Any, parent: str, keys: list[str]) -> None:

@@ -99,13 +99,14 @@ class _Rank0:
         self._running = False
         self.rank0 = s.rank == 0
         self.cfg = s.cfg
+        self.quiet = bool(config.get("quiet"))  # a sweep's trial under the driver's sweep bar: warnings only
         if self.rank0 and config.get("run_id"):
             from rayrcm.orchestration.metric_buffer import BufferedMetricLogger
 
             pending = read_unsent(s.cfg.train.storage_path, s.cfg.job_name)
             if pending:
                 self.say(f"[rayrcm] sending {len(pending)} metric points kept from the job's last run")
-            self.logger = BufferedMetricLogger(config["tracking_uri"], config["run_id"], say=self.say, pending=pending,
+            self.logger = BufferedMetricLogger(config["tracking_uri"], config["run_id"], say=self.warn, pending=pending,
                                                system_metrics=s.cfg.tracking.system_metrics)
         sink = None
         if self.rank0 and config.get("live"):  # the driver draws a bar from <job>/progress.json
@@ -136,9 +137,13 @@ class _Rank0:
             self.logger.mark_running()
         self._running = True
 
-    def say(self, line: str) -> None:
-        if self.rank0:
+    def say(self, line: str, warning: bool = False) -> None:
+        if self.rank0 and (warning or not self.quiet):
             say(line)
+
+    def warn(self, line: str) -> None:
+        """A line even under a sweep's bar (the tracking server's outage and return)."""
+        self.say(line, warning=True)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank0:
@@ -154,7 +159,7 @@ class _Rank0:
         where = write_unsent(t.storage_path, self.cfg.job_name, unsent)
         if where:
             self.say(f"[rayrcm] warning: {len(unsent)} metric points could not be sent to {self.logger.uri}; "
-                     f"kept in {where} for the job's next run")
+                     f"kept in {where} for the job's next run", warning=True)
 
 
 def complete_step(fs: Any, path: str) -> int | None:

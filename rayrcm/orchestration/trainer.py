@@ -22,7 +22,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -255,12 +257,14 @@ def non_finite_cause(err: BaseException) -> NonFiniteLoss | None:
 
 def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: dict[str, Any] | None = None,
         callbacks: list[Any] | None = None, run_name: str | None = None, init_ref: str | None = None,
-        tags: dict[str, str] | None = None) -> FitResult:
+        tags: dict[str, str] | None = None, live: bool = False) -> FitResult:
     """Run one training stage on Ray Train; resumes when ``cfg.job_name`` ran before.
     ``callbacks``: Ray Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``).
     ``run_name``: the MLflow run's name (default: the job's); ``init_ref``: the reference
     ``model.init_from`` was given as when ``cfg`` holds it resolved already (a sweep's trials);
-    ``tags``: extra tags of a new MLflow run."""
+    ``tags``: extra tags of a new MLflow run; ``live``: a sweep's trial whose driver draws the sweep's
+    bar: rank 0 writes ``progress.json`` and the trial prints no lines of its own."""
+    say = (lambda line: None) if live else partial(print, flush=True)
     ref = init_ref or cfg.model.init_from  # as the user gave it: prepare() resolves it to a local file
     cfg, uri = prepare(cfg, job=True)
     t, job = cfg.train, cfg.job_name
@@ -274,13 +278,13 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
         run_id = tracking.start_job_run(uri, cfg.tracking.experiment, job, params,
                                         tags={"rayrcm.stage": cfg.method.stage, **(tags or {})},
                                         parent_run_id=parent_run_id, reopen=False, run_name=run_name)
-        print(f"[rayrcm] MLflow run {run_id} ({uri})", flush=True)
+        say(f"[rayrcm] MLflow run {run_id} ({uri})")
         if ref:  # the run the encoder came from: a tag and a link each way
             source = tracking.link_source(uri, run_id, ref)
             if source:
-                print(f"[rayrcm] {job}: model.init_from {ref} (MLflow run {source})", flush=True)
+                say(f"[rayrcm] {job}: model.init_from {ref} (MLflow run {source})")
     try:
-        fit_result = _fit(cfg, run_id, uri, callbacks)
+        fit_result = _fit(cfg, run_id, uri, callbacks, say=say if live else None)
     except BaseException:
         if uri and run_id:
             tracking.fail_if_running(uri, run_id)
@@ -290,7 +294,9 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
     return fit_result
 
 
-def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: list[Any] | None) -> FitResult:
+def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: list[Any] | None,
+         say: Callable[[str], None] | None = None) -> FitResult:
+    """``say``: a sweep's trial while the driver draws the sweep's bar takes its lines (and drops them)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -298,14 +304,17 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
 
     t, job = cfg.train, cfg.job_name
     tic = time.perf_counter()
-    # a terminal gets a bar drawn here from rank 0's progress file (local or shared storage; not in a sweep)
-    follow = None
-    if live.interactive() and "://" not in t.storage_path and not callbacks:
-        (Path(t.storage_path) / job / live.PROGRESS_FILE).unlink(missing_ok=True)
-        follow = live.FollowProgress(Path(t.storage_path) / job / live.PROGRESS_FILE, job, t.steps)
+    # a terminal gets a bar drawn here from rank 0's progress file (local or shared storage); a sweep's
+    # trial writes the file for the sweep's bar
+    progress = Path(t.storage_path) / job / live.PROGRESS_FILE
+    sink = "://" not in t.storage_path and (say is not None or live.interactive() and not callbacks)
+    if sink:
+        progress.unlink(missing_ok=True)
+    follow = live.FollowProgress(progress, job, t.steps) if sink and say is None else None
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "live": follow is not None},
+        train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "live": sink,
+                           "quiet": say is not None},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu),
         run_config=ray.train.RunConfig(
             name=job,
@@ -337,7 +346,7 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
         remove_untracked_checkpoints(t.storage_path, job, [c.path for c, _ in (result.best_checkpoints or [])]
                                      + [result.checkpoint.path])
     fit_result = FitResult(job, run_id, dict(result.metrics or {}), out_dir / MODEL_FILE)
-    print(summary_line(job, fit_result.metrics, time.perf_counter() - tic), flush=True)
+    (say or partial(print, flush=True))(summary_line(job, fit_result.metrics, time.perf_counter() - tic))
     if uri and run_id:
         send_unsent(cfg, uri, run_id, out_dir / MODEL_FILE)
         fit_result.model = tracking.log_model(uri, run_id, out_dir / MODEL_FILE, register_as=cfg.tracking.register_as,
