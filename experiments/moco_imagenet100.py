@@ -1,7 +1,7 @@
-"""MoCo-v2 with patch-based non-semantic negatives on ImageNet-100 (seed 004), the seed's commands.
+"""MoCo-v2 with patch- or texture-based non-semantic negatives on ImageNet-100 (seed 004), the seed's commands.
 
-    python experiments/moco_imagenet100.py pretrain [--negatives none|patch] [--alpha 2|3] [--queue 16384|8192] \\
-        --set data.path=DIR
+    python experiments/moco_imagenet100.py pretrain [--negatives none|patch|texture] [--alpha 2|3] \\
+        [--queue 16384|8192] --set data.path=DIR [--set data.texture_path=DIR-texture]
     python experiments/moco_imagenet100.py probe    --from <pretrain run id | models:/... | path> --set data.path=DIR
     (pretrain, probe) --dry-run
 
@@ -11,8 +11,14 @@ CMC's list (:data:`IMAGENET100`), as the authors' ``preprocess/imagenet_100_subs
 Pretraining (README): ``moco-non-sem-neg.py -a resnet50 --lr 0.03 --batch-size 128 --mlp --moco-t 0.2
 --aug-plus --cos --moco-k 16384 --robust nonsem --num-nonsem 1 --alpha 2 --epochs 200 --patch-ratio 16 72``
 (``--moco-k 8192`` and ``--alpha 3`` the other rows of the table); SGD momentum 0.9, wd 1e-4, m = 0.999,
-128-d head, no warm-up. Texture negatives (``--robust texture_syn``) are not built yet. Shuffle BN over
-8 GPU workers (the GPUs of one machine; the README does not say how many), per-GPU BatchNorm.
+128-d head, no warm-up. Shuffle BN over 8 GPU workers (the GPUs of one machine; the README does not say
+how many), per-GPU BatchNorm.
+
+Texture negatives (``--negatives texture``, also spelt as the seed's ``--robust texture``): the same
+command with ``--robust texture --num-nonsem 1 --alpha 2 --moco-k 16384`` (the README's texture command
+and the table's only texture row, K 16384 and alpha 2; no patch ratio). ``data.texture_path`` is the
+texture tree the authors' ``preprocess/imangenet_texture_syn.py`` writes next to the photos,
+``<data.path>-texture/train/<wnid>/<name>.png``; each photo's texture gets the query's augmentation.
 
 Linear evaluation (``main_lincls.py -a resnet50 --lr 10.0 --batch-size 128 --epochs 60``): frozen
 encoder in eval mode, SGD momentum 0.9, wd 0, lr x0.1 at epochs 30, 40, 50, RandomResizedCrop + flip.
@@ -52,11 +58,14 @@ SEED = {"arch": "resnet50", "lr": 0.03, "batch_size": 128, "moco_t": 0.2, "moco_
 LINCLS = {"lr": 10.0, "batch_size": 128, "epochs": 60, "schedule": (30, 40, 50), "weight_decay": 0.0, "momentum": 0.9}
 
 
-def pretrain_config(negatives: str = "patch", alpha: float = 2.0, queue: int = 16384) -> ExperimentConfig:
+def pretrain_config(negatives: str = "patch", alpha: float = 2.0, queue: int = 16384,
+                    texture_path: str | None = None) -> ExperimentConfig:
+    """The seed's pretraining; ``negatives="texture"`` reads each photo's texture from ``texture_path``
+    (``data.texture_path``, which may also be set with ``--set``)."""
     s = SEED
     alias = "plain" if negatives == "none" else f"{negatives}-a{alpha:g}"
     return from_dict({
-        "data": {**DATA, "batch_size": s["batch_size"]},
+        "data": {**DATA, "batch_size": s["batch_size"], "texture_path": texture_path},
         "model": {"encoder": s["arch"]},
         "method": {"name": "moco", "temperature": s["moco_t"], "queue_size": queue, "momentum": s["moco_m"],
                    "dim": s["moco_dim"], "mlp": True, "negatives": negatives, "alpha": alpha,
@@ -86,7 +95,7 @@ def probe_config(init_from: str) -> ExperimentConfig:
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("pretrain", "probe"))
-    p.add_argument("--negatives", default="patch", choices=("none", "patch"))
+    p.add_argument("--negatives", "--robust", dest="negatives", default="patch", choices=("none", "patch", "texture"))
     p.add_argument("--alpha", type=float, default=2.0)
     p.add_argument("--queue", type=int, default=16384)
     p.add_argument("--from", dest="init_from", default=f"models:/{REGISTER_AS}@k16384-patch-a2")

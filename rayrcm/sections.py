@@ -53,6 +53,8 @@ class DataConfig:
     cutmix: float = 0.0
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.0
+    folders: tuple[str, ...] = ()  # caption_groups: image roots, one per generation seed (StableRep's --folder_list)
+    texture_path: str | None = None  # imagefolder: <split>/<wnid>/<name>.png per photo (moco negatives=texture)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class OptimConfig:
     clip_after_warmup: bool = False  # grad_clip only once the warm-up is over (the RCM authors' "after_warmup")
     schedule_offset: int = 0  # update s uses the schedule at s + offset (1: the ACL authors step LambdaLR before each update)
     weight_decay_all: bool = False  # every parameter decays (the RCM and ACL authors); False: biases and norms at 0
+    weight_decay_end: float = -1.0  # >= 0: decaying groups follow a per-step cosine weight_decay -> this (FT-CADIS)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class TrainConfig:
     workers: int = 1  # Ray Train workers; 0 runs the loop in the driver process
     use_gpu: bool = False
     precision: str = "fp32"
+    accum_iter: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation)
     checkpoint_every: int = 50
     checkpoint_epochs: float = 0.0  # > 0: sets checkpoint_every from the training set size
     keep_checkpoints: int = 2
@@ -150,6 +154,11 @@ def check_data(d: DataConfig) -> None:
         check(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), "must be >= 0 (0 = off)")
     check(0 <= d.mixup_switch_prob <= 1, "data.mixup_switch_prob", d.mixup_switch_prob, "must be in [0, 1]")
     check(0 <= d.label_smoothing < 1, "data.label_smoothing", d.label_smoothing, "must be in [0, 1)")
+    for i, root in enumerate(d.folders):
+        check(bool(root.strip()), "data.folders", root, "every root folder must be a non-empty path")
+        check(root not in d.folders[:i], "data.folders", root, "is listed twice: each root is one generation seed")
+    check(d.texture_path is None or bool(d.texture_path.strip()), "data.texture_path", d.texture_path,
+          "must be a folder path (or unset)")
 
 
 def check_model(m: ModelConfig, image_size: int) -> None:
@@ -167,6 +176,8 @@ def check_optim(o: OptimConfig) -> None:
     check(o.name in OPTIMIZERS, "optim.name", o.name, f"choose one of: {', '.join(OPTIMIZERS)}")
     check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    check(o.weight_decay_end == -1 or o.weight_decay_end >= 0, "optim.weight_decay_end", o.weight_decay_end,
+          "must be >= 0 (a cosine from optim.weight_decay to it), or -1 for a constant weight decay")
     check(0 < o.layer_decay <= 1, "optim.layer_decay", o.layer_decay, "must be in (0, 1] (1 = off)")
     check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
@@ -205,6 +216,7 @@ def check_train(t: TrainConfig) -> None:
     check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     check(t.max_failures >= -1, "train.max_failures", t.max_failures, "must be >= 0, or -1 for unlimited")
     check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    check(t.accum_iter >= 1, "train.accum_iter", t.accum_iter, "must be >= 1 (1 = no gradient accumulation)")
     check(t.progress_every_s >= 0, "train.progress_every_s", t.progress_every_s, "must be >= 0 (0 = every logged step)")
     for s in t.eval_sigmas:
         check(s > 0, "train.eval_sigmas", s, "every sigma must be > 0 (pixel units, data in [0, 1])")

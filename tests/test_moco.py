@@ -195,7 +195,11 @@ def test_state_dict_holds_the_queue_so_resume_is_exact():
 @pytest.mark.parametrize("extra, key", [
     (["method.queue_size=10"], "method.queue_size"),
     (["method.temperature=0"], "method.temperature"),
-    (["method.negatives=texture"], "method.negatives"),
+    (["method.negatives=nonsem"], "method.negatives"),  # the old README's --robust value
+    (["method.negatives=texture"], "data.name"),  # texture pairs are image files: imagefolder
+    (["method.negatives=texture", "data.name=imagefolder"], "data.texture_path"),
+    (["method.negatives=texture", "data.name=imagefolder", "data.texture_path=t", "method.n_negatives=2"],
+     "method.n_negatives"),
     (["method.alpha=-1"], "method.alpha"),
     (["method.shuffle_groups=3"], "method.shuffle_groups"),
     (["train.workers=2", "train.sync_bn=true", "method.queue_size=8"], "train.sync_bn"),
@@ -331,3 +335,27 @@ def test_imagenet100_recipe_equals_the_seed_commands(queue, alpha):
     assert (probe.method.head_lrs(128), probe.optim.weight_decay, probe.data.batch_size, probe.train.epochs) == ((10.0,), 0.0, 128, 60)
     assert tuple(probe.optim.milestone_epochs) == (30, 40, 50) and probe.method.name == "linear_probe"
     assert len(set(recipe.IMAGENET100)) == 100 and all(w.startswith("n") and len(w) == 9 for w in recipe.IMAGENET100)
+
+
+# README: moco-non-sem-neg.py -a resnet50 ... --mlp --moco-t 0.2 --aug-plus --cos --moco-k 16384
+#         --robust texture --num-nonsem 1 --alpha 2 --epochs 200 (the table's texture row: K 16384, alpha 2);
+#         the dataset is the texture tree <imagenet-100>-texture/, each texture's photo beside it
+def test_imagenet100_texture_recipe_equals_the_seed_command():
+    from helpers import load_experiment
+
+    from rayrcm.config import validate
+
+    recipe = load_experiment("moco_imagenet100")
+    cfg = validate(recipe.pretrain_config("texture", 2.0, 16384, texture_path="/data/imagenet100-texture"),
+                   check_paths=False)
+    m, o, d, t = cfg.method, cfg.optim, cfg.data, cfg.train
+    assert (m.negatives, m.n_negatives, m.alpha, m.queue_size) == ("texture", 1, 2.0, 16384)
+    assert (m.temperature, m.momentum, m.dim, m.mlp, m.view) == (0.2, 0.999, 128, True, "mocov2")
+    assert m.views(d.augmentation) == ("mocov2", "mocov2", "mocov2@texture")  # the texture replays the query's draws
+    assert (d.name, d.texture_path, d.image_size, d.batch_size, d.hflip) == (
+        "imagefolder", "/data/imagenet100-texture", 224, 128, True)
+    assert (o.name, o.lr, o.momentum, o.weight_decay) == ("sgd", 0.03, 0.9, 1e-4)
+    assert (o.schedule, o.warmup_steps) == ("cosine", 0)
+    assert t.epochs == 200 and not t.sync_bn and t.name == "moco-imagenet100-k16384-texture-a2"
+    with pytest.raises(ConfigError, match="^data.texture_path="):  # the texture tree is the user's to give
+        validate(recipe.pretrain_config("texture"), check_paths=False)

@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ class DatasetSpec:
     load: Callable[[DataConfig], tuple[Dataset, Dataset, int]]  # (train+val pool, test, classes)
     check_path: Callable[[str | None], None]
     large: bool = False
+    native_size: int = 0  # data.image_size=0 resolves to this (0: rayrcm.data.native's table)
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -329,12 +331,26 @@ def read_image(path: str):
         raise OSError(f"image file {path!r} cannot be read as an image ({type(err).__name__}: {reason})") from None
 
 
+def _train_folder(root: Path, cfg: DataConfig):
+    """``train/`` as an ImageFolder; with ``data.texture_path``, each photo paired with its texture
+    (seed 004's texture negatives, :mod:`rayrcm.data.texture`; every pair checked here)."""
+    from torchvision.datasets import ImageFolder
+
+    if not cfg.texture_path:
+        return ImageFolder(str(root / "train"), loader=read_image)
+    from rayrcm.data.texture import TextureFolder, check_texture_pairs
+
+    train = TextureFolder(str(root / "train"), loader=read_image, photo_root=str(root), texture_root=cfg.texture_path)
+    check_texture_pairs(train)
+    return train
+
+
 def _load_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.path or "").expanduser()
     try:
-        train, val = (ImageFolder(str(root / split), loader=read_image) for split in ("train", "val"))
+        train, val = _train_folder(root, cfg), ImageFolder(str(root / "val"), loader=read_image)
     except FileNotFoundError as err:  # a class folder without image files
         raise ConfigError("data.path", cfg.path, (str(err).splitlines() or ["no image files"])[0][:200]) from None
     if train.classes != val.classes:
@@ -343,3 +359,11 @@ def _load_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
 
 
 DATASETS.register("imagefolder")(DatasetSpec("imagefolder", _load_folder, _check_folder, large=True))
+
+
+# ----------------------------------------------------------------------------- StableRep's caption groups
+
+from rayrcm.data.captions import NATIVE_SIZE, check_csv, load_caption_groups  # noqa: E402
+
+DATASETS.register("caption_groups")(DatasetSpec("caption_groups", partial(load_caption_groups, loader=read_image),
+                                                check_csv, large=True, native_size=NATIVE_SIZE))

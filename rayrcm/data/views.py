@@ -6,12 +6,12 @@ All pipelines end in float32 tensors in [0, 1]; normalization is the model's fir
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from rayrcm.sections import DataConfig
@@ -196,8 +196,14 @@ class StrengthAugment:
         return self.pipeline()(image)
 
 
+TEXTURE_VIEW = "@texture"  # a view name's suffix: that view of the photo's texture, replaying view 0's draws
+
+
 def data_transform(kind: str, cfg: DataConfig, *, large: bool) -> Any:
-    """:func:`build_transform` with the options of a :class:`DataConfig`."""
+    """:func:`build_transform` with the options of a :class:`DataConfig`; ``<kind>@texture`` is view
+    ``kind`` of each item's paired image (its texture) with view 0's random draws (:class:`PairedView`)."""
+    if kind.endswith(TEXTURE_VIEW):
+        return PairedView(data_transform(kind[:-len(TEXTURE_VIEW)], cfg, large=large), source=0)
     return build_transform(kind, cfg.image_size, large=large, hflip=cfg.hflip if kind != "none" else False,
                            crop_pct=cfg.crop_pct, crop_min=cfg.crop_min, autoaug=cfg.autoaug)
 
@@ -208,8 +214,57 @@ def eval_transform_uint8(size: int, *, large: bool = False, crop_pct: float = 0.
     return v2.Compose([v2.ToImage(), *_resize(size, large, crop_pct), v2.ToDtype(torch.uint8, scale=True)])
 
 
+class ImageGroup:
+    """The raw images of one item that holds several (StableRep's caption groups: one image per drawn
+    root), read on access: :class:`MultiView` applies view ``k`` to image ``k``."""
+
+    def __init__(self, items: Sequence[Any], loader: Callable[[Any], Any] | None = None) -> None:
+        self.items, self.loader = list(items), loader
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> Any:
+        item = self.items[k]
+        return self.loader(item) if self.loader is not None else item
+
+
+class PairedView:
+    """A view of an item's *paired* image (seed 004's texture of a photo: the dataset's
+    ``paired_image(index)``, e.g. :class:`~rayrcm.data.texture.TextureFolder`) that replays the random
+    draws of view ``source``: the global torch RNG is set to the state view ``source`` started from,
+    the pipeline runs on the paired image, and the RNG is put back where it was, so the other views
+    draw exactly what they would without this one. The seed re-seeds ``random`` and torch before the
+    query and again before the texture (``moco/loader.py:128-136``); every draw of these pipelines
+    comes from torch's RNG."""
+
+    def __init__(self, transform: Any, source: int = 0) -> None:
+        self.transform, self.source = transform, source
+
+    @staticmethod
+    def partner(base: Dataset, index: int) -> Any:
+        """The paired image of item ``index`` of ``base`` (through ``Subset`` wrappers)."""
+        while isinstance(base, Subset):
+            base, index = base.dataset, base.indices[index]
+        if not hasattr(base, "paired_image"):
+            raise TypeError(f"a paired view needs a dataset of image pairs (data.texture_path), "
+                            f"not {type(base).__name__}")
+        return base.paired_image(index)
+
+    def replay(self, base: Dataset, index: int, state: torch.Tensor) -> torch.Tensor:
+        paired = self.partner(base, index)
+        after = torch.get_rng_state()
+        torch.set_rng_state(state)
+        try:
+            return self.transform(paired)
+        finally:
+            torch.set_rng_state(after)
+
+
 class MultiView(Dataset):
-    """Wrap a dataset of (raw image, label) into ``((view_1, ..., view_k), label)``."""
+    """Wrap a dataset of (raw image, label) into ``((view_1, ..., view_k), label)``. An item holding an
+    :class:`ImageGroup` gets view ``k`` of its image ``k``; a :class:`PairedView` transform is applied to
+    the item's paired image with the random draws of its source view."""
 
     def __init__(self, base: Dataset, transforms: Sequence[v2.Transform]) -> None:
         self.base, self.transforms = base, list(transforms)
@@ -219,7 +274,17 @@ class MultiView(Dataset):
 
     def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, ...], int]:
         image, label = self.base[i]
-        return tuple(t(image) for t in self.transforms), label
+        if isinstance(image, ImageGroup) and len(image) < len(self.transforms):
+            raise ValueError(f"item {i} holds {len(image)} images, fewer than the {len(self.transforms)} views")
+        views: list[torch.Tensor] = []
+        states: dict[int, torch.Tensor] = {}
+        for k, t in enumerate(self.transforms):
+            if isinstance(t, PairedView):
+                views.append(t.replay(self.base, i, states[t.source]))
+                continue
+            states[k] = torch.get_rng_state()
+            views.append(t(image[k] if isinstance(image, ImageGroup) else image))
+        return tuple(views), label
 
     def set_augmentation_strength(self, strength: float) -> None:
         """Set the strength of every :class:`StrengthAugment` view (DynACL); other views are fixed."""

@@ -36,13 +36,19 @@ still in the softmax at logit 0); ``negatives=none`` is plain MoCo v2.
   (``16..72`` at 224 px, scaled by ``image_size / 224``), ``c = floor(S / p) + 1`` cells per side,
   cell ``(i, j)`` is the crop ``x_q[:, h:h+p, w:w+p]`` with ``h, w ~ U{0..S-1-p}``, the ``(cp)^2``
   canvas cut to ``S x S`` (:func:`patch_negatives`, built on the device; copying pixels commutes
-  with normalisation). Texture-based negatives (a paired texture image per photo) are not built yet.
+  with normalisation).
+* Texture-based negatives (``loader.py:74-137``, ``method.negatives=texture``): each photo's texture
+  (``data.texture_path``, ``<split>/<wnid>/<name>.png``; :mod:`rayrcm.data.texture`) is a third view,
+  augmented with the query's random draws (the authors re-seed before the query and again before the
+  texture, ``128-136``); ``t = n(f_k(x_t))`` with shuffle BN, one per query (the authors assert
+  ``--num-nonsem 1``, ``moco-non-sem-neg.py:271``).
 * The query encoder is exported.
 
 Worked example (``q = k = e1``, ``Q = [e2, e3]``, ``t = q``, ``T = 1``, ``alpha = 2``):
 ``logits = [1, 0, 0, 2]``, ``L = ln(e + 2 + e^2) - 1 = 1.493812``.
 
-Shapes: ``views = [x_q, x_k]``, each ``(B, 3, H, W)`` in [0, 1]; labels are ignored.
+Shapes: ``views = [x_q, x_k]`` (texture negatives: ``[x_q, x_k, x_t]``), each ``(B, 3, H, W)`` in
+[0, 1]; labels are ignored.
 """
 
 from __future__ import annotations
@@ -56,13 +62,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from rayrcm.data.views import TEXTURE_VIEW
 from rayrcm.errors import ConfigError
 from rayrcm.models import Encoder, Normalize, build_encoder, ema_update, make_frozen_copy
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import gather_keys
 from rayrcm.sections import AUGMENTATIONS
 
-NEGATIVES = ("none", "patch")
+NEGATIVES = ("none", "patch", "texture")
 VIEWS = (*AUGMENTATIONS, "mocov2", "stablerep")
 
 
@@ -141,7 +148,7 @@ class MoCoConfig(MethodConfig):
     momentum: float = 0.999  # --moco-m
     dim: int = 128  # --moco-dim
     mlp: bool = True  # MoCo v2's MLP head
-    negatives: str = "none"  # none | patch (texture: not built yet)
+    negatives: str = "none"  # none | patch | texture (data.texture_path: a texture per photo)
     alpha: float = 2.0  # weight of the non-semantic negatives' logits
     n_negatives: int = 1  # non-semantic negatives per query (the seed's commands: 1)
     patch_min: int = 16  # patch side range at 224 px (--patch-ratio 16 72), scaled with the image size
@@ -151,7 +158,8 @@ class MoCoConfig(MethodConfig):
     view: str = "mocov2"  # the augmentation of both views ("": data.augmentation)
 
     def views(self, augmentation: str) -> tuple[str, ...]:
-        return (self.view or augmentation,) * 2
+        view = self.view or augmentation
+        return (view, view, view + TEXTURE_VIEW) if self.negatives == "texture" else (view, view)
 
     def groups(self, world: int) -> int:
         return self.shuffle_groups or (1 if world > 1 else 2)
@@ -176,6 +184,8 @@ class MoCoConfig(MethodConfig):
             raise ConfigError("method.alpha", self.alpha, "must be >= 0")
         if self.n_negatives < 1:
             raise ConfigError("method.n_negatives", self.n_negatives, "must be >= 1")
+        if self.negatives == "texture":
+            self._validate_texture(cfg)
         if not 1 <= self.patch_min <= self.patch_max:
             raise ConfigError("method.patch_min", self.patch_min, f"need 1 <= patch_min <= patch_max={self.patch_max}")
         if self.shuffle_groups < 0:
@@ -188,6 +198,18 @@ class MoCoConfig(MethodConfig):
         if workers > 1 and cfg.train.sync_bn:
             raise ConfigError("train.sync_bn", True,
                               "moco uses shuffle BN (per-worker BatchNorm): set train.sync_bn=false")
+
+
+    def _validate_texture(self, cfg: Any) -> None:
+        if self.n_negatives != 1:
+            raise ConfigError("method.n_negatives", self.n_negatives,
+                              "texture negatives are one per query (the seed asserts --num-nonsem 1)")
+        if cfg.data.name != "imagefolder":
+            raise ConfigError("data.name", cfg.data.name,
+                              "texture negatives pair image files: use data.name=imagefolder")
+        if not cfg.data.texture_path:
+            raise ConfigError("data.texture_path", cfg.data.texture_path, "method.negatives=texture needs the "
+                              "texture tree: <split>/<wnid>/<name>.png for each photo <split>/<wnid>/<name>.<ext>")
 
 
 def _world_rank() -> tuple[int, int]:
@@ -248,10 +270,20 @@ class MoCoObjective(Objective):
         self.queue[:, ptr:ptr + n] = keys.T.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + n) % size)
 
-    def negatives(self, xq: torch.Tensor, step: int) -> list[torch.Tensor]:
-        """The normalised key-encoder features of each query's non-semantic negatives (patch-based)."""
+    def patch_features(self, xq: torch.Tensor, step: int) -> list[torch.Tensor]:
+        """The normalised key-encoder features of each query's patch-based negatives."""
         lo, hi = self.patch_range
         return [self.key_features(patch_negatives(xq, lo, hi), step, 1 + m) for m in range(self.cfg.n_negatives)]
+
+    def negatives(self, views: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """The normalised key-encoder features ``t_m`` of the non-semantic negatives (none: ``[]``)."""
+        if self.cfg.negatives == "patch":
+            return self.patch_features(views[0], step)
+        if self.cfg.negatives == "texture":
+            if len(views) < 3:
+                raise ValueError("texture negatives need a third view (the texture): method.views gives it")
+            return [self.key_features(views[2], step, 1)]
+        return []
 
     def forward(self, views: list[torch.Tensor], target: torch.Tensor, step: int) -> LossOutput:
         cfg = self.cfg
@@ -261,14 +293,14 @@ class MoCoObjective(Objective):
         if self.training:
             self.momentum_update()  # before the keys, as MoCo
         k = self.key_features(xk, step, 0)
-        ts = self.negatives(xq, step) if cfg.negatives == "patch" else []
+        ts = self.negatives(views, step)
         logits = moco_logits(q, k, self.queue.clone().detach(), ts, cfg.alpha, cfg.temperature)
         loss = moco_loss(logits)
         with torch.no_grad():
             metrics = {"pos_logit": (q * k).sum(1).mean(), "queue_logit": (q @ self.queue).mean(),
                        "accuracy": (logits.argmax(1) == 0).float().mean()}
             if cfg.negatives == "none" and cfg.monitor:
-                ts = self.negatives(xq, step)
+                ts = self.patch_features(xq, step)
             if ts:
                 metrics["nonsem_logit"] = torch.stack([(q * t).sum(1).mean() for t in ts]).mean()
         if self.training:

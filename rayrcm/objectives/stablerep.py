@@ -27,6 +27,12 @@ Groups (``method.groups``):
 * ``label``: the dataset's class label is the group: every image of a class in the global batch
   is a positive of every other (how the bundled digits run StableRep's "same-class groups").
 
+Data: ``data.name=caption_groups`` (:mod:`rayrcm.data.captions`) is the authors' reader: item ``r``
+is the images of CSV row ``r`` in ``n`` roots of ``data.folders`` drawn without replacement
+(``dataset/data.py:74-81``), view ``k`` of image ``k``; with ``method.groups=image`` each row is its
+own group, as the authors' pseudo-labels. Before each epoch :meth:`StableRepObjective.on_epoch`
+hands ``(train.seed, epoch)`` to the reader, which draws each item's roots from them and its index.
+
 Views: StableRep's augmentation (``method.view=stablerep``: RandomResizedCrop(0.08-1), jitter, grey,
 blur p 0.5, flip, and the 5% downsample; :func:`~rayrcm.data.views.mocov2_view`).
 
@@ -47,9 +53,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from rayrcm.data.captions import set_dataset_epoch
 from rayrcm.errors import ConfigError
 from rayrcm.models import Encoder, Normalize, build_encoder
-from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import gather_keys
 from rayrcm.sections import AUGMENTATIONS
 
@@ -116,6 +123,13 @@ class StableRepConfig(MethodConfig):
         if self.n_views < (2 if self.groups == "image" else 1):
             raise ConfigError("method.n_views", self.n_views,
                               "must be >= 2 with method.groups=image (>= 1 with groups=label)")
+        if cfg.data.name == "caption_groups":
+            if self.groups != "image":
+                raise ConfigError("method.groups", self.groups,
+                                  "data.name=caption_groups makes each CSV row its own group: use method.groups=image")
+            if self.n_views > len(cfg.data.folders):
+                raise ConfigError("method.n_views", self.n_views, f"draws that many roots without replacement from "
+                                  f"the {len(cfg.data.folders)} of data.folders: use at most {len(cfg.data.folders)}")
 
 
 def _rank() -> int:
@@ -142,6 +156,11 @@ class StableRepObjective(Objective):
             group = target.to(h.device).long()
         loss = multi_positive_loss(h, group.repeat(n), cfg.temperature, gather=cfg.gather)
         return LossOutput(loss, {"multi_pos": loss.detach()})
+
+    def on_epoch(self, epoch: int, ctx: EpochContext) -> EpochPlan:
+        """Caption groups draw each item's roots from ``(train.seed, epoch, index)``: hand them the epoch."""
+        set_dataset_epoch(ctx.train_set, epoch, ctx.seed)
+        return EpochPlan()
 
     def export(self) -> nn.Module:
         return self.encoder
