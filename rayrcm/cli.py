@@ -8,6 +8,7 @@
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
     rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa [--severities 1,3,5 --corruptions NAMES ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
+    rayrcm compare RUN_OR_DIR... [--latex] [--out FILE] [--radii 0,0.25,0.5] [--tracking-uri URI]
     rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
 
 Bad input gives one line on stderr (``rayrcm: error: ...``) and exit status 2.
@@ -59,6 +60,10 @@ EPILOGS = {
                 "Corruptions are generated with CIFAR-10-C's parameters (labelled 'generated': new draws, not the\n"
                 "released files) unless --c-path names a released CIFAR-10-C / CIFAR-100-C folder.",
     "analyze": "example:\n  rayrcm analyze rayrcm_results/certify/JOB1 rayrcm_results/certify/JOB2 --radii 0,0.25,0.5",
+    "compare": "example:\n  rayrcm compare rayrcm_results/evaluate/JOB1 rayrcm_results/evaluate/JOB2 "
+               "rayrcm_results/certify/JOB3 --latex --out table.md\n\n"
+               "RUN_OR_DIR: a folder of rayrcm evaluate / certify / predict, or an MLflow run id (its results,\n"
+               "certification rows, or fine-tuning metrics; tracking URI from --tracking-uri or $MLFLOW_TRACKING_URI).",
     "mlflow-server": "example:\n  rayrcm mlflow-server --backend-store-uri sqlite:////mnt/rayrcm/mlflow.db "
                      "--artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --detach",
 }
@@ -148,6 +153,18 @@ def _evaluate_parser(sub) -> None:
                    help="any EvaluateConfig key, e.g. --set tracking.enabled=false --set aa_iters=50")
 
 
+def _compare_parser(sub) -> None:
+    k = _sub(sub, "compare",
+             "evaluations and certifications side by side: SA/AA/CS-s, clean/C/shift, certified accuracy")
+    k.add_argument("results", nargs="+", metavar="RUN_OR_DIR", help="result folders or MLflow run ids")
+    k.add_argument("--latex", action="store_true", help="print (and write, with --out) LaTeX tables too")
+    k.add_argument("--out", help="write the Markdown tables to this file (LaTeX next to it as .tex with --latex)")
+    k.add_argument("--radii",
+                   help="comma-separated radii of the certified table (default 0, 0.25, ... to each run's reach)")
+    k.add_argument("--tracking-uri",
+                   help="MLflow tracking URI for run ids (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="a swept key: grid:a,b,c | choice:a,b | uniform:lo,hi | loguniform:lo,hi | randint:lo,hi")
@@ -184,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "largest radius the protocol can certify)")
     a.add_argument("--out", help="folder for table.md, table.tex, certified_accuracy.png")
     a.add_argument("--no-log", action="store_true", help="do not log to the certifications' MLflow runs")
+    _compare_parser(sub)
     m = _sub(sub, "mlflow-server", "the MLflow tracking server of a cluster's head (basic auth on by default)")
     m.add_argument("--backend-store-uri", default="sqlite:///mlflow.db", help="sqlite:////abs/mlflow.db or postgresql://...")
     m.add_argument("--artifacts-destination", default="./mlartifacts", help="s3://bucket/prefix, gs://... or a folder")
@@ -256,6 +274,22 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _radii(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise ConfigError("radii", text, "comma-separated numbers, e.g. 0,0.25,0.5") from None
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rayrcm.orchestration.analyze import compare
+
+    compare(args.results, latex=args.latex, out=args.out, radii=_radii(args.radii), tracking_uri=args.tracking_uri)
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rayrcm.orchestration import console
@@ -267,6 +301,8 @@ def run(argv: list[str] | None = None) -> int:
         return _evaluate(args)
     if args.command == "analyze":
         return _analyze(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "mlflow-server":
         from rayrcm.orchestration import mlflow_server as ms
 

@@ -165,6 +165,88 @@ def test_tables_of_a_hand_made_result():
     assert r"CS-1 (generated) & CS-5 (generated)" in tex and r"digits-c-generated & contrast & 1 & yes" in tex
 
 
+# ----------------------------------------------------------------------------- the fine-tuning chain's numbers
+
+
+def _trained_digits_model(path):
+    """The rayrcm digits classifier (8 px), trained for two epochs (about 90% test accuracy), as a model.pt."""
+    import torch
+    from torch.nn import functional as F
+
+    from rayrcm.config import ExperimentConfig, apply_overrides, to_dict
+    from rayrcm.data.datasets import digits_tensors
+    from rayrcm.models import build_classifier
+    from rayrcm.train.checkpoint import model_meta, save_model
+
+    torch.manual_seed(0)
+    cfg = apply_overrides(ExperimentConfig(), ["method.name=gaussian", "data.image_size=8", "model.patch_size=4"])
+    model = build_classifier(cfg.model, 8, 10)
+    x, y = digits_tensors(8)
+    x = x.float() / 255
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    model.train()
+    for _ in range(2):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            b = perm[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    save_model(path, model.eval(), model_meta(to_dict(cfg), "classifier", 10))
+    return path
+
+
+def test_the_chain_robustness_table_equals_the_evaluate_job_for_the_same_model(tmp_path):
+    """The fine-tuning chain's evaluation (``RobustAccuracy``, on 1 and on 2 workers) and the evaluate
+    job's shards (the actor's own code: 3 shards of 16 images, 2 batches each) seed their attacks by
+    image index: the same SA, PGD, APGD-CE+APGD-T and standard AutoAttack counts, one table."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster than two waiting on each other
+    try:
+        _chain_equals_job(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _chain_equals_job(tmp_path):
+    import pandas as pd
+    from torch.utils.data import TensorDataset
+
+    from rayrcm.analysis.robustness import results_table, robust_cells
+    from rayrcm.eval.robust import RobustAccuracy, RobustEvalConfig
+    from rayrcm.models.export import build_from_file
+    from rayrcm.orchestration import evaluate_job as ej
+    from rayrcm.orchestration.evaluate_actor import shard_correct, shard_images
+
+    model_file = _trained_digits_model(tmp_path / "model.pt")
+    budget = {"eps": 0.03, "step_size": 0.01, "pgd_steps": 3, "aa_iters": 5, "aa_targets": 3, "aa_queries": 30}
+    cfg = ej.config_from_args([f"model={model_file}", f"out_dir={tmp_path}", "name=job", "tracking.enabled=false",
+                               "suite=clean,pgd,aa-apgd,aa", "max_images=48", "shard_size=16", "batch=8", "seed=3",
+                               *[f"{k}={v}" for k, v in budget.items()]])
+    p = ej.prepare(cfg)
+    model, _ = build_from_file(model_file)
+    model.eval()
+    rows = []
+    for r in p.todo:  # what each actor does with its shard rows
+        x, y = shard_images(r, p.images, p.labels, p.settings)
+        rows.append({**r, "images": len(y), "correct": shard_correct(model, x, y, r["attack"], p.settings,
+                                                                      index=r["index"])})
+    job = results_table(pd.DataFrame(rows), "m")
+    chain = RobustAccuracy(RobustEvalConfig(batch_size=8, **budget))
+    data = TensorDataset(p.images.float() / 255, p.labels)  # the same 48 test images, [0, 1]
+    one = chain.counts(model, data, seed=3)
+    two = sum(chain.counts(model, data, rank=r, world=2, seed=3) for r in range(2))
+    assert one.tolist() == two.tolist()
+    table = robust_cells(one.tolist(), pgd_steps=3, model="m", set_="digits")
+    assert table.equals(job), (table, job)
+    sa, pgd, apgd, aa = (int(job.set_index("attack").loc[a, "correct"]) for a in ("none", "pgd3", "aa-apgd", "aa"))
+    assert 48 > sa > pgd >= apgd >= aa > 0  # the budget leaves something to find
+    metrics = chain.metrics(one, "slf")
+    assert metrics["slf_sa"] == pytest.approx(sa / 48) and metrics["slf_aa"] == pytest.approx(aa / 48)
+
+
 # ----------------------------------------------------------------------------- on Ray
 
 
@@ -302,3 +384,23 @@ def test_evaluation_is_tracked_under_the_model_run(setup):
     assert {"protocol.json", "results.parquet", "results.csv", "table.md", "table.tex", "accuracy_vs_severity.png",
             "rows"} <= names
     assert evaluate_job.run(cfg, show_table=False).computed == 0
+
+
+@pytest.mark.slow
+def test_compare_puts_the_jobs_side_by_side_with_their_cells(setup, capsys):
+    """``rayrcm compare`` on two real job folders: every headline cell is the job's own table's value."""
+    from rayrcm.analysis.robustness import headline
+    from rayrcm.cli import main
+
+    tmp, _, one, two = setup
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(one.out), str(two.out), "--out", str(tmp / "compare.md")])
+    assert exit_.value.code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:4] == ["run", "SA", "PGD-3", "APGD-CE+APGD-T (upper bound)"] and "CS-5 (generated)" in head
+    for line, result in zip(lines[1:], (one, two)):
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        assert cells["run"] == result.name
+        assert {k: cells[k] for k in head[1:]} == {k: f"{v:.3f}" for k, v in headline(result.table).items()}
+    assert (tmp / "compare.md").read_text().count("| one |") == 1

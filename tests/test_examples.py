@@ -89,7 +89,8 @@ def test_train_help_answers_fast_and_says_how_to_list_the_keys():
                           timeout=60).stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("verb", ["quickstart", "train", "config", "tune", "certify", "predict", "analyze", "mlflow-server"])
+@pytest.mark.parametrize("verb", ["quickstart", "train", "config", "tune", "certify", "predict", "analyze", "compare",
+                                  "mlflow-server"])
 def test_every_cli_verb_help_has_an_example(verb, capsys):
     from rayrcm.cli import main
 

@@ -1,4 +1,5 @@
-"""Certified accuracy, ACR, tables and plots from certification rows (pandas/matplotlib; no Ray)."""
+"""Certified accuracy, ACR, tables and plots from certification rows, and any results side by side
+(pandas/matplotlib; no Ray)."""
 
 from rayrcm.analysis.certified import (
     STANDARD_RADII,
@@ -13,11 +14,12 @@ from rayrcm.analysis.certified import (
     to_markdown,
     total_samples,
 )
+from rayrcm.analysis.compare import compare_tables, read_result
 from rayrcm.analysis.report import result_labels, write_analysis
 from rayrcm.analysis.results import read_results, write_cohen_tsv
 
 __all__ = [
-    "STANDARD_RADII", "abstention_rate", "average_certified_radius", "certified_accuracy", "default_radii",
-    "plot_curves", "read_results", "result_labels", "summary_metrics", "summary_table", "to_latex", "to_markdown",
-    "total_samples", "write_analysis", "write_cohen_tsv",
+    "STANDARD_RADII", "abstention_rate", "average_certified_radius", "certified_accuracy", "compare_tables",
+    "default_radii", "plot_curves", "read_result", "read_results", "result_labels", "summary_metrics", "summary_table",
+    "to_latex", "to_markdown", "total_samples", "write_analysis", "write_cohen_tsv",
 ]

@@ -1,7 +1,12 @@
 """The robustness profile's tables and plot: shard rows of ``rayrcm evaluate`` -> one row per
 (set, corruption, severity, attack) in the result schema, headline SA / PGD / AutoAttack (standard)
 / APGD-CE+APGD-T (upper bound) / CS-s numbers, Markdown and LaTeX tables, and accuracy against
-severity per corruption."""
+severity per corruption.
+
+The result schema (:data:`RESULT_COLUMNS`) is every evaluation's: ``rayrcm evaluate``'s cells, a
+certification's certified accuracy at each radius (:func:`certified_cells`: attack ``rs-sigma<s>``,
+``radius`` the radius) and the fine-tuning chain's SA / PGD / AutoAttack counts
+(:func:`robust_cells`); ``radius`` is 0 for every cell that is not a certified one."""
 
 from __future__ import annotations
 
@@ -11,8 +16,17 @@ from typing import Any
 import pandas as pd
 
 RESULTS_FILE = "results.parquet"
-RESULT_COLUMNS = ["model", "set", "corruption", "severity", "generated", "attack", "images", "correct", "accuracy"]
+RESULT_COLUMNS = ["model", "set", "corruption", "severity", "generated", "attack", "radius", "images", "correct",
+                  "accuracy"]
 NONE = "none"
+# shifted sets (their own images, no corruption) -> their column in the seed-004 table
+SHIFT_SETS = {"cifar10.1": "CIFAR-10.1", "imagenet-sketch": "Sketch", "stylized-imagenet": "Stylized",
+              "imagenet-r": "R"}
+CERTIFIED = "rs-sigma"  # the attack of a certified cell: rs-sigma<sigma> (randomized smoothing, L2 radius)
+
+
+def is_certified(attack: str) -> bool:
+    return str(attack).startswith(CERTIFIED)
 
 
 def results_table(rows: pd.DataFrame, model: str | None = None) -> pd.DataFrame:
@@ -22,8 +36,11 @@ def results_table(rows: pd.DataFrame, model: str | None = None) -> pd.DataFrame:
     rows = rows.copy()
     if model is not None:
         rows["model"] = model
-    keys = ["model", "set", "corruption", "severity", "generated", "attack"]
+    if "radius" not in rows.columns:
+        rows["radius"] = 0.0
+    keys = ["model", "set", "corruption", "severity", "generated", "attack", "radius"]
     t = rows.groupby(keys, sort=False, as_index=False)[["images", "correct"]].sum()
+    t["radius"] = t["radius"].astype(float)
     t["severity"] = t["severity"].astype(int)
     t["generated"] = t["generated"].astype(bool)
     t["images"] = t["images"].astype(int)
@@ -32,9 +49,39 @@ def results_table(rows: pd.DataFrame, model: str | None = None) -> pd.DataFrame:
     order = {"none": 0}
     t["_clean"] = (t["corruption"] != NONE).astype(int)
     t["_attack"] = t["attack"].map(lambda a: order.get(a, 1))
-    t = t.sort_values(["_clean", "_attack", "attack", "set", "corruption", "severity"])
+    t = t.sort_values(["_clean", "_attack", "attack", "radius", "set", "corruption", "severity"])
     t = t.drop(columns=["_clean", "_attack"])
     return t[RESULT_COLUMNS].reset_index(drop=True)
+
+
+def certified_cells(rows: pd.DataFrame, protocol: dict[str, Any], radii: list[float], model: str = "") -> pd.DataFrame:
+    """A certification's rows (one per image: ``correct``, ``radius``) -> result-schema cells, one per
+    radius (up to ``protocol``'s reach where the caller cut ``radii``): accuracy = the fraction of
+    images certified correct at that radius or beyond (:func:`rayrcm.analysis.certified_accuracy`)."""
+    import numpy as np
+
+    correct = rows["correct"].to_numpy().astype(bool)
+    radius = rows["radius"].to_numpy(dtype=float)
+    corruption = str(protocol.get("corruption") or NONE)
+    cells = [{"model": model or str(protocol.get("model_sha256", ""))[:12], "set": str(protocol.get("dataset", "")),
+              "corruption": corruption, "severity": int(protocol.get("severity") or 0) if corruption != NONE else 0,
+              "generated": False, "attack": f"{CERTIFIED}{float(protocol.get('sigma', 0)):g}", "radius": float(r),
+              "images": len(rows), "correct": int(np.sum(correct & (radius >= r)))} for r in radii]
+    return results_table(pd.DataFrame(cells))
+
+
+def robust_cells(counts: list[int], *, pgd_steps: int, autoattack: bool = True, aa_version: str = "standard",
+                 model: str = "", set_: str = "") -> pd.DataFrame:
+    """The fine-tuning chain's counts ``[total, SA, PGD-k, APGD-CE+APGD-T, AutoAttack (standard)]``
+    (:func:`rayrcm.eval.robust.robust_counts`, with its config's ``autoattack`` and ``aa_version``)
+    -> result-schema cells."""
+    total, sa, pgd, apgd, aa = (int(c) for c in (list(counts) + [0] * 5)[:5])
+    cells = [(NONE, sa), (f"pgd{pgd_steps}", pgd)]
+    if autoattack:
+        cells += [("aa-apgd", apgd)] + ([("aa", aa)] if aa_version == "standard" else [])
+    return results_table(pd.DataFrame([{"model": model, "set": set_, "corruption": NONE, "severity": 0,
+                                        "generated": False, "attack": a, "images": total, "correct": c}
+                                       for a, c in cells]))
 
 
 def _attack_label(attack: str) -> str:
@@ -49,10 +96,11 @@ def _attack_label(attack: str) -> str:
 
 def headline(table: pd.DataFrame) -> dict[str, float]:
     """The seed-001 row: SA, PGD-k, AutoAttack (standard), APGD-CE+APGD-T (upper bound) on the clean
-    set, and CS-s (mean accuracy over the corruptions at severity s; ``(generated)`` when the
-    corruptions were generated here)."""
+    set (not a shifted one, :data:`SHIFT_SETS`; no certified cell), and CS-s (mean accuracy over the
+    corruptions at severity s; ``(generated)`` when the corruptions were generated here)."""
     out: dict[str, float] = {}
-    clean = table[table["corruption"] == NONE]
+    table = table[~table["attack"].map(is_certified)]
+    clean = table[(table["corruption"] == NONE) & ~table["set"].isin(list(SHIFT_SETS))]
     for r in clean.itertuples():
         out["SA" if r.attack == NONE else _attack_label(r.attack)] = float(r.accuracy)
     corr = table[(table["corruption"] != NONE) & (table["attack"] == NONE)]

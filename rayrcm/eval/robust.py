@@ -16,19 +16,32 @@ The protocol of the ACL/AIR/RCS papers (seed 001; the authors' ``finetuning.py``
 
 The model is evaluated in eval mode; before attacking, the protocol checks that it is
 deterministic (two passes agree) and returns logits rather than probabilities, and refuses
-otherwise. Images are sharded ``rank::world``; counts are summed over workers by the caller.
+otherwise.
+
+**Seeding** (shared with ``rayrcm evaluate``, :mod:`rayrcm.orchestration.evaluate_actor`): PGD's
+random start of an image is drawn from its own generator, seeded by ``(seed, image index)``
+(:func:`pgd_starts`), so it does not depend on the batch, the shard or the worker. AutoAttack's
+draws are shared across a batch (APGD's starts, Square's square positions), so its global generator
+is seeded per batch by ``(seed, index of the batch's first image)`` (:func:`batch_seed`); batches
+are cut at fixed positions (``[b * batch, (b + 1) * batch)``, whole batches per worker), which the
+evaluation job's shards also respect when ``shard_size`` is a multiple of ``batch``. With the same
+seed, images and batch size, this evaluation and the job give the same SA, PGD and AutoAttack counts.
+Counts are summed over workers by the caller.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from rayrcm.attacks import PGDConfig, autoattack_robust, pgd_ce, standard_autoattack
+from rayrcm.attacks import PGDConfig, autoattack_robust, pgd, project, standard_autoattack
 from rayrcm.attacks.autoattack import LABELS
 from rayrcm.errors import ConfigError
 from rayrcm.eval.base import Evaluation
@@ -75,38 +88,120 @@ def check_protocol(model: nn.Module, x: torch.Tensor) -> None:
         raise ValueError("the model returns probabilities; attacks need logits")
 
 
+def _mix(*parts: object) -> int:
+    """A 63-bit seed from the parts (CRC32 of their text, mixed with the first integer part)."""
+    text = "|".join(str(p) for p in parts)
+    return (int(parts[0]) * 1_000_003 + zlib.crc32(text.encode())) % (2**63 - 1)  # type: ignore[call-overload]
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of one image's PGD random start: a function of the job's seed and the image index only."""
+    return _mix(seed, "pgd", int(index))
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    """The global-generator seed of AutoAttack on a batch (``aa`` and ``aa-apgd`` alike, so that the
+    standard version's first two attacks replay ``aa-apgd``'s draws): seed and first image index."""
+    return _mix(seed, "aa", int(first_index))
+
+
+def pgd_starts(x: torch.Tensor, indices: Sequence[int], seed: int, eps: float, norm: str) -> torch.Tensor:
+    """PGD's random start of each image (as :func:`rayrcm.attacks.random_start`), drawn from a
+    generator seeded by :func:`image_seed`: the same start for an image in any batch."""
+    shape = tuple(x.shape[1:])
+    deltas = []
+    for i in indices:
+        g = torch.Generator().manual_seed(image_seed(seed, int(i)))
+        if norm == "linf":
+            d = (torch.rand(shape, generator=g) * 2 - 1) * eps
+        else:
+            u = torch.randn(shape, generator=g)
+            d = u / u.flatten().norm().clamp_min(1e-12) * torch.rand((), generator=g) * eps
+        deltas.append(d)
+    delta = torch.stack(deltas).to(device=x.device, dtype=x.dtype)
+    return project(delta, x, eps, norm)
+
+
+def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], cfg: PGDConfig,
+                seed: int) -> torch.Tensor:
+    """Per image: still classified right after L-inf/L2 PGD-k (untargeted CE) from its own random start."""
+    start = pgd_starts(x, indices, seed, cfg.eps, cfg.norm)
+    x_adv = pgd(lambda xa: F.cross_entropy(model(xa).float(), y, reduction="sum"), [x], cfg, init=[start])[0]
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+def _devices(x: torch.Tensor) -> list[int]:
+    return [x.device.index or 0] if x.device.type == "cuda" else []
+
+
+def autoattack_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, seed: int,
+                     eps: float, norm: str = "linf", aa_iters: int = 100, aa_targets: int = 9, aa_queries: int = 5000,
+                     standard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(robust, upper_bound)`` of one batch: the standard AutoAttack and its first two attacks from
+    the same draws (``standard=False``: APGD-CE+APGD-T only, both masks the same), the global
+    generator seeded by :func:`batch_seed` inside, the caller's stream untouched."""
+    with torch.random.fork_rng(devices=_devices(x)):
+        torch.manual_seed(batch_seed(seed, int(indices[0])))
+        if standard:
+            out = standard_autoattack(model, x, y, eps=eps, norm=norm, n_iter=aa_iters, n_targets=aa_targets,
+                                      n_queries=aa_queries)
+            return out.robust, out.upper_bound
+        robust = autoattack_robust(model, x, y, eps=eps, norm=norm, n_iter=aa_iters, n_targets=aa_targets)
+        return robust, robust
+
+
+def attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], attack: str, *,
+                   seed: int, eps: float, step_size: float, pgd_steps: int, norm: str = "linf", aa_iters: int = 100,
+                   aa_targets: int = 9, aa_queries: int = 5000) -> torch.Tensor:
+    """Per-image correctness of one batch (``indices``: its images' indices) under ``attack``: ``none``,
+    ``pgd<k>`` (``pgd_steps`` steps), ``aa`` (the standard AutoAttack) or ``aa-apgd`` (its first two
+    attacks, from the same draws as ``aa``'s)."""
+    if attack == "none":
+        with torch.no_grad():
+            return model(x).argmax(1) == y
+    if attack.startswith("pgd"):
+        return pgd_correct(model, x, y, indices, PGDConfig(norm, eps, step_size, pgd_steps, True), seed)
+    if attack in ("aa", "aa-apgd"):
+        return autoattack_masks(model, x, y, indices, seed=seed, eps=eps, norm=norm, aa_iters=aa_iters,
+                                aa_targets=aa_targets, aa_queries=aa_queries, standard=attack == "aa")[0]
+    raise ValueError(f"unknown attack {attack!r}")
+
+
+def batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The positions ``0..n-1`` cut into batches at fixed positions; this rank's share (every
+    ``world``-th batch from ``rank``), so a batch is the same on any number of workers."""
+    cuts = [list(range(lo, min(lo + batch, n))) for lo in range(0, n, batch)]
+    return cuts[rank::world]
+
+
 def robust_counts(model: nn.Module, dataset: Dataset, cfg: RobustEvalConfig, *, device: torch.device | str = "cpu",
                   rank: int = 0, world: int = 1, seed: int = 0) -> torch.Tensor:
     """``[total, natural correct, PGD-k robust, APGD-CE+APGD-T robust, AutoAttack (standard) robust]``
-    over this rank's shard (the last 0 unless ``aa_version="standard"``)."""
+    over this rank's batches (the last 0 unless ``aa_version="standard"``); see the module's seeding."""
     n = len(dataset)  # type: ignore[arg-type]
     n = min(n, cfg.max_images) if cfg.max_images else n
-    shard = Subset(dataset, list(range(rank, n, world)))
     attack = PGDConfig(cfg.norm, cfg.eps, cfg.step_size, cfg.pgd_steps, True)
     counts = torch.zeros(5, dtype=torch.long)
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed * 1_000_003 + rank)
     try:
-        for b, (views, y) in enumerate(DataLoader(shard, batch_size=cfg.batch_size)):
+        for b, idx in enumerate(batches(n, cfg.batch_size, rank, world)):
+            views, y = next(iter(DataLoader(Subset(dataset, idx), batch_size=len(idx))))
             x = (views[0] if isinstance(views, (list, tuple)) else views).to(device)
             y = y.to(device)
             if b == 0:
                 check_protocol(model, x)
-            with torch.no_grad():
-                correct = model(x).argmax(1) == y
             counts[0] += len(y)
-            counts[1] += int(correct.sum())
             with torch.no_grad():
-                counts[2] += int((model(pgd_ce(model, x, y, attack)).argmax(1) == y).sum())
-            if cfg.autoattack and cfg.aa_version == "standard":
-                aa = standard_autoattack(model, x, y, eps=cfg.eps, norm=cfg.norm, n_iter=cfg.aa_iters,
-                                         n_targets=cfg.aa_targets, n_queries=cfg.aa_queries)
-                counts[3] += int(aa.upper_bound.sum())
-                counts[4] += int(aa.robust.sum())
-            elif cfg.autoattack:
-                counts[3] += int(autoattack_robust(model, x, y, eps=cfg.eps, norm=cfg.norm, n_iter=cfg.aa_iters,
-                                                   n_targets=cfg.aa_targets).sum())
+                counts[1] += int((model(x).argmax(1) == y).sum())
+            counts[2] += int(pgd_correct(model, x, y, idx, attack, seed).sum())
+            if cfg.autoattack:
+                robust, upper = autoattack_masks(model, x, y, idx, seed=seed, eps=cfg.eps, norm=cfg.norm,
+                                                 aa_iters=cfg.aa_iters, aa_targets=cfg.aa_targets,
+                                                 aa_queries=cfg.aa_queries, standard=cfg.aa_version == "standard")
+                counts[3] += int(upper.sum())
+                counts[4] += int(robust.sum()) if cfg.aa_version == "standard" else 0
     finally:
         model.train(was_training)
     return counts

@@ -1,5 +1,7 @@
 """``rayrcm analyze``: tables and curves over several certification results (folders, Parquet files
-or Cohen-format files), written to a folder and logged to each certification's MLflow run."""
+or Cohen-format files), written to a folder and logged to each certification's MLflow run; and
+``rayrcm compare``: evaluations and certifications (folders or MLflow runs) side by side in one
+result schema (:mod:`rayrcm.analysis.compare`)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from rayrcm.analysis import read_results, result_labels, summary_table, to_markd
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.certify_prepare import PROTOCOL_FILE, RUN_FILE
+from rayrcm.sections import default_tracking_uri
 
 
 def _read(paths: list[str]) -> dict[str, pd.DataFrame]:
@@ -91,3 +94,90 @@ def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Pa
     if log:
         _log(paths, files)
     return table, files
+
+
+# ----------------------------------------------------------------------------- rayrcm compare
+
+
+def _from_run(run_id: str, uri: str, radii: list[float] | None, tmp: Path) -> dict[str, pd.DataFrame]:
+    """An MLflow run's result tables: its ``results.parquet`` (an evaluation), its rows and protocol
+    (a certification), or its robustness metrics (a fine-tuning run: one table per mode)."""
+    from rayrcm.analysis.compare import PROTOCOL_FILE as PROTO
+    from rayrcm.analysis.compare import metric_cells, read_result
+    from rayrcm.analysis.robustness import RESULTS_FILE
+
+    client = tracking._client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001  # MLflow raises several types for a missing run
+        raise ConfigError("run", run_id, f"not found in {uri} ({str(err).splitlines()[0][:160]})") from None
+    label = run.info.run_name or run_id[:8]
+    names = {a.path for a in client.list_artifacts(run_id)}
+    wanted = [RESULTS_FILE] if RESULTS_FILE in names else (["rows", PROTO] if {"rows", PROTO} <= names else [])
+    if wanted:
+        dst = tmp / run_id
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in wanted:
+            client.download_artifacts(run_id, name, str(dst))
+        return {label: read_result(dst, radii)}
+    tables = metric_cells(run.data.metrics)
+    if not tables:
+        raise ConfigError("run", run_id, f"holds no {RESULTS_FILE}, no certification rows and no robustness metrics")
+    return {(label if len(tables) == 1 else f"{label}/{prefix}"): t for prefix, t in tables.items()}
+
+
+def _results(refs: list[str], uri: str | None, radii: list[float] | None, tmp: Path) -> dict[str, pd.DataFrame]:
+    """Each folder's or run's result tables under its label, in the order given."""
+    from rayrcm.analysis.compare import read_result
+
+    paths = [r for r in refs if Path(r).expanduser().exists()]
+    labels = dict(zip(paths, result_labels(paths)))
+    out: dict[str, pd.DataFrame] = {}
+    for ref in refs:
+        if ref in labels:
+            try:
+                out[labels[ref]] = read_result(Path(ref).expanduser(), radii)
+            except ValueError as err:
+                raise ConfigError("results", ref, str(err).split(": ", 1)[-1]) from None
+        elif tracking._RUN_ID.match(ref):
+            target = tracking.normalize_uri(uri or default_tracking_uri())
+            tracking.check_reachable(target)
+            out.update(_from_run(ref, target, radii, tmp))
+        else:
+            raise ConfigError("results", ref, "no such result folder or file, and not an MLflow run id (32 hex digits)")
+    return out
+
+
+def compare(refs: list[str], *, latex: bool = False, out: str | Path | None = None, radii: list[float] | None = None,
+            tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
+    """Evaluation and certification results side by side (:mod:`rayrcm.analysis.compare`): Markdown
+    on the console (and LaTeX with ``latex``), and to ``out`` (Markdown; LaTeX next to it as ``.tex``)."""
+    import tempfile
+
+    from rayrcm.analysis.compare import compare_tables
+    from rayrcm.analysis.compare import to_latex as tables_latex
+    from rayrcm.analysis.compare import to_markdown as tables_markdown
+
+    refs = [str(r) for r in refs]
+    if not refs:
+        raise ConfigError("results", "", "give at least one result folder or MLflow run id")
+    if radii is not None:
+        radii = check_radii(radii)
+    with tempfile.TemporaryDirectory(prefix="rayrcm-compare-") as tmp:
+        tables = compare_tables(_results(refs, tracking_uri, radii, Path(tmp)))
+    if not tables:
+        raise ConfigError("results", ",".join(refs), "hold no cell to compare")
+    md = tables_markdown(tables)
+    print(md, flush=True)
+    if latex:
+        print("\n" + tables_latex(tables), flush=True)
+    if out:
+        path = Path(out).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(md + "\n")
+        written = [path]
+        if latex:
+            written.append(path.with_suffix(".tex"))
+            written[-1].write_text(tables_latex(tables) + "\n")
+        print(f"[rayrcm] wrote {', '.join(str(f) for f in written)}", flush=True)
+    return tables

@@ -1,10 +1,11 @@
 """The evaluation job's per-shard work: one model per Ray Data actor, ``correct`` per shard row.
 
 :func:`shard_correct` is the pure half (a model, the shard's uint8 images and labels, the shard's
-key -> how many images the model gets right); :class:`EvalActor` is the Ray Data callable class
-that loads the model and the clean images once and maps shard rows to counts. Everything a shard's
-result depends on is in its row and the job's :class:`ShardSettings` (the corruption key
-``(seed, image index, corruption, severity)``; the attack's torch seed from the shard's key), never
+image indices -> how many images the model gets right); :class:`EvalActor` is the Ray Data callable
+class that loads the model and the clean images once and maps shard rows to counts. Everything a
+shard's result depends on is in its row and the job's :class:`ShardSettings` (the corruption key
+``(seed, image index, corruption, severity)``; the attacks' seeds from the image indices, as the
+fine-tuning chain's evaluation: :mod:`rayrcm.eval.robust`), never
 in which actor ran it or in what order: results are the same on any number of workers.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import io
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,20 +48,6 @@ class ShardSettings:
     plugins: tuple[str, ...] = ()
 
 
-def shard_seed(seed: int, key: str) -> int:
-    """The torch seed of a shard's attack: a function of the job's seed and the shard's key only."""
-    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
-
-
-def attack_seed_key(key: str) -> str:
-    """The key a shard's attack is seeded from: its own, except that ``aa`` replays the draws of the
-    same shard's ``aa-apgd`` (its first two attacks are the same), so per shard AA <= AA-APGD."""
-    parts = key.split("|")
-    if len(parts) == 5 and parts[3] == "aa":
-        parts[3] = "aa-apgd"
-    return "|".join(parts)
-
-
 def shard_images(row: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
                  settings: ShardSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The shard's uint8 ``(B, 3, H, W)`` images and labels: clean, generated from the clean ones
@@ -93,37 +79,28 @@ def shard_images(row: dict[str, Any], images: torch.Tensor, labels: torch.Tensor
 
 
 def shard_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack: str, settings: ShardSettings, *,
-                  key: str, device: torch.device | str = "cpu") -> int:
-    """How many of the shard's images the model classifies right (under ``attack``: ``none``,
-    ``pgd<k>`` (L-inf PGD-k, random start), ``aa`` (the standard AutoAttack: APGD-CE, APGD-T, FAB-T,
-    Square) or ``aa-apgd`` (APGD-CE then APGD-T; an upper bound on AutoAttack's number)), in batches
-    of ``settings.batch``."""
-    from rayrcm.attacks import PGDConfig, autoattack_robust, pgd_ce, standard_autoattack
+                  index: list[int] | None = None, key: str = "", device: torch.device | str = "cpu") -> int:
+    """How many of the shard's images (``index``: their image indices) the model classifies right
+    (under ``attack``: ``none``, ``pgd<k>`` (L-inf PGD-k, random start), ``aa`` (the standard
+    AutoAttack: APGD-CE, APGD-T, FAB-T, Square) or ``aa-apgd`` (APGD-CE then APGD-T; an upper bound
+    on AutoAttack's number)), in batches of ``settings.batch``, seeded as the fine-tuning chain's
+    evaluation (:func:`rayrcm.eval.robust.attack_correct`: per image for PGD, per batch's first
+    image for AutoAttack). Without ``index`` the images are numbered ``0..len(y)-1``; ``key`` (the
+    shard's key, which seeded the attacks before they were seeded by image) is accepted and unused."""
+    from rayrcm.eval.robust import attack_correct
 
+    del key
+    index = list(range(len(y))) if index is None else [int(i) for i in index]
+    s = settings
     model.eval()
-    if attack != NONE:
-        torch.manual_seed(shard_seed(settings.seed, attack_seed_key(key)))
     correct = 0
-    for lo in range(0, len(y), settings.batch):
-        x = x_u8[lo:lo + settings.batch].to(device).float().div_(255)
-        t = y[lo:lo + settings.batch].to(device)
-        if attack == NONE:
-            with torch.no_grad():
-                correct += int((model(x).argmax(1) == t).sum())
-        elif attack.startswith("pgd"):
-            cfg = PGDConfig(settings.norm, settings.eps, settings.step_size, settings.pgd_steps, True)
-            x_adv = pgd_ce(model, x, t, cfg)
-            with torch.no_grad():
-                correct += int((model(x_adv).argmax(1) == t).sum())
-        elif attack == "aa":
-            correct += int(standard_autoattack(model, x, t, eps=settings.eps, norm=settings.norm,
-                                               n_iter=settings.aa_iters, n_targets=settings.aa_targets,
-                                               n_queries=settings.aa_queries).robust.sum())
-        elif attack == "aa-apgd":
-            correct += int(autoattack_robust(model, x, t, eps=settings.eps, norm=settings.norm,
-                                             n_iter=settings.aa_iters, n_targets=settings.aa_targets).sum())
-        else:
-            raise ValueError(f"unknown attack {attack!r}")
+    for lo in range(0, len(y), s.batch):
+        x = x_u8[lo:lo + s.batch].to(device).float().div_(255)
+        t = y[lo:lo + s.batch].to(device)
+        correct += int(attack_correct(model, x, t, index[lo:lo + s.batch], attack, seed=s.seed, eps=s.eps,
+                                      step_size=s.step_size, pgd_steps=s.pgd_steps, norm=s.norm,
+                                      aa_iters=s.aa_iters, aa_targets=s.aa_targets,
+                                      aa_queries=s.aa_queries).sum())
     return correct
 
 
@@ -155,8 +132,8 @@ class EvalActor:
             row = {k: v[i] for k, v in batch.items()}
             tic = time.perf_counter()
             x, y = shard_images(row, self.images, self.labels, self.settings)
-            correct.append(shard_correct(self.model, x, y, str(row["attack"]), self.settings, key=str(row["key"]),
-                                         device=self.device))
+            correct.append(shard_correct(self.model, x, y, str(row["attack"]), self.settings,
+                                         index=[int(i) for i in row["index"]], device=self.device))
             keys.append(str(row["key"]))
             images.append(len(y))
             seconds.append(time.perf_counter() - tic)

@@ -4,7 +4,8 @@
     rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa --severities 1,3,5
 
 **Result schema** (one row per evaluated cell; ``results.parquet`` / ``results.csv`` of the job
-folder, :data:`RESULT_COLUMNS`):
+folder, :data:`RESULT_COLUMNS`; every evaluation's, certification included: ``rayrcm compare``,
+:mod:`rayrcm.analysis.compare`):
 
 ========== ==========================================================================================
 model      the model reference as given (``models:/...``, a run id, a path)
@@ -17,7 +18,9 @@ generated  True for corruptions generated here (new random draws with CIFAR-10-C
            ``(seed, image index, corruption, severity)``; not comparable with published CIFAR-10-C numbers)
 attack     ``none``, ``pgd<k>`` (L-inf PGD-k, random start), ``aa`` (the standard AutoAttack: APGD-CE,
            APGD-T, FAB-T, Square; "AutoAttack (standard)" in the tables) or ``aa-apgd`` (APGD-CE then
-           APGD-T only: "APGD-CE+APGD-T (upper bound)", faster; :mod:`rayrcm.attacks.autoattack`)
+           APGD-T only: "APGD-CE+APGD-T (upper bound)", faster; :mod:`rayrcm.attacks.autoattack`); in a
+           certification's cells (read by ``rayrcm compare``), ``rs-sigma<s>``
+radius     0 here; a certification's cell: the L2 radius its certified accuracy is read at
 images     images evaluated
 correct    images classified right (and, under an attack, not broken by it)
 accuracy   correct / images
@@ -30,7 +33,10 @@ pool of :class:`~rayrcm.orchestration.evaluate_actor.EvalActor` (one per GPU, or
 the model and the clean images once; generated corruptions are made inside the actor from the clean
 images under the corruption key, released CIFAR-C images are read by the actor from ``c_path``
 (memory-mapped: a path every node sees). Shards, batches and seeds do not depend on the worker
-count, so 1 and N actors give identical rows.
+count, so 1 and N actors give identical rows. The attacks are seeded as the fine-tuning chain's
+evaluation (:mod:`rayrcm.eval.robust`): PGD's random start per image index, AutoAttack's draws per
+batch (keyed by its first image index); with ``shard_size`` a multiple of ``batch`` and the same seed
+and batch size, the job's SA / PGD / AutoAttack counts are the chain's.
 
 **Resume.** Finished shards are appended to ``<out_dir>/<name>/rows/part-*.parquet`` (temporary file
 and rename: a part is whole or absent), one row per shard with the schema's columns plus ``key``,

@@ -27,6 +27,9 @@ ROW_COLUMNS = ["key", "model", "set", "corruption", "severity", "generated", "at
 SUITES = ("clean", "corruptions", "pgd", "aa-apgd", "aa", "shift")
 NOT_BUILT: dict[str, str] = {}  # suite part -> why it is refused (none today)
 SPLITS = ("test", "val")
+# PGD's start per image index, AutoAttack's draws per batch's first image index (rayrcm.eval.robust): a
+# folder written when the attacks were seeded by shard key lacks it, and is refused on resume
+ATTACK_SEEDING = "image-index"
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
         "indices_sha1": hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest(), "seed": cfg.seed,
         "shard_size": cfg.shard_size, "batch": cfg.batch, "norm": "linf", "eps": cfg.eps, "step_size": cfg.step_size,
         "pgd_steps": cfg.pgd_steps, "aa_iters": cfg.aa_iters, "aa_targets": cfg.aa_targets,
-        "aa_queries": cfg.aa_queries,
+        "aa_queries": cfg.aa_queries, "attack_seeding": ATTACK_SEEDING,
     }
     _check_protocol(out, protocol, name)
     rows = _shards(cells, indices, cfg.shard_size, cfg.model, cfg.skip, cfg.max_images)
