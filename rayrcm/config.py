@@ -266,8 +266,8 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
     """Turn ``train.epochs`` / ``train.checkpoint_epochs`` / ``optim.warmup_epochs`` /
     ``optim.schedule_epochs`` into steps.
 
-    One epoch is ``floor(train_images / data.batch_size)`` optimizer steps (the last partial
-    batch is dropped, as the seeds' loaders do). A key in epochs, when set, decides: its twin in
+    One epoch is ``floor(train_images / (data.batch_size * train.accum_iter))`` optimizer steps (the
+    last partial batch is dropped, as the seeds' loaders do). A key in epochs, when set, decides: its twin in
     steps is overwritten here, so setting that twin on the command line is refused
     (:func:`check_shadowed`), and so is a recipe that sets both to non-default values.
 
@@ -280,11 +280,12 @@ def resolve_epochs(cfg: ExperimentConfig, train_images: int) -> ExperimentConfig
     what was rescaled, e.g. ``[rayrcm] train.epochs 30 -> 2: optim.schedule_epochs 30 -> 2,
     optim.warmup_epochs 5 -> 0.333``. Without overrides, recipes resolve exactly as written.
     """
-    per_epoch = max(1, train_images // cfg.data.batch_size)
+    update = cfg.data.batch_size * cfg.train.accum_iter  # images per optimizer step
+    per_epoch = max(1, train_images // update)
     t, o = cfg.train, cfg.optim
     sizes: list[int] = []
     if t.epochs > 0:  # per-epoch sizes from the method: a coreset method (RCS) has shorter epochs after its warm-up
-        sizes = [max(1, cfg.method.epoch_samples(e, train_images) // cfg.data.batch_size) for e in range(math.ceil(t.epochs))]
+        sizes = [max(1, cfg.method.epoch_samples(e, train_images) // update) for e in range(math.ceil(t.epochs))]
         whole = int(t.epochs)
         steps = sum(sizes[:whole]) + (math.ceil((t.epochs - whole) * sizes[whole]) if whole < len(sizes) else 0)
         t = replace(t, steps=max(1, steps))

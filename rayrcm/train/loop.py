@@ -90,28 +90,37 @@ class Loop:
     grad_clip: float = 0.0
     scaler: torch.amp.GradScaler | None = None
     clip_from: int = 0  # first step that clips (the RCM authors clip only after the warm-up)
+    accum: int = 1  # micro-batches per update (train.accum_iter)
     _params: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
     def step(self, step: int, batch) -> dict[str, float]:
+        """One optimizer update from ``batch``. With ``accum`` > 1 the batch is cut into ``accum``
+        equal micro-batches (in order), each forward and backward on its own with the loss divided by
+        ``accum``, DDP's gradient all-reduce only on the last one, then one clip and one update, as the
+        FT-CADIS authors' ``accum_iter`` (``train.py:553-570``); ``loss`` and the objective's metrics
+        are the micro-batches' mean. An objective whose loss couples the images of a batch (in-batch
+        negatives, BatchNorm statistics) sees each micro-batch alone, as it would with the authors'
+        accumulation."""
         views, target = batch
-        views = [v.to(self.device, non_blocking=True) for v in views]
-        target = target.to(self.device, non_blocking=True)
         self.scheduler.step_update(step)  # lr for this update, a pure function of the step
         self.model.train()
-        with autocast_for(self.device, self.precision):
-            out = self.model(views, target, step)
-        loss = float(out.loss.detach())
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(step, loss)
         self.optimizer.zero_grad(set_to_none=True)
+        parts = list(zip(*[v.tensor_split(self.accum) for v in views], strict=True))
+        targets = target.tensor_split(self.accum)
+        sums: dict[str, float] = {}
+        for i, (micro, y) in enumerate(zip(parts, targets, strict=True)):
+            last = i == self.accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                out = self._forward_backward(step, [v.to(self.device, non_blocking=True) for v in micro],
+                                             y.to(self.device, non_blocking=True))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v / self.accum
         if self.scaler is not None:
-            self.scaler.scale(out.loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            out.loss.backward()
         if self.grad_clip > 0 and step >= self.clip_from:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         if self.scaler is not None:
@@ -120,9 +129,20 @@ class Loop:
         else:
             self.optimizer.step()
         self.objective.on_step_end(step)
-        metrics = {"loss": loss, "lr": self.optimizer.param_groups[-1]["lr"]}
-        metrics.update({k: float(v) for k, v in out.metrics.items()})
-        return metrics
+        return {"loss": sums.pop("loss"), "lr": self.optimizer.param_groups[-1]["lr"], **sums}
+
+    def _forward_backward(self, step: int, views: list[torch.Tensor], target: torch.Tensor) -> dict[str, float]:
+        with autocast_for(self.device, self.precision):
+            out = self.model(views, target, step)
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(step, loss)
+        scaled = out.loss / self.accum if self.accum > 1 else out.loss
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        return {"loss": loss, **{k: float(v) for k, v in out.metrics.items()}}
 
 
 def run_steps(loop: Loop, batches: Iterator, *, start: int, total: int, seed: int, rank: int, batch_size: int,

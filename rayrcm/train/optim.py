@@ -13,6 +13,7 @@ cosine with linear warmup indexed by optimizer step, so resuming is "set the ste
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +128,36 @@ class ShiftedSchedule:
 
     def step_update(self, num_updates: float, metric: Any = None) -> None:
         self.inner.step_update(num_updates + self.offset, metric)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class CosineWeightDecay:
+    """``inner`` (the lr schedule) plus a per-step weight-decay cosine, as FT-CADIS
+    (``train.py:313-320``, ``utils/utils.py:121-132`` and ``utils/lr_sched.py:24-26``, from DINO)::
+
+        wd(s) = end + (start - end) (1 + cos(pi s / T)) / 2,   s = 0 .. T - 1
+
+    on every parameter group whose weight decay is not 0 (biases and norms stay at 0), with
+    ``T`` the schedule's length in optimizer steps; steps past ``T`` keep ``end``. A pure function of
+    the step, so resuming is exact."""
+
+    def __init__(self, inner: Any, optimizer: torch.optim.Optimizer, start: float, end: float, length: int) -> None:
+        self.inner, self.start, self.end, self.length = inner, start, end, max(1, length)
+        self.groups = [g for g in optimizer.param_groups if g.get("weight_decay", 0.0) != 0.0]
+
+    def weight_decay(self, step: float) -> float:
+        s = min(step, self.length)
+        return self.end + 0.5 * (self.start - self.end) * (1 + math.cos(math.pi * s / self.length))
+
+    def step_update(self, num_updates: float, metric: Any = None) -> None:
+        self.inner.step_update(num_updates, metric)
+        wd = self.weight_decay(num_updates)
+        for g in self.groups:
+            g["weight_decay"] = wd
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":

@@ -27,6 +27,7 @@ from rayrcm.objectives import EpochContext, Objective, build_objective
 from rayrcm.train.checkpoint import MODEL_FILE, model_meta, save_model, save_state, write_manifest
 from rayrcm.train.loop import Loop, batches_from, run_steps
 from rayrcm.train.optim import (
+    CosineWeightDecay,
     EpochIndexedSchedule,
     ShiftedSchedule,
     build_optimizer,
@@ -78,6 +79,9 @@ def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, r
     scheduler = epoch_indexed(build_scheduler(optimizer, cfg.optim, cfg.train.steps), cfg, len(splits.train), world)
     if cfg.optim.schedule_offset:
         scheduler = ShiftedSchedule(scheduler, cfg.optim.schedule_offset)
+    if cfg.optim.weight_decay_end >= 0:
+        scheduler = CosineWeightDecay(scheduler, optimizer, cfg.optim.weight_decay, cfg.optim.weight_decay_end,
+                                      cfg.optim.schedule_steps or cfg.train.steps)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     meta = model_meta(cfg_dict, cfg.method.export, splits.num_classes)
     return Session(cfg, train_set, MultiView(splits.val, plain), MultiView(splits.test, plain), splits.num_classes, objective,
@@ -90,12 +94,12 @@ def epoch_indexed(scheduler: Any, cfg: Any, n_train: int, world: int) -> Any:
     epochs = math.ceil(cfg.train.epochs)
     if epochs <= 0 or all(cfg.method.epoch_samples(e, n_train) == n_train for e in range(epochs)):
         return scheduler
-    per_worker = cfg.data.batch_size // world
+    per_worker = cfg.data.batch_size // world * cfg.train.accum_iter
 
     def steps_in(epoch: int) -> int:
         return max(1, (cfg.method.epoch_samples(epoch, n_train) // world) // per_worker)
 
-    return EpochIndexedSchedule(scheduler, steps_in, max(1, n_train // cfg.data.batch_size))
+    return EpochIndexedSchedule(scheduler, steps_in, max(1, n_train // (cfg.data.batch_size * cfg.train.accum_iter)))
 
 
 def restore(s: Session, state: dict[str, Any]) -> None:
@@ -132,7 +136,7 @@ def run_training(s: Session, model: nn.Module, *, on_log: Log, on_checkpoint: Lo
     (augmentation strength, a coreset pool); ``log``/``say`` are rank 0's metric log and console.
     """
     cfg, t = s.cfg, s.cfg.train
-    per_worker = cfg.data.batch_size // s.world
+    per_worker = cfg.data.batch_size // s.world * t.accum_iter  # a step's images on this worker (all micro-batches)
     n_train = len(s.train_set)
 
     def samples(epoch: int) -> int:
@@ -153,7 +157,9 @@ def run_training(s: Session, model: nn.Module, *, on_log: Log, on_checkpoint: Lo
     batches = batches_from(s.train_set, per_worker, s.rank, s.world, t.seed, s.start, cfg.data.num_workers, on_epoch=on_epoch,
                            epoch_samples=samples)
     clip_from = cfg.optim.warmup_steps if cfg.optim.clip_after_warmup else 0
-    loop = Loop(model, s.objective, s.optimizer, s.scheduler, s.device, t.precision, cfg.optim.grad_clip, s.scaler, clip_from)
-    return run_steps(loop, batches, start=s.start, total=t.steps, seed=t.seed, rank=s.rank, batch_size=cfg.data.batch_size,
+    loop = Loop(model, s.objective, s.optimizer, s.scheduler, s.device, t.precision, cfg.optim.grad_clip, s.scaler, clip_from,
+                accum=t.accum_iter)
+    return run_steps(loop, batches, start=s.start, total=t.steps, seed=t.seed, rank=s.rank,
+                     batch_size=cfg.data.batch_size * t.accum_iter,
                      log_every=t.log_every, checkpoint_every=t.checkpoint_every, on_log=on_log, on_checkpoint=on_checkpoint,
                      before_step=before_step)
