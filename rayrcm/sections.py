@@ -7,6 +7,7 @@ them. Values are in the units of the whole package: pixels in [0, 1], sigmas in 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -72,6 +73,9 @@ class ModelConfig:
     init_from: str | None = None  # encoder weights: registry URI, run id or checkpoint path
     init: str = "timm"  # ViT weight init: timm | mocov3 (MoCo v3's, as the RCM authors' moco_initialization)
     freeze_patch_embed: bool = False  # ViT patch embedding frozen at its init (MoCo v3's / RCM's stop_grad_conv1)
+    input_resize: int = 0  # classifier: bicubic resize of its input, encoder built for it (FT-CADIS 32 -> 224); 0 = off
+    lora_rank: int = 0  # ViT: freeze the encoder, train LoRA of this rank on q and v of every block (+ head); 0 = off
+    lora_alpha: float = 4.0  # LoRA scale alpha / lora_rank (FT-CADIS ImageNet: r = alpha = 4)
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,12 @@ def check_data(d: DataConfig) -> None:
 
 def check_model(m: ModelConfig, image_size: int) -> None:
     check(m.patch_size >= 0, "model.patch_size", m.patch_size, "must be >= 0 (0 = encoder default)")
+    check(m.input_resize == 0 or m.input_resize >= 4, "model.input_resize", m.input_resize, "must be >= 4 (or 0: off)")
     if m.patch_size:
-        check(image_size % m.patch_size == 0, "model.patch_size", m.patch_size, f"must divide data.image_size={image_size}")
+        size, key = (m.input_resize, "model.input_resize") if m.input_resize else (image_size, "data.image_size")
+        check(size % m.patch_size == 0, "model.patch_size", m.patch_size, f"must divide {key}={size}")
+    check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "must be >= 0 (0 = off)")
+    check(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "must be > 0")
     for key in ("proj_hidden_dim", "proj_dim"):
         check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
     check(m.input_scale > 0, "model.input_scale", m.input_scale, "must be > 0")

@@ -10,6 +10,17 @@ authors' fine-tuning flag ``layernorm`` (``rrcm_tune.py``, ``reload_forward``): 
 frozen (consistency fine-tuning), the feature scale is the logit scale, so the two differ in
 training, not only in parametrisation. ``layernorm=True`` adds a further, freshly initialised
 LayerNorm before the head (rayrcm's older reading of that flag; kept so files trained with it load).
+
+``model.input_resize = S`` resizes the [0, 1] input to ``S x S`` first, as the FT-CADIS authors
+upsample CIFAR-10 32 -> 224 and ImageNet to 384 (``classifier.py:61, 93``; certification
+``architecture.py:121, 189``)::
+
+    x -> F.interpolate(x, (S, S), mode="bicubic", antialias=True)   (align_corners=False, no clamp)
+
+and the encoder is built for ``S`` px (a ViT's patch grid follows). The authors resize the
+[-1, 1] image; resizing [0, 1] pixels before normalization is the same map (interpolation is linear
+and its weights sum to 1), to float rounding. The input (noise, attacks, certified radii) stays at
+the data's size. ``model.lora_rank`` puts LoRA on the encoder (:mod:`rayrcm.models.lora`).
 """
 
 from __future__ import annotations
@@ -18,22 +29,38 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rayrcm.errors import ConfigError
 from rayrcm.models.encoders import Encoder, build_encoder
 from rayrcm.sections import ModelConfig
 
 
-class Normalize(nn.Module):
-    """``(x - mean) / std * scale``; the default maps [0, 1] pixels to [-1, 1]."""
+def resize_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` ``(B, C, H, W)`` resized to ``(B, C, size, size)``, bicubic with antialiasing, as the FT-CADIS
+    authors (``classifier.py:61``); the identity when ``x`` already has that size. Half-precision
+    inputs are resized in float32 (torch has no bfloat16 antialiased bicubic on the CPU)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    out = F.interpolate(x.float() if low else x, (size, size), mode="bicubic", antialias=True, align_corners=False)
+    return out.to(x.dtype) if low else out
 
-    def __init__(self, mean: float = 0.5, std: float = 0.5, scale: float = 1.0) -> None:
+
+class Normalize(nn.Module):
+    """``(resize(x) - mean) / std * scale``; the default maps [0, 1] pixels to [-1, 1]; ``resize``
+    (``model.input_resize``, 0 = off) is :func:`resize_input`."""
+
+    def __init__(self, mean: float = 0.5, std: float = 0.5, scale: float = 1.0, resize: int = 0) -> None:
         super().__init__()
         self.std_value = std
+        self.resize = int(resize)
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("inv_std", torch.tensor(scale / std), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize:
+            x = resize_input(x, self.resize)
         return (x - self.mean) * self.inv_std
 
 
@@ -41,13 +68,13 @@ class Classifier(nn.Module):
     """``logits = head(norm(encoder(normalize(x))))`` for ``x`` ``(B, 3, H, W)`` in [0, 1] (see the module docstring)."""
 
     def __init__(self, encoder: Encoder, num_classes: int, *, hidden_dim: int = 0, layernorm: bool = False, input_scale: float = 1.0,
-                 final_norm: bool = True) -> None:
+                 final_norm: bool = True, input_resize: int = 0) -> None:
         super().__init__()
         if not final_norm and not encoder.has_final_norm:
             raise ConfigError("model.final_norm", final_norm, "only encoders with a final norm (ViTs) can leave it out")
         self.final_norm = final_norm
         d = encoder.num_features
-        self.normalize = Normalize(scale=input_scale)
+        self.normalize = Normalize(scale=input_scale, resize=input_resize)  # the resize too (model.input_resize)
         self.encoder = encoder
         self.norm = nn.LayerNorm(d) if layernorm else nn.Identity()
         if hidden_dim:
@@ -82,14 +109,20 @@ def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str)
         raise ConfigError("model.init_from", str(path), f"does not match encoder {expected_encoder!r} ({first})") from None
 
 
+def encoder_image_size(cfg: ModelConfig, image_size: int) -> int:
+    """The size a classifier's encoder sees: ``model.input_resize`` if set, else the data's ``image_size``."""
+    return cfg.input_resize or image_size
+
+
 def check_encoder_file(path: str | Path, cfg: ModelConfig, image_size: int) -> None:
     """Fail early (before any cluster work) when ``path`` does not fit ``cfg.encoder``."""
-    load_encoder_file(build_encoder(cfg, image_size), path, cfg.encoder)
+    load_encoder_file(build_encoder(cfg, encoder_image_size(cfg, image_size)), path, cfg.encoder)
 
 
 def build_classifier(cfg: ModelConfig, image_size: int, num_classes: int) -> Classifier:
-    """A fresh classifier; ``cfg.init_from`` (a local file by now) initializes the encoder."""
-    encoder = build_encoder(cfg, image_size)
+    """A fresh classifier for ``image_size`` px inputs; ``cfg.init_from`` (a local file by now)
+    initializes the encoder (built for ``model.input_resize`` px when set)."""
+    encoder = build_encoder(cfg, encoder_image_size(cfg, image_size))
     if cfg.init_from:
         load_encoder_file(encoder, cfg.init_from, cfg.encoder)
     return classifier_for(cfg, encoder, num_classes)
@@ -99,4 +132,4 @@ def classifier_for(cfg: ModelConfig, encoder: Encoder, num_classes: int) -> Clas
     """The classifier of model config ``cfg`` around ``encoder`` (fresh head): training and rebuilding
     an exported file both build through here."""
     return Classifier(encoder, num_classes, hidden_dim=cfg.head_hidden_dim, layernorm=cfg.layernorm,
-                      input_scale=cfg.input_scale, final_norm=cfg.final_norm)
+                      input_scale=cfg.input_scale, final_norm=cfg.final_norm, input_resize=cfg.input_resize)

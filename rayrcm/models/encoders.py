@@ -17,6 +17,8 @@ timm's default ViT init.
 Sizes: ``rcm_b`` = ViT-B (768 wide, 12 layers, 12 heads), ``rcm_s`` = 512 wide, 6 layers, 8 heads
 (the RCM paper's RCM-S, not timm's ViT-S); patch 16 at 224 px and 4 at 32 px unless
 ``model.patch_size`` says otherwise. ``vit_digits`` is a 128-wide, 4-layer ViT for the quickstart.
+``image_size`` is the size the encoder sees: a classifier with ``model.input_resize`` builds its
+encoder (the ViT patch grid and position embedding) for the resized size.
 """
 
 from __future__ import annotations
@@ -56,7 +58,17 @@ ENCODERS: Registry[Builder] = Registry("encoder")
 
 
 def build_encoder(cfg: ModelConfig, image_size: int) -> Encoder:
-    return ENCODERS.get(cfg.encoder)(cfg, image_size)
+    """The encoder ``cfg.encoder`` for ``image_size`` px inputs; ``cfg.lora_rank > 0`` freezes a ViT and
+    adds LoRA to the q and v of every block (:mod:`rayrcm.models.lora`)."""
+    encoder = ENCODERS.get(cfg.encoder)(cfg, image_size)
+    if cfg.lora_rank:
+        if not isinstance(encoder, ViTEncoder):
+            raise ConfigError("model.lora_rank", cfg.lora_rank,
+                              f"only ViT encoders take LoRA ({cfg.encoder!r} is not one)")
+        from rayrcm.models.lora import apply_lora
+
+        apply_lora(encoder.model, cfg.lora_rank, cfg.lora_alpha)
+    return encoder
 
 
 class ViTEncoder(Encoder):

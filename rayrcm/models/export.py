@@ -12,6 +12,10 @@ the network maps [0, 1] images ``(B, 3, H, W)`` to class logits ``(B, K)``: only
 validated, selected, attacked and certified. The tracking layer only moves files; the training
 driver, the certification job and actors and the MLflow pyfunc call :func:`build_from_blob`.
 
+A classifier is rebuilt from its recorded ``model.*``, so one trained with ``model.input_resize``
+resizes its input the same way (encoder built for the resized size) and one trained with
+``model.lora_rank`` gets its LoRA layers back before the weights load.
+
 Files written before export kinds existed carry ``meta["stage"]`` (``"classifier"`` or
 ``"pretrain"``) instead and load as ``classifier`` / ``encoder``.
 """
@@ -27,7 +31,7 @@ from torch import nn
 
 import rayrcm
 from rayrcm.errors import ConfigError
-from rayrcm.models.classifier import classifier_for
+from rayrcm.models.classifier import classifier_for, encoder_image_size
 from rayrcm.models.denoised import denoised_classifier_from_meta
 from rayrcm.models.denoisers import denoiser_from_meta
 from rayrcm.models.encoders import build_encoder
@@ -58,7 +62,8 @@ def _encoder(meta: dict[str, Any]) -> nn.Module:
 
 def _classifier(meta: dict[str, Any]) -> nn.Module:
     cfg = model_config(meta)
-    return classifier_for(cfg, build_encoder(cfg, int(meta["image_size"])), int(meta["num_classes"]))
+    size = encoder_image_size(cfg, int(meta["image_size"]))  # model.input_resize: the encoder's size
+    return classifier_for(cfg, build_encoder(cfg, size), int(meta["num_classes"]))
 
 
 EXPORTS.register("encoder")(ExportKind(_encoder, predicts_classes=False))
