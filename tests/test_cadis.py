@@ -292,15 +292,16 @@ def test_missing_denoiser_file_is_one_line(tmp_path):
 
 def test_digits_recipe_keeps_the_cifar10_seed_values():
     """``train_cifar10.sh``: --num_noises 4 --lbd 4.0 --eps 64 (/256) --num-steps 4 --warm_start, blr 1e-4 at
-    an effective batch of 128, --weight_decay 0.04 --layer_decay 0.65 --clip_grad 0.3, 30 epochs, 3 of warm-up."""
+    an effective batch of 128, --weight_decay 0.04 --weight_decay_end 0.4 --layer_decay 0.65 --clip_grad 0.3, 30 epochs, 3 of warm-up."""
     from helpers import load_experiment
 
     recipe = load_experiment("cadis_digits")
     cfg = validate(recipe.finetune_config("base.pt"), check_paths=False)
     m, o, t, d = cfg.method, cfg.optim, cfg.train, cfg.data
     assert (m.name, m.m, m.lbd, m.eps, m.steps, m.warm_start, m.sigma, m.denoiser) == \
-        ("cadis", 4, 4.0, 0.25, 4, True, 0.5, "wiener")
-    assert (o.name, o.lr, o.weight_decay, o.layer_decay, o.grad_clip) == ("adamw", 1e-4 * 128 / 256, 0.04, 0.65, 0.3)
+        ("cadis", 4, 4.0, 0.25, 4, True, 0.5, "wiener_cov")
+    assert (o.name, o.lr, o.weight_decay, o.weight_decay_end, o.layer_decay, o.grad_clip) == (
+        "adamw", 1e-4 * 128 / 256, 0.04, 0.4, 0.65, 0.3)
     assert d.batch_size == 128 and t.epochs == 30 and o.warmup_epochs == 3
     assert tuple(t.eval_sigmas) == (0.5,) and cfg.model.init_from == "base.pt"
     assert validate(recipe.base_config(), check_paths=False).method.export == "classifier"
