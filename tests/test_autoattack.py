@@ -166,7 +166,8 @@ def test_the_evaluate_job_accepts_aa_and_names_it_autoattack_standard(tmp_path):
     rows = []
     for r in p.todo:  # what each actor does with a shard row
         x, y = shard_images(r, p.images, p.labels, p.settings)
-        rows.append({**r, "images": len(y), "correct": shard_correct(model, x, y, r["attack"], p.settings, key=r["key"])})
+        correct = shard_correct(model, x, y, r["attack"], p.settings, index=r["index"])
+        rows.append({**r, "images": len(y), "correct": correct})
     by = {(r["attack"], r["shard"]): r["correct"] for r in rows}
     for shard in (0, 1):  # aa replays aa-apgd's draws, then FAB-T and Square: never above it
         assert by[("aa", shard)] <= by[("aa-apgd", shard)] <= by[("none", shard)]

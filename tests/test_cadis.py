@@ -330,3 +330,24 @@ def test_digits_run_on_ray_trains_and_exports_a_denoised_classifier(tmp_path, ra
     assert all(k.startswith("classifier.") for k in load_model_file(result.model_file)["model"])
     logits = model.eval()(torch.rand(2, 3, 8, 8))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_digits_recipe_runs_the_whole_seed_pipeline_stage_by_stage(capsys):
+    """denoiser (a ddpm trained here) -> DDS certify of the base classifier through it -> CADIS
+    fine-tune -> certify of the fine-tuned f(D): each stage resolves (dry run), nothing reaches Ray."""
+    from helpers import load_experiment
+
+    recipe = load_experiment("cadis_digits")
+    den = validate(recipe.denoiser_config(), check_paths=False)
+    assert (den.method.name, den.method.schedule, den.method.steps, den.method.export) == ("ddpm", "cosine", 1000,
+                                                                                          "denoiser")
+    assert den.data.image_size == validate(recipe.base_config(), check_paths=False).data.image_size == 16
+    recipe.main(["certify", "--from", "models:/cadis-digits@base", "--denoiser", "den/model.pt", "--dry-run"])
+    dds = capsys.readouterr().out.split()
+    assert dds[:4] == ["rayrcm", "certify", "--model", "models:/cadis-digits@base"]
+    assert dds[dds.index("--denoiser") + 1] == "den/model.pt" and dds[dds.index("--sigma") + 1] == "0.5"
+    recipe.main(["certify", "--sigma", "0.25", "--dry-run"])
+    tuned = capsys.readouterr().out.split()
+    assert tuned[tuned.index("--model") + 1] == "models:/cadis-digits@cadis-sigma-0_25" and "--denoiser" not in tuned
+    recipe.main(["finetune", "--denoiser", "den/model.pt", "--dry-run"])
+    assert "denoiser: den/model.pt" in capsys.readouterr().out

@@ -25,14 +25,15 @@ Two names, used in every table (:data:`LABELS`): ``aa`` is this standard AutoAtt
 the standard number, which it reaches when FAB-T and Square break nothing more.
 
 **Randomness.** APGD's random starts come from torch's global generator, which the caller seeds (the
-evaluation job: per shard key; the end-of-training evaluation: per rank). Given the same seed, the
+evaluation job and the end-of-training evaluation alike: per batch, from the run's seed and the batch's
+first image index, :func:`rayrcm.eval.robust.batch_seed`). Given the same seed, the
 first two stages here draw exactly what :func:`~rayrcm.attacks.autoattack_robust` draws, so on the
 same batch ``aa <= aa-apgd`` point by point. FAB-T with one restart draws nothing (deterministic per
 point, up to floating-point summation order). Square's seed is drawn from the same global generator
 right before it runs; torchattacks (like Croce & Hein's code) shares each iteration's square
 position across the batch, so a point's Square outcome - and APGD's random start - depend on the
 batch it is in and its position there: results are reproducible for the same seed, batch size and
-images (the job's fixed shards), not per image across different batchings. torchattacks reseeds the
+images (batches cut at fixed image positions), not per image across different batchings. torchattacks reseeds the
 global generator inside FAB and Square; that is contained here (``torch.random.fork_rng``), so the
 caller's stream continues as if they drew one number.
 """
