@@ -6,12 +6,20 @@ from __future__ import annotations
 import pytest
 
 from rayrcm.config import ExperimentConfig, apply_overrides
-from rayrcm.orchestration.transfer import run_all, table_markdown
+from rayrcm.orchestration.transfer import chain_table, run_all
 
 
-def test_table_markdown_lists_every_mode_in_percent():
-    text = table_markdown({"slf": {"sa": 0.9, "pgd20": 0.1, "aa": 0.05}, "aff": {"sa": 0.8, "pgd20": 0.5}}, "t")
-    assert "| SLF | 90.00 | 10.00 | 5.00 |" in text and "| AFF | 80.00 | 50.00 | - |" in text
+def test_chain_table_is_the_shared_result_table_of_every_mode():
+    """The chain prints what ``rayrcm compare`` prints for the same cells (one code path)."""
+    from rayrcm.analysis.compare import compare_tables, metric_cells, to_markdown
+
+    rows = {"slf": {"sa": 0.9, "pgd20": 0.1, "aa_apgd": 0.06, "aa": 0.05, "robust_images": 200.0},
+            "aff": {"sa": 0.8, "pgd20": 0.5, "robust_images": 200.0}}
+    text = chain_table(rows, "t")
+    assert text.startswith("**t**") and "| slf | 0.900 | 0.100 | 0.050 | 0.060 |" in text
+    assert "| aff | 0.800 | 0.500 | - | - |" in text and "AutoAttack (standard)" in text
+    shared = {m: metric_cells({f"test_{k}": v for k, v in r.items()})["test"] for m, r in rows.items()}
+    assert to_markdown(compare_tables(shared)) in text
 
 
 @pytest.mark.slow
@@ -33,14 +41,15 @@ def test_acl_then_slf_and_aff_on_digits(ray_cluster, mlflow_server, tmp_path):
     cfgs = {m: apply_overrides(ExperimentConfig(), [*tune, f"method.mode={m}"]) for m in ("slf", "aff")}
     result = run_all(cfgs, name="acl-e2e-transfer")
     slf, aff = result.rows["slf"], result.rows["aff"]
-    assert set(slf) == set(aff) == {"sa", "pgd20", "aa"}
+    assert set(slf) == set(aff) == {"sa", "pgd20", "aa", "aa_apgd", "robust_images"}
     assert aff["pgd20"] > slf["pgd20"] + 0.1
     for row in (slf, aff):
-        assert row["sa"] >= row["pgd20"] >= row["aa"]
+        assert row["sa"] >= row["pgd20"] >= row["aa_apgd"] >= row["aa"]
     client = MlflowClient(mlflow_server)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["aff_pgd20"] == pytest.approx(aff["pgd20"])
+    assert parent.data.metrics["aff_robust_images"] == 200  # compare's counts of the parent run
     assert {a.path for a in client.list_artifacts(result.parent_run_id)} >= {"robustness.md", "robustness.csv"}
     for mode, run_id in result.runs.items():
         child = client.get_run(run_id)

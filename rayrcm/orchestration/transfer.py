@@ -20,28 +20,30 @@ from rayrcm.config import ExperimentConfig, to_flat_dict, validate
 from rayrcm.orchestration import tracking
 
 MODES = ("slf", "alf", "aff")
-COLUMNS = (("sa", "SA"), ("pgd20", "PGD-20"), ("aa", "AutoAttack (standard)"))
 
 
 @dataclass
 class TransferResult:
     parent_run_id: str | None
-    rows: dict[str, dict[str, float]]  # mode -> {"sa": .., "pgd20": .., "aa": ..}
+    rows: dict[str, dict[str, float]]  # mode -> {"sa", "pgd<k>", "aa", "aa_apgd", "robust_images"} (those measured)
     runs: dict[str, str | None]
 
 
-def table_markdown(rows: dict[str, dict[str, float]], title: str = "") -> str:
-    lines = ([f"**{title}**", ""] if title else []) + ["| mode | " + " | ".join(h for _, h in COLUMNS) + " |",
-                                                       "| --- |" + " ---: |" * len(COLUMNS)]
-    for mode, row in rows.items():
-        cells = [f"{100 * row[k]:.2f}" if k in row else "-" for k, _ in COLUMNS]
-        lines.append(f"| {mode.upper()} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def chain_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
+    """The chain's table (one row per mode), built by the code every evaluation shares
+    (:func:`rayrcm.analysis.compare.compare_tables` over each mode's result cells), so it reads like
+    ``rayrcm compare`` and ``rayrcm evaluate``'s tables."""
+    from rayrcm.analysis.compare import compare_tables, metric_cells, to_markdown
+
+    tables = {mode: cells["test"] for mode, row in rows.items()
+              if "test" in (cells := metric_cells({f"test_{k}": v for k, v in row.items()}))}
+    return (f"**{title}**\n\n" if title else "") + to_markdown(compare_tables(tables)) + "\n"
 
 
 def _row(metrics: dict[str, Any], pgd_steps: int) -> dict[str, float]:
-    out = {"sa": metrics.get("test_sa"), "pgd20": metrics.get(f"test_pgd{pgd_steps}"), "aa": metrics.get("test_aa")}
-    return {k: float(v) for k, v in out.items() if v is not None}
+    """The mode's robustness metrics (``test_`` dropped), counts' denominator included."""
+    keep = ("sa", f"pgd{pgd_steps}", "aa", "aa_apgd", "robust_images")
+    return {k: float(metrics[f"test_{k}"]) for k in keep if metrics.get(f"test_{k}") is not None}
 
 
 def run_all(configs: dict[str, ExperimentConfig], *, name: str, ray_init: dict[str, Any] | None = None) -> TransferResult:
@@ -65,7 +67,7 @@ def run_all(configs: dict[str, ExperimentConfig], *, name: str, ray_init: dict[s
         result = fit(cfg, parent_run_id=parent, ray_init=ray_init)
         rows[mode] = _row(result.metrics, cfg.method.eval_pgd_steps)
         runs[mode] = result.run_id
-    text = table_markdown(rows, f"{name}: test accuracy (%) under L-{first.method.norm} eps {first.method.eps:.4g}")
+    text = chain_table(rows, f"{name}: test accuracy under L-{first.method.norm} eps {first.method.eps:.4g}")
     print(text, flush=True)
     if uri and parent:
         _log_table(uri, parent, rows, text)
@@ -80,8 +82,9 @@ def _log_table(uri: str, parent: str, rows: dict[str, dict[str, float]], text: s
         (Path(d) / "robustness.md").write_text(text)
         with open(Path(d) / "robustness.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["mode", *(k for k, _ in COLUMNS)])
+            keys = list(dict.fromkeys(k for row in rows.values() for k in row))
+            w.writerow(["mode", *keys])
             for m, row in rows.items():
-                w.writerow([m, *(row.get(k, "") for k, _ in COLUMNS)])
+                w.writerow([m, *(row.get(k, "") for k in keys)])
         logger.log_artifact(Path(d) / "robustness.md")
         logger.log_artifact(Path(d) / "robustness.csv")
