@@ -36,7 +36,7 @@ CERTIFY_FLAGS = {
 # flag -> key of rayrcm.orchestration.evaluate_job.EvaluateConfig
 EVALUATE_FLAGS = {
     "model": "model", "suite": "suite", "severities": "severities", "corruptions": "corruptions", "c_path": "c_path",
-    "shift_path": "shift_path",
+    "shift_path": "shift_path", "shift": "shifts", "class_list": "class_list",
     "dataset": "dataset", "data_path": "data_path", "split": "split", "skip": "skip", "max_images": "max_images",
     "seed": "seed", "shard_size": "shard_size", "batch": "batch", "eps": "eps", "pgd_steps": "pgd_steps",
     "workers": "workers", "gpu": "use_gpu", "name": "name", "out": "out_dir", "tracking_uri": "tracking.uri",
@@ -126,10 +126,16 @@ def _evaluate_parser(sub) -> None:
     e.add_argument("--severities", help="corruption severities 1-5, comma separated (default 1,3,5)")
     e.add_argument("--corruptions", help="corruption names, comma separated (default: every one that can be generated, "
                                          "or every file of --c-path)")
-    e.add_argument("--c-path", help="a released CIFAR-10-C / CIFAR-100-C folder (<corruption>.npy, labels.npy); "
+    e.add_argument("--c-path", help="a released CIFAR-10-C / CIFAR-100-C folder (<corruption>.npy, labels.npy), or "
+                                    "for an imagefolder model ImageNet-C (<corruption>/<severity>/<wnid>/); "
                                     "default: generate the corruptions")
     e.add_argument("--shift-path", help="the CIFAR-10.1 folder (cifar10.1_v6_data.npy, cifar10.1_v6_labels.npy) "
-                                        "of the shift part")
+                                        "of the shift part (= --shift cifar10.1=DIR)")
+    e.add_argument("--shift", action="append", metavar="NAME=PATH",
+                   help="a shifted set of the shift part (repeatable): cifar10.1, sketch (ImageNet-Sketch), "
+                        "r (ImageNet-R: logits masked to its classes), stylized (Stylized-ImageNet) folders")
+    e.add_argument("--class-list", help="the model's classes, one wnid per line in output order, that the folder "
+                                        "sets are restricted to (default: the dataset's class folders)")
     e.add_argument("--dataset", help="default: the dataset the model was trained on")
     e.add_argument("--data-path", help="default: the model's training data path")
     e.add_argument("--split", help="test (default) or val")

@@ -47,6 +47,19 @@ FOLDER_SETS: dict[str, tuple[str, bool]] = {
     "stylized-imagenet": ("Stylized-ImageNet (AdaIN-stylised ImageNet) in wnid folders", False),
 }
 
+# ``rayrcm evaluate --shift NAME=PATH``: NAME -> the set's name in results (rayrcm.analysis.robustness.SHIFT_SETS)
+SHIFT_ALIASES = {"cifar10.1": "cifar10.1", "sketch": "imagenet-sketch", "r": "imagenet-r",
+                 "stylized": "stylized-imagenet", **{name: name for name in FOLDER_SETS}}
+
+
+def parse_shift(item: str) -> tuple[str, str]:
+    """``NAME=PATH`` (NAME in :data:`SHIFT_ALIASES`) -> ``(set name, path)``; anything else is one line."""
+    name, sep, path = item.partition("=")
+    name = SHIFT_ALIASES.get(name.strip().lower(), "")
+    if not (sep and path.strip() and name):
+        raise ConfigError("shift", item, "give NAME=PATH with NAME one of: cifar10.1, sketch, r, stylized")
+    return name, path.strip()
+
 
 class NpyImages(Dataset):
     """uint8 images ``(N, H, W, 3)`` (an array or a memory map) and integer labels, served as
@@ -166,6 +179,21 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def model_classes(ds: Dataset, class_list: str, num_classes: int) -> tuple[str, ...]:
+    """The model's classes in output order: the ``class_list`` file (``data.classes``), else the class
+    folders of its evaluation dataset ``ds`` (an ImageFolder, or a Subset of one); one-line errors."""
+    if class_list:
+        classes = read_class_list(class_list)
+    else:
+        classes = getattr(ds, "classes", None) or getattr(getattr(ds, "dataset", None), "classes", None)
+        if not classes:
+            raise ConfigError("class_list", "", "the dataset names no classes: give a class list file "
+                              "(one wnid per line, in the model's output order)")
+    if len(classes) != num_classes:
+        raise ConfigError("class_list", class_list, f"lists {len(classes)} classes; the model has {num_classes}")
+    return tuple(str(c) for c in classes)
+
+
 class ClassFolder(ImageFolder):
     """An ImageFolder reading only the class folders in ``class_to_idx`` (label = the model's index
     of that class, possibly non-contiguous); a listed class without images is skipped."""
@@ -205,6 +233,11 @@ class ShiftSet:
             line += f"; {len(self.extra)} class folder(s) outside the class list not read"
         return line
 
+    def record(self, path: str) -> dict[str, object]:
+        """What a job's protocol records of the set: its folder, classes remaining (of the model's), images."""
+        return {"path": path, "classes": len(self.present), "of": len(self.classes), "masked": self.masked,
+                "images": len(self.dataset)}
+
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` ``(B, len(classes))`` as the set's protocol scores them (masked or not)."""
         return mask_logits(logits, self.present) if self.masked else logits
@@ -242,6 +275,13 @@ def read_shift_folder(name: str, root: str | os.PathLike, *, classes: Sequence[s
         raise ConfigError("shift set", name, f"choose one of: {', '.join(FOLDER_SETS)}")
     what, masked = FOLDER_SETS[name]
     return _read_folder(_folder(root, what), name, classes, masked)
+
+
+def imagenet_c_corruptions(root: str | os.PathLike) -> list[str]:
+    """The corruption names of an ImageNet-C folder: its sub-folders holding a ``1``-``5`` severity folder."""
+    path = _folder(root, "ImageNet-C: <corruption>/<severity>/<wnid>/ folders")
+    return sorted(e.name for e in os.scandir(path)
+                  if e.is_dir() and any((Path(e.path) / str(s)).is_dir() for s in range(1, 6)))
 
 
 def read_imagenet_c(root: str | os.PathLike, corruption: str, severity: int, *,

@@ -11,6 +11,7 @@ in which actor ran it or in what order: results are the same on any number of wo
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import nn
 from rayrcm.plugins import load_plugins
 
 NONE = "none"  # the corruption of a clean set, the attack of a plain forward pass
-SOURCES = ("clean", "generated", "released", "cifar10.1")  # where a shard's images come from
+SOURCES = ("clean", "generated", "released", "cifar10.1", "folder", "imagenet-c")  # where a shard's images come from
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ShardSettings:
     num_classes: int = 10
     c_path: str = ""  # the released CIFAR-C folder (read by the actors: a path every node sees)
     shift_path: str = ""  # the CIFAR-10.1 folder (likewise)
+    shift_sets: tuple[tuple[str, str], ...] = ()  # (set, folder) of the class-folder sets (Sketch, R, Stylized)
+    classes: tuple[str, ...] = ()  # the model's classes in output order (the folder sets are restricted to them)
+    large: bool = False  # the evaluation view of large images (resize, centre crop: imagefolder)
+    crop_pct: float = 0.875
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     plugins: tuple[str, ...] = ()
@@ -52,7 +57,8 @@ def shard_images(row: dict[str, Any], images: torch.Tensor, labels: torch.Tensor
                  settings: ShardSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The shard's uint8 ``(B, 3, H, W)`` images and labels: clean, generated from the clean ones
     under key ``(seed, dataset index, corruption, severity)``, or read from the released files (CIFAR-C, the
-    shifted set CIFAR-10.1)."""
+    shifted set CIFAR-10.1; the class folders of ImageNet-Sketch / -R / Stylized-ImageNet and ImageNet-C at
+    the model's evaluation view, labels the model's class indices: :func:`row_set`)."""
     start, stop = int(row["start"]), int(row["stop"])
     index = [int(i) for i in row["index"]]
     source = str(row["source"])
@@ -75,7 +81,52 @@ def shard_images(row: dict[str, Any], images: torch.Tensor, labels: torch.Tensor
         from rayrcm.data.shift import read_cifar10_1
 
         return eval_images(read_cifar10_1(settings.shift_path), index, settings.image_size)
+    if source in ("folder", "imagenet-c"):
+        from rayrcm.data.datasets import eval_images
+
+        return eval_images(row_set(row, settings).dataset, index, settings.image_size, large=settings.large,
+                           crop_pct=settings.crop_pct)
     raise ValueError(f"unknown image source {source!r} (one of {', '.join(SOURCES)})")
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_set(name: str, path: str, classes: tuple[str, ...], corruption: str, severity: int) -> Any:
+    from rayrcm.data.shift import read_imagenet_c, read_shift_folder
+
+    if name == "imagenet-c":
+        return read_imagenet_c(path, corruption, severity, classes=classes)
+    return read_shift_folder(name, path, classes=classes)
+
+
+def row_set(row: dict[str, Any], settings: ShardSettings) -> Any:
+    """The :class:`rayrcm.data.shift.ShiftSet` of a ``folder`` or ``imagenet-c`` shard (read once per actor),
+    restricted to the model's classes; None for the other sources."""
+    source, name = str(row["source"]), str(row["set"])
+    if source == "folder":
+        return _folder_set(name, dict(settings.shift_sets)[name], settings.classes, NONE, 0)
+    if source == "imagenet-c":
+        return _folder_set("imagenet-c", settings.c_path, settings.classes, str(row["corruption"]),
+                           int(row["severity"]))
+    return None
+
+
+class MaskedModel(nn.Module):
+    """``model`` with its logits masked to the classes ``present`` in a set (ImageNet-R's protocol)."""
+
+    def __init__(self, model: nn.Module, present: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model, self.present = model, tuple(present)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from rayrcm.data.shift import mask_logits
+
+        return mask_logits(self.model(x), self.present)
+
+
+def shard_model(model: nn.Module, row: dict[str, Any], settings: ShardSettings) -> nn.Module:
+    """The model a shard is scored with: masked to the set's classes for a masked set (ImageNet-R)."""
+    ss = row_set(row, settings) if str(row["source"]) in ("folder", "imagenet-c") else None
+    return MaskedModel(model, ss.present) if ss is not None and ss.masked else model
 
 
 def shard_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack: str, settings: ShardSettings, *,
@@ -132,7 +183,8 @@ class EvalActor:
             row = {k: v[i] for k, v in batch.items()}
             tic = time.perf_counter()
             x, y = shard_images(row, self.images, self.labels, self.settings)
-            correct.append(shard_correct(self.model, x, y, str(row["attack"]), self.settings,
+            model = shard_model(self.model, row, self.settings)
+            correct.append(shard_correct(model, x, y, str(row["attack"]), self.settings,
                                          index=[int(i) for i in row["index"]], device=self.device))
             keys.append(str(row["key"]))
             images.append(len(y))

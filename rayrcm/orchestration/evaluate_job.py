@@ -11,7 +11,8 @@ folder, :data:`RESULT_COLUMNS`; every evaluation's, certification included: ``ra
 model      the model reference as given (``models:/...``, a run id, a path)
 set        the image set: the clean split's dataset (``digits``, ``cifar10``), a generated corruption
            set (``<dataset>-c-generated``), a released one (``cifar10-c``, ``cifar100-c``), or a shifted
-           set (``cifar10.1``; its own images, ``skip``/``max_images`` applied to them too)
+           set (``cifar10.1``, ``imagenet-sketch``, ``imagenet-r``, ``stylized-imagenet``, released
+           ``imagenet-c``; its own images, ``skip``/``max_images`` applied to them too)
 corruption ``none`` for a clean set, else the corruption's name (``contrast``, ...)
 severity   0 for a clean set, else 1-5
 generated  True for corruptions generated here (new random draws with CIFAR-10-C's parameters, keyed by
@@ -44,9 +45,15 @@ and rename: a part is whole or absent), one row per shard with the schema's colu
 suite, corruption or severity under the same name adds shards); a rerun whose protocol (model file,
 dataset, split, images, seed, shard size, batch, attack budget) differs is refused with one line.
 
-**Shift** (``--suite ...,shift --shift-path DIR``): CIFAR-10.1 (``cifar10.1_v6_data.npy`` and
-``..._labels.npy``, read by the actors like the released corruptions). The class-folder sets of
-:mod:`rayrcm.data.shift` (ImageNet-Sketch, ImageNet-R, Stylized-ImageNet) are not wired in yet.
+**Shift** (``--suite ...,shift --shift NAME=PATH ...``, NAME ``cifar10.1`` (``--shift-path DIR``), ``sketch``,
+``r``, ``stylized``): CIFAR-10.1 (``cifar10.1_v6_data.npy`` and ``..._labels.npy``) and the class-folder sets
+of :mod:`rayrcm.data.shift` (ImageNet-Sketch, ImageNet-R, Stylized-ImageNet: cells ``imagenet-sketch``,
+``imagenet-r``, ``stylized-imagenet``), read by the actors at the model's evaluation view. Folder sets are
+restricted to the model's class list (``class_list``, default the dataset's class folders); ImageNet-R's
+logits are masked to the classes present. For an ImageFolder model ``c_path`` is a released ImageNet-C
+folder (``<corruption>/<severity>/<wnid>/``, cells ``imagenet-c``). ``protocol.json`` records each set's
+folder and how many of the model's classes remain (``shift_sets``); a rerun reading a set from another
+folder is refused.
 
 **Outputs.** ``results.parquet``/``results.csv`` (the schema above), ``table.md``/``table.tex`` (a
 headline row SA / PGD / AutoAttack (standard) / APGD-CE+APGD-T (upper bound) / CS-s per severity,
@@ -176,7 +183,7 @@ def _evaluate_all(p: Prepared, progress: _Progress) -> None:
     todo = p.todo
     model_ref = ray.put(p.model_file.read_bytes())
     images_ref, labels_ref = ray.put(p.images), ray.put(p.labels)
-    items = [{k: r[k] for k in ("key", "source", "corruption", "severity", "attack", "start", "stop", "index")}
+    items = [{k: r[k] for k in ("key", "source", "set", "corruption", "severity", "attack", "start", "stop", "index")}
              for r in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -201,7 +208,7 @@ def _start(p: Prepared) -> str | None:
     params = {"suite": ",".join(cfg.suite), "severities": ",".join(map(str, cfg.severities)),
               "corruptions": ",".join(cfg.corruptions) or "all",
               "corruption_source": "released" if cfg.c_path else "generated", "workers": cfg.workers,
-              "use_gpu": cfg.use_gpu}
+              "use_gpu": cfg.use_gpu, **{f"classes.{n}": v["classes"] for n, v in p.protocol["shift_sets"].items()}}
     tags = {"rayrcm.corruptions": "generated"} if not cfg.c_path and "corruptions" in cfg.suite else {}
     return tracking.start_results_run(p, PROTOCOL_FILE, "evaluate", params, tags)
 
@@ -234,6 +241,9 @@ def _run(p: Prepared, run_id: str | None, show_table: bool) -> EvaluateResult:
     progress = _Progress(p, logger)
     print(f"[rayrcm] evaluate: {p.name}: {len(p.cells)} cells x {len(p.indices)} images in {progress.total} shards "
           f"({progress.before} already done); results in {p.out}", flush=True)
+    for n, v in p.protocol["shift_sets"].items():
+        print(f"[rayrcm] evaluate: {n}: {v['classes']} of {v['of']} classes remain, {v['images']:,} images"
+              + (", logits masked to those classes" if v.get("masked") else "") + f" ({v['path']})", flush=True)
     if p.todo:
         if run_id:
             tracking.mark_running(p.uri, run_id)

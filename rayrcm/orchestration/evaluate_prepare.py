@@ -40,8 +40,10 @@ class EvaluateConfig:
     suite: tuple[str, ...] = ("clean", "corruptions")
     severities: tuple[int, ...] = (1, 3, 5)
     corruptions: tuple[str, ...] = ()  # () = every generated corruption (or every file of c_path)
-    c_path: str = ""  # a released CIFAR-10-C / CIFAR-100-C folder; "" = generate the corruptions
-    shift_path: str = ""  # the CIFAR-10.1 folder of the ``shift`` part
+    c_path: str = ""  # a released CIFAR-10-C / CIFAR-100-C folder (ImageNet-C for imagefolder); "" = generate
+    shift_path: str = ""  # the CIFAR-10.1 folder of the ``shift`` part (= shifts cifar10.1=PATH)
+    shifts: tuple[str, ...] = ()  # NAME=PATH of the ``shift`` part, NAME: cifar10.1, sketch, r, stylized
+    class_list: str = ""  # the model's classes (one wnid per line, output order); "" = the dataset's class folders
     dataset: str = ""  # default: the dataset the model was trained on
     data_path: str = ""  # default: the model's training data path
     split: str = "test"
@@ -78,6 +80,18 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def shift_specs(cfg: EvaluateConfig) -> dict[str, str]:
+    """The ``shift`` part's sets, ``{set name: path}`` (``shift_path`` is ``cifar10.1``); one-line errors."""
+    from rayrcm.data.shift import parse_shift
+
+    out = {"cifar10.1": cfg.shift_path} if cfg.shift_path else {}
+    for item in cfg.shifts:
+        name, path = parse_shift(item)
+        _check(name not in out, "shift", item, f"names {name} twice (--shift-path is cifar10.1)")
+        out[name] = path
+    return out
+
+
 def validate(cfg: EvaluateConfig) -> EvaluateConfig:
     """Every value that can be checked without the model or the data; one-line errors."""
     check_finite(cfg)
@@ -98,8 +112,11 @@ def validate(cfg: EvaluateConfig) -> EvaluateConfig:
 
         for c in cfg.corruptions:
             check_corruption(c, cfg.severities[0])
-    _check("shift" not in cfg.suite or bool(cfg.shift_path), "suite", "shift",
-           "needs --shift-path: a CIFAR-10.1 folder (cifar10.1_v6_data.npy, cifar10.1_v6_labels.npy)")
+    _check("shift" not in cfg.suite or bool(shift_specs(cfg)), "suite", "shift",
+           "needs --shift-path: a CIFAR-10.1 folder (cifar10.1_v6_data.npy, cifar10.1_v6_labels.npy), or "
+           "--shift NAME=PATH (NAME: cifar10.1, sketch, r, stylized)")
+    _check("shift" in cfg.suite or not (cfg.shifts or cfg.shift_path), "shifts", ",".join(cfg.shifts) or cfg.shift_path,
+           "names shifted sets but --suite has no shift part")
     _check(cfg.split in SPLITS, "split", cfg.split, f"choose one of: {', '.join(SPLITS)}")
     _check(cfg.skip >= 1, "skip", cfg.skip, "must be >= 1")
     _check(cfg.max_images >= 0, "max_images", cfg.max_images, "must be >= 0 (0 = all)")
@@ -130,7 +147,7 @@ class Cell:
     severity: int
     generated: bool
     attack: str
-    source: str  # clean | generated | released | cifar10.1 (see evaluate_actor.shard_images)
+    source: str  # clean | generated | released | cifar10.1 | folder | imagenet-c (evaluate_actor.shard_images)
     size: int = 0  # images of the cell's own set (a shifted set); 0 = the job's clean images
 
 
@@ -160,7 +177,9 @@ class Prepared:
         return [r for r in self.rows if r["key"] not in self.finished]
 
 
-def _cells(cfg: EvaluateConfig, dataset: str, num_classes: int) -> list[Cell]:
+def _cells(cfg: EvaluateConfig, dataset: str, num_classes: int, large: bool = False, classes: tuple[str, ...] = (),
+           shifted: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+    """The suite's cells; ``shifted`` collects each read set's path and how many classes remain."""
     from rayrcm.data.corruptions import check_corruption, corruption_names, generated_set_name
 
     out: list[Cell] = []
@@ -171,6 +190,8 @@ def _cells(cfg: EvaluateConfig, dataset: str, num_classes: int) -> list[Cell]:
             out.append(Cell(dataset, NONE, 0, False, f"pgd{cfg.pgd_steps}", "clean"))
         elif part in ("aa", "aa-apgd"):
             out.append(Cell(dataset, NONE, 0, False, part, "clean"))
+        elif part == "corruptions" and cfg.c_path and large:
+            out += _imagenet_c_cells(cfg, classes, {} if shifted is None else shifted)
         elif part == "corruptions" and cfg.c_path:
             from rayrcm.data.shift import cifar_c_corruptions
 
@@ -187,12 +208,47 @@ def _cells(cfg: EvaluateConfig, dataset: str, num_classes: int) -> list[Cell]:
             gen = generated_set_name(dataset)
             out += [Cell(gen, c, s, True, NONE, "generated") for c in names for s in cfg.severities]
         elif part == "shift":
-            from rayrcm.data.shift import read_cifar10_1
+            out += _shift_cells(cfg, num_classes, classes, {} if shifted is None else shifted)
+    return out
 
+
+def _where(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _shift_cells(cfg: EvaluateConfig, num_classes: int, classes: tuple[str, ...],
+                 shifted: dict[str, dict[str, Any]]) -> list[Cell]:
+    from rayrcm.data.shift import read_cifar10_1, read_shift_folder
+
+    out = []
+    for name, path in shift_specs(cfg).items():
+        if name == "cifar10.1":
             if num_classes != 10:
                 raise ConfigError("suite", "shift",
                                   f"CIFAR-10.1 has CIFAR-10's 10 classes; the model has {num_classes}")
-            out.append(Cell("cifar10.1", NONE, 0, False, NONE, "cifar10.1", len(read_cifar10_1(cfg.shift_path))))
+            n = len(read_cifar10_1(path))
+            shifted[name] = {"path": _where(path), "classes": 10, "of": 10, "masked": False, "images": n}
+            out.append(Cell(name, NONE, 0, False, NONE, "cifar10.1", n))
+        else:
+            shifted[name] = read_shift_folder(name, path, classes=classes).record(_where(path))
+            out.append(Cell(name, NONE, 0, False, NONE, "folder", shifted[name]["images"]))
+    return out
+
+
+def _imagenet_c_cells(cfg: EvaluateConfig, classes: tuple[str, ...], shifted: dict[str, dict[str, Any]]) -> list[Cell]:
+    """Released ImageNet-C (``<corruption>/<severity>/<wnid>/``) restricted to the model's classes."""
+    from rayrcm.data.shift import imagenet_c_corruptions, read_imagenet_c
+
+    names = list(cfg.corruptions) or imagenet_c_corruptions(cfg.c_path)
+    if not names:
+        raise ConfigError("c_path", cfg.c_path, "holds no ImageNet-C <corruption>/<severity>/<wnid>/ folder")
+    out = []
+    for c in names:
+        for s in cfg.severities:
+            info = read_imagenet_c(cfg.c_path, c, s, classes=classes).record(_where(cfg.c_path))
+            old = shifted.setdefault("imagenet-c", info)  # the fewest classes left by any corruption and severity
+            old["classes"], old["images"] = min(old["classes"], info["classes"]), min(old["images"], info["images"])
+            out.append(Cell("imagenet-c", c, s, False, NONE, "imagenet-c", info["images"]))
     return out
 
 
@@ -239,7 +295,14 @@ def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> None:
     old = json.loads(f.read_text())
     old.pop("model", None)
     old.setdefault("aa_queries", EvaluateConfig.aa_queries)  # recorded before Square ran: its default
-    diff = protocol_diff(old, protocol)
+    sets = old.pop("shift_sets", {})  # a set read from another folder is refused; new sets add shards
+    other = [f"{n} was read from {v.get('path')}" for n, v in sets.items()
+             if n in protocol["shift_sets"] and protocol["shift_sets"][n].get("path") != v.get("path")]
+    if other:
+        raise ConfigError("name", name, f"holds results of another shifted set ({'; '.join(other[:2])}); "
+                          "choose another --name")
+    protocol["shift_sets"] = {**sets, **protocol["shift_sets"]}
+    diff = protocol_diff(old, {k: v for k, v in protocol.items() if k != "shift_sets"})
     if diff:
         raise ConfigError("name", name,
                           f"holds results of another protocol ({'; '.join(diff[:3])}); choose another --name")
@@ -253,6 +316,26 @@ def read_rows(out: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
 
+def _check_folders(cfg: EvaluateConfig, ds: Any, num_classes: int, large: bool) -> tuple[str, ...]:
+    """Every released or shifted folder there (one line each, before Ray); the model's class list
+    when a folder set (ImageNet-C, Sketch, R, Stylized) is read: ``class_list``, else the dataset's."""
+    from rayrcm.data.shift import FOLDER_SETS, model_classes, parse_shift
+
+    what = ("ImageNet-C: <corruption>/<severity>/<wnid>/ folders" if large else
+            "a released CIFAR-10-C / CIFAR-100-C folder of <corruption>.npy files and labels.npy")
+    if cfg.c_path and not Path(cfg.c_path).expanduser().is_dir():
+        raise ConfigError("c_path", cfg.c_path, f"no such folder ({what}; nothing is downloaded)")
+    specs = shift_specs(cfg) if "shift" in cfg.suite else {}
+    given = {parse_shift(i)[0]: i for i in cfg.shifts}
+    for name, path in specs.items():
+        if not Path(path).expanduser().is_dir():
+            key, value = ("shift", given[name]) if name in given else ("shift_path", path)
+            raise ConfigError(key, value, "no such folder (nothing is downloaded)")
+    if not (any(n in FOLDER_SETS for n in specs) or (large and cfg.c_path and "corruptions" in cfg.suite)):
+        return ()
+    return model_classes(ds, cfg.class_list, num_classes)
+
+
 def prepare(cfg: EvaluateConfig) -> Prepared:
     """Everything that can fail on bad input, before any Ray work."""
     import hashlib
@@ -260,7 +343,6 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     from rayrcm.data import DATASETS
     from rayrcm.data.datasets import eval_images, eval_split
     from rayrcm.orchestration.certify_prepare import _data_config, _load_model, _sha256
-    from rayrcm.orchestration.evaluate_actor import ShardSettings
     from rayrcm.plugins import load_plugins
 
     cfg = validate(cfg)
@@ -281,10 +363,9 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     indices = _select(len(ds), cfg.skip, cfg.max_images)  # type: ignore[arg-type]
     if not indices:
         raise ConfigError("max_images", cfg.max_images, "selects no image")
-    if cfg.c_path and not Path(cfg.c_path).expanduser().is_dir():
-        raise ConfigError("c_path", cfg.c_path, "no such folder (a released CIFAR-10-C / CIFAR-100-C folder of "
-                          "<corruption>.npy files and labels.npy; nothing is downloaded)")
-    cells = _cells(cfg, data.name, num_classes)
+    shifted: dict[str, dict[str, Any]] = {}
+    classes = _check_folders(cfg, ds, num_classes, large)
+    cells = _cells(cfg, data.name, num_classes, large, classes, shifted)
     _check_released(cfg, cells, indices, num_classes)
     sha = _sha256(local)
     name = cfg.name or f"evaluate-{data.name}-{cfg.split}-{sha[:8]}-seed{cfg.seed}"
@@ -296,7 +377,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
         "indices_sha1": hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest(), "seed": cfg.seed,
         "shard_size": cfg.shard_size, "batch": cfg.batch, "norm": "linf", "eps": cfg.eps, "step_size": cfg.step_size,
         "pgd_steps": cfg.pgd_steps, "aa_iters": cfg.aa_iters, "aa_targets": cfg.aa_targets,
-        "aa_queries": cfg.aa_queries, "attack_seeding": ATTACK_SEEDING,
+        "aa_queries": cfg.aa_queries, "attack_seeding": ATTACK_SEEDING, "shift_sets": shifted,
     }
     _check_protocol(out, protocol, name)
     rows = _shards(cells, indices, cfg.shard_size, cfg.model, cfg.skip, cfg.max_images)
@@ -313,11 +394,21 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     if uri:
         parent, experiment = tracking.model_lineage(cfg.model, uri)
     experiment = cfg.tracking.experiment or experiment or "rayrcm-evaluate"
-    settings = ShardSettings(seed=cfg.seed, batch=cfg.batch, eps=cfg.eps, step_size=cfg.step_size,
-                             pgd_steps=cfg.pgd_steps, aa_iters=cfg.aa_iters, aa_targets=cfg.aa_targets,
-                             aa_queries=cfg.aa_queries, image_size=data.image_size, num_classes=num_classes,
-                             c_path=str(Path(cfg.c_path).expanduser().resolve()) if cfg.c_path else "",
-                             shift_path=str(Path(cfg.shift_path).expanduser().resolve()) if cfg.shift_path else "",
-                             use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, plugins=cfg.plugins)
+    settings = _settings(cfg, data, num_classes, large, classes, shifted)
     return Prepared(cfg, uri, name, out, cfg.model, local, meta, data.name, indices, images, labels, cells, rows,
                     finished, protocol, experiment, parent, settings)
+
+
+def _settings(cfg: EvaluateConfig, data: Any, num_classes: int, large: bool, classes: tuple[str, ...],
+              shifted: dict[str, dict[str, Any]]) -> Any:
+    from rayrcm.data.shift import FOLDER_SETS
+    from rayrcm.orchestration.evaluate_actor import ShardSettings
+
+    return ShardSettings(seed=cfg.seed, batch=cfg.batch, eps=cfg.eps, step_size=cfg.step_size,
+                         pgd_steps=cfg.pgd_steps, aa_iters=cfg.aa_iters, aa_targets=cfg.aa_targets,
+                         aa_queries=cfg.aa_queries, image_size=data.image_size, num_classes=num_classes,
+                         c_path=_where(cfg.c_path) if cfg.c_path else "",
+                         shift_path=shifted["cifar10.1"]["path"] if "cifar10.1" in shifted else "",
+                         shift_sets=tuple((n, v["path"]) for n, v in shifted.items() if n in FOLDER_SETS),
+                         classes=classes, large=large, crop_pct=data.crop_pct,
+                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, plugins=cfg.plugins)
