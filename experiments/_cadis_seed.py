@@ -40,10 +40,11 @@ Conversions, each written once below:
 * The classifier: rayrcm downloads nothing, so the off-the-shelf weights (HF
   ``aaraki/vit-base-patch16-224-in21k-finetuned-cifar10``; timm
   ``vit_base_patch16_clip_384.laion2b_ft_in12k_in1k``) come from the user's local file
-  (``model.init_from``). rayrcm has no CLIP ViT-B/16-384 encoder (nor the HF ViT): the closest is
-  ``rcm_b`` (a timm ViT-B/16: 768 wide, 12 blocks, 12 heads; no qkv bias, no CLIP pre-norm), so
-  weights must be converted to it. LoRA (``model.lora_rank`` 4, ``model.lora_alpha`` 4: the
-  authors' ``LoRA_ViT_timm(r=4, alpha=4)`` on q and v of every block, head trained) for ImageNet.
+  (``model.init_from``): the encoders ``vit_base_patch16_224`` (timm's ViT-B/16 with qkv bias, the
+  HF model's architecture; its weights converted to timm's layout) and ``vit_base_patch16_clip_384``
+  (the timm model itself: ``torch.save(model.state_dict(), path)`` loads as is, its head kept when
+  it has the dataset's classes). LoRA (``model.lora_rank`` 4, ``model.lora_alpha`` 4: the authors'
+  ``LoRA_ViT_timm(r=4, alpha=4)`` on q and v of every block, head trained) for ImageNet.
 * The denoiser: the authors' improved-diffusion CIFAR-10 checkpoint ``cifar10_uncond_50M_500K.pt``
   and guided-diffusion ``256x256_diffusion_uncond.pt``, through ``adm:module:factory`` (a zero-argument
   function of the user's that builds the OpenAI model with the authors' ``Improved_Diffusion_Args`` /
@@ -77,16 +78,15 @@ SIGMAS = (0.25, 0.5, 1.0)
 CIFAR10 = {"ngpus": 4, "noise": 1.0, "blr": 1e-4, "batch": 32, "accum_iter": 4, "lbd": 4.0, "num_noises": 4, "eps": 64,
            "num_steps": 4, "warm_start": True, "epochs": 30, "warmup_epochs": 3, "min_lr": 1e-6, "weight_decay": 0.04,
            "weight_decay_end": 0.4, "layer_decay": 0.65, "drop_path": 0.2, "clip_grad": 0.3, "use_fp16": True,
-           "ft_method": "full-ft", "input_size": 224}
+           "ft_method": "full-ft", "input_size": 224, "encoder": "vit_base_patch16_224"}
 IMAGENET = {"ngpus": 4, "noise": 1.0, "blr": 4e-4, "batch": 16, "accum_iter": 4, "lbd": 2.0, "num_noises": 2, "eps": 64,
             "num_steps": 1, "warm_start": True, "epochs": 10, "warmup_epochs": 1, "min_lr": 1e-6, "weight_decay": 0.01,
             "weight_decay_end": 0.1, "layer_decay": 0.9, "drop_path": 0.0, "clip_grad": 1.0, "use_fp16": True,
-            "ft_method": "lora", "lora_r": 4, "lora_alpha": 4, "input_size": 384}
+            "ft_method": "lora", "lora_r": 4, "lora_alpha": 4, "input_size": 384,
+            "encoder": "vit_base_patch16_clip_384"}
 CERTIFY = {"cifar10": {"skip": 1, "N0": 100, "N": 100_000, "alpha": 0.001, "seed": 0},
            "imagenet": {"skip": 1, "N0": 100, "N": 10_000, "alpha": 0.001, "seed": 0, "per_class": 1}}
 IMAGENET_VAL = (1000, 50)  # classes, images per class of the ILSVRC-2012 validation folder
-ENCODER = "rcm_b"  # closest rayrcm encoder to ViT-B/16 (see the module docstring)
-PENDING_MODEL_KEYS = ("input_resize", "lora_rank", "lora_alpha")  # model keys rayrcm is adding
 
 
 def effective_batch(cmd: dict[str, Any]) -> int:
@@ -106,7 +106,7 @@ def sigma_alias(sigma: float) -> str:
 def finetune_tree(cmd: dict[str, Any], *, sigma: float, init_from: str, data: dict[str, Any], denoiser: dict[str, str],
                   register_as: str, experiment: str) -> dict[str, Any]:
     """A rayrcm config tree from one seed command ``cmd`` at ``sigma`` (pixel units)."""
-    model: dict[str, Any] = {"encoder": ENCODER, "patch_size": 16, "init_from": init_from,
+    model: dict[str, Any] = {"encoder": cmd["encoder"], "patch_size": 16, "init_from": init_from,
                              "input_resize": cmd["input_size"]}
     if cmd["ft_method"] == "lora":
         model.update(lora_rank=cmd["lora_r"], lora_alpha=float(cmd["lora_alpha"]))
@@ -202,18 +202,8 @@ def _certify(args_list: list[str], dry_run: bool) -> None:
 
 def _finetune(tree: dict[str, Any], overrides: list[str], dry_run: bool) -> None:
     from rayrcm.config import from_dict
-    from rayrcm.errors import ConfigError
-    from rayrcm.sections import ModelConfig
 
-    try:
-        base = from_dict(tree)
-    except ConfigError as err:
-        missing = [k for k in PENDING_MODEL_KEYS if k in tree["model"] and k not in ModelConfig.__dataclass_fields__]
-        if missing:
-            raise ConfigError("model." + missing[0], tree["model"][missing[0]],
-                              "this rayrcm has no such key yet (needed for the seed's classifier)") from err
-        raise
-    run_training_stage("finetune", base, overrides, dry_run)
+    run_training_stage("finetune", from_dict(tree), overrides, dry_run)
 
 
 def stage_main(argv: list[str] | None, *, doc: str, examples: dict[str, str],

@@ -9,9 +9,9 @@ authors' values (``train_imagenet.sh`` as the README launches it; every value: `
     (either) --dry-run   # print the resolved config
 
 ``DIR`` holds ``train/`` and ``val/`` class folders. ``--from`` is the user's local classifier
-(rayrcm downloads nothing). rayrcm has no CLIP ViT-B/16-384 encoder: the recipe uses ``rcm_b``
-(ViT-B/16, 768 wide, 12 blocks, 12 heads), the closest, with LoRA r = 4, alpha = 4 on q and v of
-every block plus the head (``model.lora_rank``, ``model.lora_alpha``); images at 224 go to the
+(rayrcm downloads nothing): the timm ``vit_base_patch16_clip_384`` the authors use (its
+``state_dict`` saved with ``torch.save`` loads as is, its 1,000-class head kept), with LoRA r = 4,
+alpha = 4 on q and v of every block plus the head (``model.lora_rank``, ``model.lora_alpha``); images at 224 go to the
 classifier at 384 (bicubic, ``model.input_resize``). The denoiser factory returns the
 guided-diffusion 256x256 unconditional UNet built with the authors' ``Guided_Diffusion_Args``;
 the schedule preset is ``imagenet-linear-1000``. Values: sigma 1.00, blr 4e-4 x 128 / 256, per-GPU

@@ -33,7 +33,7 @@ SEED = {
 }
 LORA = {"cadis_cifar10": None, "cadis_imagenet": (4, 4.0)}  # --ft_method full-ft / lora (r, alpha)
 DENOISER_SCHEDULE = {"cadis_cifar10": "cifar10-cosine-4000", "cadis_imagenet": "imagenet-linear-1000"}
-PENDING = ("input_resize", "lora_rank", "lora_alpha")  # model keys added alongside these recipes
+ENCODER = {"cadis_cifar10": "vit_base_patch16_224", "cadis_imagenet": "vit_base_patch16_clip_384"}
 
 
 def _recipe(name):
@@ -41,21 +41,7 @@ def _recipe(name):
 
 
 def _validated(tree):
-    """The tree as a validated config; model keys this rayrcm does not know yet are left out (the
-    tree itself is compared with the seed in every test)."""
-    from rayrcm.sections import ModelConfig
-
-    tree = copy.deepcopy(tree)
-    for key in PENDING:
-        if key not in ModelConfig.__dataclass_fields__:
-            tree["model"].pop(key, None)
-    return validate(from_dict(tree), check_paths=False)
-
-
-def _pending_known() -> bool:
-    from rayrcm.sections import ModelConfig
-
-    return all(k in ModelConfig.__dataclass_fields__ for k in PENDING)
+    return validate(from_dict(copy.deepcopy(tree)), check_paths=False)
 
 
 @pytest.mark.parametrize("name", sorted(SEED))
@@ -74,6 +60,7 @@ def test_finetune_tree_equals_the_seed_command(name):
     assert (train["workers"], train["use_gpu"], train["accum_iter"], train["precision"]) == (gpus, True, accum, "fp16")
     assert data["batch_size"] == gpus * batch // m  # unique images per micro-batch, all workers
     assert (model["input_resize"], model["patch_size"], model["init_from"]) == (resize, 16, "offtheshelf.pt")
+    assert model["encoder"] == ENCODER[name]  # the authors' timm architecture (architecture.py:102, 164)
     lora = LORA[name]
     assert (None if "lora_rank" not in model else (model["lora_rank"], model["lora_alpha"])) == lora
     assert data["hflip"] and data["augmentation"] == "weak"  # RandomCrop(32, 4) / RandomResizedCrop(224), flip
@@ -161,8 +148,6 @@ def _run(name, argv, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(SEED))
 def test_dry_run_prints_the_resolved_config_without_starting_work(name, monkeypatch, capsys, tmp_path):
-    if not _pending_known():
-        pytest.skip("model.input_resize / lora_* not in this rayrcm yet")
     import yaml
 
     _run(name, ["finetune", "--from", str(tmp_path / "clf.pt"), "--denoiser", "adm:pkg.mod:make", "--denoiser-weights",
@@ -187,8 +172,6 @@ def test_a_bad_sigma_is_one_line(stage, monkeypatch, capsys):
 def test_imagenet_lora_trains_about_the_authors_092m_parameters():
     """``LoRA_ViT_timm(r=4, alpha=4)``: A (768 x 4) and B (4 x 768) on q and v of 12 blocks = 147,456, plus the
     head 768 x 1000 + 1000 = 769,000: 916,456 trainable (the authors' "about 1 %")."""
-    if not _pending_known():
-        pytest.skip("model.lora_rank not in this rayrcm yet")
     from rayrcm.models import build_classifier
 
     tree = _recipe("cadis_imagenet").finetune_tree_for(1.0, "offtheshelf.pt")

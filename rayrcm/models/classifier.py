@@ -87,8 +87,11 @@ class Classifier(nn.Module):
         return self.head(self.norm(self.encoder.forward_features(self.normalize(x), final_norm=self.final_norm)))
 
 
-def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str) -> None:
-    """Load encoder weights from a rayrcm checkpoint file (``weights_only=True``, ``strict=True``)."""
+def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str) -> dict[str, torch.Tensor]:
+    """Load encoder weights (``weights_only=True``, ``strict=True``) from a rayrcm model or checkpoint
+    file, or from a plain ``state_dict`` of the timm model ``model.encoder`` names (an off-the-shelf
+    classifier saved with ``torch.save(model.state_dict(), path)``). Returns that file's ``head.*``
+    weights (empty for rayrcm files), which :func:`build_classifier` keeps when they fit its head."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("model.init_from", str(path), "no such checkpoint file")
@@ -102,11 +105,16 @@ def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str)
         raise ConfigError("model.init_from", str(path), f"holds encoder {saved!r}, but model.encoder is {expected_encoder!r}")
     if any(k.startswith("encoder.") for k in state):  # a whole classifier: keep its encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    head: dict[str, torch.Tensor] = {}
+    if state and not any(k.startswith(("model.", "encoder.")) for k in state):  # a plain timm model's state_dict
+        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        state = {f"model.{k}": v for k, v in state.items() if not k.startswith("head.")}
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ConfigError("model.init_from", str(path), f"does not match encoder {expected_encoder!r} ({first})") from None
+    return head
 
 
 def encoder_image_size(cfg: ModelConfig, image_size: int) -> int:
@@ -121,11 +129,16 @@ def check_encoder_file(path: str | Path, cfg: ModelConfig, image_size: int) -> N
 
 def build_classifier(cfg: ModelConfig, image_size: int, num_classes: int) -> Classifier:
     """A fresh classifier for ``image_size`` px inputs; ``cfg.init_from`` (a local file by now)
-    initializes the encoder (built for ``model.input_resize`` px when set)."""
+    initializes the encoder (built for ``model.input_resize`` px when set), and the head too when it
+    is a plain timm classifier's ``state_dict`` whose head has this shape."""
     encoder = build_encoder(cfg, encoder_image_size(cfg, image_size))
-    if cfg.init_from:
-        load_encoder_file(encoder, cfg.init_from, cfg.encoder)
-    return classifier_for(cfg, encoder, num_classes)
+    head = load_encoder_file(encoder, cfg.init_from, cfg.encoder) if cfg.init_from else {}
+    clf = classifier_for(cfg, encoder, num_classes)
+    fits = isinstance(clf.head, nn.Linear) and {k: v.shape for k, v in head.items()} == \
+        {k: v.shape for k, v in clf.head.state_dict().items()}
+    if fits:  # an off-the-shelf timm classifier of these classes keeps its head (FT-CADIS fine-tunes it)
+        clf.head.load_state_dict(head, strict=True)
+    return clf
 
 
 def classifier_for(cfg: ModelConfig, encoder: Encoder, num_classes: int) -> Classifier:

@@ -140,6 +140,33 @@ ENCODERS.register("rcm_s")(_vit(512, 6, 8))
 ENCODERS.register("vit_digits")(_vit(128, 4, 4))
 
 
+def _timm_vit(name: str) -> Builder:
+    """A standard timm ViT by its timm name, architecture only (``pretrained=False``: nothing is
+    downloaded): the backbone of an off-the-shelf classifier whose weights the user holds, e.g.
+    FT-CADIS's ``vit_base_patch16_clip_384`` (``architecture.py:164``) or the ViT-B/16 with qkv bias
+    of its CIFAR-10 classifier (``architecture.py:102``), loaded with ``model.init_from``."""
+
+    def build(cfg: ModelConfig, image_size: int) -> Encoder:
+        import timm
+
+        vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+        patch = vit.patch_embed.patch_size[0]
+        if cfg.patch_size not in (0, patch):
+            raise ConfigError("model.patch_size", cfg.patch_size, f"{name} has {patch} px patches (0 or {patch})")
+        if cfg.init == "mocov3":
+            mocov3_init_(vit)
+        if cfg.freeze_patch_embed:
+            for p in vit.patch_embed.parameters():
+                p.requires_grad_(False)
+        return ViTEncoder(vit, vit.num_features)
+
+    return build
+
+
+ENCODERS.register("vit_base_patch16_224")(_timm_vit("vit_base_patch16_224"))  # timm's ViT-B/16 (qkv bias)
+ENCODERS.register("vit_base_patch16_clip_384")(_timm_vit("vit_base_patch16_clip_384"))  # CLIP ViT-B/16, pre-norm
+
+
 def _timm_resnet(name: str) -> Builder:
     def build(cfg: ModelConfig, image_size: int) -> Encoder:
         import timm
