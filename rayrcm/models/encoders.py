@@ -103,6 +103,16 @@ def mocov3_init_(vit: nn.Module) -> None:
         nn.init.zeros_(proj.bias)
 
 
+def _vit_encoder(vit: nn.Module, cfg: ModelConfig) -> ViTEncoder:
+    """``vit`` with the config's ViT options: MoCo v3's init, a frozen patch embedding."""
+    if cfg.init == "mocov3":
+        mocov3_init_(vit)
+    if cfg.freeze_patch_embed:
+        for p in vit.patch_embed.parameters():
+            p.requires_grad_(False)
+    return ViTEncoder(vit, vit.num_features)
+
+
 def _vit(width: int, depth: int, heads: int) -> Builder:
     def build(cfg: ModelConfig, image_size: int) -> Encoder:
         from timm.models.vision_transformer import VisionTransformer
@@ -118,12 +128,7 @@ def _vit(width: int, depth: int, heads: int) -> Builder:
             global_pool="token",
             qkv_bias=False,  # as in the RCM authors' ViT
         )
-        if cfg.init == "mocov3":
-            mocov3_init_(vit)
-        if cfg.freeze_patch_embed:
-            for p in vit.patch_embed.parameters():
-                p.requires_grad_(False)
-        return ViTEncoder(vit, vit.num_features)
+        return _vit_encoder(vit, cfg)
 
     return build
 
@@ -153,12 +158,7 @@ def _timm_vit(name: str) -> Builder:
         patch = vit.patch_embed.patch_size[0]
         if cfg.patch_size not in (0, patch):
             raise ConfigError("model.patch_size", cfg.patch_size, f"{name} has {patch} px patches (0 or {patch})")
-        if cfg.init == "mocov3":
-            mocov3_init_(vit)
-        if cfg.freeze_patch_embed:
-            for p in vit.patch_embed.parameters():
-                p.requires_grad_(False)
-        return ViTEncoder(vit, vit.num_features)
+        return _vit_encoder(vit, cfg)
 
     return build
 
