@@ -5,6 +5,7 @@
     rayrcm config RECIPE [--set key=value ...]       # print the resolved, validated config
     rayrcm tune RECIPE --space method.lbd=grid:5,10,20 [--space ...] [--sweep num_samples=2 ...] [--set ...]
     rayrcm certify --model REF --sigma 0.25 [--n0 100 --n 100000 --alpha 0.001 --skip 20 --max 500 --plugin M ...]
+    rayrcm certify --model REF --sigma 0.25 --sampling sequential --radii 0,0.25,0.5,0.75 [--max-n 100000]
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
     rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa [--severities 1,3,5 --corruptions NAMES ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
@@ -28,7 +29,7 @@ CERTIFY_FLAGS = {
     "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
     "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
     "chunk": "smoothing.chunk", "sampling": "smoothing.sampling", "max_decline": "smoothing.max_decline",
-    "decline": "smoothing.decline", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
+    "decline": "smoothing.decline", "radii": "smoothing.radii", "max_n": "smoothing.n", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
     "precision": "compute.precision", "channels_last": "compute.channels_last",
     "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "plugin": "plugins",
 }
@@ -53,7 +54,9 @@ EPILOGS = {
     "config": "example:\n  rayrcm config examples/cifar10_gaussian.py --set optim.lr=0.05",
     "tune": "example:\n  rayrcm tune examples/cifar10_gaussian.py --set data.path=DIR --space optim.lr=loguniform:1e-3,0.3 "
             "--sweep num_samples=8\n\n" + KEYS,
-    "certify": "example:\n  rayrcm certify --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --n 100000 --skip 20",
+    "certify": "example:\n  rayrcm certify --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --n 100000 --skip 20\n"
+               "  rayrcm certify --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --skip 20 "
+               "--sampling sequential --radii 0,0.25,0.5,0.75",
     "predict": "example:\n  rayrcm predict --model models:/cifar10-gaussian@sigma-0_25 --sigma 0.25 --n 100000 --skip 20",
     "evaluate": "example:\n  rayrcm evaluate --model models:/cifar10-acl@finetuned --suite clean,corruptions,pgd "
                 "--severities 1,3,5 --workers 4\n\n"
@@ -96,8 +99,12 @@ def _certify_parser(sub, name: str, help_: str) -> None:
     c.add_argument("--indices", help="explicit dataset indices, comma separated")
     c.add_argument("--chunk", help="samples per unit of work (default 10000)")
     if name == "certify":
-        c.add_argument("--sampling", help="fixed (default: n estimation samples per image, Cohen et al.) or iss "
-                                          "(input-specific sample sizes, Chen et al. 2022)")
+        c.add_argument("--sampling", help="fixed (default: n estimation samples per image, Cohen et al.), iss "
+                                          "(input-specific sample sizes, Chen et al. 2022) or sequential (certified "
+                                          "accuracy at --radii, each image stopped once they are decided; Voracek 2024)")
+        c.add_argument("--radii", help="sequential: the radii decided per image, increasing, comma separated "
+                                       "(default 0, 0.25, ... below what the cap can certify)")
+        c.add_argument("--max-n", help="sequential: the cap on draws per image (= --n; default 100000)")
         c.add_argument("--max-decline", help="iss: certified-radius decline allowed against the full n (default 0.05)")
         c.add_argument("--decline", help="iss: absolute (default, radius units) or relative (a fraction of the radius)")
     c.add_argument("--batch", help="samples per forward pass (default 0: fill the device)")
@@ -230,6 +237,8 @@ def certify_config(args: argparse.Namespace):
     from rayrcm.orchestration import certify_job
 
     items = [f"mode={args.command}"]
+    if getattr(args, "n", None) is not None and getattr(args, "max_n", None) is not None:
+        raise ConfigError("max_n", args.max_n, f"--max-n and --n name the same cap (n={args.n}): give one")
     for flag, key in CERTIFY_FLAGS.items():
         value = getattr(args, flag, None)
         if isinstance(value, list):  # a repeatable flag: the dotted parser reads tuples comma separated

@@ -37,3 +37,11 @@ class TrackingUnavailable(RunFailed):
 
     def __reduce__(self):
         return (type(self), (self.uri, self.reason, self.state))
+
+
+def choose_one_of(options: tuple[str, ...] | list[str], value: object) -> str:
+    """``"choose one of: a, b, c"``, with the nearest option when ``value`` looks like a typo of it."""
+    import difflib
+
+    near = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.6)
+    return f"choose one of: {', '.join(options)}" + (f" (did you mean {near[0]}?)" if near else "")

@@ -140,3 +140,27 @@ def test_certify_on_a_released_corruption_at_one_severity(capsys, model, tmp_pat
     _fails(capsys, [*cli, "--corruption", "contrast", "--severity", "7"], "severity=7")
     _fails(capsys, [*cli, "--corruption", "fog", "--severity", "2"], "no fog.npy in that folder (found: contrast)")
     _fails(capsys, ["certify", "--model", str(model), "--corruption", "fog", *out], "only with --dataset cifar10c")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sampling", "sequential", "--radii", "0,-0.25"], "must be finite and >= 0"),
+    (["--sampling", "sequential", "--radii", "0.5,0.25"], "must be increasing"),
+    (["--sampling", "sequential", "--radii", "0,0.25,0.25"], "must be increasing"),
+    (["--sampling", "sequential", "--radii", "0,nan"], "radii"),
+    (["--sampling", "sequential", "--radii", "0,inf"], "radii"),
+    (["--sampling", "sequential", "--radii", "0,0.5,1.0"], "every radius must be < 0.9119"),
+    (["--sampling", "sequential", "--max-n", "50"], "positive multiple of block=100"),
+    (["--sampling", "sequential", "--max-n", "1050"], "positive multiple of block=100"),
+    (["--sampling", "sequential", "--n", "1000", "--max-n", "2000"], "name the same cap"),
+    (["--radii", "0,0.25"], "radii are decided by --sampling sequential"),
+    (["--sampling", "iss", "--radii", "0,0.25"], "radii are decided by --sampling sequential"),
+    (["--sampling", "sequntial"], "did you mean sequential?"),
+])
+def test_bad_sequential_input_is_one_line(capsys, model, tmp_path, args, needle):
+    _fails(capsys, ["certify", "--model", str(model), "--out", str(tmp_path / "out"), "--set", "tracking.enabled=false",
+                    *args], needle)
+
+
+def test_sequential_predict_is_refused(capsys, model, tmp_path):
+    _fails(capsys, ["predict", "--model", str(model), "--out", str(tmp_path / "out"), "--set", "tracking.enabled=false",
+                    "--set", "smoothing.sampling=sequential"], "sequential sampling is for certify")

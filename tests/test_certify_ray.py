@@ -5,6 +5,7 @@ tracked in a real MLflow server as a child of the run that trained the model."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -241,3 +242,41 @@ def test_input_specific_sampling_on_one_and_three_workers_gives_the_single_proce
     with pytest.raises(ConfigError, match="sampling"):  # the fixed job's folder, another sampling mode
         certify_job.prepare(_cfg(model_file, tmp / "out", "one-worker", 1, "smoothing.sampling=iss"))
     assert len(ref_fixed) == len(ref)
+
+
+def test_sequential_sampling_on_one_and_three_workers_gives_the_single_process_certificates(setup):
+    """``--sampling sequential``: an actor certifies its images side by side until each one's radii are
+    decided; the rows equal the single-process reference (one image at a time, another batch) on 1 and
+    3 workers over two nodes; the protocol records the radii and the cap; the table reads certified
+    accuracy at the radii with the draws per image, and leaves ACR empty."""
+    import math
+
+    from rayrcm.certify.sequential import certify_sequential
+
+    tmp, model_file, _, _ = setup
+    radii = (0.0, 0.25, 0.5)
+    seq = ("smoothing.sampling=sequential", "smoothing.radii=0,0.25,0.5", "smoothing.n=5000", "compute.sequential_images=4")
+    cfg = _cfg(model_file, tmp / "out", "seq-one", 1, *seq)
+    p = certify_job.prepare(cfg)
+    model, _ = build_from_file(model_file)
+    torch.set_num_threads(1)
+    sm = Smoother(model, 10, sigma=0.25, batch=100, block=100, device="cpu")
+    ref = {idx: certify_sequential(sm, p.images[pos].float().div_(255), int(p.labels[pos]), radii=radii, alpha=0.001,
+                                   n_max=5000, seed=0, index=idx, chunk=500) for pos, idx in enumerate(p.indices)}
+    one = certify_job.run(cfg)
+    three = certify_job.run(_cfg(model_file, tmp / "out", "seq-three", 3, *seq))
+    for result in (one, three):
+        rows = result.rows.set_index("idx")
+        assert sorted(rows.index) == sorted(ref)
+        for idx, res in ref.items():
+            r = rows.loc[idx]
+            assert tuple(r.decisions) == res.decisions and r.n_a == res.successes and r.samples == res.samples
+            assert r.p_a_lower == res.p_lower and r.p_upper == res.p_upper and r.radius == (res.radius if r.correct else 0)
+    assert len({tuple(d) for d in one.rows["decisions"]}) > 1, "images decided differently"
+    proto = json.loads((one.out / "protocol.json").read_text())
+    assert proto["sampling"] == "sequential" and proto["radii"] == [0.0, 0.25, 0.5] and proto["n0"] == 0
+    assert proto["n"] == 5000 and proto["alpha"] == 0.001 and proto["precision"] == "fp32"
+    assert list(one.table.columns[:3]) == ["0.00", "0.25", "0.50"] and "0.75" not in one.table.columns
+    assert math.isnan(one.table.loc[one.name, "ACR"]) and "acr" not in one.metrics
+    assert one.metrics["samples_per_image_max"] == max(r.samples for r in ref.values())
+    assert one.metrics["certified_acc_0.25"] == sum(r.decisions[1] == 1 for r in ref.values()) / len(ref)

@@ -7,7 +7,12 @@
   all images, abstentions and errors contributing 0;
 * abstention rate: the fraction with ``predict == -1``;
 * samples: the Monte Carlo draws spent, summed over the images (selection plus estimation: with
-  input-specific sampling, the cost an ACR was bought at).
+  input-specific sampling, the cost an ACR was bought at), and per image (mean and max).
+
+Sequential rows (``rayrcm certify --sampling sequential``, a ``decisions`` column): each image was
+decided at the protocol's radii only and stopped there, so its ``radius`` is a sound lower bound
+but not the fixed protocol's radius: certified accuracy is read at the protocol's radii, and ACR,
+which would average early-stopped radii, is left empty.
 
 Reach: with ``n`` estimation draws no radius can exceed ``sigma * Phi^-1(alpha ** (1 / n))``
 (:func:`rayrcm.certify.stats.max_certifiable_radius`); given that maximum, the radius grid stops
@@ -24,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 STANDARD_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+SAMPLE_COLUMNS = ("samples", "samples/img", "max/img")  # draws spent: in total, per image (mean, max)
 
 
 def default_radii(frames: Sequence[pd.DataFrame], max_radius: float | None = None) -> list[float]:
@@ -65,7 +71,30 @@ def total_samples(df: pd.DataFrame) -> float:
     return float(sum(int(np.sum(v)) for c in cols for v in df[c] if isinstance(v, (list, np.ndarray))))
 
 
+def is_sequential(df: pd.DataFrame) -> bool:
+    """Rows of a sequential certification (decided per radius, stopped early)."""
+    return "decisions" in df.columns
+
+
+def samples_per_image(df: pd.DataFrame) -> tuple[float, float]:
+    """``(mean, max)`` draws per image; NaN when the rows do not say."""
+    total = total_samples(df)
+    if not len(df) or not np.isfinite(total):
+        return float("nan"), float("nan")
+    if "samples" in df and not df["samples"].isna().any():
+        per = df["samples"].to_numpy(dtype=float)
+    else:
+        per = np.zeros(len(df))
+        for c in ("counts_selection", "counts_estimation", "counts"):
+            if c in df:
+                per += np.array([float(np.sum(v)) if isinstance(v, (list, np.ndarray)) else 0.0 for v in df[c]])
+    return float(per.mean()), float(per.max())
+
+
 def average_certified_radius(df: pd.DataFrame) -> float:
+    """ACR; NaN for sequential rows (their radii stop where the grid was decided)."""
+    if is_sequential(df):
+        return float("nan")
     return float(np.mean(df["radius"].to_numpy(dtype=float) * df["correct"].to_numpy())) if len(df) else 0.0
 
 
@@ -88,11 +117,13 @@ def summary_table(results: Mapping[str, pd.DataFrame], radii: Sequence[float] | 
         reach = _reach(max_radii, name)
         if reach is not None:
             acc = np.where(np.asarray(radii, dtype=float) <= reach + 1e-12, acc, np.nan)
+        mean, top = samples_per_image(df)
         rows[name] = {**{f"{r:.2f}": a for r, a in zip(radii, acc)}, "ACR": average_certified_radius(df),
-                      "abstain": abstention_rate(df), "images": len(df), "samples": total_samples(df)}
+                      "abstain": abstention_rate(df), "images": len(df), "samples": total_samples(df),
+                      "samples/img": mean, "max/img": top}
     table = pd.DataFrame.from_dict(rows, orient="index")
     if not table.empty and table["samples"].isna().all():  # Cohen-format files do not say
-        table = table.drop(columns="samples")
+        table = table.drop(columns=list(SAMPLE_COLUMNS))
     return table
 
 
@@ -104,9 +135,12 @@ def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
     if max_radius is not None:
         radii = [r for r in radii if r <= max_radius + 1e-12]
     out = {f"certified_acc_{r:.2f}": float(a) for r, a in zip(radii, certified_accuracy(df, radii))}
-    out.update(acr=average_certified_radius(df), abstain_rate=abstention_rate(df), images=float(len(df)))
+    out.update(abstain_rate=abstention_rate(df), images=float(len(df)))
+    if not is_sequential(df):
+        out["acr"] = average_certified_radius(df)
     if np.isfinite(total_samples(df)):
         out["samples"] = total_samples(df)
+        out["samples_per_image_mean"], out["samples_per_image_max"] = samples_per_image(df)
     if max_radius is not None:
         out["max_certifiable_radius"] = float(max_radius)
     return out
@@ -115,8 +149,8 @@ def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
 def _fmt(col: str, v: object) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"  # beyond the run's reach: not measured
-    if col in ("images", "samples"):
-        return f"{int(v):,}"  # type: ignore[call-overload]
+    if col == "images" or col in SAMPLE_COLUMNS:
+        return f"{int(round(float(v))):,}"  # type: ignore[call-overload]
     return f"{float(v):.3f}"  # type: ignore[arg-type]
 
 
@@ -140,7 +174,7 @@ def to_latex(table: pd.DataFrame) -> str:
             if isinstance(v, float) and np.isnan(v):
                 cells.append("--")
                 continue
-            cells.append(str(int(v)) if c in ("images", "samples")
+            cells.append(str(int(round(float(v)))) if c == "images" or c in SAMPLE_COLUMNS
                          else (f"{float(v):.3f}" if c == "ACR" else f"{100 * float(v):.1f}"))
         lines.append(" & ".join([str(name).replace("_", r"\_"), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -160,7 +194,8 @@ def plot_curves(results: Mapping[str, pd.DataFrame], path: str | Path, title: st
     grid = np.linspace(0.0, top * 1.05, 400)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, df in results.items():
-        line = ax.plot(grid, certified_accuracy(df, grid), label=f"{name} (ACR {average_certified_radius(df):.3f})")[0]
+        tag = "sequential" if is_sequential(df) else f"ACR {average_certified_radius(df):.3f}"
+        line = ax.plot(grid, certified_accuracy(df, grid), label=f"{name} ({tag})")[0]
         reach = _reach(max_radii, name)
         if reach is not None:
             ax.axvline(reach, color=line.get_color(), linestyle=":", linewidth=1)

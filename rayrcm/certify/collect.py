@@ -9,6 +9,10 @@ estimation rows run in parallel. A row delivered twice (a retried actor) is coun
 Input-specific sampling (``smoothing.sampling=iss``): one row per image (role ``ISS_ROW``); its
 actor counts the selection draws, plans the estimation sample size from them alone
 (:mod:`rayrcm.certify.iss`) and counts that many estimation draws, returning both count vectors.
+
+Sequential sampling (``smoothing.sampling=sequential``): one row per image (role ``SEQ_ROW``); an
+actor draws for the images of a batch side by side until each one's radii are decided
+(:mod:`rayrcm.certify.sequential`) and returns the decisions, successes and draws per image.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from rayrcm.certify.iss import ISS_ROW, SampleSizePlan
-from rayrcm.certify.protocol import CertifyConfig
+from rayrcm.certify.protocol import CertifyConfig, sequential_radii
+from rayrcm.certify.sequential import SEQ_ROW, sequential_record
 from rayrcm.certify.smoothing import ESTIMATION, PREDICTION, SELECTION, plan_rows
 from rayrcm.certify.stats import certify_from_counts, predict_from_counts
 
@@ -49,6 +54,10 @@ class CountSettings:
     # denoised smoothing: the actors wrap the model as DenoisedClassifier(model, denoiser, sigma) with the
     # denoiser the job hands them (its file's bytes, put in Ray's object store once)
     denoised: bool = False
+    # sequential: the radii decided, the confidence level and the cap on draws per image
+    radii: tuple[float, ...] = ()
+    alpha: float = 0.001
+    n_max: int = 0
 
     @classmethod
     def from_config(cls, cfg: CertifyConfig) -> CountSettings:
@@ -57,7 +66,8 @@ class CountSettings:
         plugins = tuple(str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in cfg.plugins)
         return cls(sigma=s.sigma, seed=s.seed, block=s.block, chunk=s.chunk, batch=c.batch, precision=c.precision,
                    channels_last=c.channels_last, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, plugins=plugins,
-                   n0=s.n0, plan=sample_size_plan(cfg), denoised=bool(cfg.denoiser))
+                   n0=s.n0, plan=sample_size_plan(cfg), denoised=bool(cfg.denoiser),
+                   radii=sequential_radii(s) if s.sampling == "sequential" else (), alpha=s.alpha, n_max=s.n)
 
 
 def sample_size_plan(cfg: CertifyConfig) -> SampleSizePlan | None:
@@ -78,9 +88,13 @@ class Collector:
     def __init__(self, cfg: CertifyConfig, todo: list[int], labels: Any, num_classes: int) -> None:
         s = cfg.smoothing
         self.mode, self.sigma, self.alpha = cfg.mode, s.sigma, s.alpha
+        self.radii = sequential_radii(s) if s.sampling == "sequential" else ()
         self.todo, self.labels = list(todo), labels
         roles = {SELECTION: s.n0, ESTIMATION: s.n} if self.mode == "certify" else {PREDICTION: s.n}
-        if s.sampling == "iss":  # one row per image: its actor plans the estimation draws
+        if s.sampling == "sequential":  # one row per image: its actor draws until the radii are decided
+            self.rows = [dict(pos=pos, index=idx, role=SEQ_ROW, chunk=0, num=s.n, label=int(labels[pos]))
+                         for pos, idx in enumerate(self.todo)]
+        elif s.sampling == "iss":  # one row per image: its actor plans the estimation draws
             self.rows = [dict(pos=pos, index=idx, role=ISS_ROW, chunk=0, num=s.n0 + s.n) for pos, idx in enumerate(self.todo)]
         else:
             self.rows = [dict(pos=pos, index=idx, role=r.role, chunk=r.chunk, num=r.num)
@@ -93,6 +107,8 @@ class Collector:
         self.samples = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        if "decisions" in batch:
+            return self._add_sequential(batch)
         done = []
         pilots = batch.get("selection", [None] * len(batch["pos"]))  # ISS rows carry their selection counts
         for pos, role, chunk, num, counts, sec, dev, pilot in zip(batch["pos"], batch["role"], batch["chunk"], batch["num"],
@@ -111,6 +127,23 @@ class Collector:
             self.samples += int(num)
             if len(self.got[pos]) == self.expected[pos]:
                 done.append(self._record(pos))
+        return done
+
+    def _add_sequential(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        done = []
+        for pos, dec, a, num, sec, dev in zip(batch["pos"], batch["decisions"], batch["successes"], batch["num"],
+                                              batch["seconds"], batch["device"]):
+            pos = int(pos)
+            if self.got[pos]:
+                continue  # a retried row delivered twice: identical decisions, keep one
+            self.got[pos].add((SEQ_ROW, 0))
+            self.samples += int(num)
+            idx, label = self.todo[pos], int(self.labels[pos])
+            rec: dict[str, Any] = {"idx": idx, "label": label, "time": float(sec), "device": str(dev)}
+            rec.update(sequential_record(label, [int(d) for d in dec], int(a), int(num), radii=self.radii,
+                                         sigma=self.sigma, alpha=self.alpha))
+            rec["correct"] = int(rec["predict"] == label)
+            done.append(rec)
         return done
 
     def _record(self, pos: int) -> dict[str, Any]:

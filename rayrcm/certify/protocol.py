@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from rayrcm.errors import ConfigError
+from rayrcm.errors import ConfigError, choose_one_of
 from rayrcm.overrides import check_finite
 from rayrcm.sections import PRECISIONS, TrackingConfig, check_job_name, default_storage
 
 MODES = ("certify", "predict")
 CORRUPTED = {"cifar10c": 10, "cifar100c": 100}  # released corruption sets certify reads (dataset -> classes)
-SAMPLINGS = ("fixed", "iss")
+SAMPLINGS = ("fixed", "iss", "sequential")
 DECLINES = ("absolute", "relative")  # how an iss max_decline is measured
 SPLITS = ("test", "val")
 
@@ -46,6 +46,9 @@ class SmoothingConfig:
     sampling: str = "fixed"
     max_decline: float = 0.05  # iss: the certified-radius decline allowed against the full n
     decline: str = "absolute"  # iss: max_decline in radius units (absolute) or as a fraction (relative)
+    # sequential: the radii decided per image (certified accuracy at each; n is the cap on draws per image);
+    # () = 0, 0.25, ... up to what the cap can certify (rayrcm.certify.sequential)
+    radii: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class ComputeConfig:
     precision: str = "fp32"  # fp32 (the published numbers), bf16 or fp16 autocast
     channels_last: bool = False
     flush_every: int = 8  # images per Parquet part written
+    sequential_images: int = 32  # sequential: images a counting actor draws for side by side (one forward pass)
     progress_every_s: float = 10.0
 
 
@@ -118,7 +122,7 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(all(i >= 0 for i in s.indices), "indices", s.indices, "dataset indices are >= 0")
     _check(len(set(s.indices)) == len(s.indices), "indices", s.indices, "must not repeat an index")
     _check(s.block >= 1, "block", s.block, "must be >= 1")
-    _check(s.sampling in SAMPLINGS, "sampling", s.sampling, f"choose one of: {', '.join(SAMPLINGS)}")
+    _check(s.sampling in SAMPLINGS, "sampling", s.sampling, choose_one_of(SAMPLINGS, s.sampling))
     if s.sampling == "iss":
         _check(cfg.mode == "certify", "sampling", s.sampling, "input-specific sampling is for certify, not predict")
         _check(s.decline in DECLINES, "decline", s.decline, f"choose one of: {', '.join(DECLINES)}")
@@ -126,6 +130,11 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
         _check(0 < s.max_decline < top, "max_decline", s.max_decline,
                "must be > 0" + (" and < 1 (a fraction of the radius)" if s.decline == "relative" else " (radius units)"))
     _check(s.chunk >= 1 and s.chunk % s.block == 0, "chunk", s.chunk, f"must be a positive multiple of block={s.block}")
+    _check(not s.radii or s.sampling == "sequential", "radii", s.radii,
+           f"radii are decided by --sampling sequential; sampling={s.sampling} certifies every radius up to its reach "
+           "(choose the table's radii with rayrcm analyze --radii)")
+    if s.sampling == "sequential":
+        _check_sequential(cfg)
     _check(c.workers >= 1, "workers", c.workers, "must be >= 1")
     _check(c.batch >= 0, "batch", c.batch, "must be >= 0 (0 = automatic)")
     _check(c.precision in PRECISIONS, "precision", c.precision, f"choose one of: {', '.join(PRECISIONS)}")
@@ -138,6 +147,32 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     if cfg.name:
         check_job_name("name", cfg.name)
     return cfg
+
+
+def _check_sequential(cfg: CertifyConfig) -> None:
+    from rayrcm.certify.sequential import reach
+
+    s = cfg.smoothing
+    _check(cfg.mode == "certify", "sampling", s.sampling, "sequential sampling is for certify, not predict")
+    _check(s.n >= s.block and s.n % s.block == 0, "n", s.n,
+           f"the cap on draws per image must be a positive multiple of block={s.block} (one look per block)")
+    _check(all(math.isfinite(r) and r >= 0 for r in s.radii), "radii", s.radii, "must be finite and >= 0")
+    _check(all(a < b for a, b in zip(s.radii, s.radii[1:])), "radii", s.radii, "must be increasing, each once")
+    top = reach(s.n, s.alpha, s.sigma)
+    _check(not s.radii or s.radii[-1] < top, "radii", s.radii,
+           f"beyond what n={s.n} draws can certify at sigma={s.sigma:g}, alpha={s.alpha:g}: every radius must be "
+           f"< {top:.4f} (raise n, the cap)")
+    _check(cfg.compute.sequential_images >= 1, "compute.sequential_images", cfg.compute.sequential_images, "must be >= 1")
+
+
+def sequential_radii(s: SmoothingConfig) -> tuple[float, ...]:
+    """The radii a sequential job decides: ``s.radii``, or 0, 0.25, ... below what the cap can certify."""
+    from rayrcm.certify.sequential import reach
+
+    if s.radii:
+        return tuple(float(r) for r in s.radii)
+    top = reach(s.n, s.alpha, s.sigma)
+    return tuple(r for r in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0) if r < top)
 
 
 def select_indices(size: int, s: SmoothingConfig) -> list[int]:
@@ -182,6 +217,8 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
         out["denoiser"] = cfg.denoiser
     if s.sampling == "iss":
         out.update(max_decline=s.max_decline, decline=s.decline)
+    if s.sampling == "sequential":  # no selection draws: the label is the class tested; n is the cap
+        out.update(n0=0, radii=list(sequential_radii(s)), interval="beta-mixture-cs")
     if crop_pct is not None:
         out["crop_pct"] = float(crop_pct)
     return out
@@ -190,11 +227,12 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
 def protocol_diff(old: dict, new: dict) -> list[str]:
     """``"key old != new"`` for each key of ``new`` that ``old`` holds otherwise, and for each
     sampling key (``max_decline``, ``decline``) only one of them holds; a key of
-    :data:`ADDED_KEYS` that ``old`` lacks (written before it was recorded) compares as its old value."""
+    :data:`ADDED_KEYS` that ``old`` lacks (written before it was recorded) compares as its old value.
+    (``radii`` and ``interval`` likewise: a sequential protocol's keys.)"""
     def before(k: str) -> object:
         if k in old or k not in ADDED_KEYS:
             return old.get(k)
         return new[k] if ADDED_KEYS[k] is None else ADDED_KEYS[k]
 
     diff = [f"{k} {before(k)!r} != {v!r}" for k, v in new.items() if k not in NOT_COMPARED and before(k) != v]
-    return diff + [f"{k} {old[k]!r} != None" for k in ("max_decline", "decline") if k in old and k not in new]
+    return diff + [f"{k} {old[k]!r} != None" for k in ("max_decline", "decline", "radii", "interval") if k in old and k not in new]

@@ -163,16 +163,34 @@ class SequentialResult:
     radius: float  # sigma * Phi^-1(p_lower), or the largest certified grid radius if that is larger; 0 if none
 
 
-def result(state: ImageSequence, radii: Sequence[float], sigma: float) -> SequentialResult:
+def finish(decisions: Sequence[int], successes: int, samples: int, *, radii: Sequence[float], sigma: float,
+           alpha: float) -> SequentialResult:
+    """The certificate of a stopped sequence from its decisions and counts (what a counting actor returns)."""
     from scipy.stats import norm
 
-    assert state.decisions is not None
-    lo, hi = confidence_interval(state.a, state.t, state.alpha)
+    lo, hi = confidence_interval(int(successes), int(samples), alpha)
     radius = float(sigma * norm.ppf(lo)) if lo > 0.5 else 0.0
-    certified = [float(r) for r, d in zip(radii, state.decisions) if d == CERTIFIED]
+    certified = [float(r) for r, d in zip(radii, decisions) if int(d) == CERTIFIED]
     if certified:
         radius = max(radius, max(certified))
-    return SequentialResult(tuple(int(d) for d in state.decisions), state.a, state.t, lo, hi, radius)
+    return SequentialResult(tuple(int(d) for d in decisions), int(successes), int(samples), lo, hi, radius)
+
+
+def result(state: ImageSequence, radii: Sequence[float], sigma: float) -> SequentialResult:
+    assert state.decisions is not None
+    return finish(state.decisions, state.a, state.t, radii=radii, sigma=sigma, alpha=state.alpha)
+
+
+def sequential_record(label: int, decisions: Sequence[int], successes: int, samples: int, *, radii: Sequence[float],
+                      sigma: float, alpha: float) -> dict:
+    """A results row: ``predict`` is the label when the interval certified ``p_y > 1/2`` (the smoothed
+    classifier returns it), else -1 (abstain: this procedure never names another class); ``radius``
+    as :class:`SequentialResult`; ``decisions`` per radius of the protocol's ``radii``."""
+    res = finish(decisions, successes, samples, radii=radii, sigma=sigma, alpha=alpha)
+    certified = res.p_lower > 0.5 or CERTIFIED in res.decisions
+    return {"predict": int(label) if certified else -1, "radius": res.radius if certified else 0.0,
+            "n_a": res.successes, "n": res.samples, "p_a_lower": res.p_lower, "p_upper": res.p_upper,
+            "samples": res.samples, "decisions": list(res.decisions)}
 
 
 def new_state(radii: Sequence[float], sigma: float, alpha: float, n_max: int, block: int,

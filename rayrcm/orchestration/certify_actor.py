@@ -11,6 +11,7 @@ import torch
 
 from rayrcm.certify.collect import CountSettings
 from rayrcm.certify.iss import ISS_ROW, iss_counts
+from rayrcm.certify.sequential import SEQ_ROW, Drawn, run_sequences
 from rayrcm.certify.smoothing import Row, Smoother, choose_batch
 from rayrcm.plugins import load_plugins
 
@@ -38,7 +39,11 @@ class CountActor:
 
     An ISS row (input-specific sampling) is a whole image: the selection draws, then as many
     estimation draws as they plan; it returns the estimation ``counts``, the ``selection`` counts
-    and in ``num`` the draws it made."""
+    and in ``num`` the draws it made.
+
+    Sequential rows (``SEQ_ROW``, one per image) are certified together, side by side in each forward
+    pass, until each image's radii are decided; the batch returns ``decisions``, ``successes`` and in
+    ``num`` the draws each image used."""
 
     def __init__(self, model_ref: Any, images_ref: Any, settings: CountSettings, denoiser_ref: Any = None) -> None:
         import ray
@@ -63,7 +68,26 @@ class CountActor:
             limit = min(settings.chunk, 65_536 if use_gpu else 1024)
             choose_batch(self.sm, self.images.shape[1:], limit=limit)
 
+    def _sequential(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s = self.settings
+        tic = time.perf_counter()
+        pos = np.asarray(batch["pos"]).astype(np.int64)
+        images = self.images[torch.as_tensor(pos)].float().div_(255)
+        drawn = Drawn()
+        res = run_sequences(self.sm, images, [int(y) for y in batch["label"]],
+                            [int(i) for i in batch["index"]], radii=s.radii, alpha=s.alpha, n_max=s.n_max, seed=self.seed,
+                            chunk=s.chunk, drawn=drawn)
+        used = np.asarray([r.samples for r in res], np.int64)
+        # device time shared in proportion to the draws each image used
+        seconds = (time.perf_counter() - tic) * used / max(int(used.sum()), 1)
+        return {"pos": pos, "role": np.asarray(batch["role"]), "chunk": np.asarray(batch["chunk"]), "num": used,
+                "decisions": np.stack([np.asarray(r.decisions, np.int8) for r in res]),
+                "successes": np.asarray([r.successes for r in res], np.int64), "seconds": seconds,
+                "device": np.asarray([self.device_name] * len(res))}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(batch["role"]) and int(batch["role"][0]) == SEQ_ROW:  # a job's rows are all sequential or none
+            return self._sequential(batch)
         counts, seconds, pilots, nums = [], [], [], []
         s = self.settings
         for pos, index, role, chunk, num in zip(batch["pos"], batch["index"], batch["role"], batch["chunk"], batch["num"]):

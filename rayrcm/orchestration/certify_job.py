@@ -43,7 +43,7 @@ from rayrcm.analysis import (
 )
 from rayrcm.analysis.results import ROWS_DIR, TSV_NAME
 from rayrcm.certify.collect import Collector, CountSettings, write_part
-from rayrcm.certify.protocol import CertifyConfig
+from rayrcm.certify.protocol import CertifyConfig, sequential_radii
 from rayrcm.certify.stats import max_certifiable_radius
 from rayrcm.orchestration import live, tracking
 from rayrcm.orchestration.analyze import analyze
@@ -80,12 +80,14 @@ def _count_all(p: Prepared, collector: Collector, progress: _Progress) -> None:
     model_ref = ray.put(p.model_file.read_bytes())
     images_ref = ray.put(p.images)
     denoiser_ref = ray.put(p.denoiser_file.read_bytes()) if p.denoiser_file else None
-    ds = ray.data.from_items(collector.rows, override_num_blocks=len(collector.rows))
+    # sequential rows: an actor certifies a batch of images side by side (one block of rows per batch)
+    per_call = c.sequential_images if p.cfg.smoothing.sampling == "sequential" else 1
+    ds = ray.data.from_items(collector.rows, override_num_blocks=-(-len(collector.rows) // per_call))
     ds = ds.map_batches(
         CountActor,
         fn_constructor_kwargs={"model_ref": model_ref, "images_ref": images_ref,
                                "settings": CountSettings.from_config(p.cfg), "denoiser_ref": denoiser_ref},
-        batch_size=1,
+        batch_size=per_call,
         compute=ActorPoolStrategy(size=c.workers),
         num_gpus=c.gpus_per_worker if c.use_gpu else 0,
         num_cpus=c.cpus_per_worker,
@@ -185,8 +187,12 @@ def _run(p: Prepared, run_id: str | None, ray_init: dict[str, Any] | None, show_
     progress = _Progress(p, collector, logger)
     sampling = (f", input-specific sample sizes up to n (radius decline <= {s.max_decline:g}"
                 f"{' of the radius' if s.decline == 'relative' else ''})" if s.sampling == "iss" else "")
+    draws = f"n0={s.n0}, n={s.n}"
+    if s.sampling == "sequential":
+        draws = (f"sequential: radii {', '.join(f'{r:g}' for r in sequential_radii(s))} decided per image, "
+                 f"at most n={s.n} draws")
     print(f"[rayrcm] {cfg.mode}: {p.name}: {progress.total} images ({progress.before} already done), sigma={s.sigma:g}, "
-          f"n0={s.n0}, n={s.n}, alpha={s.alpha:g}{sampling}; results in {p.out}", flush=True)
+          f"{draws}, alpha={s.alpha:g}{sampling}; results in {p.out}", flush=True)
     if collector.rows:
         ensure_ray(**(ray_init or {}))
         if run_id:
@@ -210,11 +216,12 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, collector: Collector, 
         raise RuntimeError(f"{p.out}: an image was written twice: {rows['idx'][rows['idx'].duplicated()].tolist()[:5]}")
     write_cohen_tsv(rows, p.out / TSV_NAME, p.cfg.mode)
     reach = max_radius(p.cfg)
-    table = summary_table({p.name: rows}, max_radii={p.name: reach})
-    metrics = summary_metrics(rows, max_radius=reach)
+    grid = list(sequential_radii(p.cfg.smoothing)) if p.cfg.smoothing.sampling == "sequential" else None
+    table = summary_table({p.name: rows}, grid, max_radii={p.name: reach})
+    metrics = summary_metrics(rows, grid, max_radius=reach)
     progress = {"progress/wall_seconds": wall, "progress/samples_per_s": collector.samples / max(wall, 1e-9)}
     files = write_analysis({p.name: rows}, p.out, title=f"{p.cfg.mode} sigma={p.cfg.smoothing.sigma:g}",
-                           max_radii={p.name: reach})
+                           radii=grid, max_radii={p.name: reach})
     if logger:
         logger.log(len(rows), {**metrics, **(progress if computed else {})})
         for f in [p.out / TSV_NAME, p.out / PROTOCOL_FILE, *files]:
@@ -235,12 +242,17 @@ def max_radius(cfg: CertifyConfig) -> float | None:
     if cfg.mode != "certify":
         return None
     s = cfg.smoothing
+    if s.sampling == "sequential":  # decided at its radii only: nothing is measured beyond the largest
+        return max(sequential_radii(s))
     return max_certifiable_radius(s.n, s.alpha, s.sigma)
 
 
 def reach_note(cfg: CertifyConfig, reach: float) -> str:
     """One line saying where the table stops and why."""
     s = cfg.smoothing
+    if s.sampling == "sequential":
+        return (f"[rayrcm] sequential: each image was decided at radii {', '.join(f'{r:g}' for r in sequential_radii(s))} "
+                f"(a radius undecided at n={s.n} draws counts as not certified); ACR is not defined for this protocol")
     return (f"[rayrcm] with n={s.n}, alpha={s.alpha:g} no radius can exceed sigma * Phi^-1(alpha^(1/n)) = {reach:.3f} "
             f"(sigma={s.sigma:g}): radii beyond it are not reported")
 

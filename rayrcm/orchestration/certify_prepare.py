@@ -24,6 +24,7 @@ from rayrcm.certify.protocol import (
     protocol_dict,
     protocol_diff,
     select_indices,
+    sequential_radii,
     short_sigma,
     validate_certify,
 )
@@ -75,6 +76,9 @@ def _default_name(cfg: CertifyConfig, dataset: str, sha: str, denoiser_sha: str 
     parts = [cfg.mode, dataset, cfg.split, sha[:8], f"sigma-{short_sigma(s.sigma)}", f"n{s.n}"]
     if s.sampling == "iss":  # its own folder: the fixed job of the same model and n stays apart
         parts.append(f"iss-{s.decline[:3]}{short_sigma(s.max_decline)}")
+    if s.sampling == "sequential":  # its own folder; the radii decide the stopping, so they name it too
+        radii = ",".join(f"{r:g}" for r in sequential_radii(s))
+        parts.append(f"seq{len(sequential_radii(s))}r-" + hashlib.sha1(radii.encode()).hexdigest()[:6])
     if s.indices:
         parts.append("idx" + hashlib.sha1(",".join(map(str, s.indices)).encode()).hexdigest()[:6])
     else:
