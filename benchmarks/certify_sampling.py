@@ -1,13 +1,18 @@
-"""Input-specific sampling against the fixed protocol: the same model, the same images, the same
-noise streams (an ISS image's estimation draws are the first ones of the fixed protocol's).
+"""Input-specific and sequential sampling against the fixed protocol: the same model, the same
+images, the same noise streams (an ISS image's estimation draws, and a sequential image's draws,
+are the first ones of the fixed protocol's estimation stream).
 
 * ``fixed``: Cohen et al.'s CERTIFY, ``n0`` selection draws and ``n`` estimation draws per image;
 * ``iss``: Chen et al.'s input-specific sampling (``rayrcm certify --sampling iss``): a pilot of
   ``--iss-n0`` selection draws plans each image's estimation draws (at most ``n``) within a
-  certified-radius decline of ``--max-decline``.
+  certified-radius decline of ``--max-decline``;
+* ``sequential``: ``rayrcm certify --sampling sequential --radii R``: each image drawn until every
+  radius of ``--radii`` is decided by the anytime-valid confidence sequence (cap ``n``).
 
-Both run as ``rayrcm certify`` jobs (Ray Data, ``--workers`` actors). Reported per protocol:
-total draws, wall time, ACR and certified accuracy at radii; then the ratios. Two models:
+All run as ``rayrcm certify`` jobs (Ray Data, ``--workers`` actors). Reported per protocol:
+total draws, wall time, ACR (not for sequential) and certified accuracy at the radii; then the
+ratios against fixed, and for sequential the (image, radius) decisions that differ from the
+fixed protocol's (certified there and not here, and the reverse). Two models:
 
 * ``--model PATH``: any classifier file, e.g. the quickstart's digits model
   (``rayrcm quickstart`` writes ``rayrcm_results/quickstart-finetune/model.pt``);
@@ -83,16 +88,21 @@ def certify(model: Path, out: Path, name: str, args: argparse.Namespace, samplin
                  f"compute.cpus_per_worker={args.cpus_per_worker}", "compute.progress_every_s=60"]
     if sampling == "iss":
         overrides += ["smoothing.sampling=iss", f"smoothing.n0={args.iss_n0}", f"smoothing.max_decline={args.max_decline}"]
+    elif sampling == "sequential":
+        overrides += ["smoothing.sampling=sequential", "smoothing.radii=" + ",".join(f"{r:g}" for r in args.radii)]
     else:
         overrides += [f"smoothing.n0={args.n0}"]
     tic = time.perf_counter()
     result = certify_job.run(certify_job.config_from_args(overrides), show_table=False)
     wall = time.perf_counter() - tic
-    rows = result.rows
-    radii = [0.0, 0.25, 0.5, 0.75, 1.0]
+    rows = result.rows.sort_values("idx").reset_index(drop=True)
+    radii = list(args.radii)
+    certified = np.stack([(rows["correct"].to_numpy() == 1) & (rows["radius"].to_numpy() >= r) for r in radii], 1)
     return {"sampling": sampling, "images": len(rows), "samples": total_samples(rows), "wall_s": round(wall, 1),
-            "acr": result.metrics["acr"], "certified_acc": dict(zip(map(str, radii), certified_accuracy(rows, radii).round(4).tolist())),
-            "mean_n": float(rows["n"].mean()), "abstain": float((rows["predict"] == -1).mean())}
+            "acr": result.metrics.get("acr", float("nan")),
+            "certified_acc": dict(zip(map(str, radii), certified_accuracy(rows, radii).round(4).tolist())),
+            "mean_n": float(rows["n"].mean()), "max_samples": float(rows["samples"].max()),
+            "abstain": float((rows["predict"] == -1).mean()), "certified": certified.tolist(), "idx": rows["idx"].tolist()}
 
 
 def main() -> None:
@@ -106,7 +116,10 @@ def main() -> None:
     ap.add_argument("--iss-n0", type=int, default=1000, help="iss: the pilot (selection) draws that plan n")
     ap.add_argument("--max-decline", type=float, default=0.05)
     ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--skip", type=int, default=18, help="every skip-th test image (default 18: 20 of 360)")
+    ap.add_argument("--radii", type=lambda v: [float(r) for r in v.split(",")], default=[0.0, 0.25, 0.5, 0.75],
+                    help="the radii of the table, and those sequential decides (default 0,0.25,0.5,0.75)")
+    ap.add_argument("--modes", default="fixed,iss,sequential", help="protocols to run, comma separated")
+    ap.add_argument("--skip", type=int, default=6, help="every skip-th test image (default 6: 60 of 360)")
     ap.add_argument("--max", type=int, default=-1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -121,21 +134,35 @@ def main() -> None:
         root = write_cifar_digits(out / "data")
         model = train_cifar(root, out / "train", args.sigma, args.train_steps)
     assert model is not None
-    runs = [certify(model, out / "certify", f"{s}-{args.sigma:g}", args, s) for s in ("fixed", "iss")]
-    fixed, iss = runs
+    runs = {m: certify(model, out / "certify", f"{m}-{args.sigma:g}", args, m) for m in args.modes.split(",")}
+    fixed = runs["fixed"]
     summary = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "torch": torch.__version__,
                "model": "cifar_resnet20 (trained here)" if args.cifar else str(model), "sigma": args.sigma, "n": args.n,
-               "alpha": args.alpha, "max_decline": args.max_decline, "iss_n0": args.iss_n0, "fixed": fixed, "iss": iss,
-               "samples_ratio": fixed["samples"] / max(iss["samples"], 1), "wall_ratio": fixed["wall_s"] / max(iss["wall_s"], 1e-9),
-               "acr_decline": fixed["acr"] - iss["acr"]}
+               "alpha": args.alpha, "max_decline": args.max_decline, "iss_n0": args.iss_n0, "radii": args.radii}
+    for m, r in runs.items():
+        if m == "fixed":
+            continue
+        summary[f"samples_ratio_{m}"] = fixed["samples"] / max(r["samples"], 1)
+        summary[f"wall_ratio_{m}"] = fixed["wall_s"] / max(r["wall_s"], 1e-9)
+        a, b = np.asarray(fixed["certified"]), np.asarray(r["certified"])
+        assert fixed["idx"] == r["idx"]
+        summary[f"only_fixed_{m}"] = int(np.sum(a & ~b))  # (image, radius) certified by fixed, not by m
+        summary[f"only_{m}"] = int(np.sum(b & ~a))
+        summary[f"acc_gap_{m}"] = max(abs(fixed["certified_acc"][k] - r["certified_acc"][k]) for k in fixed["certified_acc"])
+    for r in runs.values():
+        r.pop("certified"), r.pop("idx")
+    summary.update(runs)
     print(json.dumps(summary), flush=True)
-    print("\n| protocol | images | draws | wall s | ACR | " + " | ".join(f"r={r}" for r in fixed["certified_acc"]) + " |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * len(fixed["certified_acc"]))
-    for r in runs:
-        print(f"| {r['sampling']} | {r['images']} | {r['samples']:,.0f} | {r['wall_s']:.1f} | {r['acr']:.3f} | "
-              + " | ".join(f"{v:.3f}" for v in r["certified_acc"].values()) + " |")
-    print(f"\ndraws fixed/iss = {summary['samples_ratio']:.2f}x, wall = {summary['wall_ratio']:.2f}x, "
-          f"ACR decline = {summary['acr_decline']:.4f} (budget {args.max_decline:g} per image)")
+    print("\n| protocol | images | draws | draws/img (max) | wall s | ACR | " + " | ".join(f"r={r}" for r in fixed["certified_acc"]) + " |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(fixed["certified_acc"]))
+    for m, r in runs.items():
+        print(f"| {m} | {r['images']} | {r['samples']:,.0f} | {r['samples'] / r['images']:,.0f} ({r['max_samples']:,.0f}) | "
+              f"{r['wall_s']:.1f} | {r['acr']:.3f} | " + " | ".join(f"{v:.3f}" for v in r["certified_acc"].values()) + " |")
+    for m in runs:
+        if m != "fixed":
+            print(f"draws fixed/{m} = {summary[f'samples_ratio_{m}']:.2f}x, wall = {summary[f'wall_ratio_{m}']:.2f}x, "
+                  f"largest certified-accuracy gap {summary[f'acc_gap_{m}']:.3f}; (image, radius) certified only by fixed: "
+                  f"{summary[f'only_fixed_{m}']}, only by {m}: {summary[f'only_{m}']}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,11 @@ class TrainConfig:
     storage_path: str = field(default_factory=lambda: default_storage())  # $RAYRCM_STORAGE on a cluster
     eval_sigmas: tuple[float, ...] = (0.25, 0.5)  # noise levels of the "noisy" and "smoothed" evaluations
     eval_votes: int = 1  # noise draws per image of the "smoothed" evaluation (majority vote)
+    # the "certified" evaluation: sequential certification at eval_sigmas, deciding these radii per image
+    # within eval_max_n draws (a multiple of 100) at confidence 1 - eval_alpha (rayrcm.eval.certified)
+    eval_radii: tuple[float, ...] = (0.0, 0.25)
+    eval_max_n: int = 2000
+    eval_alpha: float = 0.001
     evals: tuple[str, ...] = ("noisy",)  # evaluations (rayrcm.eval.EVALUATIONS) on the validation split at each checkpoint
     test_evals: tuple[str, ...] = ("noisy",)  # evaluations on the test split after training (plus the method's own)
     select_metric: str = ""  # keep the checkpoint best on this validation metric (e.g. val_acc_sigma_0.25); "" = last
@@ -228,6 +233,24 @@ def check_train(t: TrainConfig) -> None:
     check(t.progress_every_s >= 0, "train.progress_every_s", t.progress_every_s, "must be >= 0 (0 = every logged step)")
     for s in t.eval_sigmas:
         check(s > 0, "train.eval_sigmas", s, "every sigma must be > 0 (pixel units, data in [0, 1])")
+    check_certified_eval(t)
+
+
+def check_certified_eval(t: TrainConfig) -> None:
+    """The ``certified`` evaluation's settings (checked whether or not it is chosen: they are cheap to check)."""
+    check(0 < t.eval_alpha < 1, "train.eval_alpha", t.eval_alpha, "must be in (0, 1)")
+    check(t.eval_max_n >= 100 and t.eval_max_n % 100 == 0, "train.eval_max_n", t.eval_max_n,
+          "must be a positive multiple of 100 (one look per 100 draws)")
+    radii = t.eval_radii
+    check(len(radii) > 0 and all(r >= 0 for r in radii), "train.eval_radii", radii, "give radii >= 0, e.g. 0,0.25")
+    check(all(a < b for a, b in zip(radii, radii[1:])), "train.eval_radii", radii, "must be increasing, each once")
+    if t.eval_sigmas and "certified" in (*t.evals, *t.test_evals):
+        from rayrcm.certify.sequential import reach
+
+        top = min(reach(t.eval_max_n, t.eval_alpha, s) for s in t.eval_sigmas)
+        check(radii[-1] < top, "train.eval_radii", radii,
+              f"beyond what train.eval_max_n={t.eval_max_n} draws can certify at sigma {min(t.eval_sigmas):g}: every radius "
+              f"must be < {top:.4f} (raise train.eval_max_n)")
 
 
 def check_tracking(tr: TrackingConfig) -> None:

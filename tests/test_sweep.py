@@ -339,3 +339,42 @@ def test_interrupted_sweep_resumes_and_runs_each_trial_to_its_end_once(tune_clus
     for c in children:  # resumed runs log every step once
         hist = client.get_metric_history(c.info.run_id, "loss")
         assert len(hist) == len({m.step for m in hist})
+
+
+def test_a_certified_metric_adds_its_evaluation_and_a_bad_one_is_one_line():
+    base, sw, _ = sweep.validate_sweep(_base(), sweep.SweepConfig(space={"optim.lr": "grid:1e-3,2e-3"},
+                                                                  metric="val_certified_acc_sigma_0.25_r0.25"))
+    assert "certified" in base.train.evals and base.train.select_metric == sw.metric
+    with pytest.raises(ConfigError, match="val_certified_acc_sigma_<s>_r<r>"):
+        sweep.validate_sweep(_base(), sweep.SweepConfig(space={"optim.lr": "grid:1e-3,2e-3"},
+                                                        metric="val_certified_acc_sigma_0.25_r0.3"))
+
+
+@pytest.mark.slow
+def test_a_sweep_ranks_trials_by_certified_accuracy(tune_cluster, mlflow_server, tmp_path):
+    """Two trials ranked by ``val_certified_acc_sigma_0.25_r0.25`` (the sequential procedure on the
+    validation split, at most 1,000 draws per image): ASHA cuts the trial that does not learn on it and
+    the one that learns wins; the metric is in the finished child run's history, on the parent as the
+    best value, and in both trials' TensorBoard scalars."""
+    from mlflow import MlflowClient
+    from test_lineage import _events
+
+    metric = "val_certified_acc_sigma_0.25_r0.25"
+    base = _base(f"train.storage_path={tmp_path}", f"tracking.uri={mlflow_server}", "tracking.experiment=sweep-certified",
+                 "optim.schedule_epochs=30", "optim.warmup_epochs=2", "train.eval_max_n=1000", "train.eval_sigmas=0.25")
+    sw = sweep.SweepConfig(space={"optim.lr": "grid:2e-3,1e-7"}, max_concurrent_trials=2, name="certified", metric=metric)
+    result = sweep.run(base, sw)
+    table = result.table.sort_values(metric, ascending=False)
+    assert len(table) == 2 and table.iloc[0]["optim.lr"] == 2e-3 and table.iloc[0][metric] > table.iloc[1][metric]
+    assert list(table["status"]) == ["completed", "stopped"]  # cut at the first rung on the certified metric
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(result.parent_run_id)
+    children = [r for r in client.search_runs([parent.info.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
+    done = [c for c in children if c.data.tags["rayrcm.sweep_status"] == "completed"]
+    curve = client.get_metric_history(done[0].info.run_id, metric)
+    assert len(curve) == 2 and all(0.0 <= m.value <= 1.0 for m in curve)
+    assert parent.data.metrics[f"best_{metric}"] == pytest.approx(float(table.iloc[0][metric]))
+    tags = [_events(folder) for folder in result.folder.glob("*/") if list(folder.glob("events.out.tfevents.*"))]
+    assert len(tags) == 2 and all(metric in t for t in tags)

@@ -58,10 +58,13 @@ def _schema(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def certify_reach(protocol: dict[str, Any]) -> float | None:
-    """The largest radius a certification could certify (None for ``predict`` or an unknown protocol)."""
+    """The largest radius a certification could certify (None for ``predict`` or an unknown protocol);
+    for a sequential one, the largest radius it decided (nothing beyond it was measured)."""
     if protocol.get("mode", "certify") != "certify":
         return None
     try:
+        if protocol.get("sampling") == "sequential":
+            return max(float(r) for r in protocol["radii"])
         from rayrcm.certify.stats import max_certifiable_radius
 
         return max_certifiable_radius(int(protocol["n"]), float(protocol["alpha"]), float(protocol["sigma"]))

@@ -42,14 +42,12 @@ def protocol_reach(path: str) -> float | None:
     if not proto.is_file():
         return None
     try:
-        p = json.loads(proto.read_text())
-        if p.get("mode", "certify") != "certify":
-            return None
-        from rayrcm.certify.stats import max_certifiable_radius
-
-        return max_certifiable_radius(int(p["n"]), float(p["alpha"]), float(p["sigma"]))
-    except (ValueError, KeyError, TypeError):
+        protocol = json.loads(proto.read_text())
+    except ValueError:
         return None
+    from rayrcm.analysis.compare import certify_reach
+
+    return certify_reach(protocol) if isinstance(protocol, dict) else None
 
 
 def check_radii(radii: list[float]) -> list[float]:

@@ -27,6 +27,8 @@ from rayrcm.errors import ConfigError
 SCHEDULERS = ("asha", "fifo")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SMOOTHED_EVAL = "smoothed"  # the evaluation that produces val_smoothed_acc_sigma_<s>
+CERTIFIED_EVAL = "certified"  # the evaluation that produces val_certified_acc_sigma_<s>_r<r> (a sound lower bound)
+CERTIFIED_METRIC = "_certified_acc_"
 
 
 @dataclass(frozen=True)
@@ -165,17 +167,20 @@ def _check_settings(sw: SweepConfig) -> None:
 
 def trial_base(base: ExperimentConfig, sw: SweepConfig) -> ExperimentConfig:
     """The base config every trial starts from: the ``smoothed`` validation evaluation (besides the
-    user's) with ``votes`` draws, a report (and checkpoint) every ``report_epochs`` epochs (a
+    user's) with ``votes`` draws (and the ``certified`` one when the metric is a certified accuracy), a report (and checkpoint) every ``report_epochs`` epochs (a
     steps-based config reports every ``checkpoint_every``), selection on the sweep metric."""
     t = base.train
     evals = t.evals if SMOOTHED_EVAL in t.evals else (*t.evals, SMOOTHED_EVAL)
+    if CERTIFIED_METRIC in sw.metric and CERTIFIED_EVAL not in evals:  # a certified metric: its evaluation joins
+        evals = (*evals, CERTIFIED_EVAL)
     base = update_dataclass(base, {"train": {"evals": evals, "eval_votes": sw.votes,
                                              **({"checkpoint_epochs": sw.report_epochs} if t.epochs else {})}})
     try:
         return validate(update_dataclass(base, {"train": {"select_metric": sw.metric}}), check_paths=False)
     except ConfigError:
         raise ConfigError("sweep.metric", sw.metric, "must be a validation metric of the trials, e.g. "
-                          f"val_smoothed_acc_sigma_<s> with s in train.eval_sigmas={list(t.eval_sigmas)}") from None
+                          f"val_smoothed_acc_sigma_<s> or val_certified_acc_sigma_<s>_r<r> with s in "
+                          f"train.eval_sigmas={list(t.eval_sigmas)}, r in train.eval_radii={list(t.eval_radii)}") from None
 
 
 def validate_sweep(base: ExperimentConfig, sw: SweepConfig) -> tuple[ExperimentConfig, SweepConfig, dict[str, Any]]:
