@@ -4,6 +4,8 @@ the original smoothing code, the Ray Data job against the engine alone, and scal
 * ``reference``: Cohen et al.'s ``Smooth._sample_noise`` loop: ``x.repeat`` to a batch, fresh
   ``randn_like`` noise, ``torch.no_grad``, predictions copied to the host and counted with
   numpy every batch, fp32, fixed batch.
+* ``plain_bf16``: the plain fast loop a careful user writes: ``x.repeat``, ``randn_like``, bf16
+  autocast, ``argmax`` + ``bincount`` on the device, one host copy per image (``--plain-bf16``);
 * ``engine``: :class:`rayrcm.certify.Smoother`: one noise buffer filled in place from the row's
   generator, broadcast add, ``inference_mode``, ``argmax`` + ``bincount`` on the device, one host
   copy per row; optional bf16/fp16 autocast and channels_last.
@@ -11,7 +13,8 @@ the original smoothing code, the Ray Data job against the engine alone, and scal
   time of the whole job (actor start included) and steady-state samples/s.
 * ``scaling``: samples/s of the Ray job with 1, 2, 4 actors (one CPU thread each, or one GPU each).
 
-Same model, same images, same n. Prints JSON lines and a Markdown summary.
+Same model, same images, same n. ``--ref-n`` times the fp32 loops on fewer samples per image (the
+cost is linear in n) and reports them per ``n``. Prints JSON lines and a JSON summary.
 
     python benchmarks/certify_engine.py [--device cpu|cuda] [--model vit_digits|cifar_resnet110|vit_base]
         [--image-size 16] [--n 10000] [--images 8] [--batch 500] [--precision fp32|bf16] [--channels-last]
@@ -60,13 +63,28 @@ class CohenStyle:
             return counts
 
 
+class PlainBF16(CohenStyle):
+    """A plain bf16 loop with on-device counting (no seeding, no reuse of buffers)."""
+
+    def sample(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
+            counts = torch.zeros(self.k, dtype=torch.long, device=self.device)
+            remaining = num
+            while remaining > 0:
+                this = min(batch_size, remaining)
+                remaining -= this
+                batch = x.repeat((this, 1, 1, 1))
+                counts += torch.bincount(self.model(batch + torch.randn_like(batch) * self.sigma).argmax(1), minlength=self.k)
+            return counts.cpu().numpy()
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def time_reference(model, xs, n, batch, device) -> float:
-    ref = CohenStyle(model, 10, 0.25, device)
+def time_reference(model, xs, n, batch, device, kind=CohenStyle) -> float:
+    ref = kind(model, 10, 0.25, device)
     ref.sample(xs[0].to(device), batch, batch)  # warm-up
     _sync(device)
     tic = time.perf_counter()
@@ -120,6 +138,8 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--ref-n", type=int, default=0, help="samples per image for the fp32 loops (default: --n); scaled to --n")
+    ap.add_argument("--plain-bf16", action="store_true", help="also time a plain bf16 loop with on-device counting")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -127,16 +147,21 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     xs = [(torch.rand(3, args.image_size, args.image_size, generator=gen) * 255).round().div(255) for _ in range(args.images)]
     machine = f"{platform.machine()} {torch.get_num_threads()} thread(s)" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
-    ref_s = time_reference(model, xs, args.n, args.batch, args.device)
-    eng_s = time_engine(model, xs, args.n, args.batch, args.device, "fp32", False)
+    ref_n = args.ref_n or args.n
+    scale = args.n / ref_n
+    ref_s = time_reference(model, xs, ref_n, args.batch, args.device) * scale
+    eng_s = time_engine(model, xs, ref_n, args.batch, args.device, "fp32", False) * scale
     rows = {"reference_fp32": ref_s, "engine_fp32": eng_s}
+    if args.plain_bf16:
+        rows["plain_bf16"] = time_reference(model, xs, args.n, args.batch, args.device, PlainBF16)
     if args.precision != "fp32" or args.channels_last:
         rows[f"engine_{args.precision}{'_cl' if args.channels_last else ''}"] = time_engine(
             model, xs, args.n, args.batch, args.device, args.precision, args.channels_last)
     samples = args.images * args.n
     for k, s in rows.items():
         print(json.dumps({"case": k, "s_per_image": s / args.images, "samples_per_s": samples / s, "ratio_vs_reference": ref_s / s}))
-    summary = {"machine": machine, "model": args.model, "image_size": args.image_size, "n": args.n, "batch": args.batch,
+    summary = {"machine": machine, "model": args.model, "image_size": args.image_size, "n": args.n, "ref_n": ref_n,
+               "batch": args.batch, "precision": args.precision, "channels_last": args.channels_last,
                **{f"{k}_s_per_image": v / args.images for k, v in rows.items()}}
     if not args.skip_ray:
         from rayrcm.train.checkpoint import model_meta, save_model  # noqa: F401
@@ -156,6 +181,9 @@ def main() -> None:
             core = samples / eng_s
             summary["ray_overhead_steady"] = core / one["samples_per_s_device"] - 1
             summary["ray_overhead_wall"] = (args.images * (args.n + 100) / one["samples_per_s_wall"]) / (eng_s * (args.n + 100) / args.n) - 1
+            if args.precision != "fp32" or args.channels_last:  # the job ran at this precision: compare like with like
+                fast = rows[f"engine_{args.precision}{'_cl' if args.channels_last else ''}"]
+                summary["ray_overhead_steady"] = samples / fast / one["samples_per_s_device"] - 1
     print(json.dumps({"summary": summary}))
 
 

@@ -61,7 +61,7 @@ def write_cifar_digits(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def train_cifar(root: Path, out: Path, sigma: float, steps: int) -> Path:
+def train_cifar(root: Path, out: Path, sigma: float, steps: int, gpu: bool = False) -> Path:
     from rayrcm.config import from_dict
     from rayrcm.orchestration.trainer import fit
 
@@ -70,7 +70,7 @@ def train_cifar(root: Path, out: Path, sigma: float, steps: int) -> Path:
         "model": {"encoder": "cifar_resnet20"},
         "method": {"name": "gaussian", "sigma": sigma},
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "warmup_steps": 20},
-        "train": {"name": "cifar-digits", "steps": steps, "workers": 1, "checkpoint_every": steps, "log_every": 50,
+        "train": {"name": "cifar-digits", "steps": steps, "workers": 1, "checkpoint_every": steps, "log_every": 50, "use_gpu": gpu,
                   "storage_path": str(out)},
         "tracking": {"enabled": False},
     })
@@ -85,7 +85,8 @@ def certify(model: Path, out: Path, name: str, args: argparse.Namespace, samplin
     overrides = [f"model={model}", f"out_dir={out}", f"name={name}", "tracking.enabled=false",
                  f"smoothing.sigma={args.sigma}", f"smoothing.n={args.n}", f"smoothing.alpha={args.alpha}",
                  f"smoothing.skip={args.skip}", f"smoothing.max={args.max}", f"compute.workers={args.workers}",
-                 f"compute.cpus_per_worker={args.cpus_per_worker}", "compute.progress_every_s=60"]
+                 f"compute.cpus_per_worker={args.cpus_per_worker}", "compute.progress_every_s=60",
+                 f"compute.use_gpu={args.gpu}", f"compute.precision={args.precision}"]
     if sampling == "iss":
         overrides += ["smoothing.sampling=iss", f"smoothing.n0={args.iss_n0}", f"smoothing.max_decline={args.max_decline}"]
     elif sampling == "sequential":
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--max", type=int, default=-1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--gpu", action="store_true", help="train (--cifar) and count on one GPU per actor")
+    ap.add_argument("--precision", default="fp32", help="the counting actors' precision")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if not args.model and not args.cifar:
@@ -132,7 +135,7 @@ def main() -> None:
     model = Path(args.model) if args.model else None
     if args.cifar:
         root = write_cifar_digits(out / "data")
-        model = train_cifar(root, out / "train", args.sigma, args.train_steps)
+        model = train_cifar(root, out / "train", args.sigma, args.train_steps, args.gpu)
     assert model is not None
     runs = {m: certify(model, out / "certify", f"{m}-{args.sigma:g}", args, m) for m in args.modes.split(",")}
     fixed = runs["fixed"]

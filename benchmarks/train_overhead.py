@@ -79,7 +79,7 @@ def main() -> None:
         "ray_over_direct": round(r / d, 3), "overhead_pct": round(100 * (1 - r / d), 1),
         "ray_wall_s_including_startup": round(wall, 1),
     }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
