@@ -65,7 +65,7 @@ class ComputeConfig:
     precision: str = "fp32"  # fp32 (the published numbers), bf16 or fp16 autocast
     channels_last: bool = False
     flush_every: int = 8  # images per Parquet part written
-    sequential_images: int = 32  # sequential: images a counting actor draws for side by side (one forward pass)
+    sequential_images: int = 32  # sequential: at most this many images a counting actor draws for side by side
     progress_every_s: float = 10.0
 
 

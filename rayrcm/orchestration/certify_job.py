@@ -80,8 +80,11 @@ def _count_all(p: Prepared, collector: Collector, progress: _Progress) -> None:
     model_ref = ray.put(p.model_file.read_bytes())
     images_ref = ray.put(p.images)
     denoiser_ref = ray.put(p.denoiser_file.read_bytes()) if p.denoiser_file else None
-    # sequential rows: an actor certifies a batch of images side by side (one block of rows per batch)
-    per_call = c.sequential_images if p.cfg.smoothing.sampling == "sequential" else 1
+    # sequential rows: an actor certifies a batch of images side by side (one block of rows per batch), at most
+    # compute.sequential_images, and small enough that every actor gets about four batches (no idle actor at the end)
+    per_call = 1
+    if p.cfg.smoothing.sampling == "sequential":
+        per_call = max(1, min(c.sequential_images, -(-len(collector.rows) // (4 * c.workers))))
     ds = ray.data.from_items(collector.rows, override_num_blocks=-(-len(collector.rows) // per_call))
     ds = ds.map_batches(
         CountActor,
