@@ -214,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "largest radius the protocol can certify)")
     a.add_argument("--out", help="folder for table.md, table.tex, certified_accuracy.png")
     a.add_argument("--no-log", action="store_true", help="do not log to the certifications' MLflow runs")
+    a.add_argument("--tracking-uri", help="your MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db): "
+                                          "the analysis is logged only to runs on it, never to a server a folder names")
     _compare_parser(sub)
     m = _sub(sub, "mlflow-server", "the MLflow tracking server of a cluster's head (basic auth on by default)")
     m.add_argument("--backend-store-uri", default="sqlite:///mlflow.db", help="sqlite:////abs/mlflow.db or postgresql://...")
@@ -285,7 +287,7 @@ def _analyze(args: argparse.Namespace) -> int:
             radii = [float(r) for r in args.radii.split(",") if r.strip()]
         except ValueError:
             raise ConfigError("radii", args.radii, "comma-separated numbers, e.g. 0,0.25,0.5") from None
-    certify_job.analyze(args.results, radii=radii, out=args.out, log=not args.no_log)
+    certify_job.analyze(args.results, radii=radii, out=args.out, log=not args.no_log, tracking_uri=args.tracking_uri)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -59,19 +60,55 @@ def check_radii(radii: list[float]) -> list[float]:
     return [float(r) for r in radii]
 
 
-def _log(paths: list[str], files: list[Path]) -> None:
-    """Attach the analysis to the MLflow run of every certification folder that has one."""
+def same_server(a: str, b: str) -> bool:
+    """Whether two tracking URIs name the same store: http(s) by scheme, host, port and path (case of the
+    scheme and host ignored, a trailing slash too); anything else (sqlite, file) as the same string."""
+    from urllib.parse import urlsplit
+
+    ua, ub = urlsplit(a.strip()), urlsplit(b.strip())
+    if ua.scheme.lower() in ("http", "https") or ub.scheme.lower() in ("http", "https"):
+        def key(u):
+            port = u.port or (443 if u.scheme.lower() == "https" else 80)
+            return u.scheme.lower(), (u.hostname or "").lower(), port, u.path.rstrip("/")
+        try:
+            return key(ua) == key(ub)
+        except ValueError:  # a malformed port
+            return False
+    return a.strip() == b.strip()
+
+
+def _log(paths: list[str], files: list[Path], uri: str) -> None:
+    """Attach the analysis to the MLflow run of every certification folder whose run lives on ``uri``
+    (the user's tracking URI). A folder records the server of the job that wrote it; a folder made
+    elsewhere may name any server, and logging there would send the user's MLflow credentials (and
+    the tables) to it, so a folder naming another store is left alone, with one line saying so."""
     for path in paths:
         info = Path(path) / RUN_FILE
-        if info.is_file():
+        if not info.is_file():
+            continue
+        try:
             run = json.loads(info.read_text())
-            tracking.log_artifacts(run["tracking_uri"], run["run_id"], files, "analysis")
+            theirs, run_id = str(run["tracking_uri"]), str(run["run_id"])
+        except (ValueError, KeyError, TypeError):
+            print(f"[rayrcm] {path}: {RUN_FILE} is not a run record; the analysis was not logged there", flush=True)
+            continue
+        if not same_server(theirs, uri):
+            print(f"[rayrcm] {path}: its run is on {theirs}, not on your tracking URI {uri}; the analysis was not logged "
+                  f"there (rerun with --tracking-uri {theirs} if that server is yours)", flush=True)
+            continue
+        try:
+            tracking.log_artifacts(uri, run_id, files, "analysis")
+        except Exception as err:  # noqa: BLE001 - the tables are written; a logging failure is one line, not a traceback
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            print(f"[rayrcm] {path}: the analysis could not be logged to run {run_id} on {uri}: {first}", file=sys.stderr,
+                  flush=True)
 
 
 def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Path | None = None,
-            log: bool = True) -> tuple[pd.DataFrame, list[Path]]:
+            log: bool = True, tracking_uri: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
     """Tables and curves over several results (folders or Cohen-format files), written to ``out``
-    (default: the first folder's ``analysis/``) and logged to each certification's MLflow run."""
+    (default: the first folder's ``analysis/``) and logged to each certification's MLflow run when
+    that run is on ``tracking_uri`` (default: the user's, ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``)."""
     paths = [str(p) for p in paths]
     if not paths:
         raise ConfigError("results", "", "give at least one certification folder or results file")
@@ -86,11 +123,14 @@ def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Pa
     print(to_markdown(table), flush=True)
     known = {k: v for k, v in max_radii.items() if v is not None}
     if known:
-        print("[rayrcm] largest certifiable radius (sigma * Phi^-1(alpha^(1/n))): "
+        print("[rayrcm] largest radius each protocol reaches (fixed, iss: sigma * Phi^-1(alpha^(1/n)); sequential: "
+              "its largest decided radius): "
               + ", ".join(f"{k} {v:.3f}" for k, v in known.items()) + "; '-': beyond a run's reach", flush=True)
     print(f"[rayrcm] wrote {', '.join(str(f) for f in files)}", flush=True)
     if log:
-        _log(paths, files)
+        from rayrcm.sections import default_tracking_uri
+
+        _log(paths, files, tracking_uri or default_tracking_uri())
     return table, files
 
 
