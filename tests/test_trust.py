@@ -72,3 +72,20 @@ def test_same_server_compares_scheme_host_port_and_path():
     assert not same_server("http://h:5000", "http://h:5001") and not same_server("http://h", "https://h")
     assert not same_server("http://evil.example", "sqlite:///mlflow.db")
     assert same_server("sqlite:///mlflow.db", "sqlite:///mlflow.db") and not same_server("sqlite:///a.db", "sqlite:////etc/a.db")
+
+
+def test_mlflow_server_refuses_a_port_something_listens_on(tmp_path, capsys):
+    """Before: the second server failed to bind, yet the start reported success because whatever
+    listened there answered /health. Now: one line, exit 2, nothing started."""
+    import socket
+
+    from helpers import fails_in_one_line
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fails_in_one_line(capsys, ["mlflow-server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                                   "--artifacts-destination", str(tmp_path / "a"), "--port", str(port), "--no-auth",
+                                   "--detach", "--log", str(tmp_path / "server.log")], "already listens on")
+    assert not (tmp_path / "server.log").exists()

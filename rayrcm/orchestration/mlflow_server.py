@@ -145,9 +145,29 @@ def start(spec: ServerSpec, log: str | Path, timeout: float = 120.0) -> subproce
     return proc
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (binding it fails), so a new server could not
+    start there while whatever answers there would pass its health check."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT does not count
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def serve(spec: ServerSpec, *, detach: bool = False, log: str = "~/.rayrcm/mlflow/server.log",
           pidfile: str = "") -> int:
-    """``rayrcm mlflow-server``: run in the foreground (exec), or ``detach`` and print the pid."""
+    """``rayrcm mlflow-server``: run in the foreground (exec), or ``detach`` and print the pid. A port
+    something already listens on is refused first: the new server would fail to bind while the old
+    one answered its health check, and the start would report a server that is not this one."""
+    if port_taken(spec.host, spec.port):
+        raise ConfigError("--port", spec.port, f"something already listens on {spec.host}:{spec.port} (another MLflow "
+                                               "server?); stop it or choose another --port")
     if not detach:
         cmd, env = command(spec)
         os.execve(cmd[0], cmd, env)
