@@ -34,7 +34,8 @@ def _fails(capsys, argv, needle):
     (["--max", "361"], "beyond the split's 360 images"),
     (["--indices", "3,400"], "indices=[400]"),
     (["--precision", "fp8"], "precision='fp8'"),
-    (["--dataset", "cifar10"], "data.path"),
+    (["--dataset", "cifar10", "--set", "same_classes=true"], "data.path"),
+    (["--dataset", "cifar10"], "was trained on digits, whose classes are not cifar10's"),
     (["--set", "smoothing.nosuch=1"], "smoothing.nosuch"),
     (["--sigma", "abc"], "expected a value of type float"),
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
@@ -124,7 +125,7 @@ def _cifar_c(root, n=20):
 def test_certify_on_a_released_corruption_at_one_severity(capsys, model, tmp_path):
     root = _cifar_c(tmp_path / "CIFAR-10-C")
     base = [f"model={model}", f"out_dir={tmp_path / 'out'}", "tracking.enabled=false", "dataset=cifar10c",
-            f"data_path={root}", "corruption=contrast", "smoothing.n=100"]
+            f"data_path={root}", "corruption=contrast", "smoothing.n=100", "same_classes=true"]
     p = certify_job.prepare(certify_job.config_from_args([*base, "severity=3"]))
     assert len(p.indices) == 20 and bool((p.images == 120).all()), "severity 3's block, resized to the model's 8 px"
     assert p.labels.tolist() == [i % 10 for i in range(20)]
@@ -134,7 +135,7 @@ def test_certify_on_a_released_corruption_at_one_severity(capsys, model, tmp_pat
     (p.out / "protocol.json").write_text(json.dumps(p.protocol))
     with pytest.raises(ConfigError, match="severity 3 != 4"):  # the same name, another severity
         certify_job.prepare(certify_job.config_from_args([*base, "severity=4", f"name={p.name}"]))
-    out = ["--out", str(tmp_path / "out"), "--set", "tracking.enabled=false"]
+    out = ["--out", str(tmp_path / "out"), "--set", "tracking.enabled=false", "--set", "same_classes=true"]
     cli = ["certify", "--model", str(model), "--dataset", "cifar10c", "--data-path", str(root), *out]
     _fails(capsys, [*cli, "--severity", "2"], "corruption=''")
     _fails(capsys, [*cli, "--corruption", "contrast", "--severity", "7"], "severity=7")
@@ -164,3 +165,22 @@ def test_bad_sequential_input_is_one_line(capsys, model, tmp_path, args, needle)
 def test_sequential_predict_is_refused(capsys, model, tmp_path):
     _fails(capsys, ["predict", "--model", str(model), "--out", str(tmp_path / "out"), "--set", "tracking.enabled=false",
                     "--set", "smoothing.sampling=sequential"], "sequential sampling is for certify")
+
+
+def test_another_datasets_classes_are_refused_and_a_resize_or_a_0_255_sigma_is_said(capsys, model, tmp_path):
+    """A digits model on CIFAR-10 (same number of classes, other meaning) once printed certified
+    accuracy 1.000 without a word: now it is one line before Ray unless the user says the labels
+    mean the same; when accepted, the resize to the model's size is a warning, and so is a sigma
+    given in 0-255 units."""
+    out = ["--out", str(tmp_path / "out"), "--set", "tracking.enabled=false"]
+    _fails(capsys, ["certify", "--model", str(model), "--dataset", "cifar10", "--data-path", str(tmp_path), *out],
+           "trained on digits, whose classes are not cifar10's")
+    root = _cifar_c(tmp_path / "CIFAR-10-C")
+    p = certify_job.prepare(certify_job.config_from_args([
+        f"model={model}", f"out_dir={tmp_path / 'out'}", "tracking.enabled=false", "dataset=cifar10c", f"data_path={root}",
+        "corruption=contrast", "severity=1", "same_classes=true", "smoothing.sigma=64"]))
+    assert any("cifar10c images are 32 px and are resized to the model's 8 px" in w for w in p.warnings)
+    assert any("sigma is in [0, 1] pixel units" in w and "64/255 = 0.251" in w for w in p.warnings)
+    same = certify_job.prepare(certify_job.config_from_args([f"model={model}", f"out_dir={tmp_path / 'out'}",
+                                                            "tracking.enabled=false", "smoothing.n=100"]))
+    assert not any("resized" in w for w in same.warnings)  # the model's own dataset at its own size

@@ -85,14 +85,15 @@ def test_crafted_cifar_file_runs_no_code_when_certifying(tmp_path, capsys, bad_f
         pickle.dump({"label_names": _Exec(marker)}, f)
     model = make_model(tmp_path / "model.pt")
     cfg = certify_job.config_from_args([f"model={model}", f"out_dir={tmp_path / 'out'}", "tracking.enabled=false",
-                                        "dataset=cifar10", f"data_path={tmp_path / 'data'}"])
+                                        "dataset=cifar10", f"data_path={tmp_path / 'data'}", "same_classes=true"])
     with pytest.raises(ConfigError) as err:
         certify_job.prepare(cfg)
     assert not marker.exists()
     _one_line(err.value, str(folder / bad_file))
     with pytest.raises(SystemExit) as exit_:
         main(["certify", "--model", str(model), "--out", str(tmp_path / "out"), "--dataset", "cifar10",
-              "--data-path", str(tmp_path / "data"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+              "--data-path", str(tmp_path / "data"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+              "--set", "same_classes=true"])
     out = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(out.splitlines()) == 1 and str(folder / bad_file) in out, out
     assert not marker.exists()

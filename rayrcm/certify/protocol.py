@@ -88,6 +88,9 @@ class CertifyConfig:
     # denoised smoothing (DDS): a rayrcm denoiser model file (export kind "denoiser", a ddpm run's model.pt),
     # referenced like ``model``; the job certifies model(denoiser(x + sigma z, sigma)). "" = no denoiser
     denoiser: str = ""
+    # certifying on a dataset other than the model's training set (other than its corrupted copies) is refused
+    # unless its labels mean the same classes: say so with same_classes=true
+    same_classes: bool = False
     # modules or .py files imported by the driver and every counting actor (an export kind, a dataset);
     # not part of the protocol: they make results possible, they do not change them
     plugins: tuple[str, ...] = ()

@@ -151,7 +151,7 @@ def _start(p: Prepared) -> str | None:
         params["max_certifiable_radius"] = f"{reach:.6f}"
     if cfg.plugins:
         params["plugins"] = ",".join(cfg.plugins)  # not in the protocol: they do not change results
-    tags = {"rayrcm.sigma_mismatch": "true"} if p.warnings else {}
+    tags = {"rayrcm.sigma_mismatch": "true"} if any("sigma" in w for w in p.warnings) else {}
     return tracking.start_results_run(p, PROTOCOL_FILE, cfg.mode, params, tags)
 
 

@@ -135,9 +135,31 @@ def _load_model(cfg: CertifyConfig, uri: str | None) -> tuple[Path, dict[str, An
     return local, meta
 
 
+LABEL_SPACE = {"cifar10c": "cifar10", "cifar100c": "cifar100"}  # corrupted copies keep their set's classes
+
+
+def _check_dataset(cfg: CertifyConfig, meta: dict[str, Any], name: str) -> list[str]:
+    """A dataset other than the model's (beyond its corrupted copies) means other classes under the same
+    indices: refused in one line unless ``same_classes``; another dataset's resize to the model's size is a warning."""
+    from rayrcm.data.native import native_size
+
+    trained = str(meta["config"].get("data", {}).get("name", ""))
+    if trained and LABEL_SPACE.get(name, name) != LABEL_SPACE.get(trained, trained) and not cfg.same_classes:
+        raise ConfigError("dataset", name, f"model {cfg.model} was trained on {trained}, whose classes are not {name}'s: "
+                          f"certify on {trained}, or --set same_classes=true if the labels mean the same classes")
+    native, size = native_size(LABEL_SPACE.get(name, name)), int(meta["image_size"])
+    if name != trained and native and native != size:  # the model's own data is read as in training
+        return [f"WARNING: {name} images are {native} px and are resized to the model's {size} px"]
+    return []
+
+
 def _sigma_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
     trained = meta["config"].get("method", {}).get("sigma")
-    if trained is None or abs(float(trained) - cfg.smoothing.sigma) <= 1e-12:
+    sigma = cfg.smoothing.sigma
+    if sigma > 1:  # a [0, 255] value: every noisy image is mostly noise
+        return [f"WARNING: sigma is in [0, 1] pixel units: sigma={sigma:g} is more than the whole pixel range "
+                f"(did you mean {sigma:g}/255 = {sigma / 255:.3f}?)"]
+    if trained is None or abs(float(trained) - sigma) <= 1e-12:
         return []
     return [f"WARNING: this model was trained with noise sigma={trained:g} and is being "
             f"certified at sigma={cfg.smoothing.sigma:g}: expect much lower certified accuracy"]
@@ -204,6 +226,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     local, meta = _load_model(cfg, uri)
     denoiser_file = _load_denoiser(cfg, uri, meta) if cfg.denoiser else None
     data = _data_config(cfg, meta)
+    data_warnings = _check_dataset(cfg, meta, data.name)  # before any data is read
     if data.name in CORRUPTED:  # the released files of one corruption and severity
         from rayrcm.data.shift import read_cifar_c
 
@@ -242,4 +265,5 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if denoiser_file:  # the actors read the resolved local file (a registry reference is downloaded once)
         cfg = replace(cfg, denoiser=str(denoiser_file.resolve()))
     return Prepared(cfg, uri, name, out, cfg.model, local, meta, indices, images, labels, protocol, finished,
-                    experiment, parent, _sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta), denoiser_file)
+                    experiment, parent, data_warnings + _sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta),
+                    denoiser_file)
