@@ -171,8 +171,14 @@ def test_certification_is_tracked_under_the_model_run(setup, mlflow_server):
     assert "acr" in run.data.metrics and run.data.metrics["images"] == 6
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"results.tsv", "protocol.json", "table.md", "table.tex", "certified_accuracy.png", "rows"} <= names
-    certify_job.analyze([str(result.out), str(tmp / "out" / "one-worker" / "results.tsv")])
+    assert {a.path for a in client.list_artifacts(result.run_id, "rows")} and all(
+        a.path.startswith("rows/part-") for a in client.list_artifacts(result.run_id, "rows"))  # not rows/rows/
+    certify_job.analyze([str(result.out), str(tmp / "out" / "one-worker" / "results.tsv")], tracking_uri=mlflow_server)
     assert {a.path for a in client.list_artifacts(result.run_id, "analysis")} >= {"analysis/table.md", "analysis/certified_accuracy.png"}
+    from rayrcm.orchestration.analyze import compare  # by run id, as the README offers, on the real job's run
+
+    tables = compare([result.run_id], tracking_uri=mlflow_server)
+    assert "certified" in tables and len(tables["certified"]) == 1
     again = certify_job.run(cfg)
     assert again.run_id == result.run_id and again.computed == 0
 

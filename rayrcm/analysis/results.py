@@ -62,9 +62,12 @@ def write_cohen_tsv(df: pd.DataFrame, path: str | Path, mode: str = "certify") -
 
 
 def read_rows_dir(folder: str | Path) -> pd.DataFrame:
-    """Every Parquet part under ``folder`` (a certification folder or its ``rows/``)."""
+    """Every Parquet part under ``folder`` (a certification folder or its ``rows/``; also ``rows/rows/``,
+    where runs logged before 2026-12 keep them in MLflow)."""
     folder = Path(folder)
     parts = sorted((folder / ROWS_DIR if (folder / ROWS_DIR).is_dir() else folder).glob("part-*.parquet"))
+    if not parts and (folder / ROWS_DIR / ROWS_DIR).is_dir():
+        parts = sorted((folder / ROWS_DIR / ROWS_DIR).glob("part-*.parquet"))
     if not parts:
         return pd.DataFrame(columns=COHEN_CERTIFY)
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)

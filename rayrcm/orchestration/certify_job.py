@@ -229,7 +229,7 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, collector: Collector, 
         logger.log(len(rows), {**metrics, **(progress if computed else {})})
         for f in [p.out / TSV_NAME, p.out / PROTOCOL_FILE, *files]:
             logger.log_artifact(f)
-        logger.log_artifact(p.out / ROWS_DIR, ROWS_DIR)
+        logger.log_folder(p.out / ROWS_DIR, ROWS_DIR)
         tracking.end_run(p.uri, run_id, ok=True)
     print(f"[rayrcm] {p.cfg.mode} done: {len(rows)} images in {p.out}"
           + (f", {computed} computed in {wall:.1f} s" if computed else ", nothing left to compute"), flush=True)

@@ -277,7 +277,7 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, progress: _Progress, s
         logger.log(int(table["images"].sum()) if len(table) else 0, {**metrics, **(extra if computed else {})})
         for f in [p.out / PROTOCOL_FILE, *files]:
             logger.log_artifact(f)
-        logger.log_artifact(p.out / ROWS_DIR, ROWS_DIR)
+        logger.log_folder(p.out / ROWS_DIR, ROWS_DIR)
         tracking.end_run(p.uri, run_id, ok=True)
     print(f"[rayrcm] evaluate done: {len(table)} cells in {p.out}"
           + (f", {computed} shards computed in {wall:.1f} s" if computed else ", nothing left to compute"), flush=True)

@@ -158,6 +158,10 @@ class MetricLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_folder(self, folder: str | Path, artifact_path: str) -> None:
+        """The files of ``folder`` under ``artifact_path`` (``log_artifact`` of a folder would nest it once more)."""
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
 
 def log_model(uri: str, run_id: str, model_file: str | Path, *, register_as: str = "", alias: str = "",
               version_tags: dict[str, str] | None = None) -> dict[str, Any]:
