@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     except RunFailed as err:  # the run failed, not its input: exit 1, one line
         print(f"rayrcm: error: {err}", file=sys.stderr)
         code = 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one line; finished work is on disk (jobs resume, never redo it)
+        print("\nrayrcm: interrupted; rerun the same command to resume", file=sys.stderr)
         code = 130
     sys.exit(code)
 

@@ -184,3 +184,16 @@ def test_another_datasets_classes_are_refused_and_a_resize_or_a_0_255_sigma_is_s
     same = certify_job.prepare(certify_job.config_from_args([f"model={model}", f"out_dir={tmp_path / 'out'}",
                                                             "tracking.enabled=false", "smoothing.n=100"]))
     assert not any("resized" in w for w in same.warnings)  # the model's own dataset at its own size
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    from rayrcm import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["certify", "--model", "m.pt"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 130 and err == "rayrcm: interrupted; rerun the same command to resume"
