@@ -86,6 +86,10 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False  # sgd: Nesterov momentum (torch's and most seeds' default is plain momentum)
     layer_decay: float = 1.0  # 1.0 = off
+    # how layer decay counts a ViT's layers: "mae" (MAE/BEiT, the RCM and FT-CADIS authors' param_groups_lrd:
+    # block i of depth D at decay^(D - i), the last block at decay, head and final norm at 1) or "timm"
+    # (timm's param_groups_layer_decay: the last block at 1 with the head)
+    layer_decay_style: str = "mae"
     warmup_steps: int = 0
     min_lr: float = 0.0
     grad_clip: float = 0.0  # 0 = off
@@ -192,6 +196,7 @@ def check_optim(o: OptimConfig) -> None:
     check(o.weight_decay_end == -1 or o.weight_decay_end >= 0, "optim.weight_decay_end", o.weight_decay_end,
           "must be >= 0 (a cosine from optim.weight_decay to it), or -1 for a constant weight decay")
     check(0 < o.layer_decay <= 1, "optim.layer_decay", o.layer_decay, "must be in (0, 1] (1 = off)")
+    check(o.layer_decay_style in ("mae", "timm"), "optim.layer_decay_style", o.layer_decay_style, "choose one of: mae, timm")
     check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
     check(not (o.weight_decay_all and o.layer_decay < 1), "optim.weight_decay_all", o.weight_decay_all,

@@ -44,19 +44,59 @@ def test_mixed_precision_step(precision):
     assert any(not torch.equal(a, b) for a, b in zip(before, obj.parameters()))
 
 
-def test_layer_decay_scales_lr_by_depth_and_keeps_head_at_full_lr():
+def _mae_param_groups_lrd(model, weight_decay, no_weight_decay_list, layer_decay):
+    """A transcription of MAE's ``util/lr_decay.py`` ``param_groups_lrd`` (as FT-CADIS ``utils/lr_decay.py``
+    and rRCM's param-group function use it): ``{name: (lr_scale, weight_decay)}``."""
+    num_layers = len(model.blocks) + 1
+    layer_scales = list(layer_decay ** (num_layers - i) for i in range(num_layers + 1))
+
+    def get_layer_id_for_vit(name, num_layers):
+        if name in ["cls_token", "pos_embed"]:
+            return 0
+        elif name.startswith("patch_embed"):
+            return 0
+        elif name.startswith("blocks"):
+            return int(name.split(".")[1]) + 1
+        else:
+            return num_layers
+
+    out = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        this_decay = 0.0 if (p.ndim == 1 or n in no_weight_decay_list) else weight_decay
+        out[n] = (layer_scales[get_layer_id_for_vit(n, num_layers)], this_decay)
+    return out
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.65])
+def test_layer_decay_is_the_authors_param_groups_lrd(decay):
     cfg = apply_overrides(ExperimentConfig(), ["method.name=gaussian", "data.image_size=8", "model.patch_size=4",
-                                               "optim.layer_decay=0.5"])
+                                               f"optim.layer_decay={decay}", "optim.weight_decay=0.05"])
+    obj = build_objective(cfg, 10)
+    opt = build_optimizer(obj, obj.export(), cfg.optim)
+    got = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    vit = obj.classifier.encoder.model
+    want = _mae_param_groups_lrd(vit, 0.05, vit.no_weight_decay(), decay)
+    for name, p in vit.named_parameters():
+        assert got[id(p)] == pytest.approx(want[name]), name
+    depth = len(vit.blocks)
+    assert got[id(vit.blocks[-1].mlp.fc1.weight)][0] == pytest.approx(decay)  # the last block at d, not 1
+    assert got[id(vit.blocks[0].mlp.fc1.weight)][0] == pytest.approx(decay ** depth)
+    assert got[id(obj.classifier.head.weight)][0] == pytest.approx(1.0)
+    assert len(got) == sum(1 for p in obj.parameters() if p.requires_grad)
+
+
+def test_timm_layer_decay_style_keeps_the_last_block_at_full_lr():
+    cfg = apply_overrides(ExperimentConfig(), ["method.name=gaussian", "data.image_size=8", "model.patch_size=4",
+                                               "optim.layer_decay=0.5", "optim.layer_decay_style=timm"])
     obj = build_objective(cfg, 10)
     opt = build_optimizer(obj, obj.export(), cfg.optim)
     scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     vit = obj.classifier.encoder.model
     blocks = [scale_of[id(b.mlp.fc1.weight)] for b in vit.blocks]
     assert all(b / a == pytest.approx(2.0) for a, b in zip(blocks, blocks[1:]))  # one decay factor per layer
-    assert scale_of[id(vit.patch_embed.proj.weight)] == pytest.approx(blocks[0] / 2)
-    assert blocks[0] < blocks[-1] <= 1.0  # timm: the last block shares the top group
-    assert scale_of[id(obj.classifier.head.weight)] == pytest.approx(1.0)
-    assert len({id(p) for g in opt.param_groups for p in g["params"]}) == sum(1 for p in obj.parameters() if p.requires_grad)
+    assert blocks[-1] == pytest.approx(1.0)  # timm: the last block shares the top group
 
 
 def test_schedule_is_a_function_of_the_step():

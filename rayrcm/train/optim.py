@@ -5,8 +5,13 @@ LARS is timm's with the trust ratio on every parameter (``always_adapt``), as th
 theirs at a constant lr; timm applies the lr outside the momentum buffer, they inside, which
 differs only while the lr changes (docs/fidelity.md).
 
-Layer decay multiplies the lr of encoder layer ``l`` of ``L`` by ``decay^(L - l)`` (BEiT/MAE style,
-timm's ``param_groups_layer_decay``); heads and projectors keep the full lr. The schedule is timm's
+Layer decay multiplies the lr of encoder layer ``l`` of ``L`` by ``decay^(L - l)``; heads and
+projectors keep the full lr. On a ViT the default counts layers as MAE/BEiT's ``param_groups_lrd``
+(``optim.layer_decay_style=mae``, what the RCM and FT-CADIS authors use): the patch embedding,
+class token and position embedding are layer 0, block ``i`` is layer ``i + 1``, everything after
+the blocks is layer ``L = depth + 1``, so the last block trains at ``decay`` and only the final norm
+and head at 1. timm's ``param_groups_layer_decay`` (``layer_decay_style=timm``) gives the last
+block 1 as well, i.e. every encoder layer ``1 / decay`` times the authors' rate. The schedule is timm's
 cosine with linear warmup indexed by optimizer step, so resuming is "set the step".
 """
 
@@ -28,6 +33,32 @@ def _encoder_of(model: nn.Module) -> nn.Module | None:
     return getattr(enc, "model", None) if enc is not None else getattr(model, "model", None)
 
 
+def mae_layer_id(name: str, num_layers: int) -> int:
+    """MAE's ``get_layer_id_for_vit``: embeddings 0, ``blocks.i`` i + 1, the rest ``num_layers``."""
+    if name in ("cls_token", "pos_embed", "reg_token", "dist_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def mae_layer_decay_groups(vit: nn.Module, weight_decay: float, no_weight_decay: set[str] | Any,
+                           decay: float) -> list[dict]:
+    """MAE/BEiT's ``param_groups_lrd`` on a ViT: ``num_layers = depth + 1``, layer ``l`` at
+    ``decay^(num_layers - l)``; 1-d parameters and ``no_weight_decay`` names without weight decay."""
+    num_layers = len(vit.blocks) + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in vit.named_parameters():
+        if not p.requires_grad:
+            continue
+        decays = not (p.ndim == 1 or name in no_weight_decay)
+        layer = mae_layer_id(name, num_layers)
+        g = groups.setdefault((layer, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                "lr_scale": decay ** (num_layers - layer)})
+        g["params"].append(p)
+    return list(groups.values())
+
+
 def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Parameter groups of ``module`` (the objective): no weight decay on biases and norms, or
     (``weight_decay_all``) one group in which every parameter decays, as the RCM authors'
@@ -43,7 +74,10 @@ def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> li
     inner = _encoder_of(exported) if exported is not None else None
     if cfg.layer_decay < 1.0 and inner is not None and hasattr(inner, "group_matcher"):
         nwd = inner.no_weight_decay() if hasattr(inner, "no_weight_decay") else set()
-        groups = param_groups_layer_decay(inner, cfg.weight_decay, no_weight_decay_list=nwd, layer_decay=cfg.layer_decay)
+        if cfg.layer_decay_style == "mae" and hasattr(inner, "blocks"):
+            groups = mae_layer_decay_groups(inner, cfg.weight_decay, nwd, cfg.layer_decay)
+        else:
+            groups = param_groups_layer_decay(inner, cfg.weight_decay, no_weight_decay_list=nwd, layer_decay=cfg.layer_decay)
         inner_ids = {id(p) for p in inner.parameters()}
         rest = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in inner_ids]
         decay = [p for n, p in rest if p.ndim > 1]
