@@ -118,7 +118,8 @@ def finetune_tree(cmd: dict[str, Any], *, sigma: float, init_from: str, data: di
                    "steps": cmd["num_steps"], "warm_start": cmd["warm_start"], **denoiser},
         "optim": {"name": "adamw", "lr": seed_lr(cmd), "weight_decay": cmd["weight_decay"],
                   "weight_decay_end": cmd["weight_decay_end"], "layer_decay": cmd["layer_decay"],
-                  "grad_clip": cmd["clip_grad"], "warmup_epochs": cmd["warmup_epochs"], "min_lr": cmd["min_lr"]},
+                  "grad_clip": cmd["clip_grad"], "clip_mode": "per_param",  # utils.clip_gradients: each parameter alone
+                  "warmup_epochs": cmd["warmup_epochs"], "min_lr": cmd["min_lr"]},
         "train": {"name": f"{register_as}-{alias}", "epochs": cmd["epochs"], "workers": cmd["ngpus"], "use_gpu": True,
                   "accum_iter": cmd["accum_iter"], "precision": "fp16" if cmd["use_fp16"] else "fp32",
                   "checkpoint_epochs": 5, "eval_sigmas": [sigma], "evals": ["noisy"], "test_evals": ["noisy"]},

@@ -51,7 +51,7 @@ DATA = {"name": "digits", "image_size": 16, "val_fraction": 0.1, "batch_size": 1
 ENCODER = "vit_digits"
 SEED = {"m": 4, "lbd": 4.0, "eps": 64 / 256, "steps": 4, "warm_start": True}  # train_cifar10.sh
 SEED_OPTIM = {"name": "adamw", "lr": 1e-4 * 128 / 256, "weight_decay": 0.04, "weight_decay_end": 0.4,
-              "layer_decay": 0.65, "grad_clip": 0.3,
+              "layer_decay": 0.65, "grad_clip": 0.3, "clip_mode": "per_param",
               "warmup_epochs": 3, "min_lr": 1e-6}
 
 

@@ -93,6 +93,9 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
     grad_clip: float = 0.0  # 0 = off
+    # global: the norm of all gradients together (torch's clip_grad_norm_); per_param: each parameter's gradient
+    # to norm <= grad_clip on its own (FT-CADIS's utils.clip_gradients, from DINO)
+    clip_mode: str = "global"
     schedule_steps: int = 0  # length of warmup + cosine; 0 = train.steps (more: the cosine is cut short)
     warmup_epochs: float = 0.0  # > 0: sets warmup_steps from the training set size (see resolve_epochs)
     schedule_epochs: float = 0.0  # > 0: sets schedule_steps likewise
@@ -202,6 +205,7 @@ def check_optim(o: OptimConfig) -> None:
     check(not (o.weight_decay_all and o.layer_decay < 1), "optim.weight_decay_all", o.weight_decay_all,
           "cannot be combined with optim.layer_decay < 1 (layer decay keeps biases and norms undecayed)")
     check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    check(o.clip_mode in ("global", "per_param"), "optim.clip_mode", o.clip_mode, "choose one of: global, per_param")
     check(o.schedule in ("cosine", "step"), "optim.schedule", o.schedule, "choose one of: cosine, step")
     check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
     for key in ("milestones", "milestone_epochs"):

@@ -110,3 +110,43 @@ def test_schedule_is_a_function_of_the_step():
         assert opt.param_groups[0]["lr"] == pytest.approx(lrs[s])
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.5, abs=1e-6) and lrs[110] == pytest.approx(0.0, abs=1e-6)
+
+
+def _dino_clip_gradients(model, clip):
+    """A transcription of FT-CADIS's ``utils/utils.py`` ``clip_gradients`` (from DINO)."""
+    norms = []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
+
+
+def test_per_parameter_clipping_is_the_authors_and_differs_from_the_global_norm():
+    from rayrcm.train.loop import clip_gradients
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)) for _ in range(3)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    x = torch.randn(32, 8) * 5
+    for net in nets:
+        net(x).pow(2).sum().backward()
+    _dino_clip_gradients(nets[0], 0.3)
+    clip_gradients([p for p in nets[1].parameters()], 0.3, "per_param")
+    clip_gradients([p for p in nets[2].parameters()], 0.3, "global")
+    ours, theirs, glob = ([p.grad.flatten() for p in n.parameters()] for n in nets)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(ours, theirs))
+    assert all(g.norm() <= 0.3 + 1e-5 for g in ours)  # each parameter within the bound
+    cos = torch.nn.functional.cosine_similarity(torch.cat(ours), torch.cat(glob), dim=0)
+    assert cos < 0.999  # another direction than the global clip
+
+
+def test_the_cadis_recipes_clip_per_parameter():
+    from helpers import load_experiment
+
+    digits = load_experiment("cadis_digits")
+    assert digits.SEED_OPTIM["clip_mode"] == "per_param"

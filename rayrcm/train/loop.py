@@ -77,6 +77,21 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def clip_gradients(params: list[torch.Tensor], clip: float, mode: str = "global") -> None:
+    """``global``: :func:`torch.nn.utils.clip_grad_norm_` over all gradients. ``per_param``: every
+    parameter's gradient scaled by ``min(1, clip / (||g|| + 1e-6))`` on its own, as FT-CADIS's
+    ``utils.clip_gradients`` (DINO's), without a host sync per parameter."""
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads, 2.0)
+    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+
+
 @dataclass
 class Loop:
     """One optimizer step at a time for a (possibly DDP-wrapped) objective."""
@@ -91,6 +106,7 @@ class Loop:
     scaler: torch.amp.GradScaler | None = None
     clip_from: int = 0  # first step that clips (the RCM authors clip only after the warm-up)
     accum: int = 1  # micro-batches per update (train.accum_iter)
+    clip_mode: str = "global"  # optim.clip_mode: global norm, or each parameter's gradient on its own
     _params: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -122,7 +138,7 @@ class Loop:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip > 0 and step >= self.clip_from:
-            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+            clip_gradients(self._params, self.grad_clip, self.clip_mode)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -158,7 +158,7 @@ def run_training(s: Session, model: nn.Module, *, on_log: Log, on_checkpoint: Lo
                            epoch_samples=samples)
     clip_from = cfg.optim.warmup_steps if cfg.optim.clip_after_warmup else 0
     loop = Loop(model, s.objective, s.optimizer, s.scheduler, s.device, t.precision, cfg.optim.grad_clip, s.scaler, clip_from,
-                accum=t.accum_iter)
+                accum=t.accum_iter, clip_mode=cfg.optim.clip_mode)
     return run_steps(loop, batches, start=s.start, total=t.steps, seed=t.seed, rank=s.rank,
                      batch_size=cfg.data.batch_size * t.accum_iter,
                      log_every=t.log_every, checkpoint_every=t.checkpoint_every, on_log=on_log, on_checkpoint=on_checkpoint,
