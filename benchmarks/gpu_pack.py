@@ -62,7 +62,7 @@ def sections(smoke: bool, device: str) -> list[tuple[str, list[str], int]]:
     return [
         ("engine_vit", [f"{b}/certify_engine.py", *gpu, "--model", "vit_base_patch16_224", "--image-size", "224",
                         "--n", "100000", "--ref-n", "10000", "--images", "2", "--batch", "1000", "--precision", "bf16",
-                        "--plain-bf16", "--skip-ray"], 150),
+                        "--plain-bf16", "--skip-ray"], 120),
         ("engine_resnet", [f"{b}/certify_engine.py", *gpu, "--model", "cifar_resnet110", "--image-size", "32",
                            "--n", "100000", "--images", "3", "--batch", "10000", "--precision", "bf16", "--channels-last",
                            "--plain-bf16", "--skip-ray"], 90),
@@ -74,7 +74,7 @@ def sections(smoke: bool, device: str) -> list[tuple[str, list[str], int]]:
                       "--unet-channels", "128", "--mults", "1,2,2,2", "--n", "10000", "--images", "2", "--batch", "2000",
                       "--precision", "bf16", "--skip-ray"], 45),
         ("sampling", [f"{b}/certify_sampling.py", "--cifar", "--gpu", "--train-steps", "600", "--sigma", "0.5", "--n",
-                      "100000", "--skip", "60", "--workers", "1", "--precision", "bf16"], 60),
+                      "100000", "--skip", "6", "--workers", "1", "--precision", "bf16"], 90),
     ]
 
 
