@@ -140,7 +140,8 @@ class ImageSequence:
         undecided = self.decisions == UNDECIDED
         for i in range(len(ks)):
             used = i + 1
-            # certified wins over a later refutation (an empty running intersection has probability <= alpha)
+            # a decision, once taken, stands: the running intersection of the intervals (if it ever empties,
+            # the sequence has missed p_y, which happens with probability <= alpha)
             self.decisions[undecided & cert[i]] = CERTIFIED
             self.decisions[undecided & refu[i] & ~cert[i]] = REFUTED
             undecided = self.decisions == UNDECIDED
