@@ -3,7 +3,7 @@
 #
 # Before (on a machine with a network): build the offline Ray bundle into .whl/ at the repository
 # root (git-ignored), and carry .whl/ with the working tree to the GPU machine:
-#   ../shared/tools/offline-ray-bundle.sh .whl       # Ray 2.60 for CPython 3.12, x86-64, ~45 MB
+#   benchmarks/offline_ray_bundle.sh .whl       # Ray 2.60 for CPython 3.12, x86-64, ~45 MB
 # On the GPU machine, from the repository root:
 #   bash benchmarks/gpu_pack.sh [--only engine_vit,engine_resnet] [--out gpu_pack.json]
 # It installs the bundle into /tmp/site when `import ray` fails, then runs benchmarks/gpu_pack.py
