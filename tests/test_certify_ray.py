@@ -175,9 +175,9 @@ def test_certification_is_tracked_under_the_model_run(setup, mlflow_server):
         a.path.startswith("rows/part-") for a in client.list_artifacts(result.run_id, "rows"))  # not rows/rows/
     certify_job.analyze([str(result.out), str(tmp / "out" / "one-worker" / "results.tsv")], tracking_uri=mlflow_server)
     assert {a.path for a in client.list_artifacts(result.run_id, "analysis")} >= {"analysis/table.md", "analysis/certified_accuracy.png"}
-    from rayrcm.orchestration.analyze import compare  # by run id, as the README offers, on the real job's run
+    from rayrcm.orchestration.analyze import compare
 
-    tables = compare([result.run_id], tracking_uri=mlflow_server)
+    tables = compare([result.run_id], tracking_uri=mlflow_server)  # by run id, as the README offers, on the real job's run
     assert "certified" in tables and len(tables["certified"]) == 1
     again = certify_job.run(cfg)
     assert again.run_id == result.run_id and again.computed == 0
