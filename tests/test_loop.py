@@ -115,7 +115,7 @@ def test_schedule_is_a_function_of_the_step():
 def _dino_clip_gradients(model, clip):
     """A transcription of FT-CADIS's ``utils/utils.py`` ``clip_gradients`` (from DINO)."""
     norms = []
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.grad is not None:
             param_norm = p.grad.data.norm(2)
             norms.append(param_norm.item())
