@@ -60,15 +60,24 @@ def certified_accuracy(df: pd.DataFrame, radii: Sequence[float]) -> np.ndarray:
     return np.array([float(np.mean(correct & (radius >= r))) if len(df) else 0.0 for r in radii])
 
 
-def total_samples(df: pd.DataFrame) -> float:
-    """Draws spent on ``df``'s images (``samples``; from the count columns in rows written before
-    it); NaN when the rows do not say (a Cohen-format TSV)."""
+def _samples_each(df: pd.DataFrame) -> np.ndarray | None:
+    """Draws spent on each image (``samples``; from the count columns in rows written before it);
+    None when the rows do not say (a Cohen-format TSV)."""
     if "samples" in df and not df["samples"].isna().any():
-        return float(df["samples"].sum())
+        return df["samples"].to_numpy(dtype=float)
     cols = [c for c in ("counts_selection", "counts_estimation", "counts") if c in df]
     if not cols and len(df):
-        return float("nan")
-    return float(sum(int(np.sum(v)) for c in cols for v in df[c] if isinstance(v, (list, np.ndarray))))
+        return None
+    per = np.zeros(len(df))
+    for c in cols:
+        per += np.array([float(np.sum(v)) if isinstance(v, (list, np.ndarray)) else 0.0 for v in df[c]])
+    return per
+
+
+def total_samples(df: pd.DataFrame) -> float:
+    """Draws spent on ``df``'s images; NaN when the rows do not say (a Cohen-format TSV)."""
+    per = _samples_each(df)
+    return float("nan") if per is None else float(per.sum())
 
 
 def is_sequential(df: pd.DataFrame) -> bool:
@@ -78,16 +87,9 @@ def is_sequential(df: pd.DataFrame) -> bool:
 
 def samples_per_image(df: pd.DataFrame) -> tuple[float, float]:
     """``(mean, max)`` draws per image; NaN when the rows do not say."""
-    total = total_samples(df)
-    if not len(df) or not np.isfinite(total):
+    per = _samples_each(df)
+    if per is None or not len(per):
         return float("nan"), float("nan")
-    if "samples" in df and not df["samples"].isna().any():
-        per = df["samples"].to_numpy(dtype=float)
-    else:
-        per = np.zeros(len(df))
-        for c in ("counts_selection", "counts_estimation", "counts"):
-            if c in df:
-                per += np.array([float(np.sum(v)) if isinstance(v, (list, np.ndarray)) else 0.0 for v in df[c]])
     return float(per.mean()), float(per.max())
 
 

@@ -11,7 +11,7 @@ import torch
 
 from rayrcm.certify.collect import CountSettings
 from rayrcm.certify.iss import ISS_ROW, iss_counts
-from rayrcm.certify.sequential import SEQ_ROW, Drawn, run_sequences
+from rayrcm.certify.sequential import SEQ_ROW, run_sequences
 from rayrcm.certify.smoothing import Row, Smoother, choose_batch
 from rayrcm.plugins import load_plugins
 
@@ -73,10 +73,9 @@ class CountActor:
         tic = time.perf_counter()
         pos = np.asarray(batch["pos"]).astype(np.int64)
         images = self.images[torch.as_tensor(pos)].float().div_(255)
-        drawn = Drawn()
         res = run_sequences(self.sm, images, [int(y) for y in batch["label"]],
                             [int(i) for i in batch["index"]], radii=s.radii, alpha=s.alpha, n_max=s.n_max, seed=self.seed,
-                            chunk=s.chunk, drawn=drawn)
+                            chunk=s.chunk)
         used = np.asarray([r.samples for r in res], np.int64)
         # device time shared in proportion to the draws each image used
         seconds = (time.perf_counter() - tic) * used / max(int(used.sum()), 1)

@@ -47,7 +47,13 @@ from rayrcm.certify.protocol import CertifyConfig, sequential_radii
 from rayrcm.certify.stats import max_certifiable_radius
 from rayrcm.orchestration import live, tracking
 from rayrcm.orchestration.analyze import analyze
-from rayrcm.orchestration.certify_prepare import PROTOCOL_FILE, RUN_FILE, Prepared, prepare
+from rayrcm.orchestration.certify_prepare import (
+    PROTOCOL_FILE,
+    RUN_FILE,
+    Prepared,
+    prepare,
+    sigma_warnings,
+)
 from rayrcm.overrides import parse_dotted, to_flat_dict, update_dataclass
 
 __all__ = [  # what callers import from here (the CLI, quickstart, experiments, benchmarks, tests)
@@ -151,7 +157,7 @@ def _start(p: Prepared) -> str | None:
         params["max_certifiable_radius"] = f"{reach:.6f}"
     if cfg.plugins:
         params["plugins"] = ",".join(cfg.plugins)  # not in the protocol: they do not change results
-    tags = {"rayrcm.sigma_mismatch": "true"} if any("sigma" in w for w in p.warnings) else {}
+    tags = {"rayrcm.sigma_mismatch": "true"} if sigma_warnings(cfg, p.meta) else {}
     return tracking.start_results_run(p, PROTOCOL_FILE, cfg.mode, params, tags)
 
 

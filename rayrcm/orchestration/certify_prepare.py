@@ -153,7 +153,8 @@ def _check_dataset(cfg: CertifyConfig, meta: dict[str, Any], name: str) -> list[
     return []
 
 
-def _sigma_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
+def sigma_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
+    """A sigma other than the model's training sigma, or one that looks like a 0-255 value."""
     trained = meta["config"].get("method", {}).get("sigma")
     sigma = cfg.smoothing.sigma
     if sigma > 1:  # a [0, 255] value: every noisy image is mostly noise
@@ -265,5 +266,5 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if denoiser_file:  # the actors read the resolved local file (a registry reference is downloaded once)
         cfg = replace(cfg, denoiser=str(denoiser_file.resolve()))
     return Prepared(cfg, uri, name, out, cfg.model, local, meta, indices, images, labels, protocol, finished,
-                    experiment, parent, data_warnings + _sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta),
+                    experiment, parent, data_warnings + sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta),
                     denoiser_file)
