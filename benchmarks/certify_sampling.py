@@ -7,7 +7,9 @@ are the first ones of the fixed protocol's estimation stream).
   ``--iss-n0`` selection draws plans each image's estimation draws (at most ``n``) within a
   certified-radius decline of ``--max-decline``;
 * ``sequential``: ``rayrcm certify --sampling sequential --radii R``: each image drawn until every
-  radius of ``--radii`` is decided by the anytime-valid confidence sequence (cap ``n``).
+  radius of ``--radii`` is decided by the anytime-valid confidence sequence (cap ``n``);
+* ``tolerant``: the same with ``--tolerance T`` (a radius ``r`` is settled as not certified once
+  the interval shows the radius below ``r + T``: images at a threshold stop before the cap).
 
 All run as ``rayrcm certify`` jobs (Ray Data, ``--workers`` actors). Reported per protocol:
 total draws, wall time, ACR (not for sequential) and certified accuracy at the radii; then the
@@ -89,8 +91,10 @@ def certify(model: Path, out: Path, name: str, args: argparse.Namespace, samplin
                  f"compute.use_gpu={args.gpu}", f"compute.precision={args.precision}"]
     if sampling == "iss":
         overrides += ["smoothing.sampling=iss", f"smoothing.n0={args.iss_n0}", f"smoothing.max_decline={args.max_decline}"]
-    elif sampling == "sequential":
+    elif sampling in ("sequential", "tolerant"):
         overrides += ["smoothing.sampling=sequential", "smoothing.radii=" + ",".join(f"{r:g}" for r in args.radii)]
+        if sampling == "tolerant":
+            overrides += [f"smoothing.tolerance={args.tolerance}"]
     else:
         overrides += [f"smoothing.n0={args.n0}"]
     tic = time.perf_counter()
@@ -119,7 +123,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--radii", type=lambda v: [float(r) for r in v.split(",")], default=[0.0, 0.25, 0.5, 0.75],
                     help="the radii of the table, and those sequential decides (default 0,0.25,0.5,0.75)")
-    ap.add_argument("--modes", default="fixed,iss,sequential", help="protocols to run, comma separated")
+    ap.add_argument("--modes", default="fixed,iss,sequential,tolerant",
+                    help="protocols to run, comma separated (tolerant: sequential with --tolerance)")
+    ap.add_argument("--tolerance", type=float, default=0.05, help="tolerant: the radius tolerance of a refutation")
     ap.add_argument("--skip", type=int, default=6, help="every skip-th test image (default 6: 60 of 360)")
     ap.add_argument("--max", type=int, default=-1)
     ap.add_argument("--workers", type=int, default=2)
@@ -141,7 +147,8 @@ def main() -> None:
     fixed = runs["fixed"]
     summary = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "torch": torch.__version__,
                "model": "cifar_resnet20 (trained here)" if args.cifar else str(model), "sigma": args.sigma, "n": args.n,
-               "alpha": args.alpha, "max_decline": args.max_decline, "iss_n0": args.iss_n0, "radii": args.radii}
+               "alpha": args.alpha, "max_decline": args.max_decline, "iss_n0": args.iss_n0, "radii": args.radii,
+               "tolerance": args.tolerance}
     for m, r in runs.items():
         if m == "fixed":
             continue

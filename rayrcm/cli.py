@@ -29,7 +29,7 @@ CERTIFY_FLAGS = {
     "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
     "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
     "chunk": "smoothing.chunk", "sampling": "smoothing.sampling", "max_decline": "smoothing.max_decline",
-    "decline": "smoothing.decline", "radii": "smoothing.radii", "max_n": "smoothing.n", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
+    "decline": "smoothing.decline", "radii": "smoothing.radii", "tolerance": "smoothing.tolerance", "max_n": "smoothing.n", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
     "precision": "compute.precision", "channels_last": "compute.channels_last",
     "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "plugin": "plugins",
 }
@@ -105,6 +105,8 @@ def _certify_parser(sub, name: str, help_: str) -> None:
         c.add_argument("--radii", help="sequential: the radii decided per image, increasing, comma separated "
                                        "(default 0, 0.25, ... below what the cap can certify)")
         c.add_argument("--max-n", help="sequential: the cap on draws per image (= --n; default 100000)")
+        c.add_argument("--tolerance", help="sequential: settle r as not certified once the radius is shown below "
+                                           "r + tolerance (default 0); images at a threshold stop before the cap")
         c.add_argument("--max-decline", help="iss: certified-radius decline allowed against the full n (default 0.05)")
         c.add_argument("--decline", help="iss: absolute (default, radius units) or relative (a fraction of the radius)")
     c.add_argument("--batch", help="samples per forward pass (default 0: fill the device)")

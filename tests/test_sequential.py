@@ -177,19 +177,21 @@ class ClopperPearsonEveryLook(ImageSequence):
         with np.errstate(all="ignore"):
             lo = np.where(a > 0, betaincinv(np.maximum(a, 1e-9), t - a + 1, self.alpha), 0.0)
             hi = np.where(a < t, betaincinv(a + 1, np.maximum(t - a, 1e-9), 1 - self.alpha), 1.0)
-        return lo > self.q, hi < self.q
+        return lo > self.q, hi < (self.q if self.q_refute is None else self.q_refute)
 
 
-def _cases(rng: np.random.Generator, count: int):
+def _cases(rng: np.random.Generator, count: int, q: np.ndarray | None = None, side: float = -1.0):
     """``count`` images on each classifier, label and ``p_y`` exact: 70 % with ``p_y`` just below a
-    threshold (within 2 % of the distance to 1: where a look-happy test errs), 30 % spread over (0.5, 0.999)."""
-    q = thresholds(RADII, SIGMA)
+    threshold ``q`` (``side = +1``: just above; within 2 % of the distance to 1: where a look-happy test
+    errs), 30 % spread over (0.5, 0.999)."""
+    q = thresholds(RADII, SIGMA) if q is None else q
     gen = torch.Generator().manual_seed(0)
     for model in (Wedge(), Ball()):
         xs, labels, truth = [], [], []
         for _ in range(count):
             j = rng.integers(len(q))
-            p = q[j] - rng.uniform(0, 0.02) * (1 - q[j]) if rng.random() < 0.7 else rng.uniform(0.5, 0.999)
+            near = min(q[j] + side * rng.uniform(0, 0.02) * (1 - q[j]), 0.9999)
+            p = near if rng.random() < 0.7 else rng.uniform(0.5, 0.999)
             label = int(rng.random() < 0.5)  # test class 1 at p or class 0 at p (class 1 at 1 - p)
             x = model.point(p if label else 1 - p, gen, SIGMA)
             p1 = model.p_one(x, SIGMA)  # the truth of the float32 input actually certified
@@ -238,3 +240,43 @@ def test_an_image_below_one_half_is_refuted_everywhere():
     res = certify_sequential(Smoother(model, 2, sigma=0.5, device="cpu"), x, 1, radii=[0.0, 0.5], alpha=0.001,
                              n_max=10_000)
     assert res.decisions == (REFUTED, REFUTED) and res.radius == 0.0 and res.p_upper < 0.5 and res.samples < 1000
+
+
+TOLERANCE = 0.1
+
+
+def test_a_radius_tolerance_stops_an_image_at_a_threshold_long_before_the_cap():
+    model, radii = Wedge(), [0.0, 0.5]
+    x = model.point(float(thresholds([0.52], 0.5)[0]), torch.Generator().manual_seed(3), 0.5)  # radius 0.52: just above 0.5
+    sm = Smoother(model, 2, sigma=0.5, batch=2000, device="cpu")
+    plain = certify_sequential(sm, x, 1, radii=radii, alpha=0.001, n_max=50_000)
+    tolerant = certify_sequential(sm, x, 1, radii=radii, alpha=0.001, n_max=50_000, tolerance=TOLERANCE)
+    assert plain.samples == 50_000 and plain.decisions == (CERTIFIED, UNDECIDED)  # no interval of the cap separates it
+    assert tolerant.decisions == (CERTIFIED, REFUTED) and tolerant.samples < 10_000  # its radius is shown < 0.6
+    assert tolerant.p_upper < thresholds([0.5 + TOLERANCE], 0.5)[0]
+
+
+def test_refutations_within_the_tolerance_are_sound_and_clopper_pearson_at_every_look_is_not():
+    """A refutation at ``r`` with tolerance states ``p_y < Phi((r + tolerance) / sigma)``: 1,200 images with
+    ``p_y`` mostly just above those thresholds (where a refutation errs); per image the event that any
+    radius is wrongly refuted or wrongly certified must be plausible under Binomial(1200, alpha), and the
+    same draws through a Clopper-Pearson interval at every look must fail it."""
+    q, q_refute = thresholds(RADII, SIGMA), thresholds(np.add(RADII, TOLERANCE), SIGMA)
+    rng = np.random.default_rng(1)
+    wrong = peeked = images = 0
+    for model, xs, labels, p_y in _cases(rng, 600, q_refute, side=+1.0):
+        sm = Smoother(model, 2, sigma=SIGMA, batch=20_000, device="cpu")
+        for kind in (ImageSequence, ClopperPearsonEveryLook):
+            res = run_sequences(sm, xs, labels, list(range(len(xs))), radii=RADII, alpha=ALPHA, n_max=N_MAX, seed=2,
+                                chunk=1000, kind=kind, tolerance=TOLERANCE)
+            dec = np.array([r.decisions for r in res])
+            bad = ((dec == REFUTED) & (q_refute[None, :] <= p_y[:, None])) | ((dec == CERTIFIED) & (q[None, :] >= p_y[:, None]))
+            if kind is ImageSequence:
+                wrong += int(np.sum(bad.any(axis=1)))
+            else:
+                peeked += int(np.sum(bad.any(axis=1)))
+        images += len(xs)
+    p_sound, p_peek = binom.sf(wrong - 1, images, ALPHA), binom.sf(peeked - 1, images, ALPHA)
+    print(f"wrong {wrong}/{images} (p={p_sound:.3g}); CP at every look {peeked} (p={p_peek:.3g})")
+    assert p_sound > 1e-3, f"{wrong} images wrongly decided of {images} (p = {p_sound:.2g})"
+    assert p_peek < 1e-3, f"the unsound variant went unnoticed: {peeked} wrong (p = {p_peek:.2g})"

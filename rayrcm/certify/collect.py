@@ -58,6 +58,7 @@ class CountSettings:
     radii: tuple[float, ...] = ()
     alpha: float = 0.001
     n_max: int = 0
+    tolerance: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: CertifyConfig) -> CountSettings:
@@ -67,7 +68,8 @@ class CountSettings:
         return cls(sigma=s.sigma, seed=s.seed, block=s.block, chunk=s.chunk, batch=c.batch, precision=c.precision,
                    channels_last=c.channels_last, use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker, plugins=plugins,
                    n0=s.n0, plan=sample_size_plan(cfg), denoised=bool(cfg.denoiser),
-                   radii=sequential_radii(s) if s.sampling == "sequential" else (), alpha=s.alpha, n_max=s.n)
+                   radii=sequential_radii(s) if s.sampling == "sequential" else (), alpha=s.alpha, n_max=s.n,
+                   tolerance=s.tolerance)
 
 
 def sample_size_plan(cfg: CertifyConfig) -> SampleSizePlan | None:

@@ -49,6 +49,9 @@ class SmoothingConfig:
     # sequential: the radii decided per image (certified accuracy at each; n is the cap on draws per image);
     # () = 0, 0.25, ... up to what the cap can certify (rayrcm.certify.sequential)
     radii: tuple[float, ...] = ()
+    # sequential: settle a radius r as not certified once the interval shows the radius below r + tolerance
+    # (0 = only below r); an image whose p_y sits at a threshold then stops long before the cap
+    tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(not s.radii or s.sampling == "sequential", "radii", s.radii,
            f"radii are decided by --sampling sequential; sampling={s.sampling} certifies every radius up to its reach "
            "(choose the table's radii with rayrcm analyze --radii)")
+    _check(not s.tolerance or s.sampling == "sequential", "tolerance", s.tolerance,
+           f"a radius tolerance is for --sampling sequential, not sampling={s.sampling}")
     if s.sampling == "sequential":
         _check_sequential(cfg)
     _check(c.workers >= 1, "workers", c.workers, "must be >= 1")
@@ -161,6 +166,8 @@ def _check_sequential(cfg: CertifyConfig) -> None:
            f"the cap on draws per image must be a positive multiple of block={s.block} (one look per block)")
     _check(all(math.isfinite(r) and r >= 0 for r in s.radii), "radii", s.radii, "must be finite and >= 0")
     _check(all(a < b for a, b in zip(s.radii, s.radii[1:])), "radii", s.radii, "must be increasing, each once")
+    _check(math.isfinite(s.tolerance) and s.tolerance >= 0, "tolerance", s.tolerance,
+           "must be a radius >= 0 (0: refute r only when the radius is below r)")
     top = reach(s.n, s.alpha, s.sigma)
     _check(not s.radii or s.radii[-1] < top, "radii", s.radii,
            f"beyond what n={s.n} draws can certify at sigma={s.sigma:g}, alpha={s.alpha:g}: every radius must be "
@@ -196,7 +203,7 @@ def short_sigma(sigma: float) -> str:
 # keys added to the protocol after results were first written, with the value an older job had:
 # a protocol.json without them compares as that value (None: as any value), so its rerun resumes
 ADDED_KEYS = {"image_size": None, "crop_pct": None, "sampling": "fixed", "denoiser_sha256": "", "corruption": "",
-              "severity": 0}  # "": no denoiser
+              "severity": 0, "tolerance": 0.0}  # "": no denoiser
 # recorded in the protocol but not compared on resume (as the model reference: the file's SHA-256 decides)
 NOT_COMPARED = ("denoiser",)
 
@@ -221,7 +228,7 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
     if s.sampling == "iss":
         out.update(max_decline=s.max_decline, decline=s.decline)
     if s.sampling == "sequential":  # no selection draws: the label is the class tested; n is the cap
-        out.update(n0=0, radii=list(sequential_radii(s)), interval="beta-mixture-cs")
+        out.update(n0=0, radii=list(sequential_radii(s)), interval="beta-mixture-cs", tolerance=float(s.tolerance))
     if crop_pct is not None:
         out["crop_pct"] = float(crop_pct)
     return out
@@ -238,4 +245,4 @@ def protocol_diff(old: dict, new: dict) -> list[str]:
         return new[k] if ADDED_KEYS[k] is None else ADDED_KEYS[k]
 
     diff = [f"{k} {before(k)!r} != {v!r}" for k, v in new.items() if k not in NOT_COMPARED and before(k) != v]
-    return diff + [f"{k} {old[k]!r} != None" for k in ("max_decline", "decline", "radii", "interval") if k in old and k not in new]
+    return diff + [f"{k} {old[k]!r} != None" for k in ("max_decline", "decline", "radii", "interval", "tolerance") if k in old and k not in new]

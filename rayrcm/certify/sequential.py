@@ -29,7 +29,14 @@ tests each side at ``alpha / 2``; the two-sided mixture needs no split).
 Decisions. At each look (after every ``block`` draws) radius ``r`` is *certified* once
 ``L_t > q_r`` and *refuted* once ``U_t < q_r``; an image stops when every radius is decided, or at
 the cap ``n_max``, where a radius still inside ``[L_t, U_t]`` counts as not certified
-(conservative). A wrong certificate (certified at ``r`` while ``p <= q_r``) needs ``M_t(p) >=
+(conservative). With a radius ``tolerance`` (``smoothing.tolerance``, default 0) a radius is settled as
+not certified once ``U_t < Phi((r + tolerance) / sigma)``: the interval shows the image's radius below
+``r + tolerance``. Certificates are unchanged (so is their soundness); what the tolerance buys is an
+early stop for an image whose ``p`` sits just above a threshold, which no interval of the cap's
+draws can separate from it (it would otherwise run to the cap and count as not certified anyway),
+at the price of reporting "not certified at ``r``" for an image whose radius is in ``[r, r +
+tolerance)``. That statement (radius ``< r + tolerance``) is wrong with probability ``<= alpha``
+too: the same Ville event. A wrong certificate (certified at ``r`` while ``p <= q_r``) needs ``M_t(p) >=
 M_t(q_r) >= 1/alpha`` at some look (``M_t`` is monotone on each side of ``a / t``), the Ville event:
 for each image, the probability that *any* radius is wrongly certified is ``<= alpha``. Deciding
 with a Clopper-Pearson interval recomputed at every look instead is not sound (the tests show it).
@@ -97,12 +104,17 @@ def reach(n_max: int, alpha: float, sigma: float) -> float:
     return float(sigma * norm.ppf(confidence_interval(n_max, n_max, alpha)[0]))
 
 
-def decide(a: np.ndarray, t: np.ndarray, q: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def decide(a: np.ndarray, t: np.ndarray, q: np.ndarray, alpha: float,
+           q_refute: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(certified, refuted)`` boolean arrays ``(..., R)`` for looks with ``a`` successes of ``t``
-    (shape ``(...)``) against thresholds ``q`` ``(R,)``: ``q < L_t`` and ``q > U_t``."""
+    (shape ``(...)``) against thresholds ``q`` ``(R,)``: ``q < L_t`` and ``q_refute > U_t``
+    (``q_refute``: the thresholds at ``r + tolerance``; default ``q``)."""
     a, t = np.asarray(a, np.float64)[..., None], np.asarray(t, np.float64)[..., None]
-    out = log_mixture(a, t, q) >= math.log(1 / alpha)
-    return out & (a > q * t), out & (a < q * t)
+    level = math.log(1 / alpha)
+    out = log_mixture(a, t, q) >= level
+    if q_refute is None:
+        return out & (a > q * t), out & (a < q * t)
+    return out & (a > q * t), (log_mixture(a, t, q_refute) >= level) & (a < q_refute * t)
 
 
 @dataclass
@@ -113,6 +125,7 @@ class ImageSequence:
     alpha: float
     n_max: int
     block: int
+    q_refute: np.ndarray | None = None  # the thresholds at r + tolerance (None: q, no tolerance)
     a: int = 0
     t: int = 0
     decisions: np.ndarray | None = None
@@ -123,7 +136,7 @@ class ImageSequence:
 
     def looks(self, a: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(certified, refuted)`` ``(looks, R)`` at looks with ``a`` successes of ``t`` draws: the CS."""
-        return decide(a, t, self.q, self.alpha)
+        return decide(a, t, self.q, self.alpha, self.q_refute)
 
     def update(self, block_successes: np.ndarray) -> int:
         """Take the successes of the next blocks (``block`` draws each) look by look; stop at the first
@@ -195,8 +208,9 @@ def sequential_record(label: int, decisions: Sequence[int], successes: int, samp
 
 
 def new_state(radii: Sequence[float], sigma: float, alpha: float, n_max: int, block: int,
-              kind: type[ImageSequence] = ImageSequence) -> ImageSequence:
-    return kind(thresholds(radii, sigma), alpha, n_max, block)
+              kind: type[ImageSequence] = ImageSequence, tolerance: float = 0.0) -> ImageSequence:
+    q_refute = thresholds(np.asarray(radii, np.float64) + tolerance, sigma) if tolerance > 0 else None
+    return kind(thresholds(radii, sigma), alpha, n_max, block, q_refute)
 
 
 class _Stream:
@@ -233,7 +247,7 @@ class Drawn:
 
 def run_sequences(sm, images, labels: Sequence[int], indices: Sequence[int], *, radii: Sequence[float], alpha: float,
                   n_max: int, seed: int, chunk: int, drawn: Drawn | None = None,
-                  kind: type[ImageSequence] = ImageSequence) -> list[SequentialResult]:
+                  kind: type[ImageSequence] = ImageSequence, tolerance: float = 0.0) -> list[SequentialResult]:
     """Certify ``images`` (``(B, C, H, W)`` in [0, 1]) sequentially, side by side on ``sm``'s device.
 
     Each round, every undecided image gets its next blocks in one forward pass of at most
@@ -241,13 +255,14 @@ def run_sequences(sm, images, labels: Sequence[int], indices: Sequence[int], *, 
     drawn ahead of its stopping look) within an equal share of the batch. Successes are counted per
     block on the device and copied to the host once per round; the decisions are taken look by look
     (:meth:`ImageSequence.update`), so they do not depend on the batch, the round or the neighbours.
-    ``kind``: the decision rule (a test's deliberately unsound variant overrides :meth:`ImageSequence.looks`).
+    ``kind``: the decision rule (a test's deliberately unsound variant overrides :meth:`ImageSequence.looks`);
+    ``tolerance``: the radius tolerance of a refutation (module docstring).
     """
     import torch
 
     block = sm.block
     x_all = images.to(sm.device, torch.float32)
-    states = [new_state(radii, sm.sigma, alpha, n_max, block, kind) for _ in range(len(x_all))]
+    states = [new_state(radii, sm.sigma, alpha, n_max, block, kind, tolerance) for _ in range(len(x_all))]
     streams = [_Stream(sm.device, seed, int(i), chunk, block) for i in indices]
     y_all = torch.as_tensor(np.asarray(labels, np.int64), device=sm.device)
     drawn = drawn if drawn is not None else Drawn()
@@ -284,6 +299,7 @@ def run_sequences(sm, images, labels: Sequence[int], indices: Sequence[int], *, 
 
 
 def certify_sequential(sm, x, label: int, *, radii: Sequence[float], alpha: float, n_max: int, seed: int = 0,
-                       index: int = 0, chunk: int = 10_000) -> SequentialResult:
+                       index: int = 0, chunk: int = 10_000, tolerance: float = 0.0) -> SequentialResult:
     """One image's sequential certificate on one device: the reference of the Ray Data job's rows."""
-    return run_sequences(sm, x[None], [label], [index], radii=radii, alpha=alpha, n_max=n_max, seed=seed, chunk=chunk)[0]
+    return run_sequences(sm, x[None], [label], [index], radii=radii, alpha=alpha, n_max=n_max, seed=seed, chunk=chunk,
+                         tolerance=tolerance)[0]

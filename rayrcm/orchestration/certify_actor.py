@@ -75,7 +75,7 @@ class CountActor:
         images = self.images[torch.as_tensor(pos)].float().div_(255)
         res = run_sequences(self.sm, images, [int(y) for y in batch["label"]],
                             [int(i) for i in batch["index"]], radii=s.radii, alpha=s.alpha, n_max=s.n_max, seed=self.seed,
-                            chunk=s.chunk)
+                            chunk=s.chunk, tolerance=s.tolerance)
         used = np.asarray([r.samples for r in res], np.int64)
         # device time shared in proportion to the draws each image used
         seconds = (time.perf_counter() - tic) * used / max(int(used.sum()), 1)

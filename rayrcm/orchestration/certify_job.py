@@ -199,7 +199,7 @@ def _run(p: Prepared, run_id: str | None, ray_init: dict[str, Any] | None, show_
     draws = f"n0={s.n0}, n={s.n}"
     if s.sampling == "sequential":
         draws = (f"sequential: radii {', '.join(f'{r:g}' for r in sequential_radii(s))} decided per image, "
-                 f"at most n={s.n} draws")
+                 f"at most n={s.n} draws" + (f", radius tolerance {s.tolerance:g}" if s.tolerance else ""))
     print(f"[rayrcm] {cfg.mode}: {p.name}: {progress.total} images ({progress.before} already done), sigma={s.sigma:g}, "
           f"{draws}, alpha={s.alpha:g}{sampling}; results in {p.out}", flush=True)
     if collector.rows:

@@ -79,6 +79,8 @@ def _default_name(cfg: CertifyConfig, dataset: str, sha: str, denoiser_sha: str 
     if s.sampling == "sequential":  # its own folder; the radii decide the stopping, so they name it too
         radii = ",".join(f"{r:g}" for r in sequential_radii(s))
         parts.append(f"seq{len(sequential_radii(s))}r-" + hashlib.sha1(radii.encode()).hexdigest()[:6])
+        if s.tolerance:
+            parts.append(f"tol{short_sigma(s.tolerance)}")
     if s.indices:
         parts.append("idx" + hashlib.sha1(",".join(map(str, s.indices)).encode()).hexdigest()[:6])
     else:
