@@ -5,7 +5,6 @@ stage runs, so ``--help`` answers at once."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,11 +52,11 @@ def main(argv: list[str] | None, *, prog: str, doc: str, recipe: str, config: Ca
     """Run one stage of an example recipe; bad input is one line and exit status 2."""
     args = _parser(prog, doc, recipe, examples).parse_args(argv)
     from rayrcm.cli import main as cli_main
-    from rayrcm.errors import ConfigError, RunFailed
+    from rayrcm.cli import recipe_errors
     from rayrcm.orchestration import console
 
     console.configure(True if getattr(args, "verbose", False) else None)
-    try:
+    with recipe_errors():
         if args.stage == "analyze":
             results = args.results or [str(_certify_folder(certify()))]
             return cli_main(["analyze", *results, *(["--radii", args.radii] if args.radii else [])])
@@ -83,12 +82,6 @@ def main(argv: list[str] | None, *, prog: str, doc: str, recipe: str, config: Ca
         result = fit(cfg)
         where = result.model.get("alias_uri") or result.model.get("registry_uri") or result.model_file
         print(f"[rayrcm] train done: model {where}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))
-    except ConfigError as err:
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFailed as err:
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(1)
     return None
 
 

@@ -37,9 +37,8 @@ from typing import Any
 
 import yaml
 
-from rayrcm.cli import add_verbose_arg
+from rayrcm.cli import add_verbose_arg, recipe_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
-from rayrcm.errors import ConfigError, RunFailed
 from rayrcm.orchestration import console
 
 METHODS = ("cl", "acl", "air", "acl_rcs")
@@ -156,7 +155,7 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     p = stage_parser(doc)
     args = p.parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
-    try:
+    with recipe_errors():
         if args.stage == "pretrain":
             cfg = validate(apply_overrides(pretrain(args.method), args.overrides), check_paths=not args.dry_run)
             if args.dry_run:
@@ -177,12 +176,6 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
 
         name = cfgs[modes[0]].train.name.rsplit("-", 1)[0]
         run_all(cfgs, name=name)
-    except ConfigError as err:
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFailed as err:  # the run failed, not its input
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(1)
 
 
 __all__ = ["FINETUNE", "FINETUNE_BY_METHOD", "FINETUNE_COMMON", "METHODS", "MODES", "PRETRAIN", "PRETRAIN_COMMON",

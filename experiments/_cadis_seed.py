@@ -186,11 +186,6 @@ def stage_parser(doc: str, examples: dict[str, str], prog: str | None = None) ->
     return p
 
 
-def _fail(err: Exception, code: int) -> None:
-    print(f"rayrcm: error: {err}", file=sys.stderr)
-    sys.exit(code)
-
-
 def _certify(args_list: list[str], dry_run: bool) -> None:
     from rayrcm.orchestration import certify_job
 
@@ -211,11 +206,12 @@ def stage_main(argv: list[str] | None, *, doc: str, examples: dict[str, str],
                finetune: Callable[..., dict[str, Any]], certify: Callable[[float], list[str]]) -> None:
     """``finetune --from REF [--sigma] [--denoiser ...]`` and ``certify [--sigma]``; ``--set`` and ``--dry-run``."""
     args = stage_parser(doc, examples).parse_args(argv)
-    from rayrcm.errors import ConfigError, RunFailed
+    from rayrcm.cli import recipe_errors
+    from rayrcm.errors import ConfigError
     from rayrcm.orchestration import console
 
     console.configure(True if getattr(args, "verbose", False) else None)
-    try:
+    with recipe_errors():
         if args.sigma not in SIGMAS:
             raise ConfigError("--sigma", args.sigma, "the seed certifies at 0.25, 0.5 or 1.0 (pixel units)")
         if args.stage == "certify":
@@ -223,10 +219,6 @@ def stage_main(argv: list[str] | None, *, doc: str, examples: dict[str, str],
             return
         den = {k: v for k, v in (("denoiser", args.denoiser), ("denoiser_weights", args.denoiser_weights)) if v}
         _finetune(finetune(args.sigma, args.init_from, **den), args.overrides, args.dry_run)
-    except ConfigError as err:
-        _fail(err, 2)
-    except RunFailed as err:  # the run failed, not its input
-        _fail(err, 1)
 
 
 __all__ = ["CERTIFY", "CIFAR10", "IMAGENET", "SIGMAS", "certify_args", "effective_batch", "finetune_tree",

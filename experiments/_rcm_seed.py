@@ -41,9 +41,9 @@ from typing import Any
 
 import yaml
 
-from rayrcm.cli import add_verbose_arg
+from rayrcm.cli import add_verbose_arg, recipe_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
-from rayrcm.errors import ConfigError, RunFailed
+from rayrcm.errors import ConfigError
 from rayrcm.orchestration import console
 from rayrcm.quickstart import sigma_alias
 
@@ -195,7 +195,7 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     ``analyze RESULTS...``; ``--set key=value`` overrides and ``--dry-run`` prints the resolved config."""
     args = stage_parser(doc, sizes).parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
-    try:
+    with recipe_errors():
         if args.stage == "analyze":
             from rayrcm.cli import main as cli_main
 
@@ -233,12 +233,6 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
 
         result = fit(cfg)
         print(f"[rayrcm] {args.stage} done: run {result.run_id}, model {result.model.get('alias_uri') or result.model_file}")
-    except ConfigError as err:
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunFailed as err:  # the run failed, not its input
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(1)
     return None
 
 

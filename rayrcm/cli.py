@@ -18,7 +18,9 @@ Bad input gives one line on stderr (``rayrcm: error: ...``) and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 from rayrcm.errors import ConfigError, RunFailed
 
@@ -70,6 +72,49 @@ EPILOGS = {
     "mlflow-server": "example:\n  rayrcm mlflow-server --backend-store-uri sqlite:////mnt/rayrcm/mlflow.db "
                      "--artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --detach",
 }
+
+
+INTERRUPTED = "rayrcm: interrupted; rerun the same command to resume"
+
+
+@contextlib.contextmanager
+def recipe_errors() -> Iterator[None]:
+    """A recipe stage's errors as the CLI's: bad input one line in the recipe's own syntax
+    (:func:`recipe_message`) and exit 2; a failed run one line and exit 1; Ctrl-C one line and 130."""
+    try:
+        yield
+    except ConfigError as err:
+        print(f"rayrcm: error: {recipe_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except RunFailed as err:  # the run failed, not its input
+        print(f"rayrcm: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # finished work is on disk: the rerun resumes
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
+
+
+# flags the recipes define themselves (their stages' own options): never rewritten to --set
+RECIPE_FLAGS = frozenset({"alpha", "denoiser", "sigma", "radii", "set", "dry_run", "verbose"})
+SWITCHES = frozenset({"gpu", "channels_last"})  # certify flags that take no value
+
+
+def recipe_message(err: Exception) -> str:
+    """An error in a recipe's own syntax: a ``rayrcm certify`` flag it names (``--name``,
+    ``--n 1000``, ``--gpu``) becomes the recipe's ``--set key=VALUE`` (``--set name=NAME``,
+    ``--set smoothing.n=1000``, ``--set compute.use_gpu=true``); the recipes' own flags stay."""
+    import re
+
+    def swap(m: re.Match) -> str:
+        flag = m.group(1).replace("-", "_")
+        key = CERTIFY_FLAGS.get(flag)
+        if key is None or flag in RECIPE_FLAGS:
+            return m.group(0)
+        if flag in SWITCHES:
+            return f"--set {key}=true" + m.group(0)[len(m.group(1)) + 2:]
+        return f"--set {key}={m.group(2) or key.rsplit('.', 1)[-1].upper()}"
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)(?![\w=-])(?: ([\w.,:@/-]+)(?=[\s;,)]|$))?", swap, str(err))
 
 
 def _sub(sub, name: str, help_: str) -> argparse.ArgumentParser:
@@ -366,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rayrcm: error: {err}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:  # Ctrl-C: one line; finished work is on disk (jobs resume, never redo it)
-        print("\nrayrcm: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
         code = 130
     sys.exit(code)
 

@@ -230,11 +230,12 @@ def test_collector_sums_rows_once_and_certifies_from_the_totals(tmp_path):
     counts = [np.array([0, r["num"], 0]) if r["role"] == SELECTION else np.array([r["num"] // 10, r["num"] * 9 // 10, 0])
               for r in first]
     assert col.add(_batch(first[:2], counts[:2])) == []
+    assert col.partial() == pytest.approx(2 / 4)  # a progress bar moves within the image: 2 of its 4 rows
     done = col.add(_batch(first[1:], counts[1:]))  # the second row again (a retried actor): counted once
     expected = certify_from_counts(np.array([0, 100, 0]), np.array([100, 900, 0]), 0.5, cfg.smoothing.alpha)
     assert len(done) == 1 and done[0]["idx"] == 20 and done[0]["n"] == 1000 and done[0]["correct"] == 1
     assert done[0]["radius"] == pytest.approx(expected.radius) and done[0]["time"] == pytest.approx(2.0)
-    assert col.samples == 1100
+    assert col.samples == 1100 and col.partial() == 0  # a finished image is no longer partial
     assert write_part(tmp_path / "rows", []) is None
     part = write_part(tmp_path / "rows", done)
     assert part.name.startswith("part-") and read_rows_dir(tmp_path)["idx"].tolist() == [20]

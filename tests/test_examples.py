@@ -155,6 +155,27 @@ def test_size_help_names_only_the_sizes_a_recipe_accepts():
         assert load_experiment(name).pretrain_config  # the recipe still loads as a module
 
 
+def _interrupt_then_rerun_is_accepted(command: str, work: Path, env: dict[str, str]) -> None:
+    """The README's certify at its default n = 100,000 (minutes per image on a CPU): the bar says it is
+    starting; Ctrl-C (SIGINT to the process group, as a terminal sends it) is one line and exit 130;
+    the folder then holds no result, so the tiny rerun (another n) is not locked out of it."""
+    line = command + "".join(f" --set {shlex.quote(o)}" for o in TINY["certify"] if not o.startswith("smoothing.n="))
+    proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    assert proc.stdout is not None
+    for text in proc.stdout:  # the job's header: Ray is up and the counting has begun
+        seen.append(text)
+        if "[rayrcm] certify:" in text:
+            break
+    assert any("starting Ray" in t for t in seen), "".join(seen)
+    time.sleep(2)
+    os.killpg(proc.pid, 2)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest + err
+    assert err.strip().splitlines() == ["rayrcm: interrupted; rerun the same command to resume"], err
+
+
 @pytest.mark.slow
 def test_readme_cifar10_walkthrough_runs_as_written(tmp_path):
     """The README's commands, in order, on a tiny CIFAR-10 folder: the last prints the table."""
@@ -169,10 +190,14 @@ def test_readme_cifar10_walkthrough_runs_as_written(tmp_path):
     out = ""
     for command in commands:
         stage = command.split()[2]
+        if stage == "certify":  # first as a new user does: the README's n = 100,000, then Ctrl-C
+            _interrupt_then_rerun_is_accepted(command, work, env)
         line = command + "".join(f" --set {shlex.quote(o)}" for o in TINY.get(stage, []))
         run = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{line}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
         assert "rayrcm: error" not in run.stderr
+        if stage == "certify":  # the interrupted job left no result: its protocol gave way, said once
+            assert run.stderr.count("starting afresh") == 1, run.stderr
         out = run.stdout
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0].startswith("| run | 0.00 | 0.25 |") and "ACR" in table[0], out
@@ -181,4 +206,16 @@ def test_readme_cifar10_walkthrough_runs_as_written(tmp_path):
     assert row[0] == "cifar10-gaussian-sigma-0_25" and row[head.index("images")] == "10", out
     assert row[head.index("samples")] == f"{10 * (TINY_N0 + TINY_N):,}", out  # the draws spent, n0 + n per image
     assert "0.50" not in table[0]  # n = 100 cannot certify 0.5 (reach 0.375): no column claims it
-    assert (work / "rayrcm_results" / "certify" / "cifar10-gaussian-sigma-0_25" / "analysis" / "table.md").is_file()
+    folder = work / "rayrcm_results" / "certify" / "cifar10-gaussian-sigma-0_25"
+    assert (folder / "analysis" / "table.md").is_file()
+    # the job's MLflow run holds the protocol that ran; the interrupted one's run is kept, renamed out of the job
+    import json
+
+    import mlflow
+
+    record = json.loads((folder / "mlflow_run.json").read_text())
+    client = mlflow.MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    assert run.data.params["protocol.n"] == str(TINY_N) and run.info.status == "FINISHED"
+    old = client.search_runs([run.info.experiment_id], "tags.`rayrcm.job` = 'cifar10-gaussian-sigma-0_25 (superseded)'")
+    assert len(old) == 1 and old[0].data.params["protocol.n"] == "100000" and old[0].info.status != "RUNNING"

@@ -108,6 +108,11 @@ class Collector:
         self.devices: dict[int, set[str]] = {pos: set() for pos in self.expected}
         self.samples = 0
 
+    def partial(self) -> float:
+        """The images begun and not finished, as a fraction of their rows (a progress bar moves within
+        an image); 0 for one-row images (iss, sequential)."""
+        return sum(len(g) / self.expected[p] for p, g in self.got.items() if 0 < len(g) < self.expected[p])
+
     def add(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         if "decisions" in batch:
             return self._add_sequential(batch)

@@ -25,6 +25,7 @@ run as it was. A ``--gpu`` job on a cluster without GPUs fails with one line ins
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -131,17 +132,22 @@ class _Progress:
     def tick(self, final: bool = False) -> None:
         now, mode = time.perf_counter(), self.p.cfg.mode
         rate = self.collector.samples / max(now - self.tic, 1e-9)
+        # within an image too: the finished rows of the images begun (a row is `chunk` draws)
+        part = 0.0 if final else self.collector.partial()
         if self.bar is not None:
-            live.advance(self.bar, self.done_count, f"{rate:,.0f} samples/s", final)
+            state = f"{rate:,.0f} samples/s" if self.collector.samples else f"starting {self.p.cfg.compute.workers} actor(s)"
+            live.advance(self.bar, round(self.done_count + part, 1) if part else self.done_count, state, final)
         if not final and now - self.last < self.p.cfg.compute.progress_every_s:
             return
         self.flush()
         self.last = now
-        new = self.done_count - self.before
-        left = f"~{(now - self.tic) / new * (self.total - self.done_count):.0f} s left" if new else "starting workers"
+        new = self.done_count - self.before + part
+        left = (f"~{(now - self.tic) / new * (self.total - self.done_count - part):.0f} s left" if new
+                else "starting the counting actors")
         if self.bar is None:
-            print(f"[rayrcm] {mode}: {self.done_count}/{self.total} images, {rate:,.0f} samples/s, "
-                  f"{now - self.tic:.0f} s elapsed, {left}", flush=True)
+            begun = f" (+{part:.1f} begun)" if part else ""
+            print(f"[rayrcm] {mode}: {self.done_count}/{self.total} images{begun}, {self.collector.samples:,} draws, "
+                  f"{rate:,.0f} samples/s, {now - self.tic:.0f} s elapsed, {left}", flush=True)
         if self.logger:
             # progress, not results: kept under progress/ so they never read as a certification metric
             self.logger.log(self.done_count, {"progress/images_done": self.done_count, "progress/samples_per_s": rate})
@@ -168,9 +174,14 @@ def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared:
     for w in p.warnings:
         print(f"[rayrcm] {w}", file=sys.stderr, flush=True)
     if p.todo:  # can the cluster hold the job? asked before any run is opened
+        import ray
+
         from rayrcm.orchestration.trainer import ensure_ray, require_gpus
 
         c = p.cfg.compute
+        if not ray.is_initialized():
+            print("[rayrcm] starting Ray" + (f" (connecting to {os.environ['RAY_ADDRESS']})"
+                                            if os.environ.get("RAY_ADDRESS") else ""), flush=True)
         ensure_ray(**(ray_init or {}))
         require_gpus("compute.use_gpu", c.workers * c.gpus_per_worker if c.use_gpu else 0)
     run_id = _start(p)

@@ -56,6 +56,8 @@ class Prepared:
     parent_run_id: str | None
     warnings: list[str] = field(default_factory=list)
     denoiser_file: Path | None = None  # the local denoiser file (``cfg.denoiser`` names it once prepared)
+    # the folder held another protocol but no results: its MLflow run (of the old params) is retired
+    superseded: bool = False
 
     @property
     def todo(self) -> list[int]:
@@ -98,14 +100,18 @@ def _data_config(cfg: CertifyConfig, meta: dict[str, Any]) -> DataConfig:
                       val_fraction=float(trained.get("val_fraction", 0.1)), crop_pct=float(trained.get("crop_pct", 0.875)))
 
 
-def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> None:
+def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> list[str]:
+    """Refuse a folder holding results of another protocol; a folder of another protocol with no
+    results yet (a job interrupted before its first image) does not lock it: returns the
+    differences, and the job starts afresh under the new protocol."""
     f = out / PROTOCOL_FILE
     if not f.is_file():
-        return
+        return []
     old = json.loads(f.read_text())
     diff = protocol_diff(old, protocol)  # image_size / crop_pct absent from an older job's file: equal
-    if diff:
+    if diff and len(read_rows_dir(out)):
         raise ConfigError("name", name, f"holds results of another protocol ({'; '.join(diff[:3])}); choose another --name")
+    return diff
 
 
 def _first_line(err: Exception) -> str:
@@ -256,7 +262,10 @@ def prepare(cfg: CertifyConfig) -> Prepared:
                              image_size=data.image_size, crop_pct=data.crop_pct if large else None,
                              denoiser_sha256=dsha)
     protocol["indices_sha1"] = hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest()
-    _check_protocol(out, protocol, name)
+    replaced = _check_protocol(out, protocol, name)
+    if replaced:
+        data_warnings = [*data_warnings, f"{name}: the folder held no results of its earlier protocol "
+                                         f"({'; '.join(replaced[:3])}); starting afresh with this one"]
     done = read_rows_dir(out)
     finished = set(int(i) for i in done["idx"]) if len(done) else set()
     images, labels = eval_images(ds, [i for i in indices if i not in finished], data.image_size, large=large,
@@ -269,4 +278,4 @@ def prepare(cfg: CertifyConfig) -> Prepared:
         cfg = replace(cfg, denoiser=str(denoiser_file.resolve()))
     return Prepared(cfg, uri, name, out, cfg.model, local, meta, indices, images, labels, protocol, finished,
                     experiment, parent, data_warnings + sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta),
-                    denoiser_file)
+                    denoiser_file, bool(replaced))

@@ -111,6 +111,8 @@ def start_results_run(p: Any, protocol_file: str, stage: str, params: dict[str, 
         return None
     params = {**{f"protocol.{k}": v for k, v in p.protocol.items()}, "model": p.model_ref, **params}
     tags = {"rayrcm.stage": stage, "rayrcm.model_uri": p.model_ref, **(tags or {})}
+    if getattr(p, "superseded", False):
+        retire_job_run(p.uri, p.experiment, p.name)
     return start_job_run(p.uri, p.experiment, p.name, params, tags=tags, parent_run_id=p.parent_run_id, reopen=False)
 
 
@@ -249,6 +251,20 @@ def find_job_run(uri: str, experiment: str, job: str) -> str | None:
         return None
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1)
     return found[0].info.run_id if found else None
+
+
+def retire_job_run(uri: str, experiment: str, job: str) -> None:
+    """A job's run whose params no longer describe the job (its folder changed protocol before any
+    result): renamed out of the job (tag ``rayrcm.job`` = ``<job> (superseded)``, so the next run of
+    ``job`` is a new one) and ended KILLED if it was left RUNNING; nothing of it is deleted."""
+    found = find_job_run(uri, experiment, job)
+    if found is None:
+        return
+    client = _client(uri)
+    client.set_tag(found, JOB_TAG, f"{job} (superseded)")
+    client.set_tag(found, "rayrcm.superseded", "its protocol changed before any result was written")
+    if run_status(uri, found) == "RUNNING":
+        terminate(uri, found, "KILLED")
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
