@@ -260,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--radii", help="comma-separated radii (default 0, 0.25, ..., 2.0 and beyond as needed, never past the "
                                    "largest radius the protocol can certify)")
     a.add_argument("--out", help="folder for table.md, table.tex, certified_accuracy.png")
+    a.add_argument("--per-class", action="store_true", help="print certified accuracy and ACR per true class too, "
+                                                            "with the worst class (always written to per_class.md)")
     a.add_argument("--no-log", action="store_true", help="do not log to the certifications' MLflow runs")
     a.add_argument("--tracking-uri", help="your MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db): "
                                           "the analysis is logged only to runs on it, never to a server a folder names")
@@ -334,7 +336,8 @@ def _analyze(args: argparse.Namespace) -> int:
             radii = [float(r) for r in args.radii.split(",") if r.strip()]
         except ValueError:
             raise ConfigError("radii", args.radii, "comma-separated numbers, e.g. 0,0.25,0.5") from None
-    certify_job.analyze(args.results, radii=radii, out=args.out, log=not args.no_log, tracking_uri=args.tracking_uri)
+    certify_job.analyze(args.results, radii=radii, out=args.out, log=not args.no_log, tracking_uri=args.tracking_uri,
+                        per_class=args.per_class)
     return 0
 
 

@@ -96,7 +96,7 @@ def test_analyze_labels_cohen_files_by_their_whole_name(tmp_path, capsys):
         (tmp_path / name).write_text(_COHEN)
     table, files = analyze([str(tmp_path / "sigma_0.25"), str(tmp_path / "sigma_0.50")], log=False)
     assert table.index.tolist() == ["sigma_0.25", "sigma_0.50"]
-    assert [f.name for f in files] == ["table.md", "table.tex", "certified_accuracy.png"]
+    assert [f.name for f in files] == ["table.md", "table.tex", "certified_accuracy.png", "per_class.md", "per_class.csv"]
     assert all(f.parent == tmp_path / "analysis" for f in files)
 
 
@@ -116,3 +116,31 @@ def test_analyze_labels_strip_only_result_suffixes_and_disambiguate_by_folder(tm
     assert result_labels([a, b, tmp_path / "r.parquet", tmp_path / "r.csv.txt"]) == [
         "x/test/sigma_0.50", "y/test/sigma_0.50", "r", "r.csv"]
     assert result_labels([a, a]) == ["sigma_0.50", "sigma_0.50#2"]
+
+
+def test_per_class_certified_accuracy_acr_and_worst_class_by_hand(tmp_path, capsys):
+    from rayrcm.analysis import per_class_table, worst_class
+
+    df = _rows()  # labels 3, 1, 4, 1, 5: class 1 holds a certified image (0.3) and a wrong one
+    table = per_class_table(df, [0.0, 0.25, 0.5])
+    assert table.index.tolist() == [1, 3, 4, 5] and table["images"].tolist() == [2, 1, 1, 1]
+    assert table.loc[1, ["0.00", "0.25", "0.50"]].tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert table.loc[3, "0.50"] == 1.0 and table.loc[4, "0.00"] == 0.0 and table.loc[4, "abstain"] == 1.0
+    assert table.loc[1, "ACR"] == pytest.approx(0.15) and table.loc[5, "ACR"] == pytest.approx(0.25)
+    worst = worst_class(table)
+    assert worst["0.00"] == 0.0 and worst["ACR"] == 0.0 and worst["abstain"] == 1.0  # class 4 abstained
+    beyond = per_class_table(df, [0.0, 0.5], reach=0.4)  # beyond the protocol's reach: not measured
+    assert beyond["0.50"].isna().all()
+    m = summary_metrics(df, [0.0, 0.25])
+    assert m["worst_class_certified_acc_0.00"] == 0.0 and m["worst_class_acr"] == 0.0 and m["classes"] == 4
+    assert "worst_class_acr" not in summary_metrics(df.assign(label=1), [0.0])  # one class: no worst class
+
+    from rayrcm.orchestration.certify_job import analyze
+
+    (tmp_path / "run").mkdir()
+    write_cohen_tsv(df, tmp_path / "run" / "results.tsv")
+    _, files = analyze([str(tmp_path / "run" / "results.tsv")], radii=[0.0, 0.25], log=False, per_class=True)
+    out = capsys.readouterr().out
+    assert "| 1 | 2 | 0.500 | 0.500 | 0.150 | 0.000 |" in out and "| worst |  | 0.000 | 0.000 | 0.000 | 1.000 |" in out
+    csv = pd.read_csv(tmp_path / "run" / "analysis" / "per_class.csv")
+    assert csv.columns.tolist()[:3] == ["run", "class", "images"] and len(csv) == 4

@@ -131,8 +131,9 @@ def summary_table(results: Mapping[str, pd.DataFrame], radii: Sequence[float] | 
 
 def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
                     max_radius: float | None = None) -> dict[str, float]:
-    """Flat metrics for MLflow: ``certified_acc_0.50``, ``acr``, ``abstain_rate``, ``images``, and
-    ``max_certifiable_radius`` when known (no ``certified_acc_*`` beyond it)."""
+    """Flat metrics for MLflow: ``certified_acc_0.50``, ``acr``, ``abstain_rate``, ``images``,
+    ``max_certifiable_radius`` when known (no ``certified_acc_*`` beyond it), and the worst class's
+    (:func:`rayrcm.analysis.per_class.per_class_metrics`)."""
     radii = list(radii) if radii is not None else default_radii([df], max_radius)
     if max_radius is not None:
         radii = [r for r in radii if r <= max_radius + 1e-12]
@@ -145,6 +146,9 @@ def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
         out["samples_per_image_mean"], out["samples_per_image_max"] = samples_per_image(df)
     if max_radius is not None:
         out["max_certifiable_radius"] = float(max_radius)
+    from rayrcm.analysis.per_class import per_class_metrics
+
+    out.update(per_class_metrics(df, radii, max_radius))
     return out
 
 
@@ -186,7 +190,7 @@ def to_latex(table: pd.DataFrame) -> str:
 def plot_curves(results: Mapping[str, pd.DataFrame], path: str | Path, title: str = "",
                 max_radii: Mapping[str, float | None] | None = None) -> Path:
     """Certified accuracy against radius, one line per run, as a PNG (a dotted line at each run's
-    largest certifiable radius, where known)."""
+    largest certifiable radius, where known; shaded: from the worst to the best class)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,6 +202,9 @@ def plot_curves(results: Mapping[str, pd.DataFrame], path: str | Path, title: st
     for name, df in results.items():
         tag = "sequential" if is_sequential(df) else f"ACR {average_certified_radius(df):.3f}"
         line = ax.plot(grid, certified_accuracy(df, grid), label=f"{name} ({tag})")[0]
+        if "label" in df and df["label"].nunique() > 1:  # the spread across classes: lowest to highest class
+            curves = np.stack([certified_accuracy(part, grid) for _, part in df.groupby("label")])
+            ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.12, linewidth=0)
         reach = _reach(max_radii, name)
         if reach is not None:
             ax.axvline(reach, color=line.get_color(), linestyle=":", linewidth=1)

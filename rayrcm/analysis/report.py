@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from rayrcm.analysis.certified import plot_curves, summary_table, to_latex, to_markdown
+from rayrcm.analysis.per_class import per_class_long, per_class_markdown
 
 RESULT_SUFFIXES = (".tsv", ".txt", ".csv", ".parquet")
 
@@ -16,14 +17,26 @@ RESULT_SUFFIXES = (".tsv", ".txt", ".csv", ".parquet")
 def write_analysis(results: dict[str, pd.DataFrame], folder: Path, title: str = "",
                    radii: list[float] | None = None, max_radii: dict[str, float | None] | None = None) -> list[Path]:
     """``table.md``, ``table.tex`` and ``certified_accuracy.png`` in ``folder`` (``max_radii``: each
-    run's largest certifiable radius, where known; see :func:`summary_table`)."""
+    run's largest certifiable radius, where known; see :func:`summary_table`), and the same per
+    true class, with the worst class, in ``per_class.md`` and ``per_class.csv``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table = summary_table(results, radii, max_radii)
     (folder / "table.md").write_text(to_markdown(table) + "\n")
     (folder / "table.tex").write_text(to_latex(table) + "\n")
     png = plot_curves(results, folder / "certified_accuracy.png", title=title, max_radii=max_radii)
-    return [folder / "table.md", folder / "table.tex", png]
+    files = [folder / "table.md", folder / "table.tex", png]
+    if all("label" in df for df in results.values()):  # a Cohen-format file has its label column too
+        grid = table_radii(table)
+        (folder / "per_class.md").write_text(per_class_markdown(results, grid, max_radii) + "\n")
+        per_class_long(results, grid, max_radii).to_csv(folder / "per_class.csv", index=False)
+        files += [folder / "per_class.md", folder / "per_class.csv"]
+    return files
+
+
+def table_radii(table: pd.DataFrame) -> list[float]:
+    """The radii of a :func:`summary_table` (its columns that are radii)."""
+    return [float(c) for c in table.columns if str(c)[0].isdigit()]
 
 
 def _base(path: Path) -> str:

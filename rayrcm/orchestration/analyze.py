@@ -105,10 +105,11 @@ def _log(paths: list[str], files: list[Path], uri: str) -> None:
 
 
 def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Path | None = None,
-            log: bool = True, tracking_uri: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
+            log: bool = True, tracking_uri: str | None = None, per_class: bool = False) -> tuple[pd.DataFrame, list[Path]]:
     """Tables and curves over several results (folders or Cohen-format files), written to ``out``
     (default: the first folder's ``analysis/``) and logged to each certification's MLflow run when
-    that run is on ``tracking_uri`` (default: the user's, ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``)."""
+    that run is on ``tracking_uri`` (default: the user's, ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``);
+    ``per_class``: print the per-class tables too (they are always written, ``per_class.md``)."""
     paths = [str(p) for p in paths]
     if not paths:
         raise ConfigError("results", "", "give at least one certification folder or results file")
@@ -121,6 +122,11 @@ def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Pa
     table = summary_table(results, radii, max_radii)
     files = write_analysis(results, folder, radii=radii, max_radii=max_radii)
     print(to_markdown(table), flush=True)
+    if per_class:  # the same table per true class, each run's worst class last
+        from rayrcm.analysis import per_class_markdown
+        from rayrcm.analysis.report import table_radii
+
+        print(per_class_markdown(results, table_radii(table), max_radii), flush=True)
     known = {k: v for k, v in max_radii.items() if v is not None}
     if known:
         print("[rayrcm] largest radius each protocol reaches (fixed, iss: sigma * Phi^-1(alpha^(1/n)); sequential: "
