@@ -119,7 +119,7 @@ def test_analyze_labels_strip_only_result_suffixes_and_disambiguate_by_folder(tm
 
 
 def test_per_class_certified_accuracy_acr_and_worst_class_by_hand(tmp_path, capsys):
-    from rayrcm.analysis import per_class_table, worst_class
+    from rayrcm.analysis import per_class_metrics, per_class_table, worst_class
 
     df = _rows()  # labels 3, 1, 4, 1, 5: class 1 holds a certified image (0.3) and a wrong one
     table = per_class_table(df, [0.0, 0.25, 0.5])
@@ -131,9 +131,9 @@ def test_per_class_certified_accuracy_acr_and_worst_class_by_hand(tmp_path, caps
     assert worst["0.00"] == 0.0 and worst["ACR"] == 0.0 and worst["abstain"] == 1.0  # class 4 abstained
     beyond = per_class_table(df, [0.0, 0.5], reach=0.4)  # beyond the protocol's reach: not measured
     assert beyond["0.50"].isna().all()
-    m = summary_metrics(df, [0.0, 0.25])
+    m = per_class_metrics(df, [0.0, 0.25])
     assert m["worst_class_certified_acc_0.00"] == 0.0 and m["worst_class_acr"] == 0.0 and m["classes"] == 4
-    assert "worst_class_acr" not in summary_metrics(df.assign(label=1), [0.0])  # one class: no worst class
+    assert per_class_metrics(df.assign(label=1), [0.0]) == {}  # one class: no worst class
 
     from rayrcm.orchestration.certify_job import analyze
 

@@ -132,8 +132,8 @@ def summary_table(results: Mapping[str, pd.DataFrame], radii: Sequence[float] | 
 def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
                     max_radius: float | None = None) -> dict[str, float]:
     """Flat metrics for MLflow: ``certified_acc_0.50``, ``acr``, ``abstain_rate``, ``images``,
-    ``max_certifiable_radius`` when known (no ``certified_acc_*`` beyond it), and the worst class's
-    (:func:`rayrcm.analysis.per_class.per_class_metrics`)."""
+    ``max_certifiable_radius`` when known (no ``certified_acc_*`` beyond it). (The worst class's:
+    :func:`rayrcm.analysis.per_class.per_class_metrics`.)"""
     radii = list(radii) if radii is not None else default_radii([df], max_radius)
     if max_radius is not None:
         radii = [r for r in radii if r <= max_radius + 1e-12]
@@ -146,9 +146,6 @@ def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
         out["samples_per_image_mean"], out["samples_per_image_max"] = samples_per_image(df)
     if max_radius is not None:
         out["max_certifiable_radius"] = float(max_radius)
-    from rayrcm.analysis.per_class import per_class_metrics
-
-    out.update(per_class_metrics(df, radii, max_radius))
     return out
 
 

@@ -42,6 +42,8 @@ from rayrcm.analysis import (
     write_analysis,
     write_cohen_tsv,
 )
+from rayrcm.analysis.per_class import per_class_metrics
+from rayrcm.analysis.report import table_radii
 from rayrcm.analysis.results import ROWS_DIR, TSV_NAME
 from rayrcm.certify.collect import Collector, CountSettings, write_part
 from rayrcm.certify.protocol import CertifyConfig, sequential_radii
@@ -238,7 +240,8 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, collector: Collector, 
     reach = max_radius(p.cfg)
     grid = list(sequential_radii(p.cfg.smoothing)) if p.cfg.smoothing.sampling == "sequential" else None
     table = summary_table({p.name: rows}, grid, max_radii={p.name: reach})
-    metrics = summary_metrics(rows, grid, max_radius=reach)
+    metrics = {**summary_metrics(rows, grid, max_radius=reach),
+               **per_class_metrics(rows, table_radii(table), reach if p.cfg.mode == "certify" else None)}
     progress = {"progress/wall_seconds": wall, "progress/samples_per_s": collector.samples / max(wall, 1e-9)}
     files = write_analysis({p.name: rows}, p.out, title=f"{p.cfg.mode} sigma={p.cfg.smoothing.sigma:g}",
                            radii=grid, max_radii={p.name: reach})
