@@ -155,6 +155,9 @@ def test_sweep_trials_are_named_linked_and_leave_the_quickstart_alias(chain, mlf
     for r in trials:
         assert r.data.params["model.init_from"] == pre.run_id and r.data.tags[tracking.SOURCE_RUN_TAG] == pre.run_id
         assert f"runs/{parent.info.run_id})" in r.data.tags[tracking.NOTE_TAG]
+    # the pretraining run's description links the sweep once, not a line per trial
+    pre_note = client.get_run(pre.run_id).data.tags[tracking.NOTE_TAG]
+    assert f"runs/{parent.info.run_id})" in pre_note and not [r for r in trials if f"runs/{r.info.run_id})" in pre_note]
     best = client.get_model_version_by_alias("lineage-digits", "lin-finetune-sweep")
     assert best.tags["sweep"] == "lin-finetune-sweep" and best.tags["job"].startswith("lin-finetune-sweep-")
 

@@ -143,6 +143,9 @@ def test_sweep_bar_state_counts_every_trials_steps(tmp_path):
     state = sweep.sweep_state(folder, str(storage), 4, 10, "val_acc", "max")  # sw-c: started, no file yet
     assert state["step"] == 10 + 4 + 0 and state["total"] == 40
     assert state["postfix"] == "trials 1/4 done, 2 running, best val_acc 0.8"
+    # once the sweep has ended, a started trial without an end was stopped early (or failed): not "running"
+    final = sweep.sweep_state(folder, str(storage), 4, 10, "val_acc", "max", final=True)
+    assert final["postfix"] == "1 trials completed, 2 stopped early or failed, best val_acc 0.8"
 
 
 SWEEP_SCRIPT = textwrap.dedent("""

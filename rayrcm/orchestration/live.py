@@ -84,14 +84,17 @@ class FollowProgress(threading.Thread):
         while not self._halt.wait(self.every_s):
             self.update()
 
-    def close(self, complete: bool = False) -> None:
+    def close(self, complete: bool = False, postfix: str | None = None) -> None:
         """Stop polling, draw the last state, end the bar's line; ``complete``: the stage ended,
-        so the bar ends full (a sweep's trials that a scheduler stopped early leave steps undone)."""
+        so the bar ends full (a sweep's trials that a scheduler stopped early leave steps undone);
+        ``postfix``: the bar's last words (what the stage's end knows that its running state did not)."""
         self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
         self.update()
         if self.bar is not None:
+            if postfix is not None:
+                self.bar.set_postfix_str(postfix, refresh=False)
             if complete and self.bar.n < self.bar.total:
                 self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()

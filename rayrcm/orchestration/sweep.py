@@ -230,7 +230,7 @@ def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict
                                     max_concurrent_trials=max_conc, trial_name_creator=names,
                                     trial_dirname_creator=names),
         # Tune's status tables only with --verbose: rayrcm prints its own table of trials at the end
-        run_config=tune.RunConfig(name=sw.name, storage_path=base.train.storage_path, callbacks=[StepScalars()],
+        run_config=tune.RunConfig(name=sw.name, storage_path=base.train.storage_path, callbacks=[StepScalars(sw.metric)],
                                   failure_config=tune.FailureConfig(max_failures=sw.max_failures),
                                   verbose=2 if is_verbose() else 0),
     )
@@ -289,13 +289,17 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
             grid = tuner.fit()
     finally:
         if follow is not None:
-            follow.close(complete=True)
+            follow.close(complete=True, postfix=sweep_state(folder, base.train.storage_path, 0, 0, sw.metric, sw.mode,
+                                                            final=True)["postfix"])
     return _finish(base, sw, uri, parent, folder, grid, list(parsed))
 
 
-def sweep_state(folder: Path, storage: str, trials: int, steps: int, metric: str, mode: str) -> dict[str, Any]:
+def sweep_state(folder: Path, storage: str, trials: int, steps: int, metric: str, mode: str,
+                final: bool = False) -> dict[str, Any]:
     """The sweep bar's state: the steps done by all trials (``trials.jsonl`` and each running trial's
-    ``progress.json``; an ended trial counts whole), trials done and running, the best final metric."""
+    ``progress.json``; an ended trial counts whole), trials done and running, the best final metric.
+    ``final``: the sweep has ended, so a trial that started and never reported its end was stopped
+    early by the scheduler (or failed), not running."""
     events = read_events(folder)
     jobs = {e["trial"]: e["job"] for e in events if e["event"] == "start"}
     ends = {e["trial"]: e["metrics"] for e in events if e["event"] == "end"}
@@ -308,6 +312,8 @@ def sweep_state(folder: Path, storage: str, trials: int, steps: int, metric: str
         done += min(int(state["step"]), steps) if state else 0
     values = [m[metric] for m in ends.values() if isinstance(m.get(metric), (int, float))]
     shown = [f"trials {len(ends)}/{trials} done, {len(jobs) - len(ends)} running"]
+    if final:
+        shown = [f"{len(ends)} trials completed, {len(jobs) - len(ends)} stopped early or failed"]
     shown += [f"best {metric} {(max if mode == 'max' else min)(values):.4g}"] if values else []
     return {"step": done, "total": trials * steps, "start": 0, "postfix": ", ".join(shown)}
 
@@ -325,7 +331,8 @@ def _follow(base: ExperimentConfig, sw: SweepConfig, parsed: dict[str, Any], fol
 
 def _close_trial_runs(uri: str, experiment: str, table: Any, parent: str, keys: list[str]) -> None:
     """Tag every trial's run with its sweep status and link it to the sweep's run; runs of trials
-    that ASHA stopped (or that failed) end as KILLED (FAILED)."""
+    that ASHA stopped end FINISHED (a scheduler's decision, not a failure: the tag
+    ``rayrcm.sweep_status=stopped`` tells them apart), those that failed FAILED."""
     sweep_link = tracking.run_link(uri, parent)
     for _, row in table.iterrows():
         run_id = row["run_id"] if isinstance(row["run_id"], str) else tracking.find_job_run(uri, experiment, row["job"])
@@ -336,7 +343,7 @@ def _close_trial_runs(uri: str, experiment: str, table: Any, parent: str, keys: 
         tracking.add_note(uri, run_id, f"Trial {row['trial']} of sweep {sweep_link}: {values} ({row['status']}).")
         # a stopped trial's fit() may have marked its run FAILED as its Train run was torn down
         if row["status"] == "stopped" or tracking.run_status(uri, run_id) == "RUNNING":
-            tracking.terminate(uri, run_id, "KILLED" if row["status"] == "stopped" else "FAILED")
+            tracking.terminate(uri, run_id, "FINISHED" if row["status"] == "stopped" else "FAILED")
 
 
 def _log_best(uri: str, parent: str, base: ExperimentConfig, sw: SweepConfig, best: dict[str, Any],

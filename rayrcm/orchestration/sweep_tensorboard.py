@@ -29,7 +29,13 @@ def trial_scalars(result: dict[str, Any]) -> dict[str, float]:
 
 
 class StepScalars(TBXLoggerCallback):
-    """Tune's TensorBoard logger with the trial's metrics only, at the trial's training step."""
+    """Tune's TensorBoard logger with the trial's metrics only, at the trial's training step; the
+    HParams tab lists the sweep's ``metric`` (the number the trials are ranked by) as its metric, so it
+    opens on it rather than on every scalar a trial reports (those stay in the Scalars tab)."""
+
+    def __init__(self, metric: str = "") -> None:
+        super().__init__()
+        self.metric = metric
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
         if trial not in self._trial_writer:
@@ -39,5 +45,6 @@ class StepScalars(TBXLoggerCallback):
         writer = self._trial_writer[trial]
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step=step)
-        self._trial_result[trial] = scalars  # the HParams tab's metrics at the trial's end
+        # the HParams tab's metrics at the trial's end: the sweep metric when the trial reports it
+        self._trial_result[trial] = {self.metric: scalars[self.metric]} if self.metric in scalars else scalars
         writer.flush()

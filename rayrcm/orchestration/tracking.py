@@ -374,15 +374,17 @@ def add_note(uri: str, run_id: str, line: str) -> None:
         client.set_tag(run_id, NOTE_TAG, f"{note}\n\n{line}" if note else line)
 
 
-def link_source(uri: str, run_id: str, ref: str, key: str = "model.init_from") -> str | None:
+def link_source(uri: str, run_id: str, ref: str, key: str = "model.init_from", back: bool = True) -> str | None:
     """Link a job's run to the run that logged the model it started from (``ref``, as the user gave
-    it): tags ``rayrcm.source_run_id``/``rayrcm.source_model``, a note with a link each way.
+    it): tags ``rayrcm.source_run_id``/``rayrcm.source_model``, a note with a link each way
+    (``back=False``: none on the source run, e.g. a sweep's trial, whose sweep links it once).
     Returns the source run id (None for a local file)."""
     source, _ = model_lineage(ref, uri)
     set_tags(uri, run_id, {"rayrcm.source_model": ref, **({SOURCE_RUN_TAG: source} if source else {})})
     if source:
         add_note(uri, run_id, f"Started from {run_link(uri, source)} ({key} = `{ref}`).")
-        add_note(uri, source, f"Used by {run_link(uri, run_id)} ({key} = `{ref}`).")
+        if back:
+            add_note(uri, source, f"Used by {run_link(uri, run_id)} ({key} = `{ref}`).")
     return source
 
 

@@ -280,7 +280,8 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
                                         parent_run_id=parent_run_id, reopen=False, run_name=run_name)
         say(f"[rayrcm] MLflow run {run_id} ({uri})")
         if ref:  # the run the encoder came from: a tag and a link each way
-            source = tracking.link_source(uri, run_id, ref)
+            # a sweep's trial: the sweep's run links the source once, not a line per trial on it
+            source = tracking.link_source(uri, run_id, ref, back="rayrcm.sweep" not in (tags or {}))
             if source:
                 say(f"[rayrcm] {job}: model.init_from {ref} (MLflow run {source})")
     try:
