@@ -14,8 +14,10 @@ SET_HELP = ("override a value (repeatable); list the keys and their values with 
 
 
 def _parser(prog: str, doc: str, recipe: str, examples: dict[str, str]) -> argparse.ArgumentParser:
+    from rayrcm.cli import RecipeParser
+
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=fmt)
+    p = RecipeParser(prog=prog, description=doc, formatter_class=fmt)
     sub = p.add_subparsers(dest="stage", required=True, metavar="{train,certify,analyze}")
     sets = SET_HELP.format(recipe=recipe, prog=prog)
     t = sub.add_parser("train", help="train the classifier on Ray Train, log it to MLflow, register it", formatter_class=fmt,

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from rayrcm.cli import add_verbose_arg, recipe_errors
+from rayrcm.cli import RecipeParser, add_verbose_arg, recipe_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.orchestration import console
 
@@ -125,7 +125,7 @@ def stage_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     """``pretrain`` and ``finetune`` subcommands, each with its own ``--help``: its flags and an example."""
     prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    p = RecipeParser(description=doc, formatter_class=fmt)
     sub = p.add_subparsers(dest="stage", required=True)
     keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
     pre = sub.add_parser("pretrain", help="adversarial contrastive pretraining of the encoder (Ray Train)",

@@ -157,11 +157,11 @@ HELPS = {"finetune": "CADIS fine-tuning of the user's off-the-shelf classifier b
 
 def stage_parser(doc: str, examples: dict[str, str], prog: str | None = None) -> argparse.ArgumentParser:
     """``finetune`` and ``certify``, each with its own ``--help``: its flags and an example."""
-    from rayrcm.cli import add_verbose_arg
+    from rayrcm.cli import RecipeParser, add_verbose_arg
 
     prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    p = RecipeParser(description=doc, formatter_class=fmt)
     sub = p.add_subparsers(dest="stage", required=True)
     keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
     for name in ("finetune", "certify"):

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from rayrcm.cli import add_verbose_arg, recipe_errors
+from rayrcm.cli import RecipeParser, add_verbose_arg, recipe_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import console
@@ -154,7 +154,7 @@ def stage_parser(doc: str, sizes: tuple[str, ...] = ("b",), tune: bool = True,
 
     prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    p = RecipeParser(description=doc, formatter_class=fmt)
     sub = p.add_subparsers(dest="stage", required=True)
     helps = {"pretrain": "RCM contrastive-denoising pretraining of the encoder (Ray Train)",
              "finetune": "consistency fine-tuning of a classifier at one sigma (Ray Train)",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from collections.abc import Iterator
 
@@ -115,6 +116,54 @@ def recipe_message(err: Exception) -> str:
         return f"--set {key}={m.group(2) or key.rsplit('.', 1)[-1].upper()}"
 
     return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)(?![\w=-])(?: ([\w.,:@/-]+)(?=[\s;,)]|$))?", swap, str(err))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a suggestion for an unknown flag (``--num-samples`` -> ``--n``; a close spelling)
+    among the flags of the command given."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from rayrcm.errors import nearest
+
+        m = re.match(r"unrecognized arguments: (--?[\w-]+)", message)
+        if m:
+            flags = [o for a in self._command_actions() for o in a.option_strings if o.startswith("--")]
+            near = nearest(m.group(1).lstrip("-").replace("-", "_"), [f[2:].replace("-", "_") for f in flags])
+            if near is not None:
+                message += f" (did you mean --{near.replace('_', '-')}?)"
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            near = nearest(m.group(1), [c.strip(" '") for c in m.group(2).split(",")])
+            message += f" (did you mean {near}?)" if near else ""
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, as every bad input (--help shows the usage)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def _command_actions(self) -> list[argparse.Action]:
+        """This parser's actions, or those of the subcommand named on the command line."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = next((a for a in getattr(self, "_argv", []) if a in action.choices), None)
+                if chosen is not None:
+                    return list(action.choices[chosen]._actions)
+        return list(self._actions)
+
+
+class RecipeParser(Parser):
+    """A recipe's parser: a ``rayrcm certify`` flag given to a recipe stage (``--n 1000``) is
+    answered with the recipe's own syntax (``--set smoothing.n=1000``)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        m = re.match(r"unrecognized arguments: --([\w-]+)(?: (\S+))?", message)
+        key = CERTIFY_FLAGS.get(m.group(1).replace("-", "_")) if m else None
+        flag = m.group(1).replace("-", "_") if m else ""
+        if m and key and flag not in RECIPE_FLAGS:
+            value = ("true" if flag in SWITCHES else m.group(2) if m.group(2) and not m.group(2).startswith("-")
+                     else key.rsplit(".", 1)[-1].upper())
+            self.exit(2, f"{self.prog}: error: {message} (a recipe stage takes --set {key}={value})\n")
+        super().error(message)
 
 
 def _sub(sub, name: str, help_: str) -> argparse.ArgumentParser:
@@ -239,7 +288,7 @@ def add_verbose_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayrcm", description="Robust representation learning and certification on Ray.")
+    p = Parser(prog="rayrcm", description="Robust representation learning and certification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     q = _sub(sub, "quickstart", "RCM pretrain + noisy fine-tune + certification on the bundled digits")
     t = _sub(sub, "train", "run one training stage of a recipe on Ray Train")

@@ -192,18 +192,30 @@ def load_recipe(path: str | os.PathLike[str]) -> ExperimentConfig:
         check_recipe(tree, cfg, ExperimentConfig(), str(path))
         return cfg
     if p.suffix == ".py":
+        import sys
+
         spec = importlib.util.spec_from_file_location(f"rayrcm_recipe_{p.stem}", p)
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        value = module.config() if hasattr(module, "config") else getattr(module, "CONFIG", None)
+        folder = str(p.resolve().parent)  # its helper modules beside it (experiments/_rcm_seed.py) import as when run
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        try:
+            spec.loader.exec_module(module)
+            value = module.config() if hasattr(module, "config") else getattr(module, "CONFIG", None)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's file: one line naming it, not a traceback
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ConfigError("recipe", str(path), f"failed to load: {type(err).__name__}: {first}") from None
         if isinstance(value, dict):
             cfg = from_dict(value)
             check_recipe(value, cfg, ExperimentConfig(), str(path))
             return cfg
         if isinstance(value, ExperimentConfig):
             return value
-        raise ConfigError("recipe", str(path), "a Python recipe defines config() or CONFIG")
+        raise ConfigError("recipe", str(path), "defines no config() or CONFIG: a recipe of several stages runs as "
+                          f"`python {path} STAGE` (`python {path} --help` lists them)")
     raise ConfigError("recipe", str(path), "recipes are .py, .yaml or .yml files")
 
 

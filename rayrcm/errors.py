@@ -3,11 +3,43 @@ what is allowed, exit 2) and a run that cannot go on (:class:`RunFailed`: :class
 :class:`TrackingUnavailable`, exit 1)."""
 
 
+import re
+
+# names users bring from other tools, and the key or value they mean here
+SYNONYMS = {"learning_rate": "lr", "lr_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "epoch": "epochs",
+            "num_steps": "steps", "max_steps": "steps", "bs": "batch_size", "num_workers": "workers",
+            "noise_sd": "sigma", "noise_std": "sigma", "num_samples": "n", "gauss": "gaussian"}
+_LISTED = re.compile(r"(?:choose one of|has): ([\w.,\- ]+?)(?: \(|;|$)")
+
+
+def nearest(value: object, options: list[str]) -> str | None:
+    """The option ``value`` most likely mistypes (a known synonym, or a close spelling), or None."""
+    import difflib
+
+    word = str(value).rsplit(".", 1)[-1]
+    if SYNONYMS.get(word.lower()) in options:
+        return SYNONYMS[word.lower()]
+    squashed = {o.replace("_", "").replace("-", "").lower(): o for o in options}
+    if word.replace("_", "").replace("-", "").lower() in squashed:  # resnet-18 -> resnet18
+        return squashed[word.replace("_", "").replace("-", "").lower()]
+    near = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
 class ConfigError(ValueError):
-    """Bad user input, reported before any cluster work starts."""
+    """Bad user input, reported before any cluster work starts. When ``allowed`` lists the valid
+    names ("choose one of: a, b", "... has: a, b") and the value (or the key's last part, for an
+    unknown key) looks like a typo of one, the nearest is added ("did you mean b?")."""
 
     def __init__(self, key: str, value: object, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
+        m = _LISTED.search(allowed)
+        if m and "did you mean" not in allowed:
+            options = [o.strip() for o in m.group(1).split(",") if o.strip()]
+            typo = key if "unknown key" in allowed else value
+            near = nearest(typo, options)
+            if near is not None and near != str(typo):
+                allowed = f"{allowed} (did you mean {near}?)"
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
 
 
@@ -41,7 +73,5 @@ class TrackingUnavailable(RunFailed):
 
 def choose_one_of(options: tuple[str, ...] | list[str], value: object) -> str:
     """``"choose one of: a, b, c"``, with the nearest option when ``value`` looks like a typo of it."""
-    import difflib
-
-    near = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.6)
-    return f"choose one of: {', '.join(options)}" + (f" (did you mean {near[0]}?)" if near else "")
+    near = nearest(value, list(options))
+    return f"choose one of: {', '.join(options)}" + (f" (did you mean {near}?)" if near else "")

@@ -64,3 +64,34 @@ def test_console_entry_point_exit_status(recipe):
     proc = subprocess.run([sys.executable, "-m", "rayrcm.cli", "train", str(recipe), "--set", "data.name=nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "data.name='nope'" in proc.stderr
+
+
+def test_a_recipe_stage_answers_a_certify_flag_with_its_own_syntax_in_one_line():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for argv, shown in ((["examples/cifar10_gaussian.py", "certify", "--n", "1000"], "--set smoothing.n=1000"),
+                        (["experiments/rcm_digits.py", "certify", "--gpu"], "--set compute.use_gpu=true"),
+                        (["experiments/rcm_digits.py", "finetune", "--sigmaa", "0.5"], "did you mean --sigma?")):
+        out = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=60)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and shown in lines[0], out.stderr
+
+
+def test_a_recipe_imports_the_helpers_beside_it_and_a_multi_stage_recipe_says_how_to_run(tmp_path):
+    from pathlib import Path
+
+    from rayrcm.config import ExperimentConfig, load_recipe
+    from rayrcm.errors import ConfigError
+
+    (tmp_path / "_shared.py").write_text("LR = 0.003\n")
+    (tmp_path / "mine.py").write_text("from _shared import LR\n"
+                                      "def config():\n    return {'optim': {'lr': LR}}\n")
+    assert isinstance(load_recipe(tmp_path / "mine.py"), ExperimentConfig)
+    assert load_recipe(tmp_path / "mine.py").optim.lr == 0.003
+    (tmp_path / "broken.py").write_text("import not_a_module_here\n")
+    with pytest.raises(ConfigError, match="failed to load: ModuleNotFoundError: No module named 'not_a_module_here'"):
+        load_recipe(tmp_path / "broken.py")
+    staged = Path(__file__).resolve().parents[1] / "experiments" / "rcm_digits.py"
+    with pytest.raises(ConfigError, match=r"runs as `python .*rcm_digits.py STAGE`"):
+        load_recipe(staged)
