@@ -185,7 +185,8 @@ def job_cluster(tmp_path_factory):
     env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                PYTHONUNBUFFERED="1")
     _run([str(BIN / "ray"), "get-auth-token", "--generate"], env)
-    server = _run([str(BIN / "rayrcm"), "mlflow-server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+    # --host 0.0.0.0 as the cluster files start it on a head (with auth), answered on loopback
+    server = _run([str(BIN / "rayrcm"), "mlflow-server", "--host", "0.0.0.0", "--port", str(mlflow_port),
                    "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                    "--artifacts-destination", str(root / "artifacts"), "--detach", "--pidfile", str(root / "mlflow.pid")],
                   env, timeout=180)
