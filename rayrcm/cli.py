@@ -339,6 +339,10 @@ def certify_config(args: argparse.Namespace):
     items = [f"mode={args.command}"]
     if getattr(args, "n", None) is not None and getattr(args, "max_n", None) is not None:
         raise ConfigError("max_n", args.max_n, f"--max-n and --n name the same cap (n={args.n}): give one")
+    sampling = getattr(args, "sampling", None) or "fixed"
+    for flag, mode in (("max_decline", "iss"), ("decline", "iss"), ("max_n", "sequential")):  # (radii: the protocol's)
+        if getattr(args, flag, None) is not None and sampling != mode:  # a mode's flag without its mode
+            raise ConfigError(flag, getattr(args, flag), f"is for --sampling {mode}, not sampling={sampling}")
     for flag, key in CERTIFY_FLAGS.items():
         value = getattr(args, flag, None)
         if isinstance(value, list):  # a repeatable flag: the dotted parser reads tuples comma separated

@@ -261,6 +261,15 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> ExperimentCo
     check_data(d)
     check(m.encoder in ENCODERS, "model.encoder", m.encoder, f"unknown encoder; choose one of: {', '.join(ENCODERS.names())}")
     check_model(m, d.image_size)
+    if m.lora_rank:  # LoRA needs a ViT: asked of the encoder itself, built without weights (meta device)
+        import torch
+
+        from rayrcm.models.encoders import ViTEncoder
+
+        with torch.device("meta"):
+            encoder = ENCODERS.get(m.encoder)(m, m.input_resize or d.image_size)
+        check(isinstance(encoder, ViTEncoder), "model.lora_rank", m.lora_rank,
+              f"only ViT encoders take LoRA ({m.encoder!r} is not one)")
     check_optim(cfg.optim)
     check_train(cfg.train)
     check(cfg.method.export in EXPORTS, "method.name", cfg.method.name,

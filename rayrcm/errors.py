@@ -6,6 +6,8 @@ what is allowed, exit 2) and a run that cannot go on (:class:`RunFailed`: :class
 import re
 
 # names users bring from other tools, and the key or value they mean here
+MAX_SEED = 2**63 - 1  # seeds go to torch.Generator.manual_seed and NumPy: a signed 64-bit integer
+MAX_NAME = 180  # a job's folder name: room below the file system's 255 bytes for a sweep's -<trial> suffix and more
 SYNONYMS = {"learning_rate": "lr", "lr_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "epoch": "epochs",
             "num_steps": "steps", "max_steps": "steps", "bs": "batch_size", "num_workers": "workers",
             "noise_sd": "sigma", "noise_std": "sigma", "num_samples": "n", "gauss": "gaussian"}
@@ -40,7 +42,11 @@ class ConfigError(ValueError):
             near = nearest(typo, options)
             if near is not None and near != str(typo):
                 allowed = f"{allowed} (did you mean {near}?)"
+        self.allowed = allowed
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
+
+    def __reduce__(self):  # picklable with its arguments: a worker's ConfigError reaches the driver as itself
+        return (type(self), (self.key, self.value, self.allowed))
 
 
 class RunFailed(RuntimeError):

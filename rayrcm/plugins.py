@@ -36,11 +36,31 @@ def load_plugin(spec: str, key: str = "train.plugins") -> ModuleType:
             return loaded
         if str(path.parent) not in sys.path:
             sys.path.insert(0, str(path.parent))
-        return importlib.import_module(name)
+        return _import(name, spec, key)
     try:
-        return importlib.import_module(spec)
+        return _import(spec, spec, key)
     except ModuleNotFoundError as err:
+        if err.name != spec.split(".")[0] and err.name != spec:  # the plugin imports a module that is missing
+            raise ConfigError(key, spec, f"plugin {spec} failed to import: {type(err).__name__}: {err}") from None
         raise ConfigError(key, spec, f"cannot be imported ({err}); give an importable module or a .py file") from None
+
+
+def _import(name: str, spec: str, key: str) -> ModuleType:
+    """Import ``name``; anything the plugin's own code raises is one line naming it (a missing module
+    ``name`` itself is left to the caller)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name == name:
+            raise
+        sys.modules.pop(name, None)
+        raise ConfigError(key, spec, f"plugin {spec} failed to import: {type(err).__name__}: {err}") from None
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code: a SyntaxError, a raise, ... in one line
+        sys.modules.pop(name, None)
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(key, spec, f"plugin {spec} failed to import: {type(err).__name__}: {first}") from None
 
 
 def load_plugins(specs: Iterable[str], key: str = "train.plugins") -> list[ModuleType]:

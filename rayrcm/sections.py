@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from rayrcm.errors import ConfigError
+from rayrcm.errors import MAX_NAME, MAX_SEED, ConfigError
 
 AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug", "simclr", "mocov3", "mocov3_1", "mocov3_2", "center")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -179,7 +179,8 @@ def check_data(d: DataConfig) -> None:
 
 def check_model(m: ModelConfig, image_size: int) -> None:
     check(m.patch_size >= 0, "model.patch_size", m.patch_size, "must be >= 0 (0 = encoder default)")
-    check(m.input_resize == 0 or m.input_resize >= 4, "model.input_resize", m.input_resize, "must be >= 4 (or 0: off)")
+    check(m.input_resize == 0 or 4 <= m.input_resize <= 4096, "model.input_resize", m.input_resize,
+          "must be 4 to 4096 pixels (or 0: off)")
     if m.patch_size:
         size, key = (m.input_resize, "model.input_resize") if m.input_resize else (image_size, "data.image_size")
         check(size % m.patch_size == 0, "model.patch_size", m.patch_size, f"must divide {key}={size}")
@@ -222,12 +223,14 @@ def check_job_name(key: str, name: str) -> None:
 
     check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None and name not in (".", ".."), key, name,
           "must be one path component: letters, digits, '-', '_', '.' (not '.' or '..')")
+    check(len(name) <= MAX_NAME, key, name[:40] + "...", f"is {len(name)} characters; at most {MAX_NAME} (a folder name)")
 
 
 def check_train(t: TrainConfig) -> None:
     if t.name:
         check_job_name("train.name", t.name)
-    check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    check(1 <= t.steps <= 10**10, "train.steps", t.steps, "must be >= 1 and <= 10^10")
+    check(0 <= t.seed <= MAX_SEED, "train.seed", t.seed, "must be >= 0 and < 2^63 (a 64-bit seed)")
     check(t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0 (0 = use train.steps)")
     check(t.checkpoint_epochs >= 0, "train.checkpoint_epochs", t.checkpoint_epochs, "must be >= 0")
     check(t.eval_votes >= 1, "train.eval_votes", t.eval_votes, "must be >= 1")

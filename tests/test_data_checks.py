@@ -197,3 +197,27 @@ def test_an_image_damaged_after_its_header_is_named_when_read(tmp_path):
     with pytest.raises(ConfigError) as err:
         eval_images(splits.test, [0, index], 32, large=True)
     assert str(err.value).startswith(f"image={index} is invalid: image file {str(cut)!r} cannot be read")
+
+
+def test_text_files_that_are_not_utf8_are_one_line_naming_the_file(tmp_path):
+    from rayrcm.data.captions import read_caption_csv
+    from rayrcm.data.shift import read_class_list
+    from rayrcm.errors import ConfigError
+
+    (tmp_path / "captions.csv").write_bytes("a.jpg,caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "classes.txt").write_bytes("n01\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"captions.csv' is invalid: is not UTF-8 text \(byte \d+"):
+        read_caption_csv(tmp_path / "captions.csv")
+    with pytest.raises(ConfigError, match=r"classes.txt' is invalid: is not UTF-8 text"):
+        read_class_list(tmp_path / "classes.txt")
+
+
+def test_a_config_error_raised_in_a_ray_worker_reaches_the_driver_as_itself():
+    import pickle
+
+    from rayrcm.errors import ConfigError
+
+    err = pickle.loads(pickle.dumps(ConfigError("model.lora_rank", 4, "only ViT encoders take LoRA")))
+    assert isinstance(err, ConfigError) and str(err) == "model.lora_rank=4 is invalid: only ViT encoders take LoRA"
+    typo = pickle.loads(pickle.dumps(ConfigError("method.name", "gausian", "choose one of: gaussian, rcm")))
+    assert str(typo).count("did you mean") == 1  # the suggestion is not added twice on the way back

@@ -226,6 +226,11 @@ def test_an_older_protocol_without_the_image_size_still_resumes(tmp_path):
     f.write_text(json.dumps(old))
     assert certify_job.prepare(cfg).protocol["image_size"] == 8  # absent from the old file: compared as equal
     f.write_text(json.dumps({**old, "image_size": 16}))
+    fresh = certify_job.prepare(cfg)  # no results yet under the other protocol: it gives way, said once
+    assert fresh.superseded and any("starting afresh with this one" in w for w in fresh.warnings)
+    from rayrcm.certify.collect import write_part
+
+    write_part(p.out / "rows", [{"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 0.1}])
     with pytest.raises(ConfigError, match=r"holds results of another protocol \(image_size 16 != 8\)"):
         certify_job.prepare(cfg)
 

@@ -1,5 +1,6 @@
 """docs/reliability.md stays true: every row of its command-line table runs here and must end
-with the exit status and the exact one-line error the table shows."""
+with the exit status and the exact one-line error the table shows, before Ray starts (``ray.init``
+fails the row)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,16 @@ def test_bad_input_row(kind, command, code, shown, tmp_path, monkeypatch, capsys
     (tmp_path / "list.yaml").write_text("optim:\n  lr: [1, 2]\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "garbage.tsv").write_text("bad\tline\n")
+    (tmp_path / "boom.py").write_text("raise RuntimeError('boom from plugin')\n")  # plugins that fail to import
+    (tmp_path / "syntax.py").write_text("def f(:\n")
+    (tmp_path / "missing.py").write_text("import no_such_module_xyz\n")
     _write_data(tmp_path)
+    import ray
+
+    def no_ray(*args, **kwargs):  # every row is refused before any Ray work starts
+        raise AssertionError(f"{kind}: Ray was started for a bad input")
+
+    monkeypatch.setattr(ray, "init", no_ray)
     argv = shlex.split(command)[1:]
     with pytest.raises(SystemExit) as ex:
         main(argv)

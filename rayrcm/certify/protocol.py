@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from rayrcm.errors import ConfigError, choose_one_of
+from rayrcm.errors import MAX_SEED, ConfigError, choose_one_of
 from rayrcm.overrides import check_finite
 from rayrcm.sections import PRECISIONS, TrackingConfig, check_job_name, default_storage
 
@@ -128,6 +129,9 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(all(i >= 0 for i in s.indices), "indices", s.indices, "dataset indices are >= 0")
     _check(len(set(s.indices)) == len(s.indices), "indices", s.indices, "must not repeat an index")
     _check(s.block >= 1, "block", s.block, "must be >= 1")
+    _check(0 <= s.seed <= MAX_SEED, "seed", s.seed, "must be >= 0 and < 2^63 (a 64-bit noise seed)")
+    out = Path(cfg.out_dir).expanduser()
+    _check(not out.exists() or out.is_dir(), "out_dir", cfg.out_dir, "is a file; give a folder (created if missing)")
     _check(s.sampling in SAMPLINGS, "sampling", s.sampling, choose_one_of(SAMPLINGS, s.sampling))
     if s.sampling == "iss":
         _check(cfg.mode == "certify", "sampling", s.sampling, "input-specific sampling is for certify, not predict")

@@ -50,10 +50,14 @@ class CaptionRow:
 def read_caption_csv(path: str | os.PathLike[str]) -> list[CaptionRow]:
     """The ``relpath,caption`` rows of the CSV at ``path`` whose path ends in an image suffix."""
     rows: list[CaptionRow] = []
-    with open(Path(path).expanduser(), newline="", encoding="utf-8") as f:
-        for row in csv.reader(f):
-            if len(row) >= 2 and row[0].endswith(IMAGE_SUFFIXES):
-                rows.append(CaptionRow(row[0], row[1]))
+    try:
+        with open(Path(path).expanduser(), newline="", encoding="utf-8") as f:
+            for row in csv.reader(f):
+                if len(row) >= 2 and row[0].endswith(IMAGE_SUFFIXES):
+                    rows.append(CaptionRow(row[0], row[1]))
+    except UnicodeDecodeError as err:
+        raise ConfigError("caption file", str(path), f"is not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "save it as UTF-8") from None
     return rows
 
 

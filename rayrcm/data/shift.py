@@ -167,7 +167,12 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError("data.classes", str(path), "no such file (one class name, e.g. a wnid, per line)")
-    names = [line.split("#", 1)[0].strip() for line in file.read_text().splitlines()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError("data.classes", str(path), f"is not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "save it as UTF-8") from None
+    names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     names = [n for n in names if n]
     seen: set[str] = set()
     for n in names:

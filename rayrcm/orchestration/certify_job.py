@@ -178,7 +178,7 @@ def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared:
     if p.todo:  # can the cluster hold the job? asked before any run is opened
         import ray
 
-        from rayrcm.orchestration.trainer import ensure_ray, require_gpus
+        from rayrcm.orchestration.trainer import ensure_ray, require_cpus, require_gpus
 
         c = p.cfg.compute
         if not ray.is_initialized():
@@ -186,6 +186,7 @@ def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared:
                                             if os.environ.get("RAY_ADDRESS") else ""), flush=True)
         ensure_ray(**(ray_init or {}))
         require_gpus("compute.use_gpu", c.workers * c.gpus_per_worker if c.use_gpu else 0)
+        require_cpus("compute.cpus_per_worker", c.cpus_per_worker, c.cpus_per_worker, c.workers)
     run_id = _start(p)
     ok = False
     try:

@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from rayrcm.config import ExperimentConfig, apply_overrides, to_flat_dict, update_dataclass
-from rayrcm.errors import ConfigError
-from rayrcm.orchestration import live, tracking
+from rayrcm.errors import ConfigError, RunFailed
+from rayrcm.orchestration import job_files, live, tracking
 from rayrcm.orchestration.sweep_report import trial_table, write_summary
 from rayrcm.orchestration.sweep_space import (
     KINDS,
@@ -400,8 +400,13 @@ def _finish(base: ExperimentConfig, sw: SweepConfig, uri: str | None, parent: st
         tracking.log_artifacts(uri, parent, files)
         tracking.end_run(uri, parent, ok=bool(best))
     if best:
-        where = model.get("alias_uri") or model.get("registry_uri") or f"runs:/{best['run_id']}/model"
+        where = (model.get("alias_uri") or model.get("registry_uri")
+                 or (f"runs:/{best['run_id']}/model" if isinstance(best.get("run_id"), str) else
+                     str(job_files.model_dir(base.train.storage_path, best["job"]) / "model.pt")))
         print(f"[rayrcm] best trial {best['trial']}: {sw.metric} = {best[sw.metric]:.4f} with "
               + ", ".join(f"{k}={best[k]}" for k in keys) + f"; model {where}", flush=True)
     print(f"[rayrcm] summary: {folder / 'sweep_summary.md'}; Tune logs: tensorboard --logdir {folder}", flush=True)
+    if not best and int(counts.get("error", 0)):  # every trial failed: the sweep failed (exit 1), not done
+        raise RunFailed(f"sweep {sw.name}: no trial completed ({int(counts.get('error', 0))} failed); "
+                        f"the trials' errors are in {folder}")
     return SweepResult(sw.name, folder, parent, table, best, model)

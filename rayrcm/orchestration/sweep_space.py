@@ -191,6 +191,9 @@ def validate_sweep(base: ExperimentConfig, sw: SweepConfig) -> tuple[ExperimentC
         raise ConfigError("method.name", base.method.name, "sweeps tune classifier stages (fine-tuning)")
     _check_settings(sw)
     name = sw.name or f"{base.job_name}-sweep"
+    from rayrcm.sections import check_job_name
+
+    check_job_name("sweep.name", name)  # its folder under train.storage_path: one path component
     register_as = sw.register_as or base.tracking.register_as
     alias = sw.alias or (sweep_alias(name) if base.tracking.alias and register_as else "")
     if alias and not all(c.isalnum() or c in "-_" for c in alias):

@@ -130,6 +130,24 @@ def _resources_line(res: dict[str, float]) -> str:
     return ", ".join(shown) or "none"
 
 
+def require_cpus(key: str, value: Any, per_worker: float, workers: int) -> None:
+    """Fail with one line when no node of the Ray cluster has ``per_worker`` CPUs, or the cluster has
+    fewer than ``workers * per_worker`` (the job would wait forever for them). A cluster joined by
+    address (``RAY_ADDRESS``) may autoscale: it is left to wait."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    biggest, total = max(cpus, default=0.0), sum(cpus)
+    if per_worker > biggest:
+        raise ConfigError(key, value, f"each worker asks for {per_worker:g} CPUs, and the largest node of the Ray cluster "
+                                      f"has {biggest:g} (cluster resources: {_resources_line(ray.cluster_resources())})")
+    if workers * per_worker > total:
+        raise ConfigError(key, value, f"{workers} workers x {per_worker:g} CPUs = {workers * per_worker:g} CPUs, and the Ray "
+                                      f"cluster has {total:g} (cluster resources: {_resources_line(ray.cluster_resources())})")
+
+
 def require_gpus(key: str, needed: float) -> None:
     """Fail with one line when the Ray cluster cannot hold ``needed`` GPUs (instead of waiting
     forever for them). A local cluster never grows: fail at once. A cluster joined by address
@@ -171,9 +189,14 @@ def prepare(cfg: ExperimentConfig, *, job: bool = False) -> tuple[ExperimentConf
     batch, workers = cfg.data.batch_size, max(cfg.train.workers, 1)
     if batch % workers:
         raise ConfigError("data.batch_size", batch, f"must be divisible by train.workers={workers} (it is the global batch)")
+    given = cfg.train.storage_path
+    if "://" not in given and Path(given).expanduser().exists() and not Path(given).expanduser().is_dir():
+        raise ConfigError("train.storage_path", given, "is a file; give a folder (created if missing)")
     cfg = replace(cfg, train=replace(cfg.train, storage_path=storage_root(cfg)))
     recorded = job_config(cfg)  # init_from as the user gave it, before it is resolved to a local file
     ran_before = check_rerun(cfg.train.storage_path, cfg.job_name, recorded, default_job_config(cfg)) if job else True
+    if cfg.data.path and "://" not in cfg.data.path:  # the workers run in other folders: as the driver read it
+        cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve())))
     uri = None
     if cfg.tracking.enabled:
         uri = tracking.normalize_uri(cfg.tracking.uri)
@@ -270,6 +293,7 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
     t, job = cfg.train, cfg.job_name
     ensure_ray(**(ray_init or {}))
     require_gpus("train.use_gpu", max(t.workers, 1) if t.use_gpu else 0)
+    require_cpus("train.workers", t.workers, 1.0, max(t.workers, 1))
     run_id = None
     if uri:  # a rerun's run stays as it was (FINISHED, FAILED) until rank 0 starts a step
         if parent_run_id is None and ref and cfg.method.child_of_source:  # a probe: a child of its pretraining run
