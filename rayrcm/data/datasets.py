@@ -285,6 +285,9 @@ def _cifar(name: str, classes: int) -> DatasetSpec:
         if not path:
             raise ConfigError("data.path", path, f"{name} needs data.path: the folder holding {folder}/")
         root = Path(path).expanduser() / folder
+        if not root.is_dir() and Path(path).expanduser().name == folder and Path(path).expanduser().is_dir():
+            raise ConfigError("data.path", path, f"is the {folder}/ folder itself: point data.path at its parent, "
+                                                 f"{Path(path).expanduser().parent}")
         if not root.is_dir():
             raise ConfigError("data.path", path, f"no {folder}/ folder there (the {name} python format; nothing is downloaded)")
         missing = [f for f in (layout.meta, *layout.train, *layout.test) if not (root / f).is_file()]
