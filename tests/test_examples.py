@@ -129,11 +129,13 @@ def test_imagefolder_example_trains_from_a_folder_of_class_folders(tmp_path):
 
 
 def test_readme_certify_commands_use_certification_keys():
-    """``--set`` on a ``certify`` line is a CertifyConfig key (``data_path``, not ``data.path``)."""
+    """``--set`` on a ``certify`` line of the README or a docs page is a CertifyConfig key (``data_path``,
+    not ``data.path``)."""
     from rayrcm.orchestration.certify_job import config_from_args
 
     found = 0
-    for line in README.read_text().splitlines():
+    text = "\n".join(f.read_text() for f in [README, *sorted((ROOT / "docs").glob("*.md"))])
+    for line in text.splitlines():
         if re.search(r"(experiments|examples)/\S+\.py\s+certify\b", line):
             keys = re.findall(r"--set\s+(\S+=\S+)", line.split("#", 1)[0])
             config_from_args([k.replace("$", "") for k in keys])  # unknown keys raise one line
@@ -219,3 +221,17 @@ def test_readme_cifar10_walkthrough_runs_as_written(tmp_path):
     assert run.data.params["protocol.n"] == str(TINY_N) and run.info.status == "FINISHED"
     old = client.search_runs([run.info.experiment_id], "tags.`rayrcm.job` = 'cifar10-gaussian-sigma-0_25 (superseded)'")
     assert len(old) == 1 and old[0].data.params["protocol.n"] == "100000" and old[0].info.status != "RUNNING"
+
+
+def test_the_python_page_runs_as_written(tmp_path):
+    """docs/python.md's code block, as a notebook would run it, on a model file made here."""
+    import runpy
+
+    from helpers import make_model
+
+    text = (ROOT / "docs" / "python.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "page.py").write_text(code)
+    out = runpy.run_path(str(tmp_path / "page.py"), init_globals={"MODEL_FILE": str(make_model(tmp_path / "m.pt"))})
+    assert out["cert"].prediction in range(-1, 10) and out["cert"].radius >= 0
+    assert len(out["seq"].decisions) == 3 and 0 < out["seq"].samples <= 10_000
