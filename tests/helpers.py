@@ -60,7 +60,7 @@ def fails_in_one_line(capsys, argv: list[str], needle: str, *, before_ray: bool 
     def no_ray(**_kw):
         raise AssertionError("bad input reached Ray")
 
-    with mock.patch("rayrcm.orchestration.trainer.ensure_ray", side_effect=no_ray) if before_ray else _nothing():
+    with mock.patch("rayrcm.orchestration.cluster.ensure_ray", side_effect=no_ray) if before_ray else _nothing():
         with pytest.raises(SystemExit) as exit_:
             main(argv)
     err = capsys.readouterr().err.strip()

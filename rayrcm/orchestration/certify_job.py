@@ -178,7 +178,7 @@ def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared:
     if p.todo:  # can the cluster hold the job? asked before any run is opened
         import ray
 
-        from rayrcm.orchestration.trainer import ensure_ray, require_cpus, require_gpus
+        from rayrcm.orchestration.cluster import ensure_ray, require_cpus, require_gpus
 
         c = p.cfg.compute
         if not ray.is_initialized():
@@ -199,7 +199,7 @@ def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared:
 
 
 def _run(p: Prepared, run_id: str | None, ray_init: dict[str, Any] | None, show_table: bool) -> CertifyResult:
-    from rayrcm.orchestration.trainer import ensure_ray
+    from rayrcm.orchestration.cluster import ensure_ray
 
     cfg, s = p.cfg, p.cfg.smoothing
     logger = None

@@ -218,7 +218,7 @@ def run(cfg: EvaluateConfig, *, ray_init: dict[str, Any] | None = None, prepared
     """Evaluate the job's missing shards; resumes when the same job ran before."""
     p = prepared or prepare(cfg)
     if p.todo:
-        from rayrcm.orchestration.trainer import ensure_ray, require_gpus
+        from rayrcm.orchestration.cluster import ensure_ray, require_gpus
 
         ensure_ray(**(ray_init or {}))
         require_gpus("use_gpu", p.cfg.workers * p.cfg.gpus_per_worker if p.cfg.use_gpu else 0)

@@ -257,7 +257,8 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
     from ray import tune
 
     from rayrcm.config import to_dict
-    from rayrcm.orchestration.trainer import ensure_ray, prepare
+    from rayrcm.orchestration.cluster import ensure_ray
+    from rayrcm.orchestration.trainer import prepare
 
     base, sw, parsed = validate_sweep(base, sw)
     init_ref = base.model.init_from  # as the user gave it: prepare() resolves it to a local file

@@ -18,7 +18,6 @@ FINISHED run as it was, and any other failure ends the run FAILED.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -39,7 +38,7 @@ from rayrcm.config import (
 from rayrcm.data.checks import check_dataset
 from rayrcm.errors import ConfigError, NonFiniteLoss, TrackingUnavailable
 from rayrcm.models.classifier import check_encoder_file
-from rayrcm.orchestration import job_files, metric_buffer, tracking
+from rayrcm.orchestration import cluster, job_files, metric_buffer, tracking
 from rayrcm.orchestration.train_worker import (
     non_finite_marker,
     read_unsent,
@@ -54,7 +53,6 @@ RESUME_KEYS = frozenset({  # may differ between runs of one job: where and how i
     "train.keep_checkpoints", "train.storage_path", "train.fault_at_step", "train.fault_mode", "train.plugins",
     "data.num_workers", "tracking.uri", "tracking.system_metrics", "tracking.flush_timeout_s",
 })
-GPU_WAIT_ENV = "RAYRCM_GPU_WAIT_S"  # how long to wait for GPUs on a cluster joined by address (default 300)
 
 
 @dataclass
@@ -69,18 +67,6 @@ class FitResult:
 def storage_root(cfg: ExperimentConfig) -> str:
     p = cfg.train.storage_path
     return p if "://" in p else str(Path(p).expanduser().resolve())
-
-
-def ensure_ray(**kwargs: Any) -> None:
-    """Connect to ``RAY_ADDRESS`` when set (a cluster or ``ray job submit``), else start Ray locally."""
-    from rayrcm.orchestration import console
-
-    console.configure()  # no-op for the console filters when ray was imported already
-    import ray
-
-    if not ray.is_initialized():
-        where = {"address": os.environ["RAY_ADDRESS"]} if os.environ.get("RAY_ADDRESS") else kwargs
-        ray.init(**{**console.ray_init_kwargs(), **where}, log_to_driver=True)
 
 
 def job_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -123,57 +109,6 @@ def check_rerun(storage: str, job: str, recorded: dict[str, Any], defaults: dict
         raise ConfigError("train.name", job, f"this job ran with another config: {shown}; rerun it with its own "
                           "config to resume it, or start a new job with --set train.name=<new name>")
     return True
-
-
-def _resources_line(res: dict[str, float]) -> str:
-    shown = [f"{res[k]:g} {k}" for k in ("CPU", "GPU") if res.get(k)]
-    return ", ".join(shown) or "none"
-
-
-def require_cpus(key: str, value: Any, per_worker: float, workers: int) -> None:
-    """Fail with one line when no node of the Ray cluster has ``per_worker`` CPUs, or the cluster has
-    fewer than ``workers * per_worker`` (the job would wait forever for them). A cluster joined by
-    address (``RAY_ADDRESS``) may autoscale: it is left to wait."""
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    import ray
-
-    cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    biggest, total = max(cpus, default=0.0), sum(cpus)
-    if per_worker > biggest:
-        raise ConfigError(key, value, f"each worker asks for {per_worker:g} CPUs, and the largest node of the Ray cluster "
-                                      f"has {biggest:g} (cluster resources: {_resources_line(ray.cluster_resources())})")
-    if workers * per_worker > total:
-        raise ConfigError(key, value, f"{workers} workers x {per_worker:g} CPUs = {workers * per_worker:g} CPUs, and the Ray "
-                                      f"cluster has {total:g} (cluster resources: {_resources_line(ray.cluster_resources())})")
-
-
-def require_gpus(key: str, needed: float) -> None:
-    """Fail with one line when the Ray cluster cannot hold ``needed`` GPUs (instead of waiting
-    forever for them). A local cluster never grows: fail at once. A cluster joined by address
-    (``RAY_ADDRESS``) may autoscale: wait up to ``$RAYRCM_GPU_WAIT_S`` seconds (300) first."""
-    if needed <= 0:
-        return
-    import ray
-
-    res = ray.cluster_resources()
-    if res.get("GPU", 0) >= needed:
-        return
-    wait = float(os.environ.get(GPU_WAIT_ENV, "300")) if os.environ.get("RAY_ADDRESS") else 0.0
-    if wait > 0:
-        print(f"[rayrcm] waiting up to {wait:.0f} s for {needed:g} GPU(s) in the Ray cluster (it has "
-              f"{_resources_line(res)}; an autoscaling cluster may add GPU nodes; ${GPU_WAIT_ENV} sets the wait)",
-              flush=True)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
-            res = ray.cluster_resources()
-            if res.get("GPU", 0) >= needed:
-                return
-    have = res.get("GPU", 0)
-    what = "no GPUs" if not have else f"{have:g} GPU(s), {needed:g} needed"
-    waited = f" after waiting {wait:.0f} s" if wait > 0 else ""
-    raise ConfigError(key, True, f"the Ray cluster has {what}{waited} (cluster resources: {_resources_line(res)})")
 
 
 def prepare(cfg: ExperimentConfig, *, job: bool = False) -> tuple[ExperimentConfig, str | None]:
@@ -291,9 +226,9 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
     ref = init_ref or cfg.model.init_from  # as the user gave it: prepare() resolves it to a local file
     cfg, uri = prepare(cfg, job=True)
     t, job = cfg.train, cfg.job_name
-    ensure_ray(**(ray_init or {}))
-    require_gpus("train.use_gpu", max(t.workers, 1) if t.use_gpu else 0)
-    require_cpus("train.workers", t.workers, 1.0, max(t.workers, 1))
+    cluster.ensure_ray(**(ray_init or {}))
+    cluster.require_gpus("train.use_gpu", max(t.workers, 1) if t.use_gpu else 0)
+    cluster.require_cpus("train.workers", t.workers, 1.0, max(t.workers, 1))
     run_id = None
     if uri:  # a rerun's run stays as it was (FINISHED, FAILED) until rank 0 starts a step
         if parent_run_id is None and ref and cfg.method.child_of_source:  # a probe: a child of its pretraining run
