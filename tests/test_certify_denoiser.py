@@ -142,12 +142,18 @@ def test_bad_denoisers_are_one_line_before_ray(capsys, files, tmp_path):
     _fails(capsys, [*base, "--denoiser", "adm:pkg.mod:model"], "wiener and adm: sources are for the cadis objective")
 
 
+ROW = {"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 0.1}  # one finished image
+
+
 def test_a_plain_jobs_name_is_refused_with_a_denoiser_and_an_older_protocol_still_resumes(files, tmp_path):
+    from rayrcm.certify.collect import write_part
+
     model_file, den_file = files
     plain = certify_job.prepare(_cfg(model_file, tmp_path / "out", name="job"))
     plain.out.mkdir(parents=True)
     old = {k: v for k, v in plain.protocol.items() if k != "denoiser_sha256"}  # written before the key existed
     (plain.out / PROTOCOL_FILE).write_text(json.dumps({**old, "model": str(model_file)}))
+    write_part(plain.out / "rows", [ROW])  # it holds results: another protocol is refused, not started afresh
     certify_job.prepare(_cfg(model_file, tmp_path / "out", name="job"))  # resumes
     with pytest.raises(ConfigError, match="another protocol.*denoiser_sha256 '' != '") as err:
         certify_job.prepare(_cfg(model_file, tmp_path / "out", denoiser=den_file, name="job"))
@@ -156,6 +162,7 @@ def test_a_plain_jobs_name_is_refused_with_a_denoiser_and_an_older_protocol_stil
     den = certify_job.prepare(_cfg(model_file, tmp_path / "out", denoiser=den_file, name="den"))
     den.out.mkdir(parents=True)
     (den.out / PROTOCOL_FILE).write_text(json.dumps(den.protocol))
+    write_part(den.out / "rows", [ROW])
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "model.pt").write_bytes(den_file.read_bytes())
     certify_job.prepare(_cfg(model_file, tmp_path / "out", denoiser=tmp_path / "copy", name="den"))

@@ -29,6 +29,7 @@ from rayrcm.certify.protocol import (
     validate_certify,
 )
 from rayrcm.errors import ConfigError
+from rayrcm.models.denoisers import file_sha256
 from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, load_file, predicts_classes
 from rayrcm.orchestration import tracking
 from rayrcm.plugins import load_plugins
@@ -65,14 +66,6 @@ class Prepared:
         return [i for i in self.indices if i not in self.finished]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _default_name(cfg: CertifyConfig, dataset: str, sha: str, denoiser_sha: str = "") -> str:
     s = cfg.smoothing
     parts = [cfg.mode, dataset, cfg.split, sha[:8], f"sigma-{short_sigma(s.sigma)}", f"n{s.n}"]
@@ -92,10 +85,12 @@ def _default_name(cfg: CertifyConfig, dataset: str, sha: str, denoiser_sha: str 
     return "-".join(parts + [f"seed{s.seed}"])
 
 
-def _data_config(cfg: CertifyConfig, meta: dict[str, Any]) -> DataConfig:
+def data_config(dataset: str, data_path: str, meta: dict[str, Any]) -> DataConfig:
+    """The data a results job reads: ``dataset``/``data_path`` as given, else the model's training data
+    (its path only for its own dataset), at the model's image size."""
     trained = meta["config"]["data"]
-    name = cfg.dataset or trained["name"]
-    path = cfg.data_path or (trained.get("path") if name == trained["name"] else None)
+    name = dataset or trained["name"]
+    path = data_path or (trained.get("path") if name == trained["name"] else None)
     return DataConfig(name=name, path=path or None, image_size=int(meta["image_size"]),
                       val_fraction=float(trained.get("val_fraction", 0.1)), crop_pct=float(trained.get("crop_pct", 0.875)))
 
@@ -118,28 +113,29 @@ def _first_line(err: Exception) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:160]
 
 
-def _load_model(cfg: CertifyConfig, uri: str | None) -> tuple[Path, dict[str, Any]]:
-    """The local model file and its meta, once it is known to rebuild into a classifier here."""
-    local = tracking.resolve_model(cfg.model, uri)
+def load_classifier_file(ref: str, uri: str | None) -> tuple[Path, dict[str, Any]]:
+    """The local model file of ``ref`` (``--model``: a path, run id, ``runs:/`` or ``models:/``) and its
+    meta, once it is known to rebuild into a classifier here; one-line errors naming ``model``."""
+    local = tracking.resolve_model(ref, uri)
     try:
         blob = load_file(local)
         kind = export_kind(blob["meta"])
     except ConfigError:  # already one line naming the file
         raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --model
-        raise ConfigError("model", cfg.model, f"is not a rayrcm model file ({_first_line(err)})") from None
+        raise ConfigError("model", ref, f"is not a rayrcm model file ({_first_line(err)})") from None
     if kind not in EXPORTS:  # build_from_blob says so too, naming train.plugins; here the flag is --plugin
-        raise ConfigError("model", cfg.model, f"has export kind {kind!r}, not registered here (registered: "
+        raise ConfigError("model", ref, f"has export kind {kind!r}, not registered here (registered: "
                           f"{', '.join(EXPORTS.names())}); load the plugin that registers it (--plugin)")
     if not predicts_classes(blob["meta"]):
-        raise ConfigError("model", cfg.model, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} "
+        raise ConfigError("model", ref, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} "
                           "checkpoint; certification needs a classifier (a model that predicts classes)")
     try:
         _, meta = build_from_blob(blob)
     except ConfigError as err:
-        raise ConfigError("model", cfg.model, f"{err.value}: {err.allowed}") from None
+        raise ConfigError("model", ref, f"{err.value}: {err.allowed}") from None
     except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
-        raise ConfigError("model", cfg.model, f"does not match its own config ({_first_line(err)})") from None
+        raise ConfigError("model", ref, f"does not match its own config ({_first_line(err)})") from None
     return local, meta
 
 
@@ -232,9 +228,9 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if cfg.tracking.enabled:
         uri = tracking.normalize_uri(cfg.tracking.uri)
         tracking.check_reachable(uri)
-    local, meta = _load_model(cfg, uri)
+    local, meta = load_classifier_file(cfg.model, uri)
     denoiser_file = _load_denoiser(cfg, uri, meta) if cfg.denoiser else None
-    data = _data_config(cfg, meta)
+    data = data_config(cfg.dataset, cfg.data_path, meta)
     data_warnings = _check_dataset(cfg, meta, data.name)  # before any data is read
     if data.name in CORRUPTED:  # the released files of one corruption and severity
         from rayrcm.data.shift import read_cifar_c
@@ -252,8 +248,8 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     indices = select_indices(len(ds), cfg.smoothing)  # type: ignore[arg-type]
     if not indices:
         raise ConfigError("max", cfg.smoothing.max, "selects no image")
-    sha = _sha256(local)
-    dsha = _sha256(denoiser_file) if denoiser_file else ""
+    sha = file_sha256(local)
+    dsha = file_sha256(denoiser_file) if denoiser_file else ""
     shown = f"{data.name}-{cfg.corruption}-{cfg.severity}" if data.name in CORRUPTED else data.name
     name = cfg.name or _default_name(cfg, shown, sha, dsha)
     check_job_name("name" if cfg.name else "dataset", name)  # a plugin's dataset name could hold a '/'

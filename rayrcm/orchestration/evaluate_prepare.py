@@ -343,7 +343,8 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
 
     from rayrcm.data import DATASETS
     from rayrcm.data.datasets import eval_images, eval_split
-    from rayrcm.orchestration.certify_prepare import _data_config, _load_model, _sha256
+    from rayrcm.models.denoisers import file_sha256
+    from rayrcm.orchestration.certify_prepare import data_config, load_classifier_file
     from rayrcm.plugins import load_plugins
 
     cfg = validate(cfg)
@@ -352,8 +353,8 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     if cfg.tracking.enabled:
         uri = tracking.normalize_uri(cfg.tracking.uri)
         tracking.check_reachable(uri)
-    local, meta = _load_model(cfg, uri)  # type: ignore[arg-type]  # reads .model only
-    data = _data_config(cfg, meta)  # type: ignore[arg-type]  # reads .dataset, .data_path
+    local, meta = load_classifier_file(cfg.model, uri)
+    data = data_config(cfg.dataset, cfg.data_path, meta)
     if data.name not in DATASETS:
         raise ConfigError("dataset", data.name, f"unknown dataset; choose one of: {', '.join(DATASETS.names())}")
     DATASETS.get(data.name).check_path(data.path)
@@ -368,7 +369,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     classes = _check_folders(cfg, ds, num_classes, large)
     cells = _cells(cfg, data.name, num_classes, large, classes, shifted)
     _check_released(cfg, cells, indices, num_classes)
-    sha = _sha256(local)
+    sha = file_sha256(local)
     name = cfg.name or f"evaluate-{data.name}-{cfg.split}-{sha[:8]}-seed{cfg.seed}"
     check_job_name("name" if cfg.name else "dataset", name)
     out = Path(cfg.out_dir).expanduser().resolve() / name
