@@ -150,19 +150,14 @@ def _from_run(run_id: str, uri: str, radii: list[float] | None, tmp: Path) -> di
     from rayrcm.analysis.compare import metric_cells, read_result
     from rayrcm.analysis.robustness import RESULTS_FILE
 
-    client = tracking._client(uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception as err:  # noqa: BLE001  # MLflow raises several types for a missing run
-        raise ConfigError("run", run_id, f"not found in {uri} ({str(err).splitlines()[0][:160]})") from None
+    run, names = tracking.run_artifacts(uri, run_id)
     label = run.info.run_name or run_id[:8]
-    names = {a.path for a in client.list_artifacts(run_id)}
     wanted = [RESULTS_FILE] if RESULTS_FILE in names else (["rows", PROTO] if {"rows", PROTO} <= names else [])
     if wanted:
         dst = tmp / run_id
         dst.mkdir(parents=True, exist_ok=True)
         for name in wanted:
-            client.download_artifacts(run_id, name, str(dst))
+            tracking.download(uri, run_id, name, dst)
         return {label: read_result(dst, radii)}
     tables = metric_cells(run.data.metrics)
     if not tables:
@@ -183,7 +178,7 @@ def _results(refs: list[str], uri: str | None, radii: list[float] | None, tmp: P
                 out[labels[ref]] = read_result(Path(ref).expanduser(), radii)
             except ValueError as err:
                 raise ConfigError("results", ref, str(err).split(": ", 1)[-1]) from None
-        elif tracking._RUN_ID.match(ref):
+        elif tracking.is_run_id(ref):
             target = tracking.normalize_uri(uri or default_tracking_uri())
             tracking.check_reachable(target)
             out.update(_from_run(ref, target, radii, tmp))

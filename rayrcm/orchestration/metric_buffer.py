@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rayrcm.orchestration.tracking import _client
+from rayrcm.orchestration.tracking import client as _client
 
 # one metric point: (step, key, value, timestamp in ms)
 Point = tuple[int, str, float, int]

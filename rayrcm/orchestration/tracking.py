@@ -71,6 +71,32 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def client(uri: str):
+    """An ``MlflowClient`` for ``uri``: for the tracking layer's own modules (the metric buffer); the rest
+    of rayrcm goes through this module's functions."""
+    return _client(uri)
+
+
+def is_run_id(ref: str) -> bool:
+    """Whether ``ref`` looks like an MLflow run id (32 hex digits)."""
+    return bool(_RUN_ID.match(ref))
+
+
+def run_artifacts(uri: str, run_id: str) -> tuple[Any, set[str]]:
+    """``(run, the names of its top-level artifacts)``; a missing run is a one-line :class:`ConfigError`."""
+    c = _client(uri)
+    try:
+        run = c.get_run(run_id)
+    except Exception as err:  # noqa: BLE001  # MLflow raises several types for a missing run
+        raise ConfigError("run", run_id, f"not found in {uri} ({str(err).splitlines()[0][:160]})") from None
+    return run, {a.path for a in c.list_artifacts(run_id)}
+
+
+def download(uri: str, run_id: str, name: str, dst: str | Path) -> None:
+    """Download the artifact ``name`` of a run into the folder ``dst``."""
+    _client(uri).download_artifacts(run_id, name, str(dst))
+
+
 def _experiment_id(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     return exp.experiment_id if exp is not None else client.create_experiment(name)
