@@ -27,6 +27,7 @@ def _run(uri: str, experiment: str, job: str) -> str:
     return tracking.start_job_run(uri, experiment, job, {"x": 1})
 
 
+@pytest.mark.slow  # a real MLflow server
 def test_alias_moves_are_printed_and_tagged(mlflow_server, tmp_path, capsys):
     from mlflow import MlflowClient
 
@@ -53,6 +54,7 @@ def _digits(tmp_path: Path, uri: str, experiment: str, name: str, *extra: str) -
         f"tracking.experiment={experiment}", *extra])
 
 
+@pytest.mark.slow  # a real MLflow server
 def test_a_sweep_never_moves_another_jobs_alias_unasked(isolated_home, mlflow_server, tmp_path):
     """The quickstart registered v1 as rcm-digits@sigma-0_25: a sweep of the same recipe takes
     its own alias by default, and one that names sigma-0_25 is refused before any training, with
