@@ -8,10 +8,12 @@ parameter-free attacks", ICML 2020 (github.com/fra31/auto-attack). Per sample, w
     x_{k+1} = P( x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}) )      (alpha = 1 at k = 0)
 
 At checkpoints every ``w`` iterations (``w`` starts at ``0.22 N`` and shrinks by ``0.03 N`` to at
-least ``0.06 N``) the step of a sample halves and it restarts from its best point when fewer than
+least ``0.06 N``) the step of a sample halves and it restarts from its best point when at most
 ``rho = 0.75`` of the last ``w`` steps raised its loss, or when its step did not halve at the last
-checkpoint and its best loss has not improved since. A sample counts as broken as soon as any
-iterate is misclassified.
+checkpoint and its best loss has not improved since (:class:`StepSchedule`, which follows fra31's
+``check_oscillation`` to the iteration, including its first checkpoint: there the first step's loss
+is compared with 0, not with the starting loss). A sample counts as broken as soon as any iterate is
+misclassified.
 
 Losses: CE, and the targeted difference of logits ratio
 ``DLR_t(z, y) = -(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)`` (``z_(i)`` the i-th largest logit)
@@ -43,6 +45,48 @@ def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
 
 def _checkpoint_lengths(n_iter: int) -> tuple[int, int, int]:
     return max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+
+
+class StepSchedule:
+    """APGD's per-sample step-size checkpoints, as fra31's ``attack_single_run`` decides them.
+
+    :meth:`update` takes each iteration's loss and the best loss so far and returns, at a checkpoint,
+    the mask of samples whose step halves (``None`` between checkpoints). A sample halves when at
+    most ``rho * w`` of the last ``w`` steps raised its loss (``check_oscillation``), or when it did
+    not halve at the last checkpoint and its best loss has not risen since.
+
+    fra31 counts the rises from a buffer of per-iteration losses that starts at zeros and indexes
+    ``x[j - k]`` with negative indices; at the first checkpoint the oldest pair wraps around to the
+    buffer's still-unwritten last row, so the first step's loss is compared with 0, not with the
+    starting point's loss (CE: nearly always a rise; a correctly classified sample's targeted DLR,
+    which is negative: never). This class does the same (``n_iter = 1``: the row read is the
+    step's own loss, never a rise).
+    """
+
+    def __init__(self, n_iter: int, best_loss: torch.Tensor, rho: float = 0.75) -> None:
+        self.w, self.w_min, self.w_decr = _checkpoint_lengths(n_iter)
+        self.rho = rho
+        self.since_check = 0
+        self.increases = torch.zeros_like(best_loss)
+        first = 0.0 if n_iter > 1 else float("inf")  # what fra31's wrap-around reads before step 1
+        self.prev_loss = torch.full_like(best_loss, first)
+        self.loss_at_check = best_loss.clone()
+        self.reduced_at_check = torch.ones_like(best_loss, dtype=torch.bool)
+
+    def update(self, loss: torch.Tensor, best_loss: torch.Tensor) -> torch.Tensor | None:
+        """One iteration's ``loss`` and the best loss including it; the halving mask at a checkpoint."""
+        self.increases += (loss > self.prev_loss).to(self.increases.dtype)
+        self.prev_loss = loss.clone()
+        self.since_check += 1
+        if self.since_check < self.w:
+            return None
+        oscillating = self.increases <= self.w * self.rho
+        stalled = ~self.reduced_at_check & (self.loss_at_check >= best_loss)
+        reduce = oscillating | stalled
+        self.reduced_at_check, self.loss_at_check = reduce.clone(), best_loss.clone()
+        self.since_check, self.increases = 0, torch.zeros_like(self.increases)
+        self.w = max(self.w - self.w_decr, self.w_min)
+        return reduce
 
 
 def _step(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -80,10 +124,8 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callab
     x_found = x_adv.clone()  # the adversarial example of a broken sample
     best_loss, x_best, grad_best = loss.clone(), x_adv.clone(), grad.clone()
     eta = torch.full((b, *view[1:]), 2 * eps, device=x.device, dtype=x.dtype)
-    w, w_min, w_decr = _checkpoint_lengths(n_iter)
-    since_check, increases = 0, torch.zeros(b, device=x.device)
-    loss_at_check, reduced_at_check = best_loss.clone(), torch.ones(b, dtype=torch.bool, device=x.device)
-    x_prev, prev_loss = x_adv.clone(), loss.clone()
+    schedule = StepSchedule(n_iter, best_loss, rho)
+    x_prev = x_adv.clone()
     for k in range(n_iter):
         with torch.no_grad():
             alpha = 0.75 if k > 0 else 1.0
@@ -95,20 +137,12 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callab
             newly = robust & ~correct
             x_found[newly] = x_adv[newly]
             robust &= correct
-            increases += (loss > prev_loss).float()
-            prev_loss = loss
             better = loss > best_loss
             x_best[better], grad_best[better], best_loss[better] = x_adv[better], grad[better], loss[better]
-            since_check += 1
-            if since_check == w:
-                oscillating = increases <= w * rho
-                stalled = ~reduced_at_check & (loss_at_check >= best_loss)
-                reduce = oscillating | stalled
-                reduced_at_check, loss_at_check = reduce.clone(), best_loss.clone()
+            reduce = schedule.update(loss, best_loss)
+            if reduce is not None:
                 eta[reduce] /= 2.0
                 x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
-                since_check, increases = 0, torch.zeros_like(increases)
-                w = max(w - w_decr, w_min)
     x_found[robust] = x_best[robust]
     return robust, x_found
 
@@ -162,4 +196,4 @@ def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     return robust
 
 
-__all__ = ["apgd_ce", "apgd_run", "apgd_targeted", "autoattack_robust", "dlr_targeted"]
+__all__ = ["StepSchedule", "apgd_ce", "apgd_run", "apgd_targeted", "autoattack_robust", "dlr_targeted"]
