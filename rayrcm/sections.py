@@ -85,6 +85,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     nesterov: bool = False  # sgd: Nesterov momentum (torch's and most seeds' default is plain momentum)
+    betas: tuple[float, ...] = (0.9, 0.999)  # adam, adamw, lamb: torch's default (StableRep's README: 0.9, 0.98)
     layer_decay: float = 1.0  # 1.0 = off
     # how layer decay counts a ViT's layers: "mae" (MAE/BEiT, the RCM and FT-CADIS authors' param_groups_lrd:
     # block i of depth D at decay^(D - i), the last block at decay, head and final norm at 1) or "timm"
@@ -196,6 +197,7 @@ def check_model(m: ModelConfig, image_size: int) -> None:
 def check_optim(o: OptimConfig) -> None:
     check(o.name in OPTIMIZERS, "optim.name", o.name, f"choose one of: {', '.join(OPTIMIZERS)}")
     check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1), e.g. 0.9,0.98")
     check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     check(o.weight_decay_end == -1 or o.weight_decay_end >= 0, "optim.weight_decay_end", o.weight_decay_end,
           "must be >= 0 (a cosine from optim.weight_decay to it), or -1 for a constant weight decay")

@@ -106,3 +106,19 @@ def test_sgd_is_plain_momentum_unless_nesterov_is_asked():
         cfg = apply_overrides(ExperimentConfig(), ["optim.name=sgd", "optim.momentum=0.9", *extra])
         opt = build_optimizer(net, net, cfg.optim)
         assert isinstance(opt, torch.optim.SGD) and all(g["nesterov"] is nesterov for g in opt.param_groups)
+
+
+def test_adam_betas_reach_the_optimizer_and_bad_ones_are_one_line():
+    import torch
+
+    from rayrcm.config import apply_overrides, validate
+    from rayrcm.errors import ConfigError
+    from rayrcm.train.optim import build_optimizer
+
+    cfg = validate(apply_overrides(ExperimentConfig(), ["optim.name=adamw", "optim.betas=0.9,0.98"]), check_paths=False)
+    m = torch.nn.Linear(3, 2)
+    assert build_optimizer(m, m, cfg.optim).defaults["betas"] == (0.9, 0.98)  # StableRep's README value
+    default = validate(ExperimentConfig(), check_paths=False)
+    assert build_optimizer(m, m, default.optim).defaults["betas"] == (0.9, 0.999)  # torch's, as before
+    with pytest.raises(ConfigError, match=r"optim.betas=\(0.9, 1.0\) is invalid: two numbers in \[0, 1\)"):
+        validate(apply_overrides(ExperimentConfig(), ["optim.betas=0.9,1.0"]), check_paths=False)

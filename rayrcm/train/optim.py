@@ -91,7 +91,7 @@ def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> li
 def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
-    kwargs: dict = {"momentum": cfg.momentum} if cfg.name in ("sgd", "lars") else {}
+    kwargs: dict = {"momentum": cfg.momentum} if cfg.name in ("sgd", "lars") else {"betas": tuple(cfg.betas)}
     if cfg.name == "lars":  # the ACL authors' LARS: trust ratio eta |w| / (|g| + wd |w|) on every parameter
         kwargs.update(always_adapt=True, trust_coeff=0.001, trust_clip=False, eps=0.0)
     groups = param_groups(module, exported, cfg)
