@@ -265,3 +265,51 @@ def test_a_job_recorded_before_a_config_key_existed_still_resumes(tmp_path):
     changed = job_config(apply_overrides(cfg, ["optim.clip_after_warmup=true"]))
     with pytest.raises(ConfigError, match=r"optim.clip_after_warmup \('<unset>' -> True\)"):
         check_rerun(str(tmp_path), "old-job", changed, default_job_config(cfg))
+
+
+def test_two_jobs_on_one_results_folder_the_second_is_refused_before_ray(tmp_path):
+    """Two identical certify commands at once: the folder's lock (held here as the first job would hold
+    it) refuses the second in one line, before any Ray work; the lock goes with its holder."""
+    from rayrcm.orchestration import job_files
+
+    certify_job, cfg = _certify(tmp_path, make_model(tmp_path / "model.pt"))
+    p = certify_job.prepare(cfg)
+    from unittest import mock
+
+    no_ray = mock.patch("rayrcm.orchestration.cluster.ensure_ray", side_effect=AssertionError("reached Ray"))
+    with job_files.folder_lock(p.out, p.name), no_ray:
+        with pytest.raises(ConfigError, match=r"another rayrcm job \(pid \d+\) is writing .*job; wait for it"):
+            certify_job.run(cfg)
+    with job_files.folder_lock(p.out, p.name):  # released: free again
+        pass
+
+
+def test_a_results_part_that_cannot_be_written_is_one_line_and_leaves_the_earlier_parts_whole(tmp_path):
+    """A real write failure (the file-size limit of the writing process, as a full disk would): the
+    part is not left half-written, the earlier part stands, and the error is one RunFailed line."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from pathlib import Path
+        from rayrcm.certify.collect import ResultsNotWritten, write_part
+        rows = Path({str(tmp_path / "rows")!r})
+        row = {{"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 0.1}}
+        write_part(rows, [row])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # no new file may grow beyond 64 bytes
+        try:
+            write_part(rows, [dict(row, idx=i) for i in range(1, 500)])
+        except ResultsNotWritten as err:
+            print(err)
+            sys.exit(3)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    assert "could not write results to" in out.stdout and "rerun the same command to resume" in out.stdout
+    from rayrcm.analysis.results import read_rows_dir
+
+    assert read_rows_dir(tmp_path).idx.tolist() == [0]  # the earlier part, whole
+    assert not list((tmp_path / "rows").glob(".*.tmp"))  # nothing half-written left behind

@@ -33,6 +33,7 @@ from rayrcm.certify.protocol import CertifyConfig, sequential_radii
 from rayrcm.certify.sequential import SEQ_ROW, sequential_record
 from rayrcm.certify.smoothing import ESTIMATION, PREDICTION, SELECTION, plan_rows
 from rayrcm.certify.stats import certify_from_counts, predict_from_counts
+from rayrcm.errors import RunFailed
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,25 @@ def write_part(rows_dir: Path, records: list[dict[str, Any]]) -> Path | None:
         return None
     for rec in records:
         check_record(rec)
-    rows_dir.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = rows_dir / ("." + name + ".tmp")
-    pd.DataFrame.from_records(records).to_parquet(tmp, index=False)
-    tmp.replace(rows_dir / name)
+    try:
+        rows_dir.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame.from_records(records).to_parquet(tmp, index=False)
+        tmp.replace(rows_dir / name)
+    except OSError as err:  # a full disk, a quota, a folder gone read-only: nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        raise ResultsNotWritten(rows_dir, err) from None
     return rows_dir / name
+
+
+class ResultsNotWritten(RunFailed):
+    """A results part could not be written; the parts written before stand (each is whole)."""
+
+    def __init__(self, rows_dir: Path, err: OSError | str) -> None:
+        self.rows_dir, self.reason = rows_dir, err if isinstance(err, str) else (err.strerror or str(err))
+        super().__init__(f"could not write results to {rows_dir} ({self.reason}); the images finished before are on "
+                         "disk: free space (or fix the folder) and rerun the same command to resume")
+
+    def __reduce__(self):
+        return (type(self), (self.rows_dir, self.reason))

@@ -44,11 +44,11 @@ from rayrcm.analysis import (
 )
 from rayrcm.analysis.per_class import per_class_metrics
 from rayrcm.analysis.report import table_radii
-from rayrcm.analysis.results import ROWS_DIR, TSV_NAME
+from rayrcm.analysis.results import ROWS_DIR, TSV_NAME, read_rows_dir
 from rayrcm.certify.collect import Collector, CountSettings, write_part
 from rayrcm.certify.protocol import CertifyConfig, sequential_radii
 from rayrcm.certify.stats import max_certifiable_radius
-from rayrcm.orchestration import live, tracking
+from rayrcm.orchestration import job_files, live, tracking
 from rayrcm.orchestration.analyze import analyze
 from rayrcm.orchestration.certify_prepare import (
     PROTOCOL_FILE,
@@ -171,8 +171,16 @@ def _start(p: Prepared) -> str | None:
 
 def run(cfg: CertifyConfig, *, ray_init: dict[str, Any] | None = None, prepared: Prepared | None = None,
         show_table: bool = True) -> CertifyResult:
-    """Certify (or predict) the job's images; resumes when the same job ran before."""
+    """Certify (or predict) the job's images; resumes when the same job ran before. One job at a time
+    writes a results folder (:func:`~rayrcm.orchestration.job_files.folder_lock`)."""
     p = prepared or prepare(cfg)
+    with job_files.folder_lock(p.out, p.name):
+        if len(read_rows_dir(p.out)) > len(p.finished):  # another job finished images since we looked
+            p = prepare(cfg)
+        return _run_locked(p, ray_init, show_table)
+
+
+def _run_locked(p: Prepared, ray_init: dict[str, Any] | None, show_table: bool) -> CertifyResult:
     for w in p.warnings:
         print(f"[rayrcm] {w}", file=sys.stderr, flush=True)
     if p.todo:  # can the cluster hold the job? asked before any run is opened

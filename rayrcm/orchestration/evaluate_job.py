@@ -85,7 +85,7 @@ from rayrcm.analysis.robustness import (
     to_markdown,
     write_outputs,
 )
-from rayrcm.orchestration import live, tracking
+from rayrcm.orchestration import job_files, live, tracking
 from rayrcm.orchestration.evaluate_prepare import (
     NOT_BUILT,
     PROTOCOL_FILE,
@@ -215,8 +215,16 @@ def _start(p: Prepared) -> str | None:
 
 def run(cfg: EvaluateConfig, *, ray_init: dict[str, Any] | None = None, prepared: Prepared | None = None,
         show_table: bool = True) -> EvaluateResult:
-    """Evaluate the job's missing shards; resumes when the same job ran before."""
+    """Evaluate the job's missing shards; resumes when the same job ran before. One job at a time
+    writes a results folder (:func:`~rayrcm.orchestration.job_files.folder_lock`)."""
     p = prepared or prepare(cfg)
+    with job_files.folder_lock(p.out, p.name):
+        if set(read_rows(p.out)["key"]) - p.finished:  # another job finished shards since we looked
+            p = prepare(cfg)
+        return _run_locked(p, ray_init, show_table)
+
+
+def _run_locked(p: Prepared, ray_init: dict[str, Any] | None, show_table: bool) -> EvaluateResult:
     if p.todo:
         from rayrcm.orchestration.cluster import ensure_ray, require_gpus
 

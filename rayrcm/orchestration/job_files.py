@@ -4,9 +4,13 @@ metric points the tracking server did not take, and the listing of checkpoint fo
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+LOCK_FILE = ".lock"  # held (flock) by the job writing a results folder; the kernel drops it when the job dies
 
 
 def job_dir(storage: str, job: str) -> tuple[Any, str]:
@@ -73,3 +77,31 @@ def checkpoint_dirs(fs: Any, root: str) -> list[str]:
         return []
     return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
                   and i.base_name.startswith("checkpoint_"))
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str, key: str = "name") -> Iterator[None]:
+    """Hold ``folder``'s lock while a results job writes it: a second job on the same folder (two
+    identical commands at once) is refused in one line instead of writing the same images twice. An
+    advisory ``flock``: released when the holder exits or is killed, so a dead job never locks its folder."""
+    import fcntl
+
+    from rayrcm.errors import ConfigError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ConfigError(key, name, f"another rayrcm job (pid {holder}) is writing {folder}; wait for it to "
+                                         "finish (then rerun to resume), or choose another name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
