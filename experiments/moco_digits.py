@@ -10,8 +10,9 @@ patch negative per query, alpha = 2, patch sides 16-72 at 224 px, i.e. 1-5 px at
 a queue of 512 keys (the training split holds ~1,600 images, so the seed's 16,384 would repeat
 each image ten times) and m = 0.99 (0.999 barely moves the key encoder in 500 steps). Two CPU
 workers, per-worker BatchNorm (shuffle BN). Plain MoCo logs the mean non-semantic logit too
-(``method.monitor``), so the two runs can be compared. No horizontal flips (digits are not
-mirror-symmetric).
+(``method.monitor``), so the two runs can be compared. Both stages flip horizontally as the authors'
+pipelines do (``--aug-plus``, ``main_lincls.py``), though digits are not mirror-symmetric: the
+recipe keeps the method's views as they are.
 
 ``probe`` is MoCo's linear evaluation (``main_lincls.py``) on the frozen encoder in eval mode:
 SGD lr 10, momentum 0.9, wd 0, batch 128, lr x0.1 at 50/67/83% of training (30/40/50 of 60
@@ -29,7 +30,7 @@ from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "moco-digits"
 EXPERIMENT = "rayrcm-moco-digits"
-DATA = {"name": "digits", "image_size": 16, "hflip": False, "val_fraction": 0.1, "batch_size": 128}
+DATA = {"name": "digits", "image_size": 16, "hflip": True, "val_fraction": 0.1, "batch_size": 128}
 ENCODER = "cifar_resnet20"
 
 

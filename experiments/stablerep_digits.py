@@ -9,13 +9,17 @@ class in the global batch is a positive of every other (``method.groups=label``)
 makes the two views of one image the only positives, which is SimCLR at temperature 0.1 (the
 control). The seed's method settings: temperature 0.1, the 3-layer BN MLP head with per-view
 BatchNorm statistics (all-reduced over the two CPU workers), StableRep's views (RandomResizedCrop
-0.08-1, jitter, grey, blur p 0.5, the 5% downsample), AdamW with wd 0.1, warm-up then cosine. At
-digits scale: the small digits ViT, a 512-wide head to 128, 400 steps of batch 128 with 2 views,
-lr 2e-3 after 20 warm-up steps (the seed's blr 1e-4 x 256 / 256 barely moves in 400 steps), no flips.
+0.08-1, jitter, grey, blur p 0.5, horizontal flip, the 5% downsample), AdamW with wd 0.1, warm-up
+then cosine. At digits scale: the small digits ViT, a 512-wide head to 128, 400 steps of batch 128
+with 2 views, lr 2e-3 after 20 warm-up steps (the seed's blr 1e-4 x 256 / 256 barely moves in 400 steps).
 
 ``probe`` is the linear-probe stage (``linear_probe``, StableRep's protocol): ten heads on the
 frozen encoder in eval mode, one per base lr of the seed's grid (x 128 / 256), SGD momentum 0.9,
-wd 0, per-step cosine, 30 epochs; the head best on the held-out split is kept.
+wd 0, per-step cosine, 30 epochs; the head best on the held-out split is kept. Its training view is
+a random resized crop and a horizontal flip (``main_linear.py:133-138``).
+
+Both stages flip as the authors do (``main_stablerep.py:185-195``, ``main_linear.py:133-138``), though
+digits are not mirror-symmetric: the recipe keeps the method's views as they are.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "stablerep-digits"
 EXPERIMENT = "rayrcm-stablerep-digits"
-DATA = {"name": "digits", "image_size": 16, "hflip": False, "val_fraction": 0.1, "batch_size": 128}
+DATA = {"name": "digits", "image_size": 16, "hflip": True, "val_fraction": 0.1, "batch_size": 128}
 ENCODER = "vit_digits"
 
 
@@ -40,7 +44,9 @@ def pretrain_config(groups: str = "label", n_views: int = 2) -> ExperimentConfig
         "model": {"encoder": ENCODER, "proj_hidden_dim": 512, "proj_dim": 128},
         "method": {"name": "stablerep", "temperature": 0.1, "n_views": n_views, "groups": groups, "gather": True,
                    "view": "stablerep"},
-        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "schedule": "cosine"},
+        # the README's training command's betas (StableRep/README.md: --beta1 0.9 --beta2 0.98)
+        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "schedule": "cosine",
+                  "betas": (0.9, 0.98)},
         "train": {"name": f"{REGISTER_AS}-{groups}", "steps": 400, "workers": 2, "sync_bn": True, "use_gpu": False,
                   "checkpoint_every": 200, "log_every": 50},
         "tracking": {"experiment": EXPERIMENT, "register_as": REGISTER_AS, "alias": groups},

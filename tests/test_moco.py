@@ -283,12 +283,13 @@ def test_digits_recipe_keeps_the_seed_method_settings(negatives):
     assert m.monitor == (negatives == "none")  # plain MoCo logs the non-semantic logit for the comparison
     assert (o.name, o.momentum, o.weight_decay, o.schedule, o.warmup_steps) == ("sgd", mom, wd, "cosine", 0)
     assert d.batch_size == batch
-    assert m.queue_size % d.batch_size == 0 and not t.sync_bn and t.workers == 2 and not d.hflip
+    assert m.queue_size % d.batch_size == 0 and not t.sync_bn and t.workers == 2
+    assert d.hflip  # the view flips anyway (--aug-plus); the probe's crop flips as main_lincls.py
     lr, lwd, lbatch, epochs, milestones = SEED_LINCLS
     probe = validate(recipe.probe_config("/tmp/encoder.pt"), check_paths=False)
     assert (probe.method.name, probe.method.protocol, probe.method.head_lrs(lbatch)) == ("linear_probe", "moco", (lr,))
     assert (probe.optim.name, probe.optim.weight_decay) == ("sgd", lwd)
-    assert probe.data.batch_size == lbatch
+    assert probe.data.batch_size == lbatch and probe.data.hflip  # main_lincls.py: RandomResizedCrop + flip
     assert probe.train.epochs == epochs and probe.optim.schedule == "step" and probe.optim.gamma == 0.1
     assert tuple(probe.optim.milestone_epochs) == milestones
 
@@ -313,9 +314,10 @@ def test_digits_recipe_trains_on_a_ray_cluster_with_two_workers(tmp_path, ray_cl
     assert state and all(not k.startswith(("key_", "head.")) for k in state)
 
 
-# README: moco-non-sem-neg.py -a resnet50 --lr 0.03 --batch-size 128 --mlp --moco-t 0.2 --aug-plus --cos
-#         --moco-k 16384 --robust nonsem --num-nonsem 1 --alpha 2 --epochs 200 --patch-ratio 16 72
-#         (the table's other rows: K 8192, alpha 3)
+# The default setting "table1" (the paper's Table 1, README checkpoints bs128_lr0.03): the README's command at
+# 5fbdc4d, moco-non-sem-neg.py -a resnet50 ... --mlp --moco-t 0.2 --aug-plus --cos --moco-k 16384 --robust patch
+# --num-nonsem 1 --alpha 2 --epochs 200 --patch-ratio 16 72, with --lr 0.03 --batch-size 128 and the default
+# --moco-m 0.999 (the table's other rows: K 8192, alpha 3)
 @pytest.mark.parametrize("queue, alpha", [(16384, 2.0), (16384, 3.0), (8192, 2.0)])
 def test_imagenet100_recipe_equals_the_seed_commands(queue, alpha):
     from helpers import load_experiment
@@ -338,7 +340,8 @@ def test_imagenet100_recipe_equals_the_seed_commands(queue, alpha):
 
 
 # README: moco-non-sem-neg.py -a resnet50 ... --mlp --moco-t 0.2 --aug-plus --cos --moco-k 16384
-#         --robust texture --num-nonsem 1 --alpha 2 --epochs 200 (the table's texture row: K 16384, alpha 2);
+#         --robust texture --num-nonsem 1 --alpha 2 --epochs 200 in the table1 setting (the table's texture
+#         row: K 16384, alpha 2);
 #         the dataset is the texture tree <imagenet-100>-texture/, each texture's photo beside it
 def test_imagenet100_texture_recipe_equals_the_seed_command():
     from helpers import load_experiment
@@ -359,6 +362,128 @@ def test_imagenet100_texture_recipe_equals_the_seed_command():
     assert t.epochs == 200 and not t.sync_bn and t.name == "moco-imagenet100-k16384-texture-a2"
     with pytest.raises(ConfigError, match="^data.texture_path="):  # the texture tree is the user's to give
         validate(recipe.pretrain_config("texture"), check_paths=False)
+
+
+# README at 5fbdc4d: moco-non-sem-neg.py -a resnet50 --lr 0.8 --batch-size 512 --moco-m 0.99 ... --mlp --moco-t 0.2
+#   --aug-plus --cos --moco-k 16384 --robust patch --num-nonsem 1 --alpha 2 --epochs 200 --patch-ratio 16 72
+#   (and --robust texture --num-nonsem 1 --alpha 2 without the patch ratio)
+@pytest.mark.parametrize("negatives, queue", [("patch", 16384), ("texture", 16384), ("patch", 65536)])
+def test_imagenet100_readme_setting_equals_the_readme_commands(negatives, queue):
+    from helpers import load_experiment
+
+    from rayrcm.config import validate
+
+    recipe = load_experiment("moco_imagenet100")
+    cfg = validate(recipe.pretrain_config(negatives, 2.0, queue, texture_path="/data/imagenet100-texture",
+                                          setting="readme"), check_paths=False)
+    m, o, d, t = cfg.method, cfg.optim, cfg.data, cfg.train
+    assert (o.lr, d.batch_size, m.momentum) == (0.8, 512, 0.99)
+    assert (m.temperature, m.queue_size, m.dim, m.mlp, m.view) == (0.2, queue, 128, True, "mocov2")
+    assert (m.negatives, m.n_negatives, m.alpha) == (negatives, 1, 2.0)
+    assert (m.patch_min, m.patch_max) == (16, 72)
+    assert (o.name, o.momentum, o.weight_decay, o.schedule, o.warmup_steps) == ("sgd", 0.9, 1e-4, "cosine", 0)
+    assert cfg.model.encoder == "resnet50" and d.image_size == 224 and d.hflip
+    assert t.epochs == 200 and t.workers == 8 and not t.sync_bn and m.shuffle_groups == 1
+    assert t.name == f"moco-imagenet100-readme-k{queue}-{negatives}-a2"
+    assert cfg.tracking.alias == f"readme-k{queue}-{negatives}-a2"  # never the table1 runs' aliases
+    with pytest.raises(ValueError, match="setting"):
+        recipe.pretrain_config(setting="nonsem")
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], (0.03, 128, 0.999, "k16384-patch-a2")),  # the CLI as before: the table1 setting
+    (["--setting", "table1", "--robust", "texture", "--set", "data.texture_path=/t"], (0.03, 128, 0.999, "k16384-texture-a2")),
+    (["--setting", "readme", "--robust", "patch"], (0.8, 512, 0.99, "readme-k16384-patch-a2")),
+    (["--setting", "readme", "--queue", "8192", "--alpha", "3"], (0.8, 512, 0.99, "readme-k8192-patch-a3")),
+])
+def test_imagenet100_cli_picks_the_setting(argv, want, capsys):
+    import yaml
+    from helpers import load_experiment
+
+    recipe = load_experiment("moco_imagenet100")
+    recipe.main(["pretrain", *argv, "--dry-run"])
+    tree = yaml.safe_load(capsys.readouterr().out)
+    got = (tree["optim"]["lr"], tree["data"]["batch_size"], tree["method"]["momentum"], tree["tracking"]["alias"])
+    assert got == want
+
+
+def test_imagenet100_cli_refuses_the_old_readmes_robust_values(capsys):
+    from helpers import load_experiment
+
+    recipe = load_experiment("moco_imagenet100")
+    for value in ("nonsem", "texture_syn"):  # the README's --robust values before 5fbdc4d's parent 52e8ef1
+        with pytest.raises(SystemExit):
+            recipe.main(["pretrain", "--robust", value, "--dry-run"])
+    with pytest.raises(SystemExit):
+        recipe.main(["pretrain", "--setting", "ifm", "--dry-run"])
+
+
+def test_resnet50_starts_from_torchvisions_init_not_timms_zero_init_last():
+    """The authors' encoder is torchvision's resnet50 (moco-non-sem-neg.py:180-182, zero_init_residual=False):
+    every BatchNorm weight 1 and bias 0, every convolution kaiming-normal (fan_out, relu). timm zero-initialises
+    the last BatchNorm of each residual block (zero_init_last), which would start every block as the identity.
+    The key encoder is a copy of the initialised query encoder (builder.py:34-36)."""
+    from timm.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    obj = build_objective(_cfg("model.encoder=resnet50"), 10)
+    blocks = [m for m in obj.encoder.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 3 + 4 + 6 + 3
+    for block in blocks:
+        assert torch.equal(block.bn3.weight, torch.ones_like(block.bn3.weight))
+    norms = [m for m in obj.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any() for m in norms)
+    for conv in (obj.encoder.model.conv1, blocks[0].conv2, blocks[-1].conv1):  # the stem: 3x3 CIFAR stem at 8 px
+        w = conv.weight
+        want = math.sqrt(2.0 / (w.shape[0] * w.shape[2] * w.shape[3]))  # kaiming_normal_(mode="fan_out")
+        assert w.std().item() == pytest.approx(want, rel=0.1), conv
+    key = obj.key_encoder.state_dict()
+    assert all(torch.equal(key[k], v) for k, v in obj.encoder.state_dict().items())
+
+
+def test_a_vit_encoder_keeps_its_own_init():
+    from rayrcm.models import build_encoder
+
+    cfg = _cfg("model.encoder=vit_digits", "model.patch_size=4")
+    torch.manual_seed(0)
+    plain = build_encoder(cfg.model, 8).state_dict()
+    torch.manual_seed(0)
+    got = build_objective(cfg, 10).encoder.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in plain.items())
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_views_flip_as_the_authors_whatever_data_hflip(hflip):
+    """--aug-plus (moco-non-sem-neg.py:244-256) always ends in RandomHorizontalFlip; data.hflip (off by
+    default) neither removes it nor adds a second one; the texture view replays the query's flip."""
+    from torchvision.transforms import v2
+
+    from rayrcm.data.views import PairedView, data_transform
+
+    cfg = _cfg(f"data.hflip={str(hflip).lower()}")
+    names = cfg.method.views(cfg.data.augmentation)
+    assert names == ("mocov2", "mocov2")
+    for name in (*names, "mocov2@texture"):
+        t = data_transform(name, cfg.data, large=False)
+        t = t.transform if isinstance(t, PairedView) else t
+        assert [type(s) for s in t.transforms].count(v2.RandomHorizontalFlip) == 1, name
+    crop = data_transform("crop", cfg.data, large=False)  # other pipelines follow data.hflip as before
+    assert any(isinstance(s, v2.RandomHorizontalFlip) for s in crop.transforms) == hflip
+
+
+def test_the_mocov2_view_flips_half_the_images():
+    """Behaviour, not structure: a left-right ramp through the view comes back reversed about half the time."""
+    from rayrcm.data.views import data_transform
+
+    cfg = _cfg()
+    view = data_transform("mocov2", cfg.data, large=False)
+    ramp = torch.linspace(0, 255, 8).round().to(torch.uint8).expand(3, 8, 8).contiguous()
+    torch.manual_seed(0)
+    flipped = 0
+    for _ in range(200):
+        x = view(ramp).float().mean(0)  # colour jitter and greyscale keep a ramp monotone per row
+        flipped += int((x[:, 0] > x[:, -1]).float().mean() > 0.5)
+    assert 60 < flipped < 140, flipped
 
 
 @pytest.mark.slow

@@ -135,6 +135,8 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
       pairs it with ``mocov3_2``);
     * ``mocov2``: MoCo v2's augmentation with blur (:func:`mocov2_view`), seed 004's views;
     * ``stablerep``: StableRep's (:func:`mocov2_view` with scale 0.08-1 and the 5% downsample);
+      these two are the authors' pipelines as they are, the random horizontal flip included whatever
+      ``hflip`` says (``moco-non-sem-neg.py:244-256``, ``main_stablerep.py:185-195`` have no switch);
     * ``center``: the RCM authors' pretraining consistency input ``x_start``: short side to
       ``size``, centre crop (:class:`ShortSideCenterCrop`, identity for CIFAR's 32 px at 32), optional
       flip; also their ImageNet fine-tuning "weak" view.
@@ -162,10 +164,10 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
         return StrengthAugment(size, hflip=hflip)
     if kind in ("mocov3", "mocov3_1", "mocov3_2"):
         return mocov3_view(size, kind == "mocov3_2", hflip=hflip)
-    if kind == "mocov2":
-        return mocov2_view(size, hflip=hflip)
+    if kind == "mocov2":  # the authors' pipelines flip always: ``hflip`` (data.hflip) does not apply
+        return mocov2_view(size)
     if kind == "stablerep":
-        return mocov2_view(size, scale_min=0.08, hflip=hflip, downsample=0.05)
+        return mocov2_view(size, scale_min=0.08, downsample=0.05)
     if kind == "center":
         return v2.Compose([_ToPILRGB(), ShortSideCenterCrop(size), *flip, v2.ToImage(), to_float])
     raise ValueError(f"unknown augmentation {kind!r}")

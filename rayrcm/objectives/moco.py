@@ -30,8 +30,16 @@ still in the softmax at logit 0); ``negatives=none`` is plain MoCo v2.
   of its batch; keys: chunks of its shuffled shard), so one worker with ``G`` groups computes what
   ``G`` workers compute (the authors refuse to run on one GPU). BatchNorm must stay per worker
   (``train.sync_bn=false`` with several workers).
-* Views: MoCo v2's augmentation with blur (``method.view=mocov2``, :func:`~rayrcm.data.views.mocov2_view`).
+* Views: MoCo v2's augmentation with blur (``method.view=mocov2``, :func:`~rayrcm.data.views.mocov2_view`),
+  the random horizontal flip included whatever ``data.hflip`` says: the authors' ``--aug-plus``
+  pipeline always flips (``moco-non-sem-neg.py:244-256``).
 * Head: MoCo v2's ``Linear(D, D) -> ReLU -> Linear(D, dim)`` (biases on), ``dim = 128``.
+* Init: the authors' encoder is torchvision's ``resnet50`` (``models.__dict__[args.arch]``,
+  ``moco-non-sem-neg.py:180-182``): every ``Conv2d`` ``kaiming_normal_(fan_out, relu)``, every
+  BatchNorm weight 1 and bias 0, no zero-initialised residual branch (``zero_init_residual=False``).
+  :func:`build` applies that init (:func:`~rayrcm.objectives.acl.authors_init`, the helper ACL uses)
+  to every non-ViT encoder; it undoes timm's ``zero_init_last`` (the last BatchNorm weight of each
+  residual block set to 0). The key encoder is a copy of the initialised query encoder (``builder.py:34-36``).
 * Patch-based negatives (``loader.py:153-181``): from the augmented query ``x_q``, ``p ~ U{lo..hi}``
   (``16..72`` at 224 px, scaled by ``image_size / 224``), ``c = floor(S / p) + 1`` cells per side,
   cell ``(i, j)`` is the crop ``x_q[:, h:h+p, w:w+p]`` with ``h, w ~ U{0..S-1-p}``, the ``(cp)^2``
@@ -65,6 +73,8 @@ from torch.nn import functional as F
 from rayrcm.data.views import TEXTURE_VIEW
 from rayrcm.errors import ConfigError
 from rayrcm.models import Encoder, Normalize, build_encoder, ema_update, make_frozen_copy
+from rayrcm.models.encoders import ViTEncoder
+from rayrcm.objectives.acl import authors_init
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import gather_keys
 from rayrcm.sections import AUGMENTATIONS
@@ -313,6 +323,8 @@ class MoCoObjective(Objective):
 
 def build(cfg: Any, num_classes: int) -> MoCoObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
+    if not isinstance(encoder, ViTEncoder):
+        authors_init(encoder)  # torchvision's ResNet init: timm's zero-initialised last BatchNorms back to 1
     return MoCoObjective(cfg.method, encoder, cfg.data.image_size, seed=cfg.train.seed)
 
 

@@ -34,7 +34,8 @@ own group, as the authors' pseudo-labels. Before each epoch :meth:`StableRepObje
 hands ``(train.seed, epoch)`` to the reader, which draws each item's roots from them and its index.
 
 Views: StableRep's augmentation (``method.view=stablerep``: RandomResizedCrop(0.08-1), jitter, grey,
-blur p 0.5, flip, and the 5% downsample; :func:`~rayrcm.data.views.mocov2_view`).
+blur p 0.5, flip, and the 5% downsample; :func:`~rayrcm.data.views.mocov2_view`). The random horizontal
+flip is on whatever ``data.hflip`` says, as the authors' pipeline always flips (``main_stablerep.py:185-195``).
 
 The model: the encoder, then the authors' MLP ``Linear(D, 4096)-BN-ReLU-Linear(4096, 4096)-BN-ReLU-
 Linear(4096, 256)`` (``model.proj_hidden_dim`` / ``model.proj_dim``), run once per view chunk so that
