@@ -14,7 +14,7 @@ SET_HELP = ("override a value (repeatable); list the keys and their values with 
 
 
 def _parser(prog: str, doc: str, recipe: str, examples: dict[str, str]) -> argparse.ArgumentParser:
-    from rayrcm.cli import RecipeParser
+    from rayrcm.cli_parse import RecipeParser
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = RecipeParser(prog=prog, description=doc, formatter_class=fmt)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None, *, prog: str, doc: str, recipe: str, config: Ca
     """Run one stage of an example recipe; bad input is one line and exit status 2."""
     args = _parser(prog, doc, recipe, examples).parse_args(argv)
     from rayrcm.cli import main as cli_main
-    from rayrcm.cli import recipe_errors
+    from rayrcm.cli_parse import recipe_errors
     from rayrcm.orchestration import console
 
     console.configure(True if getattr(args, "verbose", False) else None)

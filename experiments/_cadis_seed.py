@@ -157,7 +157,8 @@ HELPS = {"finetune": "CADIS fine-tuning of the user's off-the-shelf classifier b
 
 def stage_parser(doc: str, examples: dict[str, str], prog: str | None = None) -> argparse.ArgumentParser:
     """``finetune`` and ``certify``, each with its own ``--help``: its flags and an example."""
-    from rayrcm.cli import RecipeParser, add_verbose_arg
+    from rayrcm.cli import add_verbose_arg
+    from rayrcm.cli_parse import RecipeParser
 
     prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
     fmt = argparse.RawDescriptionHelpFormatter
@@ -206,7 +207,7 @@ def stage_main(argv: list[str] | None, *, doc: str, examples: dict[str, str],
                finetune: Callable[..., dict[str, Any]], certify: Callable[[float], list[str]]) -> None:
     """``finetune --from REF [--sigma] [--denoiser ...]`` and ``certify [--sigma]``; ``--set`` and ``--dry-run``."""
     args = stage_parser(doc, examples).parse_args(argv)
-    from rayrcm.cli import recipe_errors
+    from rayrcm.cli_parse import recipe_errors
     from rayrcm.errors import ConfigError
     from rayrcm.orchestration import console
 

@@ -41,7 +41,8 @@ from typing import Any
 
 import yaml
 
-from rayrcm.cli import RecipeParser, add_verbose_arg, recipe_errors
+from rayrcm.cli import add_verbose_arg
+from rayrcm.cli_parse import RecipeParser, recipe_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import console

@@ -4,7 +4,7 @@ run holds the result. Exit 2 on a bad value, 1 on a failed run."""
 
 from __future__ import annotations
 
-from rayrcm.cli import recipe_errors
+from rayrcm.cli_parse import recipe_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, to_dict, validate
 
 

@@ -18,24 +18,10 @@ Bad input gives one line on stderr (``rayrcm: error: ...``) and exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import re
 import sys
-from collections.abc import Iterator
 
+from rayrcm.cli_parse import CERTIFY_FLAGS, INTERRUPTED, Parser
 from rayrcm.errors import ConfigError, RunFailed
-
-# flag -> dotted key of rayrcm.certify.CertifyConfig
-CERTIFY_FLAGS = {
-    "model": "model", "denoiser": "denoiser", "dataset": "dataset", "data_path": "data_path", "split": "split",
-    "name": "name", "out": "out_dir", "corruption": "corruption", "severity": "severity",
-    "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
-    "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
-    "chunk": "smoothing.chunk", "sampling": "smoothing.sampling", "max_decline": "smoothing.max_decline",
-    "decline": "smoothing.decline", "radii": "smoothing.radii", "tolerance": "smoothing.tolerance", "max_n": "smoothing.n", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
-    "precision": "compute.precision", "channels_last": "compute.channels_last",
-    "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "plugin": "plugins",
-}
 
 # flag -> key of rayrcm.orchestration.evaluate_job.EvaluateConfig
 EVALUATE_FLAGS = {
@@ -73,97 +59,6 @@ EPILOGS = {
     "mlflow-server": "example:\n  rayrcm mlflow-server --backend-store-uri sqlite:////mnt/rayrcm/mlflow.db "
                      "--artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --detach",
 }
-
-
-INTERRUPTED = "rayrcm: interrupted; rerun the same command to resume"
-
-
-@contextlib.contextmanager
-def recipe_errors() -> Iterator[None]:
-    """A recipe stage's errors as the CLI's: bad input one line in the recipe's own syntax
-    (:func:`recipe_message`) and exit 2; a failed run one line and exit 1; Ctrl-C one line and 130."""
-    try:
-        yield
-    except ConfigError as err:
-        print(f"rayrcm: error: {recipe_message(err)}", file=sys.stderr)
-        sys.exit(2)
-    except RunFailed as err:  # the run failed, not its input
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # finished work is on disk: the rerun resumes
-        print(f"\n{INTERRUPTED}", file=sys.stderr)
-        sys.exit(130)
-
-
-# flags the recipes define themselves (their stages' own options): never rewritten to --set
-RECIPE_FLAGS = frozenset({"alpha", "denoiser", "sigma", "radii", "set", "dry_run", "verbose"})
-SWITCHES = frozenset({"gpu", "channels_last"})  # certify flags that take no value
-
-
-def recipe_message(err: Exception) -> str:
-    """An error in a recipe's own syntax: a ``rayrcm certify`` flag it names (``--name``,
-    ``--n 1000``, ``--gpu``) becomes the recipe's ``--set key=VALUE`` (``--set name=NAME``,
-    ``--set smoothing.n=1000``, ``--set compute.use_gpu=true``); the recipes' own flags stay."""
-    import re
-
-    def swap(m: re.Match) -> str:
-        flag = m.group(1).replace("-", "_")
-        key = CERTIFY_FLAGS.get(flag)
-        if key is None or flag in RECIPE_FLAGS:
-            return m.group(0)
-        if flag in SWITCHES:
-            return f"--set {key}=true" + m.group(0)[len(m.group(1)) + 2:]
-        return f"--set {key}={m.group(2) or key.rsplit('.', 1)[-1].upper()}"
-
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)(?![\w=-])(?: ([\w.,:@/-]+)(?=[\s;,)]|$))?", swap, str(err))
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a suggestion for an unknown flag (``--num-samples`` -> ``--n``; a close spelling)
-    among the flags of the command given."""
-
-    def error(self, message: str):  # type: ignore[override]
-        from rayrcm.errors import nearest
-
-        m = re.match(r"unrecognized arguments: (--?[\w-]+)", message)
-        if m:
-            flags = [o for a in self._command_actions() for o in a.option_strings if o.startswith("--")]
-            near = nearest(m.group(1).lstrip("-").replace("-", "_"), [f[2:].replace("-", "_") for f in flags])
-            if near is not None:
-                message += f" (did you mean --{near.replace('_', '-')}?)"
-        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if m:
-            near = nearest(m.group(1), [c.strip(" '") for c in m.group(2).split(",")])
-            message += f" (did you mean {near}?)" if near else ""
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, as every bad input (--help shows the usage)
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        self._argv = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
-
-    def _command_actions(self) -> list[argparse.Action]:
-        """This parser's actions, or those of the subcommand named on the command line."""
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                chosen = next((a for a in getattr(self, "_argv", []) if a in action.choices), None)
-                if chosen is not None:
-                    return list(action.choices[chosen]._actions)
-        return list(self._actions)
-
-
-class RecipeParser(Parser):
-    """A recipe's parser: a ``rayrcm certify`` flag given to a recipe stage (``--n 1000``) is
-    answered with the recipe's own syntax (``--set smoothing.n=1000``)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        m = re.match(r"unrecognized arguments: --([\w-]+)(?: (\S+))?", message)
-        key = CERTIFY_FLAGS.get(m.group(1).replace("-", "_")) if m else None
-        flag = m.group(1).replace("-", "_") if m else ""
-        if m and key and flag not in RECIPE_FLAGS:
-            value = ("true" if flag in SWITCHES else m.group(2) if m.group(2) and not m.group(2).startswith("-")
-                     else key.rsplit(".", 1)[-1].upper())
-            self.exit(2, f"{self.prog}: error: {message} (a recipe stage takes --set {key}={value})\n")
-        super().error(message)
 
 
 def _sub(sub, name: str, help_: str) -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from helpers import make_model
 
 from rayrcm.config import ExperimentConfig, apply_overrides
 from rayrcm.errors import ConfigError
-from rayrcm.orchestration import sweep, tracking
+from rayrcm.orchestration import lineage, sweep, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -123,10 +123,10 @@ def test_finetune_records_the_reference_and_links_its_pretraining(chain, mlflow_
     client = MlflowClient(mlflow_server)
     run = client.get_run(ft.run_id)
     assert run.data.params["model.init_from"] == pre.run_id  # as given, not the downloaded file
-    assert run.data.tags[tracking.SOURCE_RUN_TAG] == pre.run_id
-    note = run.data.tags[tracking.NOTE_TAG]
+    assert run.data.tags[lineage.SOURCE_RUN_TAG] == pre.run_id
+    note = run.data.tags[lineage.NOTE_TAG]
     assert f"runs/{pre.run_id})" in note and "lin-pretrain" in note
-    assert f"runs/{ft.run_id})" in client.get_run(pre.run_id).data.tags[tracking.NOTE_TAG]  # and back
+    assert f"runs/{ft.run_id})" in client.get_run(pre.run_id).data.tags[lineage.NOTE_TAG]  # and back
     assert ft.model["alias_change"] == "alias lineage-digits@sigma-0_25: (unset) -> v1"
 
 
@@ -148,17 +148,17 @@ def test_sweep_trials_are_named_linked_and_leave_the_quickstart_alias(chain, mlf
     assert client.get_model_version_by_alias("lineage-digits", "sigma-0_25").version == "1"  # untouched
     parent = client.get_run(result.parent_run_id)
     assert parent.data.params["base.model.init_from"] == pre.run_id
-    assert parent.data.tags[tracking.SOURCE_RUN_TAG] == pre.run_id
-    assert f"runs/{result.best['run_id']})" in parent.data.tags[tracking.NOTE_TAG]
+    assert parent.data.tags[lineage.SOURCE_RUN_TAG] == pre.run_id
+    assert f"runs/{result.best['run_id']})" in parent.data.tags[lineage.NOTE_TAG]
     assert parent.data.tags[tracking.ALIAS_CHANGE_TAG].endswith("(unset) -> v2")
     trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     names = sorted(r.info.run_name for r in trials)
     assert [n.split(" [")[0] for n in names] == ["lbd=20", "lbd=5"]  # values first: distinct when truncated
     for r in trials:
-        assert r.data.params["model.init_from"] == pre.run_id and r.data.tags[tracking.SOURCE_RUN_TAG] == pre.run_id
-        assert f"runs/{parent.info.run_id})" in r.data.tags[tracking.NOTE_TAG]
+        assert r.data.params["model.init_from"] == pre.run_id and r.data.tags[lineage.SOURCE_RUN_TAG] == pre.run_id
+        assert f"runs/{parent.info.run_id})" in r.data.tags[lineage.NOTE_TAG]
     # the pretraining run's description links the sweep once, not a line per trial
-    pre_note = client.get_run(pre.run_id).data.tags[tracking.NOTE_TAG]
+    pre_note = client.get_run(pre.run_id).data.tags[lineage.NOTE_TAG]
     assert f"runs/{parent.info.run_id})" in pre_note and not [r for r in trials if f"runs/{r.info.run_id})" in pre_note]
     best = client.get_model_version_by_alias("lineage-digits", "lin-finetune-sweep")
     assert best.tags["sweep"] == "lin-finetune-sweep" and best.tags["job"].startswith("lin-finetune-sweep-")

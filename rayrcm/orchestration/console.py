@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 VERBOSE_ENV = "RAYRCM_VERBOSE"
 OUR_LINES = r"^\[rayrcm\] "
@@ -71,3 +72,18 @@ def quiet_data() -> None:
     for h in logging.getLogger("ray.data").handlers:
         if type(h).__name__ == "PlainRayHandler":  # the console handler; the file handler keeps everything
             h.setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def quiet_tune() -> Iterator[None]:
+    """Tune's console output off unless verbose: its new output engine prints the experiment's
+    configuration table even at ``verbose=0``, its legacy one prints nothing at 0 (a user's own
+    ``RAY_AIR_NEW_OUTPUT`` wins)."""
+    if is_verbose() or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)

@@ -22,8 +22,7 @@ from rayrcm.sections import TrackingConfig, check_job_name, default_storage
 PROTOCOL_FILE = "protocol.json"  # the protocol of a results folder (compared on resume)
 RUN_FILE = "mlflow_run.json"  # the MLflow run of a results folder
 ROWS_DIR = "rows"  # finished shards, part-*.parquet
-ROW_COLUMNS = ["key", "model", "set", "corruption", "severity", "generated", "attack", "shard", "images", "correct",
-               "seconds", "device"]
+ROW_COLUMNS = ["key", "model", "set", "corruption", "severity", "generated", "attack", "shard", "images", "correct", "seconds", "device"]
 SUITES = ("clean", "corruptions", "pgd", "aa-apgd", "aa", "shift")
 NOT_BUILT: dict[str, str] = {}  # suite part -> why it is refused (none today)
 SPLITS = ("test", "val")
@@ -343,8 +342,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
 
     from rayrcm.data import DATASETS
     from rayrcm.data.datasets import eval_images, eval_split
-    from rayrcm.models.denoisers import file_sha256
-    from rayrcm.orchestration.certify_prepare import data_config, load_classifier_file
+    from rayrcm.orchestration.certify_prepare import data_config, file_sha256, load_classifier_file
     from rayrcm.plugins import load_plugins
 
     cfg = validate(cfg)
@@ -360,8 +358,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     DATASETS.get(data.name).check_path(data.path)
     ds, num_classes, large = eval_split(data, cfg.split)
     if num_classes != meta["num_classes"]:
-        raise ConfigError("model", cfg.model,
-                          f"has {meta['num_classes']} classes but dataset {data.name} has {num_classes}")
+        raise ConfigError("model", cfg.model, f"has {meta['num_classes']} classes but dataset {data.name} has {num_classes}")
     indices = _select(len(ds), cfg.skip, cfg.max_images)  # type: ignore[arg-type]
     if not indices:
         raise ConfigError("max_images", cfg.max_images, "selects no image")

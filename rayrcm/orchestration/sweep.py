@@ -42,13 +42,10 @@ every move prints and tags ``alias name@alias: vN -> vM``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,7 +53,7 @@ from typing import Any
 
 from rayrcm.config import ExperimentConfig, apply_overrides, to_flat_dict, update_dataclass
 from rayrcm.errors import ConfigError, RunFailed
-from rayrcm.orchestration import job_files, live, tracking
+from rayrcm.orchestration import console, job_files, lineage, live, tracking
 from rayrcm.orchestration.sweep_report import trial_table, write_summary
 from rayrcm.orchestration.sweep_space import (
     KINDS,
@@ -179,7 +176,7 @@ def _start_parent(uri: str | None, base: ExperimentConfig, sw: SweepConfig, init
     parent = tracking.start_job_run(uri, base.tracking.experiment, sw.name, params, tags={"rayrcm.stage": "sweep"})
     print(f"[rayrcm] sweep {sw.name}: MLflow parent run {parent} ({uri})", flush=True)
     if init_ref:
-        tracking.link_source(uri, parent, init_ref)
+        lineage.link_source(uri, parent, init_ref)
     return parent
 
 
@@ -236,23 +233,6 @@ def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict
     )
 
 
-@contextlib.contextmanager
-def _quiet_tune() -> Iterator[None]:
-    """Tune's console output off unless verbose: its new output engine prints the experiment's
-    configuration table even at ``verbose=0``, its legacy one prints nothing at 0 (a user's own
-    ``RAY_AIR_NEW_OUTPUT`` wins)."""
-    from rayrcm.orchestration.console import is_verbose
-
-    if is_verbose() or "RAY_AIR_NEW_OUTPUT" in os.environ:
-        yield
-        return
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-
-
 def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | None = None) -> SweepResult:
     from ray import tune
 
@@ -286,7 +266,7 @@ def run(base: ExperimentConfig, sw: SweepConfig, *, ray_init: dict[str, Any] | N
           f"{sw.scheduler} on {sw.metric} ({sw.mode})", flush=True)
     follow = _follow(base, sw, parsed, folder) if bar else None
     try:
-        with _quiet_tune():
+        with console.quiet_tune():
             grid = tuner.fit()
     finally:
         if follow is not None:
@@ -334,14 +314,14 @@ def _close_trial_runs(uri: str, experiment: str, table: Any, parent: str, keys: 
     """Tag every trial's run with its sweep status and link it to the sweep's run; runs of trials
     that ASHA stopped end FINISHED (a scheduler's decision, not a failure: the tag
     ``rayrcm.sweep_status=stopped`` tells them apart), those that failed FAILED."""
-    sweep_link = tracking.run_link(uri, parent)
+    sweep_link = lineage.run_link(uri, parent)
     for _, row in table.iterrows():
         run_id = row["run_id"] if isinstance(row["run_id"], str) else tracking.find_job_run(uri, experiment, row["job"])
         if not run_id:
             continue
         tracking.set_tags(uri, run_id, {"rayrcm.sweep_status": row["status"]})
         values = ", ".join(f"{k}={row[k]}" for k in keys)
-        tracking.add_note(uri, run_id, f"Trial {row['trial']} of sweep {sweep_link}: {values} ({row['status']}).")
+        lineage.add_note(uri, run_id, f"Trial {row['trial']} of sweep {sweep_link}: {values} ({row['status']}).")
         # a stopped trial's fit() may have marked its run FAILED as its Train run was torn down
         if row["status"] == "stopped" or tracking.run_status(uri, run_id) == "RUNNING":
             tracking.terminate(uri, run_id, "FINISHED" if row["status"] == "stopped" else "FAILED")
@@ -375,7 +355,7 @@ def _log_best(uri: str, parent: str, base: ExperimentConfig, sw: SweepConfig, be
         parent_tags[tracking.ALIAS_CHANGE_TAG] = model["alias_change"]
     tracking.set_tags(uri, parent, parent_tags)
     where = model.get("alias_uri") or model.get("registry_uri") or model_uri
-    tracking.add_note(uri, parent, f"Best trial: {tracking.run_link(uri, best['run_id'])} with "
+    lineage.add_note(uri, parent, f"Best trial: {lineage.run_link(uri, best['run_id'])} with "
                       + ", ".join(f"{k}={best[k]}" for k in keys) + f": {sw.metric} = {float(best[sw.metric]):.4f}; "
                       f"model `{where}`. Certify it with `--model {where}`: the certification run is a child of "
                       "the trial's run.")

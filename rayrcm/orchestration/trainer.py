@@ -38,7 +38,7 @@ from rayrcm.config import (
 from rayrcm.data.checks import check_dataset
 from rayrcm.errors import ConfigError, NonFiniteLoss, TrackingUnavailable
 from rayrcm.models.classifier import check_encoder_file
-from rayrcm.orchestration import cluster, job_files, metric_buffer, tracking
+from rayrcm.orchestration import cluster, job_files, lineage, metric_buffer, tracking
 from rayrcm.orchestration.train_worker import (
     non_finite_marker,
     read_unsent,
@@ -240,7 +240,7 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
         say(f"[rayrcm] MLflow run {run_id} ({uri})")
         if ref:  # the run the encoder came from: a tag and a link each way
             # a sweep's trial: the sweep's run links the source once, not a line per trial on it
-            source = tracking.link_source(uri, run_id, ref, back="rayrcm.sweep" not in (tags or {}))
+            source = lineage.link_source(uri, run_id, ref, back="rayrcm.sweep" not in (tags or {}))
             if source:
                 say(f"[rayrcm] {job}: model.init_from {ref} (MLflow run {source})")
     try:
