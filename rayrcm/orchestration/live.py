@@ -47,9 +47,12 @@ def bar(total: int, desc: str, unit: str, *, initial: int = 0, stream: IO[str] |
                 ncols=size.columns, nrows=size.lines, leave=True, smoothing=0.1)
 
 
-def advance(bar: Any, done: int, postfix: str, final: bool = False) -> None:
-    """Move ``bar`` to ``done`` with ``postfix``; close it on the final tick."""
+def advance(bar: Any, done: float, postfix: str, final: bool = False) -> None:
+    """Move ``bar`` to ``done`` with ``postfix`` (a fraction moves it within an item; a whole number
+    shows as one, ``6/6``); close it on the final tick."""
     bar.update(done - bar.n)
+    if float(done).is_integer():
+        bar.n = int(done)
     bar.set_postfix_str(postfix, refresh=False)
     if final:
         bar.close()
