@@ -54,11 +54,11 @@ def main(argv: list[str] | None, *, prog: str, doc: str, recipe: str, config: Ca
     """Run one stage of an example recipe; bad input is one line and exit status 2."""
     args = _parser(prog, doc, recipe, examples).parse_args(argv)
     from rayrcm.cli import main as cli_main
-    from rayrcm.cli_parse import recipe_errors
+    from rayrcm.cli_parse import one_line_errors
     from rayrcm.orchestration import console
 
     console.configure(True if getattr(args, "verbose", False) else None)
-    with recipe_errors():
+    with one_line_errors(recipe=True):
         if args.stage == "analyze":
             results = args.results or [str(_certify_folder(certify()))]
             return cli_main(["analyze", *results, *(["--radii", args.radii] if args.radii else [])])

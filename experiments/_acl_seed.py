@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from rayrcm.cli import add_verbose_arg
-from rayrcm.cli_parse import RecipeParser, recipe_errors
+from rayrcm.cli_parse import RecipeParser, one_line_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.orchestration import console
 
@@ -156,7 +156,7 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     p = stage_parser(doc)
     args = p.parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
-    with recipe_errors():
+    with one_line_errors(recipe=True):
         if args.stage == "pretrain":
             cfg = validate(apply_overrides(pretrain(args.method), args.overrides), check_paths=not args.dry_run)
             if args.dry_run:

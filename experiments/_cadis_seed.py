@@ -207,12 +207,12 @@ def stage_main(argv: list[str] | None, *, doc: str, examples: dict[str, str],
                finetune: Callable[..., dict[str, Any]], certify: Callable[[float], list[str]]) -> None:
     """``finetune --from REF [--sigma] [--denoiser ...]`` and ``certify [--sigma]``; ``--set`` and ``--dry-run``."""
     args = stage_parser(doc, examples).parse_args(argv)
-    from rayrcm.cli_parse import recipe_errors
+    from rayrcm.cli_parse import one_line_errors
     from rayrcm.errors import ConfigError
     from rayrcm.orchestration import console
 
     console.configure(True if getattr(args, "verbose", False) else None)
-    with recipe_errors():
+    with one_line_errors(recipe=True):
         if args.sigma not in SIGMAS:
             raise ConfigError("--sigma", args.sigma, "the seed certifies at 0.25, 0.5 or 1.0 (pixel units)")
         if args.stage == "certify":

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from rayrcm.cli import add_verbose_arg
-from rayrcm.cli_parse import RecipeParser, recipe_errors
+from rayrcm.cli_parse import RecipeParser, one_line_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import console
@@ -196,7 +196,7 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     ``analyze RESULTS...``; ``--set key=value`` overrides and ``--dry-run`` prints the resolved config."""
     args = stage_parser(doc, sizes).parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
-    with recipe_errors():
+    with one_line_errors(recipe=True):
         if args.stage == "analyze":
             from rayrcm.cli import main as cli_main
 

@@ -4,12 +4,12 @@ run holds the result. Exit 2 on a bad value, 1 on a failed run."""
 
 from __future__ import annotations
 
-from rayrcm.cli_parse import recipe_errors
+from rayrcm.cli_parse import one_line_errors
 from rayrcm.config import ExperimentConfig, apply_overrides, to_dict, validate
 
 
 def run_training_stage(stage: str, base: ExperimentConfig, overrides: list[str], dry_run: bool) -> None:
-    with recipe_errors():
+    with one_line_errors(recipe=True):
         cfg = validate(apply_overrides(base, overrides), check_paths=not dry_run)
         if dry_run:
             import yaml

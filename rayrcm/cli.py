@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rayrcm.cli_parse import CERTIFY_FLAGS, INTERRUPTED, Parser
-from rayrcm.errors import ConfigError, RunFailed
+from rayrcm.cli_parse import CERTIFY_FLAGS, Parser, one_line_errors
+from rayrcm.errors import ConfigError
 
 # flag -> key of rayrcm.orchestration.evaluate_job.EvaluateConfig
 EVALUATE_FLAGS = {
@@ -353,17 +353,9 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    """``rayrcm ARGV``: exit 2 on bad input, 1 on a failed run, 130 on Ctrl-C, each one line."""
+    with one_line_errors():
         code = run(argv)
-    except ConfigError as err:
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        code = 2
-    except RunFailed as err:  # the run failed, not its input: exit 1, one line
-        print(f"rayrcm: error: {err}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:  # Ctrl-C: one line; finished work is on disk (jobs resume, never redo it)
-        print(f"\n{INTERRUPTED}", file=sys.stderr)
-        code = 130
     sys.exit(code)
 
 

@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Iterator
 
-from rayrcm.errors import ConfigError, RunFailed
+from rayrcm.errors import ConfigError, RunFailed, nearest
 
 # flag -> dotted key of rayrcm.certify.CertifyConfig
 CERTIFY_FLAGS = {
@@ -28,13 +28,14 @@ INTERRUPTED = "rayrcm: interrupted; rerun the same command to resume"
 
 
 @contextlib.contextmanager
-def recipe_errors() -> Iterator[None]:
-    """A recipe stage's errors as the CLI's: bad input one line in the recipe's own syntax
-    (:func:`recipe_message`) and exit 2; a failed run one line and exit 1; Ctrl-C one line and 130."""
+def one_line_errors(recipe: bool = False) -> Iterator[None]:
+    """The command line's errors, for ``rayrcm`` and every recipe stage alike: bad input one line and
+    exit 2 (``recipe``: in the recipe's own syntax, :func:`recipe_message`); a failed run one line and
+    exit 1; Ctrl-C one line and 130."""
     try:
         yield
     except ConfigError as err:
-        print(f"rayrcm: error: {recipe_message(err)}", file=sys.stderr)
+        print(f"rayrcm: error: {recipe_message(err) if recipe else err}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as err:  # the run failed, not its input
         print(f"rayrcm: error: {err}", file=sys.stderr)
@@ -49,20 +50,26 @@ RECIPE_FLAGS = frozenset({"alpha", "denoiser", "sigma", "radii", "set", "dry_run
 SWITCHES = frozenset({"gpu", "channels_last"})  # certify flags that take no value
 
 
+def set_form(flag: str, value: str | None = None) -> str | None:
+    """A ``rayrcm certify`` flag as a recipe stage takes it (``n``, ``1000`` -> ``--set smoothing.n=1000``;
+    a switch -> ``=true``); None for a flag the recipes have themselves or that certify lacks."""
+    flag = flag.replace("-", "_")
+    key = CERTIFY_FLAGS.get(flag)
+    if key is None or flag in RECIPE_FLAGS:
+        return None
+    shown = "true" if flag in SWITCHES else value if value and not value.startswith("-") else key.rsplit(".", 1)[-1].upper()
+    return f"--set {key}={shown}"
+
+
 def recipe_message(err: Exception) -> str:
     """An error in a recipe's own syntax: a ``rayrcm certify`` flag it names (``--name``,
-    ``--n 1000``, ``--gpu``) becomes the recipe's ``--set key=VALUE`` (``--set name=NAME``,
-    ``--set smoothing.n=1000``, ``--set compute.use_gpu=true``); the recipes' own flags stay."""
-    import re
-
+    ``--n 1000``, ``--gpu``) becomes the recipe's ``--set key=VALUE`` (:func:`set_form`); the
+    recipes' own flags stay."""
     def swap(m: re.Match) -> str:
-        flag = m.group(1).replace("-", "_")
-        key = CERTIFY_FLAGS.get(flag)
-        if key is None or flag in RECIPE_FLAGS:
+        form = set_form(m.group(1), None if m.group(1).replace("-", "_") in SWITCHES else m.group(2))
+        if form is None:
             return m.group(0)
-        if flag in SWITCHES:
-            return f"--set {key}=true" + m.group(0)[len(m.group(1)) + 2:]
-        return f"--set {key}={m.group(2) or key.rsplit('.', 1)[-1].upper()}"
+        return form + (f" {m.group(2)}" if m.group(2) and m.group(1).replace("-", "_") in SWITCHES else "")
 
     return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)(?![\w=-])(?: ([\w.,:@/-]+)(?=[\s;,)]|$))?", swap, str(err))
 
@@ -72,8 +79,6 @@ class Parser(argparse.ArgumentParser):
     among the flags of the command given."""
 
     def error(self, message: str):  # type: ignore[override]
-        from rayrcm.errors import nearest
-
         m = re.match(r"unrecognized arguments: (--?[\w-]+)", message)
         if m:
             flags = [o for a in self._command_actions() for o in a.option_strings if o.startswith("--")]
@@ -106,10 +111,7 @@ class RecipeParser(Parser):
 
     def error(self, message: str):  # type: ignore[override]
         m = re.match(r"unrecognized arguments: --([\w-]+)(?: (\S+))?", message)
-        key = CERTIFY_FLAGS.get(m.group(1).replace("-", "_")) if m else None
-        flag = m.group(1).replace("-", "_") if m else ""
-        if m and key and flag not in RECIPE_FLAGS:
-            value = ("true" if flag in SWITCHES else m.group(2) if m.group(2) and not m.group(2).startswith("-")
-                     else key.rsplit(".", 1)[-1].upper())
-            self.exit(2, f"{self.prog}: error: {message} (a recipe stage takes --set {key}={value})\n")
+        form = set_form(m.group(1), m.group(2)) if m else None
+        if form is not None:
+            self.exit(2, f"{self.prog}: error: {message} (a recipe stage takes {form})\n")
         super().error(message)

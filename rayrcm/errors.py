@@ -5,9 +5,9 @@ what is allowed, exit 2) and a run that cannot go on (:class:`RunFailed`: :class
 
 import re
 
-# names users bring from other tools, and the key or value they mean here
 MAX_SEED = 2**63 - 1  # seeds go to torch.Generator.manual_seed and NumPy: a signed 64-bit integer
 MAX_NAME = 180  # a job's folder name: room below the file system's 255 bytes for a sweep's -<trial> suffix and more
+# names users bring from other tools, and the key or value they mean here
 SYNONYMS = {"learning_rate": "lr", "lr_rate": "lr", "wd": "weight_decay", "num_epochs": "epochs", "epoch": "epochs",
             "num_steps": "steps", "max_steps": "steps", "bs": "batch_size", "num_workers": "workers",
             "noise_sd": "sigma", "noise_std": "sigma", "num_samples": "n", "gauss": "gaussian"}
@@ -75,9 +75,3 @@ class TrackingUnavailable(RunFailed):
 
     def __reduce__(self):
         return (type(self), (self.uri, self.reason, self.state))
-
-
-def choose_one_of(options: tuple[str, ...] | list[str], value: object) -> str:
-    """``"choose one of: a, b, c"``, with the nearest option when ``value`` looks like a typo of it."""
-    near = nearest(value, list(options))
-    return f"choose one of: {', '.join(options)}" + (f" (did you mean {near}?)" if near else "")

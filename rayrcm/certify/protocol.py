@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rayrcm.errors import MAX_SEED, ConfigError, choose_one_of
+from rayrcm.errors import MAX_SEED, ConfigError
 from rayrcm.overrides import check_finite
 from rayrcm.sections import PRECISIONS, TrackingConfig, check_job_name, default_storage
 
@@ -132,7 +132,7 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(0 <= s.seed <= MAX_SEED, "seed", s.seed, "must be >= 0 and < 2^63 (a 64-bit noise seed)")
     out = Path(cfg.out_dir).expanduser()
     _check(not out.exists() or out.is_dir(), "out_dir", cfg.out_dir, "is a file; give a folder (created if missing)")
-    _check(s.sampling in SAMPLINGS, "sampling", s.sampling, choose_one_of(SAMPLINGS, s.sampling))
+    _check(s.sampling in SAMPLINGS, "sampling", s.sampling, f"choose one of: {', '.join(SAMPLINGS)}")
     if s.sampling == "iss":
         _check(cfg.mode == "certify", "sampling", s.sampling, "input-specific sampling is for certify, not predict")
         _check(s.decline in DECLINES, "decline", s.decline, f"choose one of: {', '.join(DECLINES)}")
