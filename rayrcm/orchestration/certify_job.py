@@ -25,7 +25,6 @@ run as it was. A ``--gpu`` job on a cluster without GPUs fails with one line ins
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -184,14 +183,9 @@ def _run_locked(p: Prepared, ray_init: dict[str, Any] | None, show_table: bool) 
     for w in p.warnings:
         print(f"[rayrcm] {w}", file=sys.stderr, flush=True)
     if p.todo:  # can the cluster hold the job? asked before any run is opened
-        import ray
-
         from rayrcm.orchestration.cluster import ensure_ray, require_cpus, require_gpus
 
         c = p.cfg.compute
-        if not ray.is_initialized():
-            print("[rayrcm] starting Ray" + (f" (connecting to {os.environ['RAY_ADDRESS']})"
-                                            if os.environ.get("RAY_ADDRESS") else ""), flush=True)
         ensure_ray(**(ray_init or {}))
         require_gpus("compute.use_gpu", c.workers * c.gpus_per_worker if c.use_gpu else 0)
         require_cpus("compute.cpus_per_worker", c.cpus_per_worker, c.cpus_per_worker, c.workers)

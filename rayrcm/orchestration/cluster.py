@@ -20,8 +20,10 @@ def ensure_ray(**kwargs: Any) -> None:
     console.configure()  # no-op for the console filters when ray was imported already
     import ray
 
-    if not ray.is_initialized():
-        where = {"address": os.environ["RAY_ADDRESS"]} if os.environ.get("RAY_ADDRESS") else kwargs
+    if not ray.is_initialized():  # says so: starting a local cluster takes seconds with nothing else to show
+        address = os.environ.get("RAY_ADDRESS")
+        print("[rayrcm] starting Ray" + (f" (connecting to {address})" if address else ""), flush=True)
+        where = {"address": address} if address else kwargs
         ray.init(**{**console.ray_init_kwargs(), **where}, log_to_driver=True)
 
 
