@@ -159,10 +159,10 @@ def _evaluate_parser(sub) -> None:
 
 def _compare_parser(sub) -> None:
     k = _sub(sub, "compare",
-             "evaluations and certifications side by side: SA/AA/CS-s, clean/C/shift, certified accuracy")
+             "a paper's table, one row per model: SA/PGD/AA/CS-s, C and shifted sets, certified accuracy, ACR")
     k.add_argument("results", nargs="+", metavar="RUN_OR_DIR", help="result folders or MLflow run ids")
-    k.add_argument("--latex", action="store_true", help="print (and write, with --out) LaTeX tables too")
-    k.add_argument("--out", help="write the Markdown tables to this file (LaTeX next to it as .tex with --latex)")
+    k.add_argument("--latex", action="store_true", help="print (and write, with --out) the LaTeX table too")
+    k.add_argument("--out", help="write the Markdown table to this file (LaTeX next to it as .tex with --latex)")
     k.add_argument("--radii",
                    help="comma-separated radii of the certified table (default 0, 0.25, ... to each run's reach)")
     k.add_argument("--tracking-uri",

@@ -177,8 +177,10 @@ def test_certification_is_tracked_under_the_model_run(setup, mlflow_server):
     assert {a.path for a in client.list_artifacts(result.run_id, "analysis")} >= {"analysis/table.md", "analysis/certified_accuracy.png"}
     from rayrcm.orchestration.analyze import compare
 
-    tables = compare([result.run_id], tracking_uri=mlflow_server)  # by run id, as the README offers, on the real job's run
-    assert "certified" in tables and len(tables["certified"]) == 1
+    paper = compare([result.run_id], tracking_uri=mlflow_server)  # by run id, as the README offers, on the real job's run
+    assert list(paper.table.index) == ["cert-model@sigma-0_25"]  # the row is the model, named as it was given
+    assert paper.table.loc["cert-model@sigma-0_25", "r=0.00"] == pytest.approx(result.metrics["certified_acc_0.00"])
+    assert paper.table.loc["cert-model@sigma-0_25", "ACR"] == pytest.approx(run.data.metrics["acr"])
     again = certify_job.run(cfg)
     assert again.run_id == result.run_id and again.computed == 0
 

@@ -23,13 +23,16 @@ def _cell(set_, corruption, severity, attack, images, correct, generated=False):
             "attack": attack, "images": images, "correct": correct}
 
 
-def _eval_dir(root, name, rows):
-    """An evaluation folder as the job writes it: the rows through its own writer, and a protocol."""
+def _eval_dir(root, name, rows, model="m", sha="", eps=8 / 255):
+    """An evaluation folder as the job writes it: the rows through its own writer, and a protocol
+    (the model's reference in every cell, its file hash and the attack budget in the protocol)."""
     from rayrcm.analysis.robustness import results_table
 
     out = root / name
-    write_outputs(results_table(pd.DataFrame(rows)), out, name)
-    (out / "protocol.json").write_text(json.dumps({"dataset": "digits", "seed": 0}))
+    write_outputs(results_table(pd.DataFrame([{**r, "model": model} for r in rows])), out, name)
+    proto = {"dataset": "digits", "seed": 0, "model_sha256": sha or model.encode().hex().ljust(64, "0")[:64],
+             "norm": "linf", "eps": eps, "pgd_steps": 20, "step_size": 2 / 255, "model": model}
+    (out / "protocol.json").write_text(json.dumps(proto))
     return out
 
 
@@ -52,8 +55,9 @@ def _seed004_rows(rng):
     return rows
 
 
-def _certify_dir(root, name, sigma=0.25, n=1000, alpha=0.001, images=40, seed=0):
-    """A certification folder as the job writes it: Parquet parts (write_part) and protocol_dict."""
+def _certify_dir(root, name, sigma=0.25, n=1000, alpha=0.001, images=40, seed=0, model="m.pt", sha="0" * 64):
+    """A certification folder as the job writes it: Parquet parts (write_part) and protocol_dict, with
+    the model reference added as the job's start adds it."""
     from rayrcm.certify.collect import write_part
     from rayrcm.certify.protocol import CertifyConfig, protocol_dict
 
@@ -64,30 +68,27 @@ def _certify_dir(root, name, sigma=0.25, n=1000, alpha=0.001, images=40, seed=0)
             for i in range(images)]
     write_part(out / "rows", recs[:25])
     write_part(out / "rows", recs[25:])
-    cfg = CertifyConfig(model="m.pt")
+    cfg = CertifyConfig(model=model)
     cfg = replace(cfg, smoothing=replace(cfg.smoothing, sigma=sigma, n=n, alpha=alpha))
-    proto = protocol_dict(cfg, dataset="digits", model_sha256="0" * 64, num_classes=10, indices=list(range(images)))
-    (out / "protocol.json").write_text(json.dumps(proto))
+    proto = protocol_dict(cfg, dataset="digits", model_sha256=sha, num_classes=10, indices=list(range(images)))
+    (out / "protocol.json").write_text(json.dumps({**proto, "model": model}))
     return out, pd.DataFrame(recs)
 
 
-def parse(md: str) -> dict[str, dict[str, dict[str, str]]]:
-    """``{table title: {row label: {column: cell text}}}`` of the printed Markdown."""
-    tables, title, head = {}, None, None
+def parse(md: str) -> tuple[list[str], dict[str, dict[str, str]], list[str]]:
+    """``(header lines, {row: {column: cell text}}, notes)`` of the printed Markdown."""
+    header, rows, notes, head = [], {}, [], None
     for line in md.splitlines():
-        if line.startswith("**"):
-            title, head = line.strip("*"), None
-            tables[title] = {}
-        elif line.startswith("| run |"):
+        if line.startswith("| model |"):
             head = [c.strip() for c in line.strip("|").split("|")][1:]
         elif line.startswith("|") and head and not line.startswith("|---"):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            tables[title][cells[0]] = dict(zip(head, cells[1:]))
-    return tables
-
-
-def _by_kind(tables):
-    return {k.split(":")[0].split(" ")[0].lower(): v for k, v in tables.items()}
+            rows[cells[0]] = dict(zip(head, cells[1:]))
+        elif line.startswith("note: "):
+            notes.append(line[len("note: "):])
+        elif line.strip() and head is None and not line.startswith("["):
+            header.append(line.strip("*"))
+    return header, rows, notes
 
 
 def _acc(rows, **match):
@@ -95,79 +96,116 @@ def _acc(rows, **match):
     return sum(r["correct"] for r in sel) / sum(r["images"] for r in sel)
 
 
-def test_compare_puts_evaluations_and_a_certification_side_by_side(tmp_path, capsys):
+def _pct(x):
+    return f"{100 * x:.1f}"
+
+
+def test_compare_gives_one_row_per_model_robustness_and_certification_side_by_side(tmp_path, capsys):
+    """An evaluation and a certification of one model (one file hash) are one row, named after the
+    model; another model is another row; every cell is the rows' value in percent; ACR and abstention
+    are kept; the settings every row shares are in the header; LaTeX holds the same numbers."""
     rng = np.random.default_rng(0)
     r1, r4 = _seed001_rows(rng), _seed004_rows(rng)
-    a, b = _eval_dir(tmp_path, "acl-slf", r1), _eval_dir(tmp_path, "in100", r4)
-    c, cert = _certify_dir(tmp_path, "smooth-0.25")
+    acl = "models:/acl-digits@slf"
+    a = _eval_dir(tmp_path, "acl-slf-eval", r1, model=acl, sha="a" * 64)
+    b = _eval_dir(tmp_path, "in100", r4, model="/models/in100/model.pt", sha="b" * 64)
+    c, cert = _certify_dir(tmp_path, "smooth-0.25", model=acl, sha="a" * 64)
     with pytest.raises(SystemExit) as exit_:
         main(["compare", str(a), str(b), str(c), "--latex", "--out", str(tmp_path / "cmp" / "table.md")])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
-    t = _by_kind(parse(printed))
-    assert set(t) == {"robustness", "distribution", "certified"}
-    rob = t["robustness"]
-    assert list(rob["acl-slf"]) == ["SA", "PGD-20", "AutoAttack (standard)", "CS-1", "CS-1 (generated)",
-                                    "CS-3 (generated)", "CS-5", "CS-5 (generated)"]  # released (in100's) and generated
-    assert [k for k, v in rob["acl-slf"].items() if v == "-"] == ["CS-1", "CS-5"]
-    assert rob["acl-slf"]["SA"] == f"{_acc(r1, set='digits', attack='none'):.3f}"
-    assert rob["acl-slf"]["PGD-20"] == f"{_acc(r1, attack='pgd20'):.3f}"
-    assert rob["acl-slf"]["AutoAttack (standard)"] == f"{_acc(r1, attack='aa'):.3f}"
+    header, rows, notes = parse(printed.split("\\begin{tabular}")[0])
+    assert list(rows) == ["acl-digits@slf", "in100"] and notes == []
+    assert header[0] == "Certified accuracy at L2 radius r (randomized smoothing): sigma=0.25, n=1,000, alpha=0.001, sampling=fixed"
+    assert header[1] == "Attacks: eps=8/255, norm=L-inf, pgd_steps=20, step_size=2/255" and "accuracy in %" in header[2]
+    row = rows["acl-digits@slf"]
+    assert list(row)[:3] == ["SA", "PGD-20", "AutoAttack (standard)"]
+    assert row["SA"] == _pct(_acc(r1, set="digits", attack="none")) and row["PGD-20"] == _pct(_acc(r1, attack="pgd20"))
+    assert row["AutoAttack (standard)"] == _pct(_acc(r1, attack="aa"))
     for s in (1, 3, 5):
-        want = np.mean([_acc(r1, corruption=k, severity=s) for k in CORRUPTIONS])
-        assert rob["acl-slf"][f"CS-{s} (generated)"] == f"{want:.3f}"
-    assert rob["in100"]["SA"] == f"{_acc(r4, set='imagenet100'):.3f}" and rob["in100"]["PGD-20"] == "-"
-    for s in (1, 5):
-        assert rob["in100"][f"CS-{s}"] == f"{np.mean([_acc(r4, corruption=k, severity=s) for k in CORRUPTIONS]):.3f}"
-    shift = t["distribution"]
-    assert list(shift) == ["in100"] and list(shift["in100"]) == ["clean", "C", "Sketch", "Stylized", "R"]
-    c_mean = np.mean([_acc(r4, corruption=k, severity=s) for k in CORRUPTIONS for s in (1, 5)])
-    assert shift["in100"]["C"] == f"{c_mean:.3f}"
-    for name, col in (("imagenet-sketch", "Sketch"), ("stylized-imagenet", "Stylized"), ("imagenet-r", "R")):
-        assert shift["in100"][col] == f"{_acc(r4, set=name):.3f}"
-    certified = t["certified"]["smooth-0.25"]
-    assert list(certified)[0] == "0.00" and "0.75" not in certified  # n=1000: reach 0.615
-    for r, text in certified.items():
-        assert text == f"{np.mean((cert['correct'] == 1) & (cert['radius'] >= float(r))):.3f}", r
-    written = (tmp_path / "cmp" / "table.md").read_text()
-    assert parse(written) == parse(printed)
+        assert row[f"CS-{s} (generated)"] == _pct(np.mean([_acc(r1, corruption=k, severity=s) for k in CORRUPTIONS]))
+    assert row["CS-1"] == row["CS-5"] == "-"  # in100's released corruptions: not measured for this model
+    radii = [k for k in row if k.startswith("r=")]
+    assert radii == ["r=0.00", "r=0.25", "r=0.50"]  # n=1000: reach 0.615
+    for col in radii:
+        assert row[col] == _pct(np.mean((cert["correct"] == 1) & (cert["radius"] >= float(col[2:])))), col
+    assert row["ACR"] == f"{np.mean(cert['radius'] * cert['correct']):.3f}"
+    assert row["abstain"] == _pct(np.mean(cert["predict"] == -1)) and list(row)[-2:] == ["ACR", "abstain"]
+    other = rows["in100"]
+    assert other["SA"] == _pct(_acc(r4, set="imagenet100")) and other["PGD-20"] == other["r=0.00"] == "-"
+    assert other["C"] == _pct(np.mean([_acc(r4, corruption=k, severity=s) for k in CORRUPTIONS for s in (1, 5)]))
+    for name, col in (("imagenet-sketch", "Sketch"), ("imagenet-r", "R")):
+        assert other[col] == _pct(_acc(r4, set=name))
+    assert "clean" not in other  # SA is the clean column
+    assert parse((tmp_path / "cmp" / "table.md").read_text()) == (header, rows, notes)
     tex = (tmp_path / "cmp" / "table.tex").read_text()
-    assert r"\begin{tabular}" in tex and "$r=0.25$" in tex and "CS-3 (generated)" in tex
+    line = next(t for t in tex.splitlines() if t.startswith("acl-digits@slf"))
+    cols = list(row)
+    cells = [x.strip().rstrip("\\").strip() for x in line.split("&")[1:]]
+    assert [c.replace("--", "-") for c in cells] == [row[k] for k in cols]  # the same units as Markdown
+    assert "$r=0.25$" in tex and "CS-3 (generated)" in tex and "% accuracy in %" in tex
 
 
-def test_compare_reads_mlflow_runs_as_their_folders(tmp_path, capsys):
+def test_settings_that_differ_become_columns_with_a_note_and_a_second_result_its_own_row(tmp_path, capsys):
+    from rayrcm.orchestration.analyze import compare
+
+    a, _ = _certify_dir(tmp_path, "m1-s025", sigma=0.25, n=1000, model="/w/m1/model.pt", sha="1" * 64, seed=1)
+    b, _ = _certify_dir(tmp_path, "m2-s050", sigma=0.5, n=100000, model="/w/m2/model.pt", sha="2" * 64, seed=2)
+    c, _ = _certify_dir(tmp_path, "m1-s050", sigma=0.5, n=1000, model="/w/m1/model.pt", sha="1" * 64, seed=3)
+    paper = compare([str(a), str(b), str(c)])
+    header, rows, notes = parse(capsys.readouterr().out)
+    assert list(rows) == ["m1", "m1 [m1-s050]", "m2"]  # m1 certified twice: nothing overwritten, its rows together
+    assert [rows[k]["sigma"] for k in rows] == ["0.25", "0.5", "0.5"] and [rows[k]["n"] for k in rows] == ["1,000", "1,000", "100,000"]
+    assert header[0] == "Certified accuracy at L2 radius r (randomized smoothing): alpha=0.001, sampling=fixed"
+    assert any("different n" in n for n in notes) and any("different sigma" in n for n in notes)
+    assert any(n.startswith("m1 [m1-s050]: m1-s050 measured m1 again") for n in notes)
+    assert list(paper.table.index) == list(rows)
+    same = _certify_dir(tmp_path, "m1-again", sigma=0.25, n=1000, model="/w/m1/model.pt", sha="1" * 64, seed=1)[0]
+    assert list(compare([str(a), str(same)]).table.index) == ["m1"]  # the same result twice: one row
+
+
+def test_compare_reads_mlflow_runs_as_their_folders_and_joins_a_model_to_its_runs(tmp_path, capsys):
+    """By run id (a real sqlite store): the same rows as by folder; a fine-tuning run's metrics are its
+    model's row, and a certification run that is its child joins that row; a chain with several
+    modes gives a row per mode."""
     from mlflow.tracking import MlflowClient
 
     from rayrcm.orchestration import tracking
     from rayrcm.orchestration.analyze import compare
 
     rng = np.random.default_rng(1)
-    a = _eval_dir(tmp_path, "acl-slf", _seed001_rows(rng))
-    c, _ = _certify_dir(tmp_path, "smooth-0.25", seed=2)
+    a = _eval_dir(tmp_path, "acl-slf", _seed001_rows(rng), model="models:/acl@slf", sha="a" * 64)
+    c, cert = _certify_dir(tmp_path, "smooth-0.25", seed=2, model="models:/rcm@sigma-0_25", sha="c" * 64)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).create_experiment("cmp", artifact_location=(tmp_path / "artifacts").as_uri())
+    client = MlflowClient(uri)
+    client.create_experiment("cmp", artifact_location=(tmp_path / "artifacts").as_uri())
+    rcm = tracking.start_job_run(uri, "cmp", "rcm-finetune", {})  # the fine-tuned model's own run
+    for k, v in {"test_sa": 0.8, "test_pgd20": 0.4, "test_robust_images": 20}.items():
+        client.log_metric(rcm, k, v)
+    tracking.end_run(uri, rcm, ok=True)
     runs = []
-    for folder, files in ((a, ["results.parquet", "table.md"]), (c, ["protocol.json"])):
-        run = tracking.start_job_run(uri, "cmp", folder.name, {})
+    for folder, files, parent in ((a, ["results.parquet", "protocol.json"], None), (c, ["protocol.json", "rows"], rcm)):
+        run = tracking.start_job_run(uri, "cmp", folder.name, {}, parent_run_id=parent)
         tracking.log_artifacts(uri, run, [folder / f for f in files])
-        if folder == c:
-            tracking.log_artifacts(uri, run, [folder / "rows"])
         tracking.end_run(uri, run, ok=True)
         runs.append(run)
-    ft = tracking.start_job_run(uri, "cmp", "acl-finetune", {})  # the fine-tuning chain's metrics
+    chain = tracking.start_job_run(uri, "cmp", "acl-finetune", {})  # the chain's metrics: one model per mode
     for k, v in {"slf_sa": 0.8, "slf_pgd20": 0.4, "slf_aa_apgd": 0.35, "slf_aa": 0.3, "slf_robust_images": 20,
                  "aff_sa": 0.75, "aff_pgd20": 0.45, "aff_aa_apgd": 0.4, "aff_aa": 0.4, "aff_robust_images": 20}.items():
-        MlflowClient(uri).log_metric(ft, k, v)
-    tracking.end_run(uri, ft, ok=True)
-    by_folder = compare([str(a), str(c)])
-    by_run = compare(runs + [ft], tracking_uri=uri)
+        client.log_metric(chain, k, v)
+    tracking.end_run(uri, chain, ok=True)
+    by_folder = compare([str(a), str(c)]).table
+    by_run = compare([rcm, *runs, chain], tracking_uri=uri).table
     capsys.readouterr()
-    rob = by_run["robustness"]
-    assert rob.loc["acl-slf"].dropna().equals(by_folder["robustness"].loc["acl-slf"].dropna())
-    assert by_run["certified"].loc["smooth-0.25"].equals(by_folder["certified"].loc["smooth-0.25"])
-    assert rob.loc["acl-finetune/slf", "SA"] == pytest.approx(0.8)
-    assert rob.loc["acl-finetune/aff", "AutoAttack (standard)"] == pytest.approx(0.4)
-    assert rob.loc["acl-finetune/slf", "APGD-CE+APGD-T (upper bound)"] == pytest.approx(0.35)
+    assert list(by_folder.index) == ["acl@slf", "rcm@sigma-0_25"]
+    assert list(by_run.index) == ["rcm-finetune", "acl@slf", "acl-finetune/slf", "acl-finetune/aff"]
+    assert by_run.loc["acl@slf"].dropna().equals(by_folder.loc["acl@slf"].dropna())
+    radii = [k for k in by_folder.columns if k.startswith("r=")] + ["ACR", "abstain"]
+    assert by_run.loc["rcm-finetune", radii].equals(by_folder.loc["rcm@sigma-0_25", radii])  # joined to its model's run
+    assert by_run.loc["rcm-finetune", "SA"] == pytest.approx(0.8)
+    assert by_run.loc["rcm-finetune", "ACR"] == pytest.approx(np.mean(cert["radius"] * cert["correct"]))
+    assert by_run.loc["acl-finetune/aff", "AutoAttack (standard)"] == pytest.approx(0.4)
+    assert by_run.loc["acl-finetune/slf", "APGD-CE+APGD-T (upper bound)"] == pytest.approx(0.35)
 
 
 @pytest.mark.parametrize("argv,needle", [

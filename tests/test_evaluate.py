@@ -388,19 +388,22 @@ def test_evaluation_is_tracked_under_the_model_run(setup):
 
 @pytest.mark.slow
 def test_compare_puts_the_jobs_side_by_side_with_their_cells(setup, capsys):
-    """``rayrcm compare`` on two real job folders: every headline cell is the job's own table's value."""
+    """``rayrcm compare`` on two real job folders of one model: one row (the model's, named after its
+    file's folder), every headline cell the job's own table's value in percent."""
     from rayrcm.analysis.robustness import headline
     from rayrcm.cli import main
 
-    tmp, _, one, two = setup
+    tmp, model_file, one, two = setup
     with pytest.raises(SystemExit) as exit_:
         main(["compare", str(one.out), str(two.out), "--out", str(tmp / "compare.md")])
     assert exit_.value.code == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert head[:4] == ["run", "SA", "PGD-3", "APGD-CE+APGD-T (upper bound)"] and "CS-5 (generated)" in head
-    for line, result in zip(lines[1:], (one, two)):
-        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
-        assert cells["run"] == result.name
-        assert {k: cells[k] for k in head[1:]} == {k: f"{v:.3f}" for k, v in headline(result.table).items()}
-    assert (tmp / "compare.md").read_text().count("| one |") == 1
+    assert head[:4] == ["model", "SA", "PGD-3", "APGD-CE+APGD-T (upper bound)"] and "CS-5 (generated)" in head
+    assert len(lines) == 2 and "note:" not in out  # the same model, the same cells: one row
+    cells = dict(zip(head, (c.strip() for c in lines[1].strip("|").split("|"))))
+    assert cells["model"] == model_file.parent.name
+    assert {k: cells[k] for k in head[1:]} == {k: f"{100 * v:.1f}" for k, v in headline(one.table).items()}
+    assert "Attacks: eps=8/255, norm=L-inf, pgd_steps=3" in out
+    assert (tmp / "compare.md").read_text().count(f"| {model_file.parent.name} |") == 1

@@ -10,16 +10,17 @@ from rayrcm.orchestration.transfer import chain_table, run_all
 
 
 def test_chain_table_is_the_shared_result_table_of_every_mode():
-    """The chain prints what ``rayrcm compare`` prints for the same cells (one code path)."""
-    from rayrcm.analysis.compare import compare_tables, metric_cells, to_markdown
+    """The chain prints what ``rayrcm compare`` prints for the same cells (one code path), in percent."""
+    from rayrcm.analysis.compare import metric_cells
+    from rayrcm.analysis.paper import Result, paper_table, to_markdown
 
     rows = {"slf": {"sa": 0.9, "pgd20": 0.1, "aa_apgd": 0.06, "aa": 0.05, "robust_images": 200.0},
             "aff": {"sa": 0.8, "pgd20": 0.5, "robust_images": 200.0}}
     text = chain_table(rows, "t")
-    assert text.startswith("**t**") and "| slf | 0.900 | 0.100 | 0.050 | 0.060 |" in text
-    assert "| aff | 0.800 | 0.500 | - | - |" in text and "AutoAttack (standard)" in text
-    shared = {m: metric_cells({f"test_{k}": v for k, v in r.items()})["test"] for m, r in rows.items()}
-    assert to_markdown(compare_tables(shared)) in text
+    assert text.startswith("**t**") and "| slf | 90.0 | 10.0 | 5.0 | 6.0 |" in text
+    assert "| aff | 80.0 | 50.0 | - | - |" in text and "AutoAttack (standard)" in text and "accuracy in %" in text
+    shared = [Result(m, metric_cells({f"test_{k}": v for k, v in r.items()})["test"], {m}, m) for m, r in rows.items()]
+    assert to_markdown(paper_table(shared)) in text
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -39,6 +39,9 @@ from rayrcm.analysis.robustness import (
     results_table,
     robust_cells,
 )
+
+if TYPE_CHECKING:
+    from rayrcm.analysis.paper import Result
 
 PROTOCOL_FILE = "protocol.json"  # as the evaluate and certify jobs write it
 TITLES = {"robustness": "Robustness: SA, attacks, corruptions (CS-s: mean over corruptions at severity s)",
@@ -72,30 +75,48 @@ def certify_reach(protocol: dict[str, Any]) -> float | None:
         return None
 
 
-def read_result(path: str | Path, radii: list[float] | None = None) -> pd.DataFrame:
-    """The result-schema cells of one evaluation or certification folder (or ``results.parquet``);
+def load_result(path: str | Path, radii: list[float] | None = None, label: str = "") -> Result:
+    """One evaluation or certification folder (or ``results.parquet``) as a :class:`Result`: its
+    result-schema cells, the model it measured (by file hash and reference) and its protocol;
     ``radii``: where certified accuracy is read (default: 0, 0.25, ... up to the run's reach).
     A folder that is neither is a one-line ``ValueError``."""
+    from rayrcm.analysis.certified import abstention_rate, average_certified_radius
+    from rayrcm.analysis.paper import Result, model_name
+
     p = Path(path)
+    label = label or p.name
+    protocol = json.loads((p / PROTOCOL_FILE).read_text()) if (p / PROTOCOL_FILE).is_file() else {}
+    keys = {f"sha:{protocol['model_sha256']}"} if protocol.get("model_sha256") else set()
+    table = None
     if p.is_file() and p.suffix == ".parquet":
-        return _schema(pd.read_parquet(p))
-    if (p / RESULTS_FILE).is_file():
-        return _schema(pd.read_parquet(p / RESULTS_FILE))
-    proto = p / PROTOCOL_FILE
-    if proto.is_file():
-        protocol = json.loads(proto.read_text())
-        if "sigma" in protocol:
-            rows = read_results(p)
-            if rows.empty:
-                raise ValueError(f"{path}: a certification folder with no rows yet")
-            if "radius" not in rows.columns:  # predict: an abstaining prediction, no radius
-                rows = rows.assign(radius=0.0)
-            reach = certify_reach(protocol)
-            grid = list(radii) if radii is not None else default_radii([rows], reach)
-            if reach is not None:
-                grid = [r for r in grid if r <= reach + 1e-12] or [0.0]
-            return certified_cells(rows, protocol, grid)
+        table = _schema(pd.read_parquet(p))
+    elif (p / RESULTS_FILE).is_file():
+        table = _schema(pd.read_parquet(p / RESULTS_FILE))
+    if table is not None:
+        refs = sorted({str(m) for m in table["model"] if str(m)})
+        keys = keys or {f"ref:{m}" for m in refs}  # a reference names a model only where no hash does
+        return Result(label, table, keys, model_name(refs[0]) if len(refs) == 1 else "", protocol)
+    if "sigma" in protocol:
+        rows = read_results(p)
+        if rows.empty:
+            raise ValueError(f"{path}: a certification folder with no rows yet")
+        if "radius" not in rows.columns:  # predict: an abstaining prediction, no radius
+            rows = rows.assign(radius=0.0)
+        reach = certify_reach(protocol)
+        grid = list(radii) if radii is not None else default_radii([rows], reach)
+        if reach is not None:
+            grid = [r for r in grid if r <= reach + 1e-12] or [0.0]
+        summary = {"abstain": abstention_rate(rows)} if "predict" in rows.columns else {}
+        if protocol.get("mode", "certify") == "certify":
+            summary = {"ACR": average_certified_radius(rows), **summary}
+        ref = str(protocol.get("model") or "")
+        return Result(label, certified_cells(rows, protocol, grid), keys, model_name(ref), protocol, summary)
     raise ValueError(f"{path}: not a result folder (no {RESULTS_FILE}; no certification rows and {PROTOCOL_FILE})")
+
+
+def read_result(path: str | Path, radii: list[float] | None = None) -> pd.DataFrame:
+    """The result-schema cells of one evaluation or certification folder (:func:`load_result`)."""
+    return load_result(path, radii).cells
 
 
 _METRIC = re.compile(r"^(?P<prefix>.+)_(?P<name>sa|pgd\d+|aa|aa_apgd|robust_images)$")
@@ -193,5 +214,5 @@ def to_latex(tables: dict[str, pd.DataFrame]) -> str:
     return "\n\n".join(f"% {TITLES[name]}\n{_latex(t)}" for name, t in tables.items())
 
 
-__all__ = ["TITLES", "certify_reach", "compare_tables", "metric_cells", "read_result", "results_table", "shift_row",
+__all__ = ["TITLES", "certify_reach", "compare_tables", "load_result", "metric_cells", "read_result", "results_table", "shift_row",
            "to_latex", "to_markdown"]

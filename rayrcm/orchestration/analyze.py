@@ -1,7 +1,7 @@
 """``rayrcm analyze``: tables and curves over several certification results (folders, Parquet files
 or Cohen-format files), written to a folder and logged to each certification's MLflow run; and
-``rayrcm compare``: evaluations and certifications (folders or MLflow runs) side by side in one
-result schema (:mod:`rayrcm.analysis.compare`)."""
+``rayrcm compare``: evaluations, certifications and fine-tuning runs (folders or MLflow runs) as a
+paper's table, one row per model (:mod:`rayrcm.analysis.paper`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -17,6 +18,9 @@ from rayrcm.errors import ConfigError
 from rayrcm.orchestration import tracking
 from rayrcm.orchestration.certify_prepare import PROTOCOL_FILE, RUN_FILE
 from rayrcm.sections import default_tracking_uri
+
+if TYPE_CHECKING:
+    from rayrcm.analysis.paper import PaperTable, Result
 
 
 def _read(paths: list[str]) -> dict[str, pd.DataFrame]:
@@ -143,59 +147,72 @@ def analyze(paths: list[str], *, radii: list[float] | None = None, out: str | Pa
 # ----------------------------------------------------------------------------- rayrcm compare
 
 
-def _from_run(run_id: str, uri: str, radii: list[float] | None, tmp: Path) -> dict[str, pd.DataFrame]:
-    """An MLflow run's result tables: its ``results.parquet`` (an evaluation), its rows and protocol
-    (a certification), or its robustness metrics (a fine-tuning run: one table per mode)."""
+def _from_run(run_id: str, uri: str, radii: list[float] | None, tmp: Path) -> list[Result]:
+    """An MLflow run's results: its ``results.parquet`` (an evaluation), its rows and protocol (a
+    certification), or its robustness metrics (a fine-tuning run: one result per mode). A
+    certification or evaluation run is known also by its parent (the training run of its model)."""
     from rayrcm.analysis.compare import PROTOCOL_FILE as PROTO
-    from rayrcm.analysis.compare import metric_cells, read_result
+    from rayrcm.analysis.compare import load_result, metric_cells
+    from rayrcm.analysis.paper import Result, model_name
     from rayrcm.analysis.robustness import RESULTS_FILE
 
     run, names = tracking.run_artifacts(uri, run_id)
     label = run.info.run_name or run_id[:8]
-    wanted = [RESULTS_FILE] if RESULTS_FILE in names else (["rows", PROTO] if {"rows", PROTO} <= names else [])
+    if RESULTS_FILE in names:
+        wanted = [RESULTS_FILE] + ([PROTO] if PROTO in names else [])
+    else:
+        wanted = ["rows", PROTO] if {"rows", PROTO} <= names else []
     if wanted:
         dst = tmp / run_id
         dst.mkdir(parents=True, exist_ok=True)
         for name in wanted:
             tracking.download(uri, run_id, name, dst)
-        return {label: read_result(dst, radii)}
+        result = load_result(dst, radii, label=label)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            result.keys.add(f"run:{parent}")
+        result.name = result.name or model_name(run.data.tags.get("rayrcm.model_uri", ""))
+        return [result]
     tables = metric_cells(run.data.metrics)
     if not tables:
         raise ConfigError("run", run_id, f"holds no {RESULTS_FILE}, no certification rows and no robustness metrics")
-    return {(label if len(tables) == 1 else f"{label}/{prefix}"): t for prefix, t in tables.items()}
+    one = len(tables) == 1  # a single mode: the run is the model (its certifications are its children)
+    return [Result(label if one else f"{label}/{prefix}", t, {f"run:{run_id}" if one else f"run:{run_id}/{prefix}"},
+                   label if one else f"{label}/{prefix}") for prefix, t in tables.items()]
 
 
-def _results(refs: list[str], uri: str | None, radii: list[float] | None, tmp: Path) -> dict[str, pd.DataFrame]:
-    """Each folder's or run's result tables under its label, in the order given."""
-    from rayrcm.analysis.compare import read_result
+def _results(refs: list[str], uri: str | None, radii: list[float] | None, tmp: Path) -> list[Result]:
+    """Each folder's or run's results, in the order given."""
+    from rayrcm.analysis.compare import load_result
 
     paths = [r for r in refs if Path(r).expanduser().exists()]
     labels = dict(zip(paths, result_labels(paths)))
-    out: dict[str, pd.DataFrame] = {}
+    out: list[Result] = []
     for ref in refs:
         if ref in labels:
             try:
-                out[labels[ref]] = read_result(Path(ref).expanduser(), radii)
+                out.append(load_result(Path(ref).expanduser(), radii, label=labels[ref]))
             except ValueError as err:
                 raise ConfigError("results", ref, str(err).split(": ", 1)[-1]) from None
         elif tracking.is_run_id(ref):
             target = tracking.normalize_uri(uri or default_tracking_uri())
             tracking.check_reachable(target)
-            out.update(_from_run(ref, target, radii, tmp))
+            out.extend(_from_run(ref, target, radii, tmp))
         else:
             raise ConfigError("results", ref, "no such result folder or file, and not an MLflow run id (32 hex digits)")
     return out
 
 
 def compare(refs: list[str], *, latex: bool = False, out: str | Path | None = None, radii: list[float] | None = None,
-            tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
-    """Evaluation and certification results side by side (:mod:`rayrcm.analysis.compare`): Markdown
-    on the console (and LaTeX with ``latex``), and to ``out`` (Markdown; LaTeX next to it as ``.tex``)."""
+            tracking_uri: str | None = None) -> PaperTable:
+    """Evaluations, certifications and fine-tuning runs as a paper's table, one row per model
+    (:mod:`rayrcm.analysis.paper`): Markdown on the console (and LaTeX with ``latex``), and to ``out``
+    (Markdown; LaTeX next to it as ``.tex``)."""
     import tempfile
 
-    from rayrcm.analysis.compare import compare_tables
-    from rayrcm.analysis.compare import to_latex as tables_latex
-    from rayrcm.analysis.compare import to_markdown as tables_markdown
+    from rayrcm.analysis.paper import paper_table
+    from rayrcm.analysis.paper import to_latex as paper_latex
+    from rayrcm.analysis.paper import to_markdown as paper_markdown
 
     refs = [str(r) for r in refs]
     if not refs:
@@ -203,13 +220,13 @@ def compare(refs: list[str], *, latex: bool = False, out: str | Path | None = No
     if radii is not None:
         radii = check_radii(radii)
     with tempfile.TemporaryDirectory(prefix="rayrcm-compare-") as tmp:
-        tables = compare_tables(_results(refs, tracking_uri, radii, Path(tmp)))
-    if not tables:
+        paper = paper_table(_results(refs, tracking_uri, radii, Path(tmp)))
+    if paper.table.empty:
         raise ConfigError("results", ",".join(refs), "hold no cell to compare")
-    md = tables_markdown(tables)
+    md = paper_markdown(paper)
     print(md, flush=True)
     if latex:
-        print("\n" + tables_latex(tables), flush=True)
+        print("\n" + paper_latex(paper), flush=True)
     if out:
         path = Path(out).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +234,6 @@ def compare(refs: list[str], *, latex: bool = False, out: str | Path | None = No
         written = [path]
         if latex:
             written.append(path.with_suffix(".tex"))
-            written[-1].write_text(tables_latex(tables) + "\n")
+            written[-1].write_text(paper_latex(paper) + "\n")
         print(f"[rayrcm] wrote {', '.join(str(f) for f in written)}", flush=True)
-    return tables
+    return paper

@@ -30,14 +30,15 @@ class TransferResult:
 
 
 def chain_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
-    """The chain's table (one row per mode), built by the code every evaluation shares
-    (:func:`rayrcm.analysis.compare.compare_tables` over each mode's result cells), so it reads like
-    ``rayrcm compare`` and ``rayrcm evaluate``'s tables."""
-    from rayrcm.analysis.compare import compare_tables, metric_cells, to_markdown
+    """The chain's table (one row per mode: each mode is its own model), built by the code
+    ``rayrcm compare`` prints with (:func:`rayrcm.analysis.paper.paper_table` over each mode's
+    result cells)."""
+    from rayrcm.analysis.compare import metric_cells
+    from rayrcm.analysis.paper import Result, paper_table, to_markdown
 
-    tables = {mode: cells["test"] for mode, row in rows.items()
-              if "test" in (cells := metric_cells({f"test_{k}": v for k, v in row.items()}))}
-    return (f"**{title}**\n\n" if title else "") + to_markdown(compare_tables(tables)) + "\n"
+    results = [Result(mode, cells["test"], {f"mode:{mode}"}, mode) for mode, row in rows.items()
+               if "test" in (cells := metric_cells({f"test_{k}": v for k, v in row.items()}))]
+    return (f"**{title}**\n\n" if title else "") + to_markdown(paper_table(results)) + "\n"
 
 
 def _row(metrics: dict[str, Any], pgd_steps: int) -> dict[str, float]:
