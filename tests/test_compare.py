@@ -117,7 +117,7 @@ def test_compare_gives_one_row_per_model_robustness_and_certification_side_by_si
     header, rows, notes = parse(printed.split("\\begin{tabular}")[0])
     assert list(rows) == ["acl-digits@slf", "in100"] and notes == []
     assert header[0] == "Certified accuracy at L2 radius r (randomized smoothing): sigma=0.25, n=1,000, alpha=0.001, sampling=fixed"
-    assert header[1] == "Attacks: eps=8/255, norm=L-inf, pgd_steps=20, step_size=2/255" and "accuracy in %" in header[2]
+    assert header[1] == "Attacks: eps=8/255, norm=L-inf, pgd_steps=20, step_size=2/255" and "abstention in %" in header[2]
     row = rows["acl-digits@slf"]
     assert list(row)[:3] == ["SA", "PGD-20", "AutoAttack (standard)"]
     assert row["SA"] == _pct(_acc(r1, set="digits", attack="none")) and row["PGD-20"] == _pct(_acc(r1, attack="pgd20"))
@@ -143,7 +143,7 @@ def test_compare_gives_one_row_per_model_robustness_and_certification_side_by_si
     cols = list(row)
     cells = [x.strip().rstrip("\\").strip() for x in line.split("&")[1:]]
     assert [c.replace("--", "-") for c in cells] == [row[k] for k in cols]  # the same units as Markdown
-    assert "$r=0.25$" in tex and "CS-3 (generated)" in tex and "% accuracy in %" in tex
+    assert "$r=0.25$" in tex and "CS-3 (generated)" in tex and "% accuracy and abstention in %" in tex
 
 
 def test_settings_that_differ_become_columns_with_a_note_and_a_second_result_its_own_row(tmp_path, capsys):

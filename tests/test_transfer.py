@@ -18,7 +18,7 @@ def test_chain_table_is_the_shared_result_table_of_every_mode():
             "aff": {"sa": 0.8, "pgd20": 0.5, "robust_images": 200.0}}
     text = chain_table(rows, "t")
     assert text.startswith("**t**") and "| slf | 90.0 | 10.0 | 5.0 | 6.0 |" in text
-    assert "| aff | 80.0 | 50.0 | - | - |" in text and "AutoAttack (standard)" in text and "accuracy in %" in text
+    assert "| aff | 80.0 | 50.0 | - | - |" in text and "AutoAttack (standard)" in text and "abstention in %" in text
     shared = [Result(m, metric_cells({f"test_{k}": v for k, v in r.items()})["test"], {m}, m) for m, r in rows.items()]
     assert to_markdown(paper_table(shared)) in text
 
