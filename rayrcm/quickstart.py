@@ -71,6 +71,16 @@ def certify_config(model_ref: str, tracking_uri: str) -> CertifyConfig:
     ])
 
 
+def ui_line(uri: str, run_id: str | None) -> str:
+    """How to open the runs list, with the headline metrics as columns (the experiment's saved view)."""
+    from rayrcm.orchestration import lineage
+
+    view = lineage.update_runs_view(uri, run_id) if run_id else ""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{view}"
+    return f"mlflow ui --backend-store-uri {uri}" + (f", then http://127.0.0.1:5000/{view}" if view else "")
+
+
 def run(overrides: list[str] | None = None) -> dict:
     """Pretrain, fine-tune, evaluate; print a table and where to look. Returns the fine-tune result."""
     from rayrcm.config import validate
@@ -109,7 +119,7 @@ def run(overrides: list[str] | None = None) -> dict:
     print(f"Certification:    run {cert.run_id}, results {cert.out / 'results.tsv'}")
     print(f"                  curve {cert.out / 'certified_accuracy.png'}")
     print(f"Checkpoints: {result.model_file.parent}")
-    print(f"MLflow UI:   mlflow ui --backend-store-uri {ft.tracking.uri}")
+    print(f"MLflow UI:   {ui_line(ft.tracking.uri, cert.run_id or result.run_id)}")
     print(f"Total time:  {time.perf_counter() - tic:.0f} s")
     return {"pretrain": pre_result, "finetune": result, "certify": cert}
 

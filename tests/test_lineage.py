@@ -169,3 +169,37 @@ def test_sweep_trials_are_named_linked_and_leave_the_quickstart_alias(chain, mlf
         scalars = _events(folder)
         assert scalars and not [t for t in scalars if t in ("done", "step") or "time_" in t or t.startswith("ray/")]
         assert scalars["loss"] == [1, 2]  # the training step is the x axis
+
+
+def test_finished_runs_open_the_runs_list_with_their_headline_metrics(tmp_path):
+    """A finished job adds its headline metrics to the experiment's saved view, in a fixed order
+    (stage, test accuracy, certified accuracy by radius, ACR, abstention, robustness), where the
+    installed MLflow UI reads a shared view (its bundle names the tag prefix and the URL key, and
+    writes a column as ``metrics.`name```)."""
+    import json
+
+    import mlflow.server
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    train = _run(uri, "view", "finetune")
+    for k, v in {"test_acc_sigma_0.25": 0.9, "loss": 0.3, "test_acc_clean": 0.95, "throughput": 100.0}.items():
+        client.log_metric(train, k, v)
+    lineage.finish_run(uri, train)
+    cert = _run(uri, "view", "certify")
+    for k, v in {"acr": 0.4, "certified_acc_0.25": 0.8, "certified_acc_0.00": 0.9, "abstain_rate": 0.05,
+                 "samples": 1e5}.items():
+        client.log_metric(cert, k, v)
+    lineage.finish_run(uri, cert)
+    exp = client.get_experiment_by_name("view")
+    state = json.loads(exp.tags[lineage.VIEW_TAG])
+    assert state["selectedColumns"] == ["tags.`rayrcm.stage`", "metrics.`test_acc_clean`", "metrics.`test_acc_sigma_0.25`",
+                                        "metrics.`certified_acc_0.00`", "metrics.`certified_acc_0.25`", "metrics.`acr`",
+                                        "metrics.`abstain_rate`"]
+    assert client.get_run(cert).info.status == "FINISHED"
+    bundle = "".join(p.read_text(errors="ignore") for p in
+                     (Path(mlflow.server.__file__).parent / "js" / "build" / "static" / "js").glob("*.js"))
+    assert lineage.VIEW_TAG.rsplit(".", 1)[0] + "." in bundle and "viewStateShareKey" in bundle
+    assert '+".`"+' in bundle.replace(" ", "")  # the UI's column key: type + ".`" + name + "`"
+    assert lineage.update_runs_view(uri, cert) == f"#/experiments/{exp.experiment_id}?viewStateShareKey=rayrcm"

@@ -30,8 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from rayrcm.analysis.compare import certified_rows, shift_row
-from rayrcm.analysis.robustness import SHIFT_SETS, headline
+from rayrcm.analysis.robustness import SHIFT_SETS, certified_rows, headline, shift_row
 
 CERT_SETTINGS = ("sigma", "n", "alpha", "sampling")  # a certification's settings, in the header or as columns
 ATTACK_SETTINGS = ("eps", "norm", "pgd_steps", "step_size")  # an evaluation's attack budget

@@ -109,6 +109,32 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def shift_row(table: pd.DataFrame) -> dict[str, float]:
+    """Seed 004's row: clean, C (mean accuracy over every corruption and severity; ``(generated)``
+    when generated here), then each shifted set's accuracy."""
+    plain = table[(table["attack"] == NONE)]
+    out: dict[str, float] = {}
+    head = headline(table)
+    if "SA" in head:
+        out["clean"] = head["SA"]
+    corr = plain[plain["corruption"] != NONE]
+    for gen, g in corr.groupby("generated", sort=True):
+        out["C (generated)" if gen else "C"] = float(g["accuracy"].mean())
+    for name, label in SHIFT_SETS.items():
+        cell = plain[(plain["set"] == name) & (plain["corruption"] == NONE)]
+        if len(cell):
+            out[label] = float(cell["correct"].sum() / max(int(cell["images"].sum()), 1))
+    return out
+
+
+def certified_rows(label: str, table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Certified accuracy by radius, one row per smoothing level of the result."""
+    cert = table[table["attack"].map(is_certified)]
+    several = cert["attack"].nunique() > 1
+    return {(f"{label} {a}" if several else label): {f"{r.radius:.2f}": float(r.accuracy) for r in g.itertuples()}
+            for a, g in cert.groupby("attack", sort=True)}
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """The headline row, then every cell (one line per set, corruption, severity and attack)."""
     head = headline(table)

@@ -47,7 +47,7 @@ from rayrcm.analysis.results import ROWS_DIR, TSV_NAME, read_rows_dir
 from rayrcm.certify.collect import Collector, CountSettings, write_part
 from rayrcm.certify.protocol import CertifyConfig, sequential_radii
 from rayrcm.certify.stats import max_certifiable_radius
-from rayrcm.orchestration import job_files, live, tracking
+from rayrcm.orchestration import job_files, lineage, live, tracking
 from rayrcm.orchestration.analyze import analyze
 from rayrcm.orchestration.certify_prepare import (
     PROTOCOL_FILE,
@@ -253,7 +253,7 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, collector: Collector, 
         for f in [p.out / TSV_NAME, p.out / PROTOCOL_FILE, *files]:
             logger.log_artifact(f)
         logger.log_folder(p.out / ROWS_DIR, ROWS_DIR)
-        tracking.end_run(p.uri, run_id, ok=True)
+        lineage.finish_run(p.uri, run_id)
     print(f"[rayrcm] {p.cfg.mode} done: {len(rows)} images in {p.out}"
           + (f", {computed} computed in {wall:.1f} s" if computed else ", nothing left to compute"), flush=True)
     if show_table:

@@ -85,7 +85,7 @@ from rayrcm.analysis.robustness import (
     to_markdown,
     write_outputs,
 )
-from rayrcm.orchestration import job_files, live, tracking
+from rayrcm.orchestration import job_files, lineage, live, tracking
 from rayrcm.orchestration.evaluate_prepare import (
     NOT_BUILT,
     PROTOCOL_FILE,
@@ -286,7 +286,7 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, progress: _Progress, s
         for f in [p.out / PROTOCOL_FILE, *files]:
             logger.log_artifact(f)
         logger.log_folder(p.out / ROWS_DIR, ROWS_DIR)
-        tracking.end_run(p.uri, run_id, ok=True)
+        lineage.finish_run(p.uri, run_id)
     print(f"[rayrcm] evaluate done: {len(table)} cells in {p.out}"
           + (f", {computed} shards computed in {wall:.1f} s" if computed else ", nothing left to compute"), flush=True)
     if generated:

@@ -1,7 +1,11 @@
-"""Lineage in the MLflow UI: a run's description (its note) links the runs it came from and those
-that used its model, each way once."""
+"""What the MLflow UI shows: a run's description (its note) links the runs it came from and those
+that used its model, each way once; an experiment's saved view opens its runs list with the metrics
+that matter as columns."""
 
 from __future__ import annotations
+
+import json
+import re
 
 from rayrcm.orchestration import tracking
 
@@ -35,3 +39,54 @@ def link_source(uri: str, run_id: str, ref: str, key: str = "model.init_from", b
         if back:
             add_note(uri, source, f"Used by {run_link(uri, run_id)} ({key} = `{ref}`).")
     return source
+
+
+VIEW_KEY = "rayrcm"  # the experiment's saved runs view: #/experiments/<id>?viewStateShareKey=rayrcm
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"  # where the MLflow UI (3.x) reads a shared view's state
+# the metrics a runs list should show first, in this order: accuracy of the classifier, certified
+# accuracy by radius, ACR, abstention; robustness (SA, PGD, AutoAttack, corruptions); k-NN
+HEADLINE = (r"test_acc_clean", r"test_acc_sigma_.+", r"val_acc_sigma_.+", r"certified_acc_\d.*", r"acr",
+            r"abstain_rate", r"worst_class_certified_acc_.+", r"(\w+_)?sa", r"(\w+_)?pgd\d+", r"(\w+_)?aa",
+            r"cs\d(_generated)?", r"knn_acc")
+
+
+def _rank(metric: str) -> int | None:
+    return next((i for i, pat in enumerate(HEADLINE) if re.fullmatch(pat, metric)), None)
+
+
+def headline_columns(metrics: list[str]) -> list[str]:
+    """``metrics``' headline ones, in :data:`HEADLINE`'s order, as the MLflow UI names columns."""
+    keep = sorted((m for m in metrics if _rank(m) is not None), key=lambda m: (_rank(m), m))
+    return [f"metrics.`{m}`" for m in keep]
+
+
+def update_runs_view(uri: str, run_id: str) -> str:
+    """Add a finished run's headline metrics to its experiment's saved view (the stage tag first,
+    then the metrics of every run so far, in :data:`HEADLINE`'s order, newest first); returns the
+    view's address in the UI, relative to its root."""
+    c = tracking.client(uri)
+    run = c.get_run(run_id)
+    exp = c.get_experiment(run.info.experiment_id)
+    try:
+        state = json.loads(exp.tags.get(VIEW_TAG, "{}"))
+    except ValueError:
+        state = {}
+    known = [col[len("metrics.`"):-1] for col in state.get("selectedColumns", []) if col.startswith("metrics.`")]
+    columns = ["tags.`rayrcm.stage`", *headline_columns(sorted(set(known) | set(run.data.metrics)))]
+    if columns != state.get("selectedColumns"):
+        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, json.dumps(
+            {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}))
+    return f"#/experiments/{exp.experiment_id}?viewStateShareKey={VIEW_KEY}"
+
+
+def finish_run(uri: str, run_id: str) -> None:
+    """End a job's run FINISHED and add its headline metrics to the experiment's saved view (a view
+    that cannot be updated, e.g. without edit rights on the experiment, is one line, never a failure)."""
+    import sys
+
+    tracking.end_run(uri, run_id, ok=True)
+    try:
+        update_runs_view(uri, run_id)
+    except Exception as err:  # noqa: BLE001 - the run is finished; the view is a convenience
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        print(f"[rayrcm] the experiment's runs view was not updated: {first}", file=sys.stderr, flush=True)

@@ -250,7 +250,7 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
             tracking.fail_if_running(uri, run_id)
         raise
     if uri and run_id:
-        tracking.end_run(uri, run_id, ok=True)
+        lineage.finish_run(uri, run_id)
     return fit_result
 
 

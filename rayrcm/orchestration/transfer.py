@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rayrcm.config import ExperimentConfig, to_flat_dict, validate
-from rayrcm.orchestration import tracking
+from rayrcm.orchestration import lineage, tracking
 
 MODES = ("slf", "alf", "aff")
 
@@ -72,7 +72,7 @@ def run_all(configs: dict[str, ExperimentConfig], *, name: str, ray_init: dict[s
     print(text, flush=True)
     if uri and parent:
         _log_table(uri, parent, rows, text)
-        tracking.end_run(uri, parent, ok=True)
+        lineage.finish_run(uri, parent)
     return TransferResult(parent, rows, runs)
 
 
