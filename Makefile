@@ -4,12 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test test-fast lint bench clean
+.PHONY: install quickstart test test-fast lint bench readme-table clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# UserWarning: the build backend's note on editable installs, which pip 26 prints as 8 lines
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,6 +30,9 @@ lint: install
 bench: install
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/certify_engine.py
+
+readme-table: install  # rerun the quickstart in a fresh folder and write its tables into README.md
+	$(PY) -m rayrcm.quickstart README.md
 
 clean:
 	rm -rf rayrcm_results mlflow.db .pytest_cache

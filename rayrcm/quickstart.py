@@ -82,7 +82,8 @@ def ui_line(uri: str, run_id: str | None) -> str:
 
 
 def run(overrides: list[str] | None = None) -> dict:
-    """Pretrain, fine-tune, evaluate; print a table and where to look. Returns the fine-tune result."""
+    """Pretrain, fine-tune, evaluate, certify; print the tables and where to look. Returns the jobs'
+    results, the accuracy rows and the seconds it took."""
     from rayrcm.config import validate
     from rayrcm.orchestration.trainer import fit
 
@@ -97,11 +98,10 @@ def run(overrides: list[str] | None = None) -> dict:
     ft = replace(ft, model=replace(ft.model, init_from=ref))
     result = fit(ft)
     m = result.metrics
-    rows = [("clean", m.get("test_acc_clean"))] + [(f"sigma={s:g}", m.get(f"test_acc_sigma_{s:g}")) for s in ft.train.eval_sigmas]
+    accuracy = [("clean", m.get("test_acc_clean"))] + [(f"sigma={s:g}", m.get(f"test_acc_sigma_{s:g}"))
+                                                       for s in ft.train.eval_sigmas]
     print("\nDigits test accuracy of the fine-tuned classifier (consistency fine-tuning, sigma=0.25):")
-    print("| input | accuracy |\n|---|---|")
-    for name, acc in rows:
-        print(f"| {name} | {acc:.3f} |" if acc is not None else f"| {name} | n/a |")
+    print(accuracy_table(accuracy))
     model_ref = result.model.get("alias_uri") or result.run_id or str(result.model_file)
     from rayrcm.orchestration import certify_job
 
@@ -109,10 +109,7 @@ def run(overrides: list[str] | None = None) -> dict:
     if not ft.tracking.enabled:
         cert_cfg = replace(cert_cfg, model=str(result.model_file), tracking=replace(cert_cfg.tracking, enabled=False))
     cert = certify_job.run(cert_cfg, show_table=False)
-    from rayrcm.analysis import to_markdown
-
-    print(f"\nCertified accuracy at L2 radius r (sigma={SIGMA}, n=1000, alpha=0.001, {len(cert.rows)} test images):")
-    print(to_markdown(cert.table.rename(index=lambda _: "quickstart")))
+    print("\n" + certified_table(cert.table, len(cert.rows)))
     print(f"\nPretraining run: {pre_result.run_id}\nFine-tuning run: {result.run_id}")
     if result.model.get("alias_uri"):
         print(f"Registered model: {result.model['alias_uri']} (version {result.model['version']})")
@@ -120,7 +117,85 @@ def run(overrides: list[str] | None = None) -> dict:
     print(f"                  curve {cert.out / 'certified_accuracy.png'}")
     print(f"Checkpoints: {result.model_file.parent}")
     print(f"MLflow UI:   {ui_line(ft.tracking.uri, cert.run_id or result.run_id)}")
-    print(f"Total time:  {time.perf_counter() - tic:.0f} s")
-    return {"pretrain": pre_result, "finetune": result, "certify": cert}
+    seconds = time.perf_counter() - tic
+    print(f"Total time:  {seconds:.0f} s")
+    return {"pretrain": pre_result, "finetune": result, "certify": cert, "accuracy": accuracy, "seconds": seconds}
+
+
+def accuracy_table(accuracy: list[tuple[str, float | None]]) -> str:
+    return "\n".join(["| input | accuracy |", "|---|---|"]
+                     + [f"| {name} | {acc:.3f} |" if acc is not None else f"| {name} | n/a |" for name, acc in accuracy])
+
+
+def certified_table(table, images: int) -> str:
+    """The certification's table as the quickstart prints it (and the README shows it)."""
+    from rayrcm.analysis import to_markdown
+
+    return (f"Certified accuracy at L2 radius r (sigma={SIGMA}, n=1000, alpha=0.001, {images} test images):\n"
+            + to_markdown(table.rename(index=lambda _: "quickstart")))
+
+
+# ----------------------------------------------------------------------------- the README's table
+
+README_BEGIN, README_END = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
+TOLERANCE = 0.035  # the README's numbers hold within this on another machine (about 3 of the 90 images)
+
+
+def readme_block(out: dict) -> str:
+    """What the README shows of a quickstart run (``run``'s return value), between its markers."""
+    import os
+
+    cert = out["certify"]
+    return "\n".join([
+        README_BEGIN, "```", accuracy_table(out["accuracy"]), "", certified_table(cert.table, len(cert.rows)), "...",
+        "MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db, then http://127.0.0.1:5000/#/experiments/1"
+        "?viewStateShareKey=rayrcm", "```", "",
+        f"(Written by `make readme-table` from a quickstart run of {out['seconds'] / 60:.1f} min on {os.cpu_count()} CPU "
+        f"cores; `tests/test_quickstart_readme.py` reruns the quickstart and holds every number to within "
+        f"{TOLERANCE}.)", README_END])
+
+
+def readme_numbers(text: str) -> dict[str, float]:
+    """``{"clean": 0.922, ..., "quickstart 0.25": 0.8, ...}``: the numbers of the block in ``text``
+    (a README, or a quickstart's console) keyed by row and column."""
+    out: dict[str, float] = {}
+    head: list[str] = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or line.startswith("|---"):
+            continue
+        if cells[0] in ("input", "run"):
+            head = cells
+            continue
+        for col, cell in zip(head[1:], cells[1:]):
+            try:
+                out[cells[0] if col == "accuracy" else f"{cells[0]} {col}"] = float(cell.replace(",", ""))
+            except ValueError:
+                pass
+    return out
+
+
+def write_readme(path: str) -> None:
+    """Run the quickstart in a fresh folder (no earlier run to resume) and put its tables into the
+    README at ``path`` (between the markers)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    readme = Path(path).resolve()
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path}: no {README_BEGIN} ... {README_END} block")
+    os.chdir(tempfile.mkdtemp(prefix="rayrcm-readme-"))
+    block = readme_block(run())
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + block + text[end:])
+    print(f"[rayrcm] wrote the quickstart's tables into {path}")
+
+
+if __name__ == "__main__":  # make readme-table
+    import sys
+
+    write_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
 
 

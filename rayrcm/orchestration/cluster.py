@@ -14,7 +14,8 @@ GPU_WAIT_ENV = "RAYRCM_GPU_WAIT_S"  # how long to wait for GPUs on a cluster joi
 
 
 def ensure_ray(**kwargs: Any) -> None:
-    """Connect to ``RAY_ADDRESS`` when set (a cluster or ``ray job submit``), else start Ray locally."""
+    """Connect to ``RAY_ADDRESS`` when set (a cluster or ``ray job submit``), else start Ray locally
+    with a watchdog that stops it when this process ends, SIGKILL included (:mod:`.reaper`)."""
     from rayrcm.orchestration import console
 
     console.configure()  # no-op for the console filters when ray was imported already
@@ -25,6 +26,10 @@ def ensure_ray(**kwargs: Any) -> None:
         print("[rayrcm] starting Ray" + (f" (connecting to {address})" if address else ""), flush=True)
         where = {"address": address} if address else kwargs
         ray.init(**{**console.ray_init_kwargs(), **where}, log_to_driver=True)
+        if not address:  # a cluster this process started: it goes when this process goes, even killed
+            from rayrcm.orchestration import reaper
+
+            reaper.watch(reaper.cluster_pids())
 
 
 def _resources_line(res: dict[str, float]) -> str:
