@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 from helpers import fails_in_one_line, make_model
@@ -81,6 +82,27 @@ def test_prepare_resolves_the_protocol_and_warns_on_another_sigma(tmp_path):
     cfg = certify_job.config_from_args([f"model={path}", f"out_dir={tmp_path}", "tracking.enabled=false", "smoothing.sigma=0.25"])
     assert certify_job.prepare(cfg).warnings == []
 
+
+
+def test_settings_where_every_image_abstains_are_said_before_any_draw(tmp_path):
+    """Warned in prepare (before Ray), one line; the settings just inside are not warned about. The
+    fixed protocol's bound alpha^(1/n) passes 1/2 at n = 10 for alpha = 0.001 (2^-10 < 0.001); a
+    sequential job's radii beyond its cap are refused at validation."""
+    from rayrcm.certify.protocol import reach_warnings
+    from rayrcm.certify.stats import max_certifiable_radius
+
+    path = make_model(tmp_path / "model.pt", sigma=0.25)
+    cfg = certify_job.config_from_args([f"model={path}", f"out_dir={tmp_path}", "tracking.enabled=false",
+                                        "smoothing.skip=30", "smoothing.n=9", "smoothing.alpha=0.001"])
+    warned = [w for w in certify_job.prepare(cfg).warnings if "every image abstains" in w]
+    assert warned == ["with smoothing.n=9 and alpha=0.001 every image abstains: even 9 successes in 9 draws do not "
+                      "bound p_A above 1/2 (that takes n >= 10 at this alpha); raise smoothing.n or alpha"]
+    assert max_certifiable_radius(9, 0.001, 0.25) == 0.0 < max_certifiable_radius(10, 0.001, 0.25)
+    assert reach_warnings("certify", replace(cfg.smoothing, n=10, sampling="fixed", radii=())) == []
+    assert reach_warnings("certify", replace(cfg.smoothing, n=9, sampling="iss")) == warned
+    with pytest.raises(ConfigError, match="beyond what n=1000 draws can certify"):
+        certify_job.prepare(replace(cfg, smoothing=replace(cfg.smoothing, n=1000, sampling="sequential", radii=(0.25, 0.75))))
+    assert reach_warnings("predict", replace(cfg.smoothing, n=5)) == []
 
 
 def _plugin_model(tmp_path, kind):

@@ -189,6 +189,19 @@ def sequential_radii(s: SmoothingConfig) -> tuple[float, ...]:
     return tuple(r for r in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0) if r < top)
 
 
+def reach_warnings(mode: str, s: SmoothingConfig) -> list[str]:
+    """What a certification's settings cannot reach, said before any draw (one line): every image
+    abstains when even n successes in n draws do not bound p_A above 1/2 (fixed and input-specific
+    sampling; a sequential job's radii beyond its cap are refused by :func:`validate_certify`)."""
+    from rayrcm.certify.stats import lower_confidence_bound
+
+    if mode != "certify" or s.sampling == "sequential" or lower_confidence_bound(s.n, s.n, s.alpha) > 0.5:
+        return []
+    need = math.floor(math.log2(1 / s.alpha)) + 1  # alpha^(1/n) > 1/2
+    return [f"with smoothing.n={s.n} and alpha={s.alpha:g} every image abstains: even {s.n} successes in {s.n} draws "
+            f"do not bound p_A above 1/2 (that takes n >= {need} at this alpha); raise smoothing.n or alpha"]
+
+
 def select_indices(size: int, s: SmoothingConfig) -> list[int]:
     """The dataset indices to certify (Cohen's ``--skip``/``--max``, or ``indices``), checked against ``size``."""
     if s.indices:

@@ -23,6 +23,7 @@ from rayrcm.certify.protocol import (
     CertifyConfig,
     protocol_dict,
     protocol_diff,
+    reach_warnings,
     select_indices,
     sequential_radii,
     short_sigma,
@@ -273,5 +274,6 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if denoiser_file:  # the actors read the resolved local file (a registry reference is downloaded once)
         cfg = replace(cfg, denoiser=str(denoiser_file.resolve()))
     return Prepared(cfg, uri, name, out, cfg.model, local, meta, indices, images, labels, protocol, finished,
-                    experiment, parent, data_warnings + sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta),
+                    experiment, parent, data_warnings + sigma_warnings(cfg, meta) + _denoised_warnings(cfg, meta)
+                    + reach_warnings(cfg.mode, cfg.smoothing),
                     denoiser_file, bool(replaced))
