@@ -145,6 +145,7 @@ STAGE_EXAMPLES = {  # {prog}: this recipe's path
     "tune": "python {prog} tune --sigma 0.25 --set model.init_from=<pretrain run id> --sweep max_concurrent_trials=4",
     "certify": "python {prog} certify --sigma 0.25 --set smoothing.n=10000 [--set data_path=DIR]",
     "analyze": "python {prog} analyze rayrcm_results/certify/<job> [more results ...]",
+    "all": "python {prog} all [--sigmas 0.25,0.5,1.0] [--set finetune-0.25:optim.lr=1e-3] [--dry-run]",
 }
 
 
@@ -161,12 +162,16 @@ def stage_parser(doc: str, sizes: tuple[str, ...] = ("b",), tune: bool = True,
              "finetune": "consistency fine-tuning of a classifier at one sigma (Ray Train)",
              "tune": "a Ray Tune sweep around the seed's fine-tuning values (ASHA, MLflow parent/child runs)",
              "certify": "randomized-smoothing certification of the registered model (Ray Data)",
-             "analyze": "certified-accuracy table, ACR and curve of certification results"}
+             "analyze": "certified-accuracy table, ACR and curve of certification results",
+             "all": "the whole table in one resumable job: pretrain, fine-tune and certify at each sigma, the table"}
     keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
     stages = {}
-    for name in ("pretrain", "finetune", *(("tune",) if tune else ()), "certify", "analyze"):
+    for name in ("pretrain", "finetune", *(("tune",) if tune else ()), "certify", "analyze", "all"):
         epilog = "example:\n  " + STAGE_EXAMPLES[name].format(prog=prog)
-        if name != "analyze":
+        if name == "all":
+            epilog += ("\n\nstages: pretrain, finetune-<sigma>, certify-<sigma>; --set KEY=VALUE goes to every stage "
+                       "with KEY, --set STAGE:KEY=VALUE to one; a finished stage with the same settings is reused")
+        elif name != "analyze":
             epilog += keys + (" (certification keys: model, data_path, smoothing.n, compute.workers, ...)"
                               if name == "certify" else "")
         stages[name] = sub.add_parser(name, help=helps[name], description=helps[name], epilog=epilog, formatter_class=fmt)
@@ -181,6 +186,9 @@ def stage_parser(doc: str, sizes: tuple[str, ...] = ("b",), tune: bool = True,
             sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config value (repeatable)")
             sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        if name == "all":
+            sp.add_argument("--sigmas", default=",".join(f"{x:g}" for x in SIGMAS),
+                            help="the table's noise levels, comma-separated (default 0.25,0.5,1)")
         if name == "tune":
             sp.add_argument("--random", action="store_true", help="the random/loguniform space instead of the grid")
             add_sweep_args(sp)
@@ -189,14 +197,50 @@ def stage_parser(doc: str, sizes: tuple[str, ...] = ("b",), tune: bool = True,
     return p
 
 
+def table_stages(pretrain: Callable[[], ExperimentConfig], finetune: Callable[[float], ExperimentConfig],
+                 certify: Callable[[float], list[str]], sigmas: tuple[float, ...]) -> list:
+    """The RCM table as stages: pretraining, then at each sigma a consistency fine-tuning from it and
+    the certification of that model (one row per sigma)."""
+    from functools import partial
+
+    from rayrcm.orchestration.certify_job import config_from_args
+    from rayrcm.pipeline import Stage
+
+    stages = [Stage("pretrain", "train", pretrain)]
+    for s in sigmas:
+        stages.append(Stage(f"finetune-{s:g}", "train", partial(finetune, s), inputs={"model.init_from": "pretrain"}))
+        stages.append(Stage(f"certify-{s:g}", "certify", partial(lambda x: config_from_args(certify(x)), s),
+                            inputs={"model": f"finetune-{s:g}"}, row=f"sigma={s:g}"))
+    return stages
+
+
+def _sigmas(text: str) -> tuple[float, ...]:
+    try:
+        sigmas = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError("--sigmas", text, "must be comma-separated numbers, e.g. 0.25,0.5,1") from None
+    bad = [x for x in sigmas if x not in SIGMAS]
+    if bad or not sigmas:
+        raise ConfigError("--sigmas", text, f"each must be one of {', '.join(f'{x:g}' for x in SIGMAS)} (the seed's)")
+    return sigmas
+
+
 def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
                finetune: Callable[[float], ExperimentConfig], certify: Callable[[float], list[str]],
-               sweep: Callable[[float, bool], Any] | None = None, sizes: tuple[str, ...] = ("b",)) -> None:
+               sweep: Callable[[float, bool], Any] | None = None, sizes: tuple[str, ...] = ("b",),
+               recipe: str = "rcm") -> None:
     """``pretrain [--size]``, ``finetune --sigma``, ``tune --sigma [--random]``, ``certify --sigma``,
-    ``analyze RESULTS...``; ``--set key=value`` overrides and ``--dry-run`` prints the resolved config."""
+    ``analyze RESULTS...``, ``all [--sigmas]``; ``--set key=value`` overrides and ``--dry-run`` prints
+    the resolved config (``all``: the stage graph, with what would be reused)."""
     args = stage_parser(doc, sizes).parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
     with one_line_errors(recipe=True):
+        if args.stage == "all":
+            from rayrcm.orchestration.pipeline_job import run_all
+
+            stages = table_stages(lambda: pretrain(sizes[0]), finetune, certify, _sigmas(args.sigmas))
+            run_all(recipe, stages, args.overrides, dry_run=args.dry_run)
+            return None
         if args.stage == "analyze":
             from rayrcm.cli import main as cli_main
 
@@ -237,4 +281,4 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     return None
 
 
-__all__ = ["SIGMAS", "certify_args", "finetune_tree", "from_dict", "pretrain_tree", "stage_main"]
+__all__ = ["SIGMAS", "certify_args", "finetune_tree", "from_dict", "pretrain_tree", "stage_main", "table_stages"]

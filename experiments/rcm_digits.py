@@ -6,6 +6,7 @@
     python experiments/rcm_digits.py certify    --sigma 0.25 [--set smoothing.n=10000 ...]
     python experiments/rcm_digits.py analyze    RESULTS...
     python experiments/rcm_digits.py quickstart [--set key=value ...]   # pretrain, consistency fine-tune, certify
+    python experiments/rcm_digits.py all        [--sigmas 0.25,0.5,1] [--set ...] [--dry-run]   # the whole table
     (pretrain, finetune, tune, certify) --dry-run    # print the resolved config
 
 ``finetune`` is the seed's consistency fine-tuning (m = 2, eta = 0.5, lbd = 10 at sigma 0.25 and
@@ -75,4 +76,4 @@ if __name__ == "__main__":
 
         cli_main(["quickstart", *sys.argv[2:]])
     stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
-               sweep=lambda sigma, random: seed_sweep(FINETUNE[sigma], random))
+               sweep=lambda sigma, random: seed_sweep(FINETUNE[sigma], random), recipe="rcm-digits")

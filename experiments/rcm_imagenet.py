@@ -68,4 +68,4 @@ def certify_config(sigma: float) -> list[str]:
 if __name__ == "__main__":
     stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
                sweep=lambda sigma, random: seed_sweep(SEED_FINETUNE[sigma], random),
-               sizes=("b", "s"))
+               sizes=("b", "s"), recipe="rcm-imagenet")

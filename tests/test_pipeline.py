@@ -1,0 +1,140 @@
+"""A recipe's whole table in one command (``python experiments/rcm_digits.py all``): the stage graph
+checked before Ray, overrides routed to the stages that have the key, fingerprints that change
+exactly downstream of a changed stage, and on a real Ray cluster and MLflow server: the table, a
+rerun that reuses every finished stage (same run ids), and a changed fine-tuning key that reruns
+only that fine-tuning and its certification."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from rayrcm.errors import ConfigError
+from rayrcm.pipeline import Stage, order, plan
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+# CI size: 4 steps at 8 px, 9 images at n = 100
+TINY = ["train.epochs=0", "train.steps=4", "data.image_size=8", "optim.warmup_epochs=0", "optim.schedule_epochs=0",
+        "train.checkpoint_epochs=0", "train.checkpoint_every=2", "smoothing.n=100", "smoothing.n0=20", "smoothing.skip=40"]
+
+
+def _stages(sigmas=(0.25, 0.5)):
+    import rcm_digits
+    from _rcm_seed import table_stages
+
+    return table_stages(rcm_digits.pretrain_config, rcm_digits.finetune_config, rcm_digits.certify_config, sigmas)
+
+
+def _plan(overrides, sigmas=(0.25, 0.5)):
+    from rayrcm.orchestration.pipeline_job import _apply, _name
+
+    return {p.stage.name: p for p in plan(_stages(sigmas), [*TINY, *overrides], _apply, _name("rcm-digits"))}
+
+
+@pytest.mark.parametrize("stages, needle", [
+    ([Stage("a", "train", dict), Stage("b", "train", dict, inputs={"model.init_from": "c"})], "names no stage"),
+    ([Stage("a", "train", dict, after=("b",)), Stage("b", "train", dict, after=("a",))], "form a cycle"),
+    ([Stage("a", "train", dict), Stage("a", "certify", dict)], "is declared twice"),
+    ([Stage("a", "probe-ish", dict)], "must be one of train, certify"),
+])
+def test_a_bad_graph_is_one_line(stages, needle):
+    with pytest.raises(ConfigError) as err:
+        order(stages)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overrides_reach_the_stages_with_the_key_and_fingerprints_change_downstream_only(tmp_path):
+    base = _plan([f"train.storage_path={tmp_path}"])
+    assert set(base) == {"pretrain", "finetune-0.25", "certify-0.25", "finetune-0.5", "certify-0.5"}
+    names = list(base)
+    assert names.index("pretrain") < names.index("finetune-0.5") < names.index("certify-0.5")  # inputs first
+    assert base["finetune-0.25"].config.train.steps == 4 and base["certify-0.5"].config.smoothing.n == 100
+    assert base["finetune-0.25"].config.model.init_from == "<pretrain>" and base["certify-0.5"].config.model == "<finetune-0.5>"
+    assert base["finetune-0.25"].config.train.name.endswith(base["finetune-0.25"].fingerprint[:8])
+    changed = _plan([f"train.storage_path={tmp_path}", "finetune-0.5:method.lbd=5"])
+    assert changed["finetune-0.5"].config.method.lbd == 5 and changed["finetune-0.25"].config.method.lbd == 10
+    moved = {n for n in base if base[n].fingerprint != changed[n].fingerprint}
+    assert moved == {"finetune-0.5", "certify-0.5"}
+    upstream = _plan([f"train.storage_path={tmp_path}", "pretrain:optim.lr=2e-3"])
+    assert {n for n in base if base[n].fingerprint != upstream[n].fingerprint} == set(base)  # everything after it
+    assert _plan([f"train.storage_path={tmp_path}"])["certify-0.25"].fingerprint == base["certify-0.25"].fingerprint
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "optim.lrr=1"], "matches no stage's key (stages: pretrain, finetune-0.25, certify-0.25, "),
+    (["--set", "optim.lrr=1"], "(did you mean optim.lr?)"),
+    (["--set", "finetune-0.3:optim.lr=1"], "names no stage"),
+    (["--set", "finetune-0.25:smoothing.n=5"], "stage finetune-0.25 has no key smoothing.n"),
+    (["--sigmas", "0.3"], "--sigmas='0.3' is invalid: each must be one of 0.25, 0.5, 1"),
+    (["--set", "optim.lr=-1"], "optim.lr=-1.0 is invalid: must be > 0"),
+])
+def test_bad_input_to_all_is_one_line_before_ray(capsys, argv, needle):
+    import rcm_digits
+    from _rcm_seed import stage_main
+
+    def no_ray(**_kw):
+        raise AssertionError("bad input reached Ray")
+
+    with mock.patch("rayrcm.orchestration.cluster.ensure_ray", side_effect=no_ray), pytest.raises(SystemExit) as exit_:
+        stage_main(["all", *argv], doc="", pretrain=rcm_digits.pretrain_config, finetune=rcm_digits.finetune_config,
+                   certify=rcm_digits.certify_config, recipe="rcm-digits")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def _all(capsys, tmp_path, uri, *extra):
+    """``rcm_digits.py all`` in this process (the module's Ray cluster): the printed lines and result."""
+    from rayrcm.orchestration.pipeline_job import run_all
+
+    sets = [*TINY, f"train.storage_path={tmp_path / 'train'}", f"out_dir={tmp_path / 'certify'}",
+            f"tracking.uri={uri}", "tracking.experiment=pipeline", *extra]
+    result = run_all("rcm-digits", _stages(), sets)
+    return capsys.readouterr().out, result
+
+
+@pytest.mark.slow  # a real Ray cluster and MLflow server; about a minute and a half on 2 CPUs
+def test_all_makes_the_table_then_reuses_what_finished_and_reruns_what_changed(ray_cluster, mlflow_server, tmp_path,
+                                                                              capsys):
+    from mlflow import MlflowClient
+
+    from rayrcm.analysis import read_results
+    from rayrcm.analysis.certified import certified_accuracy
+    from rayrcm.orchestration.pipeline_job import FINGERPRINT_TAG, PIPELINE_TAG
+
+    out, first = _all(capsys, tmp_path, mlflow_server)
+    table = first.table.table
+    assert list(table.index) == ["sigma=0.25", "sigma=0.5"] and list(table["sigma"]) == ["0.25", "0.5"]
+    for row, stage in (("sigma=0.25", "certify-0.25"), ("sigma=0.5", "certify-0.5")):
+        rows = read_results(first.outputs[stage].out)
+        assert len(rows) == 9 and table.loc[row, "r=0.00"] == pytest.approx(certified_accuracy(rows, [0.0])[0])
+    assert "| sigma=0.25 | 0.25 |" in out and (first.folder / "table.tex").is_file()
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(first.parent_run_id)} >= {"table.md", "table.tex", "certified_accuracy.png"}
+    for o in first.outputs.values():
+        run = client.get_run(o.run_id)
+        assert run.data.tags[FINGERPRINT_TAG] == o.fingerprint and run.data.tags[PIPELINE_TAG] == first.parent_run_id
+        assert o.run_id in parent.data.tags["mlflow.note.content"]
+    assert not any(o.reused for o in first.outputs.values())
+
+    out, again = _all(capsys, tmp_path, mlflow_server)  # nothing changed: every stage reused, no new run
+    assert all(o.reused for o in again.outputs.values()) and out.count(": reused (") == 5
+    assert {n: o.run_id for n, o in again.outputs.items()} == {n: o.run_id for n, o in first.outputs.items()}
+    assert again.parent_run_id == first.parent_run_id and again.table.table.equals(table)
+
+    out, changed = _all(capsys, tmp_path, mlflow_server, "finetune-0.5:method.lbd=5")
+    rerun = {n for n, o in changed.outputs.items() if not o.reused}
+    assert rerun == {"finetune-0.5", "certify-0.5"}
+    for n in ("pretrain", "finetune-0.25", "certify-0.25"):
+        assert changed.outputs[n].run_id == first.outputs[n].run_id
+    for n in rerun:
+        assert changed.outputs[n].run_id != first.outputs[n].run_id
+    assert client.get_run(changed.outputs["finetune-0.5"].run_id).data.params["method.lbd"] == "5.0"
+    assert changed.parent_run_id != first.parent_run_id
+    assert changed.table.table.loc["sigma=0.25"].equals(table.loc["sigma=0.25"])
