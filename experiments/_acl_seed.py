@@ -136,11 +136,18 @@ def stage_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
                         description="SLF / ALF / AFF fine-tuning with SA, PGD-20 and AutoAttack (Ray Train)",
                         formatter_class=fmt,
                         epilog=f"example:\n  python {prog} finetune --method acl_rcs --mode all --set data.path=DIR{keys}")
-    for sp in (pre, ft):
+    every = sub.add_parser("all", help="the whole table in one resumable job: pretrain, then SLF, ALF and AFF",
+                           description="the whole table in one resumable job: pretrain, then SLF, ALF and AFF side by "
+                                       "side (SA, PGD-20, AutoAttack per mode)", formatter_class=fmt,
+                           epilog=f"example:\n  python {prog} all --method air [--set finetune-aff:optim.lr=0.01] "
+                                  "[--dry-run]\n\nstages: pretrain, finetune-slf, finetune-alf, finetune-aff; --set "
+                                  "KEY=VALUE goes to every stage with KEY, --set STAGE:KEY=VALUE to one; a finished stage "
+                                  "with the same settings is reused")
+    for sp in (pre, ft, every):
         sp.add_argument("--method", default="air", choices=METHODS, help="pretraining method (default air)")
     ft.add_argument("--mode", default="all", choices=[*MODES, "all"], help="SLF, ALF, AFF or all three in sequence")
     ft.add_argument("--from", dest="init_from", help="the pretrained encoder (default: the registry alias of --method)")
-    for sp in (pre, ft):
+    for sp in (pre, ft, every):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")
         sp.add_argument("--dry-run", action="store_true", help="print the resolved config(s) and exit")
@@ -149,14 +156,34 @@ def stage_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def table_stages(pretrain: Callable[[str], ExperimentConfig],
+                 finetune: Callable[[str, str, str | None], ExperimentConfig], method: str) -> list:
+    """The seed's table as stages: the pretraining, then SLF, ALF and AFF from it (a row each: SA, PGD-20,
+    AutoAttack)."""
+    from functools import partial
+
+    from rayrcm.pipeline import Stage
+
+    stages = [Stage("pretrain", "train", partial(pretrain, method))]
+    stages += [Stage(f"finetune-{m}", "train", partial(finetune, m, method, "placeholder"),
+                     inputs={"model.init_from": "pretrain"}, row=m.upper()) for m in MODES]
+    return stages
+
+
 def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
-               finetune: Callable[[str, str, str | None], ExperimentConfig]) -> None:
-    """``pretrain --method M``; ``finetune --mode slf|alf|aff|all --method M [--from REF]``;
-    ``--set key=value`` overrides (every fine-tuning mode gets them) and ``--dry-run``."""
+               finetune: Callable[[str, str, str | None], ExperimentConfig], recipe: str = "acl") -> None:
+    """``pretrain --method M``; ``finetune --mode slf|alf|aff|all --method M [--from REF]``; ``all
+    --method M`` (the table in one job); ``--set key=value`` overrides (every fine-tuning mode gets
+    them) and ``--dry-run``."""
     p = stage_parser(doc)
     args = p.parse_args(argv)
     console.configure(True if getattr(args, "verbose", False) else None)
     with one_line_errors(recipe=True):
+        if args.stage == "all":
+            from rayrcm.orchestration.pipeline_job import run_all
+
+            run_all(recipe, table_stages(pretrain, finetune, args.method), args.overrides, dry_run=args.dry_run)
+            return
         if args.stage == "pretrain":
             cfg = validate(apply_overrides(pretrain(args.method), args.overrides), check_paths=not args.dry_run)
             if args.dry_run:
@@ -180,4 +207,4 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
 
 
 __all__ = ["FINETUNE", "FINETUNE_BY_METHOD", "FINETUNE_COMMON", "METHODS", "MODES", "PRETRAIN", "PRETRAIN_COMMON",
-           "finetune_cmd", "finetune_tree", "from_dict", "pretrain_tree", "stage_main"]
+           "finetune_cmd", "finetune_tree", "from_dict", "pretrain_tree", "stage_main", "table_stages"]

@@ -1,6 +1,7 @@
 """The end every one-stage-per-command recipe shares: apply ``--set`` overrides, validate (one-line
 errors), print the resolved config for ``--dry-run``, else train on Ray Train and say which MLflow
-run holds the result. Exit 2 on a bad value, 1 on a failed run."""
+run holds the result; and ``all``, the recipe's table as one resumable job. Exit 2 on a bad value,
+1 on a failed run."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def run_training_stage(stage: str, base: ExperimentConfig, overrides: list[str],
 
         result = fit(cfg)
         print(f"[rayrcm] {stage} done: run {result.run_id}")
+
+
+def run_table(recipe: str, stages: list, overrides: list[str], dry_run: bool) -> None:
+    """``all``: the recipe's stages as one job (:func:`rayrcm.orchestration.pipeline_job.run_all`)."""
+    with one_line_errors(recipe=True):
+        from rayrcm.orchestration.pipeline_job import run_all
+
+        run_all(recipe, stages, overrides, dry_run=dry_run)

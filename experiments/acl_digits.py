@@ -5,6 +5,7 @@ PGD-20 / AA, the same code paths as the CIFAR recipes (acl_cifar10.py) at digits
     python experiments/acl_digits.py pretrain --method air
     python experiments/acl_digits.py finetune --method air --mode all
     python experiments/acl_digits.py chain    --method air        # both, one after the other
+    python experiments/acl_digits.py all      --method air        # the table as one resumable job
     (pretrain, finetune) --dry-run
 
 Digits-sized settings (everything else as the authors'): CIFAR ResNet-20 with a 128-wide projector,
@@ -65,4 +66,4 @@ if __name__ == "__main__":
         stage_main(["pretrain", *rest], doc=__doc__, pretrain=pretrain_config, finetune=finetune_config)
         stage_main(["finetune", "--mode", "all", *rest], doc=__doc__, pretrain=pretrain_config, finetune=finetune_config)
     else:
-        stage_main(argv, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config)
+        stage_main(argv, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, recipe="acl-digits")

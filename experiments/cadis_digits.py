@@ -8,7 +8,8 @@ denoised smoothing (DDS), then confidence-aware denoised fine-tuning behind the 
     python experiments/cadis_digits.py finetune  [--from <base run id | models:/... | path>] [--sigma 0.5]
                                                  [--denoiser wiener_cov | wiener | a ddpm model.pt] [--set k=v ...]
     python experiments/cadis_digits.py certify   [--from models:/cadis-digits@cadis-sigma-0_5]    # the fine-tuned f(D)
-    (every stage) --dry-run    # print the resolved config (certify: the rayrcm certify command)
+    python experiments/cadis_digits.py all       [--sigma 0.5] [--set key=value | STAGE:key=value ...]   # the table
+    (every stage) --dry-run    # print the resolved config (certify: the rayrcm certify command; all: the stages)
 
 The whole seed pipeline (train the denoiser -> certify the off-the-shelf classifier through it ->
 CADIS fine-tune -> certify) runs with the ``denoiser`` job's model
@@ -41,7 +42,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _train_stage import run_training_stage
+from _train_stage import run_table, run_training_stage
 
 from rayrcm.config import ExperimentConfig, from_dict
 
@@ -103,9 +104,30 @@ def finetune_config(init_from: str, sigma: float = 0.5, denoiser: str = "wiener_
     })
 
 
+def table_stages(sigma: float = 0.5) -> list:
+    """The seed's table as stages: the off-the-shelf classifier and the ddpm denoiser; denoised smoothing
+    (the classifier behind the denoiser) certified; CADIS fine-tuning of the classifier (behind the
+    closed-form Wiener denoiser) certified. A row per certification at ``sigma``."""
+    from functools import partial
+
+    from rayrcm.orchestration.certify_job import config_from_args
+    from rayrcm.pipeline import Stage
+
+    def certify(denoiser: bool):
+        return config_from_args(["model=placeholder", f"smoothing.sigma={sigma:g}", "smoothing.n0=100", "smoothing.n=1000",
+                                 "smoothing.skip=4", "compute.workers=2", f"tracking.experiment={EXPERIMENT}",
+                                 *(["denoiser=placeholder"] if denoiser else [])])
+
+    return [Stage("base", "train", base_config), Stage("denoiser", "train", denoiser_config),
+            Stage("certify-dds", "certify", partial(certify, True), inputs={"model": "base", "denoiser": "denoiser"},
+                  row="DDS (off-the-shelf + ddpm denoiser)"),
+            Stage("finetune", "train", partial(finetune_config, "placeholder", sigma), inputs={"model.init_from": "base"}),
+            Stage("certify-cadis", "certify", partial(certify, False), inputs={"model": "finetune"}, row="FT-CADIS")]
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("base", "denoiser", "finetune", "certify"))
+    p.add_argument("stage", choices=("base", "denoiser", "finetune", "certify", "all"))
     p.add_argument("--from", dest="init_from", default=None,
                    help="finetune: the classifier (default models:/cadis-digits@base); certify: the model to certify "
                         "(default the fine-tuned models:/cadis-digits@cadis-sigma-<sigma>)")
@@ -115,6 +137,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
+    if args.stage == "all":
+        return run_table("cadis-digits", table_stages(args.sigma), args.overrides, args.dry_run)
     if args.stage == "certify":
         alias = f"cadis-sigma-{args.sigma:g}".replace(".", "_")
         cmd = certify_args(args.init_from or f"models:/{REGISTER_AS}@{alias}", args.sigma, args.denoiser)

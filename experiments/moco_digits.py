@@ -2,7 +2,8 @@
 
     python experiments/moco_digits.py pretrain [--negatives none|patch] [--alpha 2] [--set key=value ...]
     python experiments/moco_digits.py probe    --from <pretrain run id | models:/... | path> [--set key=value ...]
-    (pretrain, probe) --dry-run    # print the resolved config
+    python experiments/moco_digits.py all      [--set key=value | STAGE:key=value ...]   # the table, one job
+    (pretrain, probe, all) --dry-run    # print the resolved config (all: the stages, with what is reused)
 
 Pretraining keeps the seed's method settings (T = 0.2, 128-d MLP head, MoCo v2 views with blur, one
 patch negative per query, alpha = 2, patch sides 16-72 at 224 px, i.e. 1-5 px at 16 px; SGD momentum
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _train_stage import run_training_stage
+from _train_stage import run_table, run_training_stage
 
 from rayrcm.config import ExperimentConfig, from_dict
 
@@ -62,15 +63,32 @@ def probe_config(init_from: str, epochs: int = 60) -> ExperimentConfig:
     return from_dict(tree)
 
 
+def table_stages() -> list:
+    """The seed's comparison as stages: plain MoCo v2 and MoCo v2 with patch negatives, each followed
+    by the linear probe (a row each: its test accuracy)."""
+    from functools import partial
+
+    from rayrcm.pipeline import Stage
+
+    stages = []
+    for negatives, alias, row in (("none", "plain", "MoCo v2"), ("patch", "patch", "MoCo v2 + patch negatives")):
+        stages.append(Stage(f"pretrain-{alias}", "train", partial(pretrain_config, negatives)))
+        stages.append(Stage(f"probe-{alias}", "train", partial(probe_config, "placeholder"), row=row,
+                            inputs={"model.init_from": f"pretrain-{alias}"}, columns={"linear probe": "test_acc_clean"}))
+    return stages
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("pretrain", "probe"))
+    p.add_argument("stage", choices=("pretrain", "probe", "all"))
     p.add_argument("--negatives", default="patch", choices=("none", "patch"))
     p.add_argument("--alpha", type=float, default=2.0)
     p.add_argument("--from", dest="init_from", default=f"models:/{REGISTER_AS}@patch-a2")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
+    if args.stage == "all":
+        return run_table("moco-digits", table_stages(), args.overrides, args.dry_run)
     base = pretrain_config(args.negatives, args.alpha) if args.stage == "pretrain" else probe_config(args.init_from)
     run_training_stage(args.stage, base, args.overrides, args.dry_run)
 

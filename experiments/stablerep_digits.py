@@ -2,7 +2,8 @@
 
     python experiments/stablerep_digits.py pretrain [--groups label|image] [--set key=value ...]
     python experiments/stablerep_digits.py probe    --from <pretrain run id | models:/... | path> [--set key=value ...]
-    (pretrain, probe) --dry-run    # print the resolved config
+    python experiments/stablerep_digits.py all      [--set key=value | STAGE:key=value ...]   # the table, one job
+    (pretrain, probe, all) --dry-run    # print the resolved config (all: the stages, with what is reused)
 
 There are no captions to generate images from, so a group is a class: every digits image of a
 class in the global batch is a positive of every other (``method.groups=label``); ``--groups image``
@@ -27,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _train_stage import run_training_stage
+from _train_stage import run_table, run_training_stage
 
 from rayrcm.config import ExperimentConfig, from_dict
 
@@ -64,14 +65,31 @@ def probe_config(init_from: str, epochs: int = 30) -> ExperimentConfig:
     return from_dict(tree)
 
 
+def table_stages() -> list:
+    """The seed's comparison as stages: StableRep's class groups of 4 views and SimCLR (``groups=image``,
+    2 views), each followed by the linear probe (a row each: its test accuracy)."""
+    from functools import partial
+
+    from rayrcm.pipeline import Stage
+
+    stages = []
+    for groups, row in (("image", "SimCLR"), ("label", "StableRep (class groups)")):
+        stages.append(Stage(f"pretrain-{groups}", "train", partial(pretrain_config, groups, 4 if groups == "label" else 2)))
+        stages.append(Stage(f"probe-{groups}", "train", partial(probe_config, "placeholder"), row=row,
+                            inputs={"model.init_from": f"pretrain-{groups}"}, columns={"linear probe": "test_acc_clean"}))
+    return stages
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("pretrain", "probe"))
+    p.add_argument("stage", choices=("pretrain", "probe", "all"))
     p.add_argument("--groups", default="label", choices=("label", "image"))
     p.add_argument("--from", dest="init_from", default=f"models:/{REGISTER_AS}@label")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
+    if args.stage == "all":
+        return run_table("stablerep-digits", table_stages(), args.overrides, args.dry_run)
     base = pretrain_config(args.groups) if args.stage == "pretrain" else probe_config(args.init_from)
     run_training_stage(args.stage, base, args.overrides, args.dry_run)
 

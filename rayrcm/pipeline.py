@@ -39,6 +39,7 @@ class Stage:
     inputs: Mapping[str, str] = field(default_factory=dict)
     after: tuple[str, ...] = ()
     row: str = ""
+    columns: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def needs(self) -> tuple[str, ...]:

@@ -46,6 +46,7 @@ class Result:
     name: str = ""  # the model's name for a row ("" unknown: the job's label is used)
     protocol: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)  # a certification's ACR and abstention rate
+    extra: dict[str, float] = field(default_factory=dict)  # more accuracy columns (a linear probe's)
 
 
 @dataclass
@@ -85,6 +86,7 @@ def _columns(result: Result) -> dict[str, float]:
         row.update({f"r={r}": v for r, v in values.items()})
     if cert:
         row.update({k: float(v) for k, v in result.summary.items()})
+    row.update({k: float(v) for k, v in result.extra.items()})
     return row
 
 

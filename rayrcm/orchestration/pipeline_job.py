@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class StageOutput:
     run_id: str | None
     ref: str  # the model a downstream stage takes (a run id, else the file), or the results folder
     out: str = ""  # a certification's results folder
+    metrics: dict[str, float] = field(default_factory=dict)  # a training stage's final metrics
     reused: bool = False
 
 
@@ -103,7 +104,8 @@ def reusable(folder: Path, p: Planned) -> StageOutput | None:
         return None
     if rec.get("fingerprint") != p.fingerprint:
         return None
-    out = StageOutput(**{k: rec[k] for k in ("stage", "fingerprint", "job", "run_id", "ref", "out")}, reused=True)
+    out = StageOutput(**{k: rec[k] for k in ("stage", "fingerprint", "job", "run_id", "ref", "out")},
+                      metrics=rec.get("metrics", {}), reused=True)
     there = Path(out.out).is_dir() if p.stage.kind == "certify" else (out.run_id or Path(out.ref).is_file())
     return out if there else None
 
@@ -116,7 +118,9 @@ def run_stage(p: Planned, refs: dict[str, str], folder: str, parent: str | None)
         from rayrcm.orchestration.trainer import fit
 
         res = fit(cfg, tags=tags)
-        out = StageOutput(p.stage.name, p.fingerprint, cfg.job_name, res.run_id, res.run_id or str(res.model_file))
+        metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
+        out = StageOutput(p.stage.name, p.fingerprint, cfg.job_name, res.run_id, res.run_id or str(res.model_file),
+                          metrics=metrics)
     else:
         from rayrcm.orchestration import certify_job
 
@@ -214,28 +218,50 @@ def run_all(recipe: str, stages: list[Stage], overrides: list[str], *, dry_run: 
     return PipelineResult(recipe, parent, done, table, folder)
 
 
+def _rows(planned: list[Planned], done: dict[str, StageOutput]) -> list[Any]:
+    """The table's results: each certification with a ``row`` (its folder), each training stage with
+    a ``row`` (its robustness metrics and ``columns``)."""
+    import pandas as pd
+
+    from rayrcm.analysis.compare import load_result, metric_cells
+    from rayrcm.analysis.paper import Result
+    from rayrcm.analysis.robustness import RESULT_COLUMNS
+
+    out = []
+    for p in planned:
+        o, label = done[p.stage.name], p.stage.row
+        if not label:
+            continue
+        if p.stage.kind == "certify":
+            r = load_result(o.out, label=label)
+        else:
+            cells = metric_cells(o.metrics).get("test", pd.DataFrame(columns=RESULT_COLUMNS))
+            r = Result(label, cells)
+        r.name, r.keys = label, {f"stage:{p.stage.name}"}
+        r.extra = {col: o.metrics[m] for col, m in p.stage.columns.items() if m in o.metrics}
+        out.append(r)
+    return out
+
+
 def _table(recipe: str, planned: list[Planned], done: dict[str, StageOutput], folder: Path, uri: str | None,
            parent: str | None) -> Any:
-    """The paper's table over the certifications (one row per stage's ``row``), written, printed and
-    logged to the parent run with the certified-accuracy plot; every stage run linked from it."""
-    from rayrcm.analysis.compare import load_result
+    """The paper's table over the stages with a ``row``, written, printed and logged to the parent run
+    (with the certified-accuracy plot when there are certifications); every stage run linked from it."""
     from rayrcm.analysis.paper import paper_table, to_latex, to_markdown
 
-    certs = [p for p in planned if p.stage.kind == "certify"]
+    results = _rows(planned, done)
     paper = None
     files: list[Path] = []
-    if certs:
-        results = []
-        for p in certs:
-            r = load_result(done[p.stage.name].out, label=p.stage.row or p.stage.name)
-            r.name, r.keys = p.stage.row or p.stage.name, {f"stage:{p.stage.name}"}
-            results.append(r)
+    if results:
         paper = paper_table(results)
         md, tex = to_markdown(paper), to_latex(paper)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "table.md").write_text(md + "\n")
         (folder / "table.tex").write_text(tex + "\n")
-        files = [folder / "table.md", folder / "table.tex", _plot(certs, done, folder, recipe)]
+        files = [folder / "table.md", folder / "table.tex"]
+        certs = [p for p in planned if p.stage.kind == "certify" and p.stage.row]
+        if certs:
+            files.append(_plot(certs, done, folder, recipe))
         print(f"\n{md}\n[rayrcm] {recipe} all: wrote {', '.join(str(f) for f in files)}", flush=True)
     if uri and parent:
         for p in planned:
