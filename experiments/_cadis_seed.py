@@ -73,6 +73,8 @@ from typing import Any
 
 from _train_stage import run_training_stage
 
+from rayrcm.sections import sigma_alias
+
 SIGMAS = (0.25, 0.5, 1.0)
 # README (train and certify commands) and the launch scripts; names as the authors' flags
 CIFAR10 = {"ngpus": 4, "noise": 1.0, "blr": 1e-4, "batch": 32, "accum_iter": 4, "lbd": 4.0, "num_noises": 4, "eps": 64,
@@ -97,10 +99,6 @@ def effective_batch(cmd: dict[str, Any]) -> int:
 def seed_lr(cmd: dict[str, Any]) -> float:
     """``lr = blr * eff_batch_size / 256`` (``train.py:203-204``)."""
     return cmd["blr"] * effective_batch(cmd) / 256
-
-
-def sigma_alias(sigma: float) -> str:
-    return f"sigma-{sigma:.2f}".replace(".", "_")
 
 
 def finetune_tree(cmd: dict[str, Any], *, sigma: float, init_from: str, data: dict[str, Any], denoiser: dict[str, str],

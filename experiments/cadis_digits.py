@@ -7,7 +7,7 @@ denoised smoothing (DDS), then confidence-aware denoised fine-tuning behind the 
                                                  --denoiser models:/cadis-digits-denoiser@ddpm    # DDS
     python experiments/cadis_digits.py finetune  [--from <base run id | models:/... | path>] [--sigma 0.5]
                                                  [--denoiser wiener_cov | wiener | a ddpm model.pt] [--set k=v ...]
-    python experiments/cadis_digits.py certify   [--from models:/cadis-digits@cadis-sigma-0_5]    # the fine-tuned f(D)
+    python experiments/cadis_digits.py certify   [--from models:/cadis-digits@cadis-sigma-0_50]    # the fine-tuned f(D)
     python experiments/cadis_digits.py all       [--sigma 0.5] [--set key=value | STAGE:key=value ...]   # the table
     (every stage) --dry-run    # print the resolved config (certify: the rayrcm certify command; all: the stages)
 
@@ -45,6 +45,7 @@ import sys
 from _train_stage import run_table, run_training_stage
 
 from rayrcm.config import ExperimentConfig, from_dict
+from rayrcm.sections import sigma_alias
 
 REGISTER_AS = "cadis-digits"
 EXPERIMENT = "rayrcm-cadis-digits"
@@ -91,7 +92,7 @@ def certify_args(model: str, sigma: float, denoiser: str | None) -> list[str]:
 
 def finetune_config(init_from: str, sigma: float = 0.5, denoiser: str = "wiener_cov") -> ExperimentConfig:
     """CADIS fine-tuning of the base classifier behind ``denoiser`` at ``sigma`` (pixel units)."""
-    alias = f"cadis-sigma-{sigma:g}".replace(".", "_")
+    alias = f"cadis-{sigma_alias(sigma)}"
     return from_dict({
         "data": {**DATA},
         "model": {"encoder": ENCODER, "init_from": init_from},
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> None:
     if args.stage == "all":
         return run_table("cadis-digits", table_stages(args.sigma), args.overrides, args.dry_run)
     if args.stage == "certify":
-        alias = f"cadis-sigma-{args.sigma:g}".replace(".", "_")
+        alias = f"cadis-{sigma_alias(args.sigma)}"
         cmd = certify_args(args.init_from or f"models:/{REGISTER_AS}@{alias}", args.sigma, args.denoiser)
         cmd += [x for kv in args.overrides for x in ("--set", kv)]
         if args.dry_run:

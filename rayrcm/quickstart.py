@@ -17,16 +17,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict
+from rayrcm.sections import sigma_alias  # noqa: F401 - the recipes take it from here too
 
 if TYPE_CHECKING:
     from rayrcm.certify.protocol import CertifyConfig
 
 SIGMA = 0.25
-
-
-def sigma_alias(sigma: float) -> str:
-    """MLflow aliases allow only letters, digits, '_' and '-': sigma 0.25 -> ``sigma-0_25``."""
-    return f"sigma-{sigma:.2f}".replace(".", "_")
 
 
 def pretrain_config() -> ExperimentConfig:

@@ -272,3 +272,13 @@ def check_tracking(tr: TrackingConfig) -> None:
     check(all(c.isalnum() or c in "-_" for c in tr.alias), "tracking.alias", tr.alias, "MLflow aliases use letters, digits, '_' and '-' only (e.g. sigma-0_50)")
     check(not tr.alias or bool(tr.register_as), "tracking.alias", tr.alias, "needs tracking.register_as")
     check(tr.flush_timeout_s >= 0, "tracking.flush_timeout_s", tr.flush_timeout_s, "must be >= 0")
+
+
+def short_sigma(sigma: float) -> str:
+    """A sigma in names: 0.25 -> ``0_25`` (job names; MLflow aliases allow only letters, digits, '_' and '-')."""
+    return f"{sigma:.2f}".replace(".", "_")
+
+
+def sigma_alias(sigma: float) -> str:
+    """The registry alias of a model trained at ``sigma``: 0.25 -> ``sigma-0_25``."""
+    return f"sigma-{short_sigma(sigma)}"

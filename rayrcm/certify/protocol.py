@@ -213,8 +213,6 @@ def select_indices(size: int, s: SmoothingConfig) -> list[int]:
     return list(range(0, stop, s.skip))
 
 
-def short_sigma(sigma: float) -> str:
-    return f"{sigma:.2f}".replace(".", "_")
 
 
 # keys added to the protocol after results were first written, with the value an older job had:

@@ -26,7 +26,6 @@ from rayrcm.certify.protocol import (
     reach_warnings,
     select_indices,
     sequential_radii,
-    short_sigma,
     validate_certify,
 )
 from rayrcm.errors import ConfigError
@@ -34,7 +33,7 @@ from rayrcm.models.denoisers import file_sha256
 from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, load_file, predicts_classes
 from rayrcm.orchestration import tracking
 from rayrcm.plugins import load_plugins
-from rayrcm.sections import DataConfig, check_job_name
+from rayrcm.sections import DataConfig, check_job_name, short_sigma
 
 PROTOCOL_FILE = "protocol.json"  # the protocol of a results folder (compared on resume)
 RUN_FILE = "mlflow_run.json"  # the MLflow run of a results folder (``analyze`` logs to it)
