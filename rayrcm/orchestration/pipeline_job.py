@@ -205,8 +205,9 @@ def run_all(recipe: str, stages: list[Stage], overrides: list[str], *, dry_run: 
             print(f"[rayrcm] {p.stage.name}: reused ({found.job}, fingerprint {p.fingerprint[:8]})", flush=True)
             outputs[p.stage.name] = found
             continue
+        shipped = replace(p, stage=replace(p.stage, config=dict))  # the recipe's builders stay in the driver
         outputs[p.stage.name] = remote.options(name=f"{recipe}:{p.stage.name}").remote(
-            p, str(folder), parent, *[outputs[n] for n in p.stage.needs])
+            shipped, str(folder), parent, *[outputs[n] for n in p.stage.needs])
     ok = False
     try:
         done = {name: (o if isinstance(o, StageOutput) else ray.get(o)) for name, o in outputs.items()}
