@@ -138,3 +138,55 @@ def test_all_makes_the_table_then_reuses_what_finished_and_reruns_what_changed(r
     assert client.get_run(changed.outputs["finetune-0.5"].run_id).data.params["method.lbd"] == "5.0"
     assert changed.parent_run_id != first.parent_run_id
     assert changed.table.table.loc["sigma=0.25"].equals(table.loc["sigma=0.25"])
+
+
+@pytest.mark.slow  # a real Ray cluster and MLflow server; the driver killed with SIGKILL midway
+def test_a_killed_all_resumes_reusing_what_finished(ray_cluster, mlflow_server, tmp_path, capsys):
+    """``all`` is killed while the fine-tuning trains (the pretraining finished); the same command again
+    reuses the pretraining (same run), resumes the fine-tuning from its checkpoint in its own MLflow run,
+    certifies, and makes the table of an uninterrupted run of the same stages."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import ray
+
+    from rayrcm.orchestration.pipeline_job import run_all
+
+    sets = [*TINY, "train.steps=12", "train.checkpoint_every=3", f"train.storage_path={tmp_path / 'train'}",
+            f"out_dir={tmp_path / 'certify'}", f"tracking.uri={mlflow_server}", "tracking.experiment=pipeline-kill"]
+    cmd = [sys.executable, str(REPO / "experiments" / "rcm_digits.py"), "all", "--sigmas", "0.25",
+           *[x for s in sets for x in ("--set", s)]]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = tmp_path / "train" / "pipelines" / "rcm-digits"
+    deadline = time.time() + 300
+    finetune = None
+    while time.time() < deadline and driver.poll() is None:
+        if (records / "pretrain.json").is_file():
+            job = next((d for d in (tmp_path / "train").glob("rcm-digits-finetune-sigma-0_25-*") if d.is_dir()), None)
+            if job is not None and list(job.glob("checkpoint_*")):
+                finetune = job
+                break
+        time.sleep(0.5)
+    assert finetune is not None and driver.poll() is None, "the fine-tuning never reached a checkpoint while the driver ran"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    assert not (records / "finetune-0.25.json").exists()
+    pretrain_run = json.loads((records / "pretrain.json").read_text())["run_id"]
+    time.sleep(5)  # Ray reaps the dead driver's tasks and their Ray Train controllers
+
+    stages = _stages((0.25,))
+    resumed = run_all("rcm-digits", stages, sets)
+    out = capsys.readouterr().out
+    assert resumed.outputs["pretrain"].reused and resumed.outputs["pretrain"].run_id == pretrain_run
+    assert not resumed.outputs["finetune-0.25"].reused and f"{finetune.name}: resuming at step " in out
+    assert resumed.outputs["finetune-0.25"].job == finetune.name
+
+    clean = run_all("rcm-digits", stages, [*sets[:-4], f"train.storage_path={tmp_path / 'clean'}",
+                                            f"out_dir={tmp_path / 'clean-certify'}", "tracking.enabled=false"])
+    capsys.readouterr()
+    cols = [c for c in clean.table.table.columns if c.startswith("r=") or c in ("ACR", "abstain")]
+    assert resumed.table.table[cols].equals(clean.table.table[cols])
