@@ -87,26 +87,67 @@ def test_bad_input_to_all_is_one_line_before_ray(capsys, argv, needle):
     assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], err
 
 
-def _all(capsys, tmp_path, uri, *extra):
+def _all(capsys, sets, *extra):
     """``rcm_digits.py all`` in this process (the module's Ray cluster): the printed lines and result."""
     from rayrcm.orchestration.pipeline_job import run_all
 
-    sets = [*TINY, f"train.storage_path={tmp_path / 'train'}", f"out_dir={tmp_path / 'certify'}",
-            f"tracking.uri={uri}", "tracking.experiment=pipeline", *extra]
-    result = run_all("rcm-digits", _stages(), sets)
+    result = run_all("rcm-digits", _stages(), [*sets, *extra])
     return capsys.readouterr().out, result
 
 
-@pytest.mark.slow  # a real Ray cluster and MLflow server; about a minute and a half on 2 CPUs
-def test_all_makes_the_table_then_reuses_what_finished_and_reruns_what_changed(ray_cluster, mlflow_server, tmp_path,
-                                                                              capsys):
+def _kill_midway(sets, tmp_path):
+    """Start ``all`` as its own driver on this cluster and SIGKILL it once the pretraining finished and
+    the sigma-0.25 fine-tuning wrote a checkpoint; returns that job's folder."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import ray
+
+    cmd = [sys.executable, str(REPO / "experiments" / "rcm_digits.py"), "all", "--sigmas", "0.25,0.5",
+           *[x for s in sets for x in ("--set", s)]]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, job = time.time() + 300, None
+    while time.time() < deadline and driver.poll() is None and job is None:
+        if (tmp_path / "train" / "pipelines" / "rcm-digits" / "pretrain.json").is_file():
+            job = next((d for d in (tmp_path / "train").glob("rcm-digits-finetune-sigma-0_25-*")
+                        if list(d.glob("checkpoint_*"))), None)
+        time.sleep(0.25)
+    assert job is not None and driver.poll() is None, "the fine-tuning never reached a checkpoint while the driver ran"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    time.sleep(5)  # Ray reaps the dead driver's tasks and their Ray Train controllers
+    return job
+
+
+@pytest.mark.slow  # a real Ray cluster and MLflow server; about three minutes on 2 CPUs
+def test_all_resumes_when_killed_reuses_what_finished_and_reruns_what_changed(ray_cluster, mlflow_server, tmp_path,
+                                                                             capsys):
+    """Killed midway, the same command reuses the pretraining (same run) and resumes the fine-tuning from
+    its checkpoint; then the table; run again, every stage is reused; with one fine-tuning key changed,
+    only that fine-tuning and its certification run."""
+    import json
+
     from mlflow import MlflowClient
 
     from rayrcm.analysis import read_results
     from rayrcm.analysis.certified import certified_accuracy
     from rayrcm.orchestration.pipeline_job import FINGERPRINT_TAG, PIPELINE_TAG
 
-    out, first = _all(capsys, tmp_path, mlflow_server)
+    sets = [*TINY, "finetune-0.25:train.steps=12", "finetune-0.25:train.checkpoint_every=3",
+            f"train.storage_path={tmp_path / 'train'}", f"out_dir={tmp_path / 'certify'}", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=pipeline"]
+    killed = _kill_midway(sets, tmp_path)
+    records = tmp_path / "train" / "pipelines" / "rcm-digits"
+    assert not (records / "finetune-0.25.json").exists()
+    pretrain_run = json.loads((records / "pretrain.json").read_text())["run_id"]
+
+    out, first = _all(capsys, sets)
+    assert first.outputs["pretrain"].reused and first.outputs["pretrain"].run_id == pretrain_run
+    resumed = first.outputs["finetune-0.25"]
+    assert not resumed.reused and resumed.job == killed.name and f"{killed.name}: resuming at step " in out
     table = first.table.table
     assert list(table.index) == ["sigma=0.25", "sigma=0.5"] and list(table["sigma"]) == ["0.25", "0.5"]
     for row, stage in (("sigma=0.25", "certify-0.25"), ("sigma=0.5", "certify-0.5")):
@@ -119,16 +160,18 @@ def test_all_makes_the_table_then_reuses_what_finished_and_reruns_what_changed(r
     assert {a.path for a in client.list_artifacts(first.parent_run_id)} >= {"table.md", "table.tex", "certified_accuracy.png"}
     for o in first.outputs.values():
         run = client.get_run(o.run_id)
-        assert run.data.tags[FINGERPRINT_TAG] == o.fingerprint and run.data.tags[PIPELINE_TAG] == first.parent_run_id
-        assert o.run_id in parent.data.tags["mlflow.note.content"]
-    assert not any(o.reused for o in first.outputs.values())
+        assert run.data.tags[FINGERPRINT_TAG] == o.fingerprint and o.run_id in parent.data.tags["mlflow.note.content"]
+        if not o.reused:
+            assert run.data.tags[PIPELINE_TAG] == first.parent_run_id
+    hist = client.get_metric_history(resumed.run_id, "loss")  # the resumed run logged each step once
+    assert len(hist) == len({m.step for m in hist})
 
-    out, again = _all(capsys, tmp_path, mlflow_server)  # nothing changed: every stage reused, no new run
+    out, again = _all(capsys, sets)  # nothing changed: every stage reused, no new run
     assert all(o.reused for o in again.outputs.values()) and out.count(": reused (") == 5
     assert {n: o.run_id for n, o in again.outputs.items()} == {n: o.run_id for n, o in first.outputs.items()}
     assert again.parent_run_id == first.parent_run_id and again.table.table.equals(table)
 
-    out, changed = _all(capsys, tmp_path, mlflow_server, "finetune-0.5:method.lbd=5")
+    out, changed = _all(capsys, sets, "finetune-0.5:method.lbd=5")
     rerun = {n for n, o in changed.outputs.items() if not o.reused}
     assert rerun == {"finetune-0.5", "certify-0.5"}
     for n in ("pretrain", "finetune-0.25", "certify-0.25"):
@@ -138,55 +181,3 @@ def test_all_makes_the_table_then_reuses_what_finished_and_reruns_what_changed(r
     assert client.get_run(changed.outputs["finetune-0.5"].run_id).data.params["method.lbd"] == "5.0"
     assert changed.parent_run_id != first.parent_run_id
     assert changed.table.table.loc["sigma=0.25"].equals(table.loc["sigma=0.25"])
-
-
-@pytest.mark.slow  # a real Ray cluster and MLflow server; the driver killed with SIGKILL midway
-def test_a_killed_all_resumes_reusing_what_finished(ray_cluster, mlflow_server, tmp_path, capsys):
-    """``all`` is killed while the fine-tuning trains (the pretraining finished); the same command again
-    reuses the pretraining (same run), resumes the fine-tuning from its checkpoint in its own MLflow run,
-    certifies, and makes the table of an uninterrupted run of the same stages."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import time
-
-    import ray
-
-    from rayrcm.orchestration.pipeline_job import run_all
-
-    sets = [*TINY, "train.steps=12", "train.checkpoint_every=3", f"train.storage_path={tmp_path / 'train'}",
-            f"out_dir={tmp_path / 'certify'}", f"tracking.uri={mlflow_server}", "tracking.experiment=pipeline-kill"]
-    cmd = [sys.executable, str(REPO / "experiments" / "rcm_digits.py"), "all", "--sigmas", "0.25",
-           *[x for s in sets for x in ("--set", s)]]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = tmp_path / "train" / "pipelines" / "rcm-digits"
-    deadline = time.time() + 300
-    finetune = None
-    while time.time() < deadline and driver.poll() is None:
-        if (records / "pretrain.json").is_file():
-            job = next((d for d in (tmp_path / "train").glob("rcm-digits-finetune-sigma-0_25-*") if d.is_dir()), None)
-            if job is not None and list(job.glob("checkpoint_*")):
-                finetune = job
-                break
-        time.sleep(0.5)
-    assert finetune is not None and driver.poll() is None, "the fine-tuning never reached a checkpoint while the driver ran"
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(30)
-    assert not (records / "finetune-0.25.json").exists()
-    pretrain_run = json.loads((records / "pretrain.json").read_text())["run_id"]
-    time.sleep(5)  # Ray reaps the dead driver's tasks and their Ray Train controllers
-
-    stages = _stages((0.25,))
-    resumed = run_all("rcm-digits", stages, sets)
-    out = capsys.readouterr().out
-    assert resumed.outputs["pretrain"].reused and resumed.outputs["pretrain"].run_id == pretrain_run
-    assert not resumed.outputs["finetune-0.25"].reused and f"{finetune.name}: resuming at step " in out
-    assert resumed.outputs["finetune-0.25"].job == finetune.name
-
-    clean = run_all("rcm-digits", stages, [*sets[:-4], f"train.storage_path={tmp_path / 'clean'}",
-                                            f"out_dir={tmp_path / 'clean-certify'}", "tracking.enabled=false"])
-    capsys.readouterr()
-    cols = [c for c in clean.table.table.columns if c.startswith("r=") or c in ("ACR", "abstain")]
-    assert resumed.table.table[cols].equals(clean.table.table[cols])

@@ -196,26 +196,6 @@ def test_digits_recipe_flips_in_pretraining_and_probe_as_the_authors():
             assert any(isinstance(s, v2.RandomHorizontalFlip) for s in t.transforms), (cfg.method.name, name)
 
 
-@pytest.mark.slow
-def test_digits_recipe_trains_on_a_ray_cluster_with_two_workers(tmp_path, ray_cluster, mlflow_server):
-    """A few steps of the class-grouped recipe on 2 Ray Train workers (features gathered with gradient,
-    the head's BatchNorm all-reduced), tracked in MLflow; the encoder is exported."""
-    from helpers import load_experiment
-
-    from rayrcm.orchestration.trainer import fit
-    from rayrcm.train.checkpoint import load_model_file
-
-    recipe = load_experiment("stablerep_digits")
-    cfg = apply_overrides(recipe.pretrain_config("label"), [
-        "data.batch_size=32", "train.steps=4", "train.checkpoint_every=2", "train.log_every=2", "optim.warmup_steps=1",
-        f"train.storage_path={tmp_path / 'storage'}", "train.name=stablerep-e2e", f"tracking.uri={mlflow_server}",
-        "tracking.experiment=e2e-stablerep", "tracking.register_as=", "tracking.alias="])
-    result = fit(cfg)
-    assert math.isfinite(result.metrics["loss"]) and "multi_pos" in result.metrics
-    state = load_model_file(result.model_file)["model"]
-    assert state and not any(k.startswith("projector.") for k in state)
-
-
 # The digits ordering (the issue: 400 steps of batch 128, class groups of n = 4 at 0.972 / 0.975 against
 # SimCLR's 0.925 / 0.933), shortened to what two CPU workers run in about four minutes: 150 steps of batch 64
 # for both pretrainings, the recipe's 30-epoch probe for both. Measured at this size (2 CPU workers, seed 0):
@@ -230,11 +210,13 @@ def test_class_groups_beat_simclr_in_the_linear_probe(tmp_path, ray_cluster, mlf
     """The digits recipe on 2 Ray Train workers, tracked in MLflow: StableRep with same-class groups of 4
     views (``groups=label``) against SimCLR (``groups=image``, 2 views, the same temperature, head and
     optimizer), each followed by the recipe's linear probe (10 heads, the best on the held-out split);
-    the class-grouped encoder's test accuracy is the higher one."""
+    the class-grouped encoder's test accuracy is the higher one. The pretraining logs its loss and
+    ``multi_pos`` and exports the encoder without the projector."""
     from helpers import load_experiment
     from mlflow import MlflowClient
 
     from rayrcm.orchestration.trainer import fit
+    from rayrcm.train.checkpoint import load_model_file
 
     recipe = load_experiment("stablerep_digits")
     common = [f"train.storage_path={tmp_path / 'storage'}", f"tracking.uri={mlflow_server}",
@@ -244,6 +226,9 @@ def test_class_groups_beat_simclr_in_the_linear_probe(tmp_path, ray_cluster, mlf
         pre = fit(apply_overrides(recipe.pretrain_config(groups, n), [
             *common, f"train.steps={ORDER_STEPS}", f"data.batch_size={ORDER_BATCH}",
             f"train.checkpoint_every={ORDER_STEPS}", f"train.name=order-{groups}"]))
+        assert math.isfinite(pre.metrics["loss"]) and "multi_pos" in pre.metrics
+        state = load_model_file(pre.model_file)["model"]
+        assert state and not any(k.startswith("projector.") for k in state)
         probe = fit(apply_overrides(recipe.probe_config(pre.run_id, epochs=ORDER_PROBE_EPOCHS),
                                     [*common, f"train.name=order-probe-{groups}"]))
         acc[groups] = MlflowClient(mlflow_server).get_run(probe.run_id).data.metrics["test_acc_clean"]

@@ -334,7 +334,7 @@ def test_interrupted_sweep_resumes_and_runs_each_trial_to_its_end_once(tune_clus
 
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, str(REPO / "experiments" / "rcm_digits.py"), "tune", "--sigma", "0.25",
-           "--space", "method.lbd=grid:5,10,20", "--set", "train.epochs=2", "--set", "train.workers=1",
+           "--space", "method.lbd=grid:5,10", "--set", "train.epochs=2", "--set", "train.workers=1",
            "--set", "train.log_every=100", "--set", f"train.storage_path={tmp_path}", "--set", f"tracking.uri={mlflow_server}",
            "--set", "tracking.experiment=sweep-restore", "--set", "tracking.register_as=rcm-digits-restore",
            "--sweep", "scheduler=fifo", "--sweep", "max_concurrent_trials=1", "--sweep", "name=restore"]
@@ -349,7 +349,7 @@ def test_interrupted_sweep_resumes_and_runs_each_trial_to_its_end_once(tune_clus
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     ended_before = {e["trial"] for e in sweep.read_events(folder) if e["event"] == "end"}
-    assert 1 <= len(ended_before) < 3
+    assert len(ended_before) == 1
     time.sleep(5)  # Ray reaps the dead driver's actors
 
     second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -357,7 +357,7 @@ def test_interrupted_sweep_resumes_and_runs_each_trial_to_its_end_once(tune_clus
     assert "resuming from" in second.stdout
     events = sweep.read_events(folder)
     trials = {e["trial"] for e in events}
-    assert len(trials) == 3
+    assert len(trials) == 2
     for trial in trials:
         ends = [e for e in events if e["trial"] == trial and e["event"] == "end"]
         assert len(ends) == 1, (trial, events)
@@ -366,9 +366,9 @@ def test_interrupted_sweep_resumes_and_runs_each_trial_to_its_end_once(tune_clus
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("sweep-restore")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 4  # the parent (reused on the rerun) and one child per trial
+    assert len(runs) == 3  # the parent (reused on the rerun) and one child per trial
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for c in children:  # resumed runs log every step once
         hist = client.get_metric_history(c.info.run_id, "loss")
         assert len(hist) == len({m.step for m in hist})
