@@ -10,6 +10,7 @@
     rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa [--severities 1,3,5 --corruptions NAMES ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
     rayrcm compare RUN_OR_DIR... [--latex] [--out FILE] [--radii 0,0.25,0.5] [--tracking-uri URI]
+    rayrcm export-results RUN_OR_DIR... --format robustbench [--name NAME] [--architecture A] [--out DIR]
     rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
 
 Bad input gives one line on stderr (``rayrcm: error: ...``) and exit status 2.
@@ -56,6 +57,10 @@ EPILOGS = {
                "rayrcm_results/certify/JOB3 --latex --out table.md\n\n"
                "RUN_OR_DIR: a folder of rayrcm evaluate / certify / predict, or an MLflow run id (its results,\n"
                "certification rows, or fine-tuning metrics; tracking URI from --tracking-uri or $MLFLOW_TRACKING_URI).",
+    "export-results": "example:\n  rayrcm export-results rayrcm_results/evaluate/JOB --format robustbench --name Me2026Robust "
+                      "--architecture ResNet-18\n\nWrites <out>/<dataset>/Linf/<name>.json (the standard AutoAttack) and "
+                      "<out>/<dataset>/corruptions/<name>.json\n(the released CIFAR-10-C / ImageNet-C at 15 corruptions x 5 "
+                      "severities; ImageNet-C with RobustBench's mCE).",
     "mlflow-server": "example:\n  rayrcm mlflow-server --backend-store-uri sqlite:////mnt/rayrcm/mlflow.db "
                      "--artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --detach",
 }
@@ -169,6 +174,19 @@ def _compare_parser(sub) -> None:
                    help="MLflow tracking URI for run ids (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
 
+def _export_parser(sub) -> None:
+    x = _sub(sub, "export-results", "evaluation results as RobustBench model cards (clean, AutoAttack, corruptions, mCE)")
+    x.add_argument("results", nargs="+", metavar="RUN_OR_DIR", help="evaluation folders or MLflow run ids")
+    x.add_argument("--format", default="robustbench", help="robustbench (the only format)")
+    x.add_argument("--name", default="", help="the model's name in the card and its file (default: the model's)")
+    x.add_argument("--architecture", default="", help="e.g. WideResNet-28-10 (RobustBench shows it)")
+    x.add_argument("--dataset", default="", help="RobustBench's dataset name when rayrcm's is not one: cifar10, cifar100, "
+                                                 "imagenet")
+    x.add_argument("--out", default="robustbench", help="folder of the cards, laid out as RobustBench's model_info/")
+    x.add_argument("--tracking-uri",
+                   help="MLflow tracking URI for run ids (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="a swept key: grid:a,b,c | choice:a,b | uniform:lo,hi | loguniform:lo,hi | randint:lo,hi")
@@ -210,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--tracking-uri", help="your MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db): "
                                           "the analysis is logged only to runs on it, never to a server a folder names")
     _compare_parser(sub)
+    _export_parser(sub)
     m = _sub(sub, "mlflow-server", "the MLflow tracking server of a cluster's head (basic auth on by default)")
     m.add_argument("--backend-store-uri", default="sqlite:///mlflow.db", help="sqlite:////abs/mlflow.db or postgresql://...")
     m.add_argument("--artifacts-destination", default="./mlartifacts", help="s3://bucket/prefix, gs://... or a folder")
@@ -318,6 +337,12 @@ def run(argv: list[str] | None = None) -> int:
         return _analyze(args)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "export-results":
+        from rayrcm.orchestration.analyze import export_results
+
+        export_results(args.results, fmt=args.format, out=args.out, name=args.name, architecture=args.architecture,
+                       dataset=args.dataset, tracking_uri=args.tracking_uri)
+        return 0
     if args.command == "mlflow-server":
         from rayrcm.orchestration import mlflow_server as ms
 

@@ -95,7 +95,8 @@ def load_result(path: str | Path, radii: list[float] | None = None, label: str =
     if table is not None:
         refs = sorted({str(m) for m in table["model"] if str(m)})
         keys = keys or {f"ref:{m}" for m in refs}  # a reference names a model only where no hash does
-        return Result(label, table, keys, model_name(refs[0]) if len(refs) == 1 else "", protocol)
+        ref = str(protocol.get("model") or (refs[0] if len(refs) == 1 else ""))  # the job records it as it was given
+        return Result(label, table, keys, model_name(ref), protocol)
     if "sigma" in protocol:
         rows = read_results(p)
         if rows.empty:

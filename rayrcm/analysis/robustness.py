@@ -94,6 +94,42 @@ def _attack_label(attack: str) -> str:
     return attack
 
 
+# robustbench/data.py:182-185, the 15 corruptions of CIFAR-10-C, CIFAR-100-C and ImageNet-C, in its spelling
+CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur", "brightness", "fog",
+               "zoom_blur", "frost", "glass_blur", "impulse_noise", "contrast", "jpeg_compression", "elastic_transform")
+SEVERITIES = (1, 2, 3, 4, 5)
+# AlexNet's ImageNet-C error, the mean over severities 1-5 (RobustBench's unaggregated_results.csv at 78fcc9e)
+ALEXNET_ERROR = {"shot_noise": 0.8883, "motion_blur": 0.7872, "snow": 0.8680, "pixelate": 0.7186, "gaussian_noise": 0.8816,
+                 "defocus_blur": 0.8220, "brightness": 0.5585, "fog": 0.8236, "zoom_blur": 0.7957, "frost": 0.8315,
+                 "glass_blur": 0.8308, "impulse_noise": 0.9172, "contrast": 0.8543, "jpeg_compression": 0.6068,
+                 "elastic_transform": 0.6480}
+
+
+def released_cells(table: pd.DataFrame, set_: str) -> pd.DataFrame:
+    """The released set's clean-label cells (no attack), one accuracy per corruption and severity."""
+    sel = table[(table["set"] == set_) & (table["attack"] == NONE) & ~table["generated"].astype(bool)
+                & (table["corruption"] != NONE)]
+    return sel.groupby(["corruption", "severity"])[["correct", "images"]].sum()
+
+
+def corruption_errors(table: pd.DataFrame) -> dict[str, float]:
+    """``CE_c`` for each ImageNet-C corruption measured at all five severities."""
+    cells = released_cells(table, "imagenet-c")
+    out = {}
+    for c in CORRUPTIONS:
+        if all((c, s) in cells.index for s in SEVERITIES):
+            err = [1 - cells.loc[(c, s), "correct"] / max(cells.loc[(c, s), "images"], 1) for s in SEVERITIES]
+            out[c] = float(sum(err) / (len(SEVERITIES) * ALEXNET_ERROR[c]))
+    return out
+
+
+def mean_corruption_error(table: pd.DataFrame) -> tuple[float, int] | None:
+    """``(mCE, corruptions it averages)`` over the ImageNet-C corruptions measured at every severity
+    (RobustBench's when all 15 are); None without one."""
+    ce = corruption_errors(table)
+    return (sum(ce.values()) / len(ce), len(ce)) if ce else None
+
+
 def headline(table: pd.DataFrame) -> dict[str, float]:
     """The seed-001 row: SA, PGD-k, AutoAttack (standard), APGD-CE+APGD-T (upper bound) on the clean
     set (not a shifted one, :data:`SHIFT_SETS`; no certified cell), and CS-s (mean accuracy over the
@@ -106,6 +142,9 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     corr = table[(table["corruption"] != NONE) & (table["attack"] == NONE)]
     for (gen, sev), g in corr.groupby(["generated", "severity"], sort=True):
         out[f"CS-{int(sev)}" + (" (generated)" if gen else "")] = float(g["accuracy"].mean())
+    mce = mean_corruption_error(table)
+    if mce is not None:  # ImageNet-C: RobustBench's mCE, over the corruptions measured at every severity
+        out["mCE" if mce[1] == len(CORRUPTIONS) else f"mCE ({mce[1]}/{len(CORRUPTIONS)})"] = mce[0]
     return out
 
 

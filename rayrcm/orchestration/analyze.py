@@ -237,3 +237,49 @@ def compare(refs: list[str], *, latex: bool = False, out: str | Path | None = No
             written[-1].write_text(paper_latex(paper) + "\n")
         print(f"[rayrcm] wrote {', '.join(str(f) for f in written)}", flush=True)
     return paper
+
+
+# ----------------------------------------------------------------------------- rayrcm export-results
+
+EXPORT_FORMATS = ("robustbench",)
+
+
+def export_results(refs: list[str], *, fmt: str = "robustbench", out: str | Path = "robustbench", name: str = "",
+                   architecture: str = "", dataset: str = "", tracking_uri: str | None = None) -> list[Path]:
+    """Evaluation results (folders or MLflow run ids) as RobustBench model cards
+    (:func:`rayrcm.analysis.leaderboard.robustbench_cards`), written as RobustBench lays them out:
+    ``<out>/<dataset>/<Linf|corruptions>/<name>.json``. One-line errors for a format, a result or a
+    dataset that does not fit."""
+    import re
+    import tempfile
+
+    from rayrcm.analysis.leaderboard import robustbench_cards
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError("--format", fmt, f"choose one of: {', '.join(EXPORT_FORMATS)}")
+    refs = [str(r) for r in refs]
+    if not refs:
+        raise ConfigError("results", "", "give at least one evaluation folder or MLflow run id")
+    with tempfile.TemporaryDirectory(prefix="rayrcm-export-") as tmp:
+        results = _results(refs, tracking_uri, None, Path(tmp))
+    written: list[Path] = []
+    for r in results:
+        label = name or r.name or r.label
+        try:
+            cards = robustbench_cards(r.cells, r.protocol, name=label, architecture=architecture or "unknown",
+                                      dataset=dataset)
+        except ValueError as err:
+            raise ConfigError("results", r.label, str(err)) from None
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
+        for threat, card in cards.items():
+            path = Path(out).expanduser() / card["dataset"] / threat / f"{stem}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(card, indent=4) + "\n")
+            written.append(path)
+            shown = card.get("autoattack_acc") or card.get("corruptions_acc")
+            print(f"[rayrcm] {path}: {threat}, clean {card['clean_acc']}, "
+                  f"{'AutoAttack' if threat == 'Linf' else 'corruptions'} {shown}"
+                  + (f", mCE {card['corruptions_mce']}" if "corruptions_mce" in card else ""), flush=True)
+    print("[rayrcm] fill in link, authors and venue (and architecture, --architecture) before submitting to RobustBench",
+          flush=True)
+    return written
