@@ -13,7 +13,14 @@ import pytest
 from helpers import fails_in_one_line
 
 from rayrcm.analysis.leaderboard import FIELDS, robustbench_cards
-from rayrcm.analysis.robustness import ALEXNET_ERROR, CORRUPTIONS, headline, mean_corruption_error, results_table, write_outputs
+from rayrcm.analysis.robustness import (
+    ALEXNET_ERROR,
+    CORRUPTIONS,
+    headline,
+    mean_corruption_error,
+    results_table,
+    write_outputs,
+)
 from rayrcm.cli import main
 
 # robustbench/utils.py ModelInfo (78fcc9e), plus the two keys its files carry beyond it

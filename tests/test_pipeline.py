@@ -181,3 +181,20 @@ def test_all_resumes_when_killed_reuses_what_finished_and_reruns_what_changed(ra
     assert client.get_run(changed.outputs["finetune-0.5"].run_id).data.params["method.lbd"] == "5.0"
     assert changed.parent_run_id != first.parent_run_id
     assert changed.table.table.loc["sigma=0.25"].equals(table.loc["sigma=0.25"])
+
+
+def test_a_stage_that_fails_in_its_task_is_one_line():
+    """Ray wraps a task's exception in a RayTaskError whose text is a traceback; the stage's own
+    one-line error comes back out, and anything else is one RunFailed line naming the stage."""
+    from ray.exceptions import RayTaskError
+
+    from rayrcm.errors import NonFiniteLoss, RunFailed
+    from rayrcm.orchestration.pipeline_job import stage_failure
+
+    diverged = NonFiniteLoss(3, float("nan"))
+    assert stage_failure(RayTaskError("stage", "Traceback ...", diverged), "rcm-digits", "finetune-0.5") is diverged
+    bad = ConfigError("model", "x", "is not a model")
+    assert stage_failure(RayTaskError("stage", "tb", bad).as_instanceof_cause(), "r", "s") is bad
+    other = stage_failure(RayTaskError("stage", "tb", MemoryError("out of memory\nin worker 2")), "rcm-digits", "certify-1")
+    assert isinstance(other, RunFailed) and "\n" not in str(other)
+    assert str(other).startswith("rcm-digits all: stage certify-1 failed: in worker 2; rerun the same command")

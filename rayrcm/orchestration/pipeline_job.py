@@ -210,7 +210,7 @@ def run_all(recipe: str, stages: list[Stage], overrides: list[str], *, dry_run: 
             shipped, str(folder), parent, *[outputs[n] for n in p.stage.needs])
     ok = False
     try:
-        done = {name: (o if isinstance(o, StageOutput) else ray.get(o)) for name, o in outputs.items()}
+        done = {name: (o if isinstance(o, StageOutput) else _get(ray, o, recipe, name)) for name, o in outputs.items()}
         table = _table(recipe, planned, done, folder, uri, parent)
         ok = True
     finally:
@@ -242,6 +242,30 @@ def _rows(planned: list[Planned], done: dict[str, StageOutput]) -> list[Any]:
         r.extra = {col: o.metrics[m] for col, m in p.stage.columns.items() if m in o.metrics}
         out.append(r)
     return out
+
+
+def _get(ray: Any, ref: Any, recipe: str, stage: str) -> StageOutput:
+    """A stage's output; its failure as the one line it would be on its own (a ``ConfigError`` or
+    ``RunFailed`` raised in the stage's task), else one line naming the stage."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        raise stage_failure(err, recipe, stage) from None
+
+
+def stage_failure(err: Exception, recipe: str, stage: str) -> Exception:
+    """The error to show for a stage task's failure: its own ``ConfigError``/``RunFailed`` (Ray's
+    wrapper of it prints a traceback), else a ``RunFailed`` line naming the stage and the cause."""
+    from rayrcm.errors import RunFailed
+
+    cause = getattr(err, "cause", None)
+    while getattr(cause, "cause", None) is not None and type(cause).__name__.startswith("RayTaskError"):
+        cause = cause.cause
+    if isinstance(cause, (ConfigError, RunFailed)):
+        return cause
+    first = (str(cause or err).strip().splitlines() or [type(cause or err).__name__])[-1][:300]
+    return RunFailed(f"{recipe} all: stage {stage} failed: {first}; rerun the same command to resume (finished stages "
+                     "are reused)")
 
 
 def _table(recipe: str, planned: list[Planned], done: dict[str, StageOutput], folder: Path, uri: str | None,
@@ -287,4 +311,4 @@ def _plot(certs: list[Planned], done: dict[str, StageOutput], folder: Path, reci
 
 
 __all__ = ["FINGERPRINT_TAG", "PIPELINE_TAG", "PipelineResult", "StageOutput", "dry_run_lines", "reusable", "run_all",
-           "run_stage"]
+           "run_stage", "stage_failure"]
