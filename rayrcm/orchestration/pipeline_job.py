@@ -48,14 +48,14 @@ class PipelineResult:
     folder: Path
 
 
-def _apply(stage: Stage, cfg: Any, overrides: list[str]) -> Any:
-    """A stage's config with its overrides, validated, its paths and tracking URI made absolute (its
-    task runs in another folder)."""
+def _apply(stage: Stage, cfg: Any, overrides: list[str], check_paths: bool = False) -> Any:
+    """A stage's config with its overrides, validated (``check_paths``: the data folders too), its paths
+    and tracking URI made absolute (its task runs in another folder)."""
     if stage.kind == "train":
         from rayrcm.config import apply_overrides, validate
         from rayrcm.orchestration.trainer import storage_root
 
-        cfg = validate(apply_overrides(cfg, overrides), check_paths=False)
+        cfg = validate(apply_overrides(cfg, overrides), check_paths=check_paths)
         data = cfg.data if not cfg.data.path or "://" in cfg.data.path else \
             replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()))
         track = replace(cfg.tracking, uri=tracking.normalize_uri(cfg.tracking.uri)) if cfg.tracking.enabled else cfg.tracking
@@ -178,7 +178,9 @@ def dry_run_lines(recipe: str, planned: list[Planned], folder: Path) -> list[str
 def run_all(recipe: str, stages: list[Stage], overrides: list[str], *, dry_run: bool = False,
             experiment: str = "", ray_init: dict[str, Any] | None = None) -> PipelineResult | None:
     """Plan (one-line errors before Ray), then run the stages that are not finished and make the table."""
-    planned = plan(stages, overrides, _apply, _name(recipe))
+    from functools import partial
+
+    planned = plan(stages, overrides, partial(_apply, check_paths=not dry_run), _name(recipe))
     folder = _folder(planned, recipe)
     if dry_run:
         print("\n".join(dry_run_lines(recipe, planned, folder)), flush=True)
