@@ -51,40 +51,17 @@ def _parser(prog: str, doc: str, recipe: str, examples: dict[str, str]) -> argpa
 
 def main(argv: list[str] | None, *, prog: str, doc: str, recipe: str, config: Callable[[], Any],
          certify: Callable[[], list[str]], examples: dict[str, str]) -> None:
-    """Run one stage of an example recipe; bad input is one line and exit status 2."""
+    """Run one stage of an example recipe (:mod:`rayrcm.stages`); bad input is one line and exit status 2."""
     args = _parser(prog, doc, recipe, examples).parse_args(argv)
-    from rayrcm.cli import main as cli_main
-    from rayrcm.cli_parse import one_line_errors
-    from rayrcm.orchestration import console
+    from rayrcm import stages
 
-    console.configure(True if getattr(args, "verbose", False) else None)
-    with one_line_errors(recipe=True):
+    with stages.recipe_errors(getattr(args, "verbose", False)):
         if args.stage == "analyze":
-            results = args.results or [str(_certify_folder(certify()))]
-            return cli_main(["analyze", *results, *(["--radii", args.radii] if args.radii else [])])
-        if args.stage == "certify":
-            from rayrcm.orchestration import certify_job
-
-            cfg = certify_job.config_from_args(certify() + args.overrides)
-            if args.dry_run:
-                print(cfg)
-                return None
-            certify_job.run(cfg)
-            return None
-        import yaml
-
-        from rayrcm.config import apply_overrides, to_dict, validate
-
-        cfg = validate(apply_overrides(config(), args.overrides), check_paths=not args.dry_run)
-        if args.dry_run:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return None
-        from rayrcm.orchestration.trainer import fit
-
-        result = fit(cfg)
-        where = result.model.get("alias_uri") or result.model.get("registry_uri") or result.model_file
-        print(f"[rayrcm] train done: model {where}" + (f" (MLflow run {result.run_id})" if result.run_id else ""))
-    return None
+            stages.analyze(args.results or [str(_certify_folder(certify()))], args.radii)
+        elif args.stage == "certify":
+            stages.certify(certify() + args.overrides, args.dry_run)
+        else:
+            stages.train("train", config(), args.overrides, args.dry_run)
 
 
 def _certify_folder(args: list[str]) -> Path:

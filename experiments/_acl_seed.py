@@ -37,10 +37,10 @@ from typing import Any
 
 import yaml
 
+from rayrcm import stages
 from rayrcm.cli import add_verbose_arg
-from rayrcm.cli_parse import RecipeParser, one_line_errors
+from rayrcm.cli_parse import RecipeParser
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
-from rayrcm.orchestration import console
 
 METHODS = ("cl", "acl", "air", "acl_rcs")
 MODES = ("slf", "alf", "aff")
@@ -164,10 +164,10 @@ def table_stages(pretrain: Callable[[str], ExperimentConfig],
 
     from rayrcm.pipeline import Stage
 
-    stages = [Stage("pretrain", "train", partial(pretrain, method))]
-    stages += [Stage(f"finetune-{m}", "train", partial(finetune, m, method, "placeholder"),
+    out = [Stage("pretrain", "train", partial(pretrain, method))]
+    out += [Stage(f"finetune-{m}", "train", partial(finetune, m, method, "placeholder"),
                      inputs={"model.init_from": "pretrain"}, row=m.upper()) for m in MODES]
-    return stages
+    return out
 
 
 def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
@@ -177,24 +177,14 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     them) and ``--dry-run``."""
     p = stage_parser(doc)
     args = p.parse_args(argv)
-    console.configure(True if getattr(args, "verbose", False) else None)
-    with one_line_errors(recipe=True):
+    with stages.recipe_errors(getattr(args, "verbose", False)):
         if args.stage == "all":
-            from rayrcm.orchestration.pipeline_job import run_all
-
-            run_all(recipe, table_stages(pretrain, finetune, args.method), args.overrides, dry_run=args.dry_run)
+            stages.table(recipe, table_stages(pretrain, finetune, args.method), args.overrides, args.dry_run)
             return
         if args.stage == "pretrain":
-            cfg = validate(apply_overrides(pretrain(args.method), args.overrides), check_paths=not args.dry_run)
-            if args.dry_run:
-                print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-                return
-            from rayrcm.orchestration.trainer import fit
-
-            result = fit(cfg)
-            print(f"[rayrcm] pretrain done: run {result.run_id}, model {result.model.get('alias_uri') or result.model_file}")
+            stages.train("pretrain", pretrain(args.method), args.overrides, args.dry_run)
             return
-        modes = MODES if args.mode == "all" else (args.mode,)
+        modes = MODES if args.mode == "all" else (args.mode,)  # the chain: one parent run, a child per mode
         cfgs = {m: validate(apply_overrides(finetune(m, args.method, args.init_from), args.overrides),
                             check_paths=not args.dry_run) for m in modes}
         if args.dry_run:
@@ -202,8 +192,7 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
             return
         from rayrcm.orchestration.transfer import run_all
 
-        name = cfgs[modes[0]].train.name.rsplit("-", 1)[0]
-        run_all(cfgs, name=name)
+        run_all(cfgs, name=cfgs[modes[0]].train.name.rsplit("-", 1)[0])
 
 
 __all__ = ["FINETUNE", "FINETUNE_BY_METHOD", "FINETUNE_COMMON", "METHODS", "MODES", "PRETRAIN", "PRETRAIN_COMMON",

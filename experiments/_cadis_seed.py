@@ -71,8 +71,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from _train_stage import run_training_stage
-
+from rayrcm import stages
 from rayrcm.sections import sigma_alias
 
 SIGMAS = (0.25, 0.5, 1.0)
@@ -185,39 +184,21 @@ def stage_parser(doc: str, examples: dict[str, str], prog: str | None = None) ->
     return p
 
 
-def _certify(args_list: list[str], dry_run: bool) -> None:
-    from rayrcm.orchestration import certify_job
-
-    cfg = certify_job.config_from_args(args_list)
-    if dry_run:
-        print(cfg)
-        return
-    certify_job.run(cfg)
-
-
-def _finetune(tree: dict[str, Any], overrides: list[str], dry_run: bool) -> None:
-    from rayrcm.config import from_dict
-
-    run_training_stage("finetune", from_dict(tree), overrides, dry_run)
-
-
 def stage_main(argv: list[str] | None, *, doc: str, examples: dict[str, str],
                finetune: Callable[..., dict[str, Any]], certify: Callable[[float], list[str]]) -> None:
     """``finetune --from REF [--sigma] [--denoiser ...]`` and ``certify [--sigma]``; ``--set`` and ``--dry-run``."""
     args = stage_parser(doc, examples).parse_args(argv)
-    from rayrcm.cli_parse import one_line_errors
+    from rayrcm.config import from_dict
     from rayrcm.errors import ConfigError
-    from rayrcm.orchestration import console
 
-    console.configure(True if getattr(args, "verbose", False) else None)
-    with one_line_errors(recipe=True):
+    with stages.recipe_errors(getattr(args, "verbose", False)):
         if args.sigma not in SIGMAS:
             raise ConfigError("--sigma", args.sigma, "the seed certifies at 0.25, 0.5 or 1.0 (pixel units)")
         if args.stage == "certify":
-            _certify(certify(args.sigma) + args.overrides, args.dry_run)
+            stages.certify(certify(args.sigma) + args.overrides, args.dry_run)
             return
         den = {k: v for k, v in (("denoiser", args.denoiser), ("denoiser_weights", args.denoiser_weights)) if v}
-        _finetune(finetune(args.sigma, args.init_from, **den), args.overrides, args.dry_run)
+        stages.train("finetune", from_dict(finetune(args.sigma, args.init_from, **den)), args.overrides, args.dry_run)
 
 
 __all__ = ["CERTIFY", "CIFAR10", "IMAGENET", "SIGMAS", "certify_args", "effective_batch", "finetune_tree",

@@ -39,13 +39,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
+from rayrcm import stages
 from rayrcm.cli import add_verbose_arg
-from rayrcm.cli_parse import RecipeParser, one_line_errors
-from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
+from rayrcm.cli_parse import RecipeParser
+from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, validate
 from rayrcm.errors import ConfigError
-from rayrcm.orchestration import console
 from rayrcm.quickstart import sigma_alias
 
 SIGMAS = (0.25, 0.5, 1.0)
@@ -206,12 +204,12 @@ def table_stages(pretrain: Callable[[], ExperimentConfig], finetune: Callable[[f
     from rayrcm.orchestration.certify_job import config_from_args
     from rayrcm.pipeline import Stage
 
-    stages = [Stage("pretrain", "train", pretrain)]
+    out = [Stage("pretrain", "train", pretrain)]
     for s in sigmas:
-        stages.append(Stage(f"finetune-{s:g}", "train", partial(finetune, s), inputs={"model.init_from": "pretrain"}))
-        stages.append(Stage(f"certify-{s:g}", "certify", partial(lambda x: config_from_args(certify(x)), s),
+        out.append(Stage(f"finetune-{s:g}", "train", partial(finetune, s), inputs={"model.init_from": "pretrain"}))
+        out.append(Stage(f"certify-{s:g}", "certify", partial(lambda x: config_from_args(certify(x)), s),
                             inputs={"model": f"finetune-{s:g}"}, row=f"sigma={s:g}"))
-    return stages
+    return out
 
 
 def _sigmas(text: str) -> tuple[float, ...]:
@@ -233,52 +231,22 @@ def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], Ex
     ``analyze RESULTS...``, ``all [--sigmas]``; ``--set key=value`` overrides and ``--dry-run`` prints
     the resolved config (``all``: the stage graph, with what would be reused)."""
     args = stage_parser(doc, sizes).parse_args(argv)
-    console.configure(True if getattr(args, "verbose", False) else None)
-    with one_line_errors(recipe=True):
+    with stages.recipe_errors(getattr(args, "verbose", False)):
         if args.stage == "all":
-            from rayrcm.orchestration.pipeline_job import run_all
-
-            stages = table_stages(lambda: pretrain(sizes[0]), finetune, certify, _sigmas(args.sigmas))
-            run_all(recipe, stages, args.overrides, dry_run=args.dry_run)
-            return None
-        if args.stage == "analyze":
-            from rayrcm.cli import main as cli_main
-
-            return cli_main(["analyze", *args.results])
-        if args.stage == "certify":
-            from rayrcm.orchestration import certify_job
-
-            cfg = certify_job.config_from_args(certify(args.sigma) + args.overrides)
-            if args.dry_run:
-                print(cfg)
-                return None
-            certify_job.run(cfg)
-            return None
-        base = pretrain(args.size) if args.stage == "pretrain" else finetune(args.sigma)
-        cfg = validate(apply_overrides(base, args.overrides), check_paths=not args.dry_run)
-        if args.stage == "tune":
-            from rayrcm.orchestration import sweep as sweeps
-
+            stages.table(recipe, table_stages(lambda: pretrain(sizes[0]), finetune, certify, _sigmas(args.sigmas)),
+                         args.overrides, args.dry_run)
+        elif args.stage == "analyze":
+            stages.analyze(args.results)
+        elif args.stage == "certify":
+            stages.certify(certify(args.sigma) + args.overrides, args.dry_run)
+        elif args.stage == "tune":
             if sweep is None:
                 raise ConfigError("stage", "tune", "this recipe defines no sweep")
-            recipe_sweep = sweep(args.sigma, args.random)
-            space = [] if args.space else None  # --space replaces the recipe's space
-            sw = sweeps.config_from_args(args.sweep, args.space, base=recipe_sweep if space is None else
-                                         sweeps.SweepConfig(**{**vars(recipe_sweep), "space": {}}))
-            if args.dry_run:
-                _, sw, _ = sweeps.validate_sweep(cfg, sw)
-                print(yaml.safe_dump({"sweep": vars(sw)}, sort_keys=False), end="")
-                return None
-            sweeps.run(cfg, sw)
-            return None
-        if args.dry_run:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return None
-        from rayrcm.orchestration.trainer import fit
-
-        result = fit(cfg)
-        print(f"[rayrcm] {args.stage} done: run {result.run_id}, model {result.model.get('alias_uri') or result.model_file}")
-    return None
+            cfg = validate(apply_overrides(finetune(args.sigma), args.overrides), check_paths=not args.dry_run)
+            stages.tune(cfg, sweep(args.sigma, args.random), args.sweep, args.space, args.dry_run)
+        else:
+            base = pretrain(args.size) if args.stage == "pretrain" else finetune(args.sigma)
+            stages.train(args.stage, base, args.overrides, args.dry_run)
 
 
 __all__ = ["SIGMAS", "certify_args", "finetune_tree", "from_dict", "pretrain_tree", "stage_main", "table_stages"]

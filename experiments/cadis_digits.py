@@ -42,8 +42,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _train_stage import run_table, run_training_stage
-
+from rayrcm import stages
 from rayrcm.config import ExperimentConfig, from_dict
 from rayrcm.sections import sigma_alias
 
@@ -139,7 +138,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     if args.stage == "all":
-        return run_table("cadis-digits", table_stages(args.sigma), args.overrides, args.dry_run)
+        with stages.recipe_errors():
+            stages.table("cadis-digits", table_stages(args.sigma), args.overrides, args.dry_run)
+        return
     if args.stage == "certify":
         alias = f"cadis-{sigma_alias(args.sigma)}"
         cmd = certify_args(args.init_from or f"models:/{REGISTER_AS}@{alias}", args.sigma, args.denoiser)
@@ -156,7 +157,8 @@ def main(argv: list[str]) -> None:
                                args.denoiser or "wiener_cov")
     else:
         base = base_config() if args.stage == "base" else denoiser_config()
-    run_training_stage(args.stage, base, args.overrides, args.dry_run)
+    with stages.recipe_errors():
+        stages.train(args.stage, base, args.overrides, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _train_stage import run_table, run_training_stage
-
+from rayrcm import stages
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "moco-digits"
@@ -70,12 +69,12 @@ def table_stages() -> list:
 
     from rayrcm.pipeline import Stage
 
-    stages = []
+    out = []
     for negatives, alias, row in (("none", "plain", "MoCo v2"), ("patch", "patch", "MoCo v2 + patch negatives")):
-        stages.append(Stage(f"pretrain-{alias}", "train", partial(pretrain_config, negatives)))
-        stages.append(Stage(f"probe-{alias}", "train", partial(probe_config, "placeholder"), row=row,
+        out.append(Stage(f"pretrain-{alias}", "train", partial(pretrain_config, negatives)))
+        out.append(Stage(f"probe-{alias}", "train", partial(probe_config, "placeholder"), row=row,
                             inputs={"model.init_from": f"pretrain-{alias}"}, columns={"linear probe": "test_acc_clean"}))
-    return stages
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -88,9 +87,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     if args.stage == "all":
-        return run_table("moco-digits", table_stages(), args.overrides, args.dry_run)
+        with stages.recipe_errors():
+            stages.table("moco-digits", table_stages(), args.overrides, args.dry_run)
+        return
     base = pretrain_config(args.negatives, args.alpha) if args.stage == "pretrain" else probe_config(args.init_from)
-    run_training_stage(args.stage, base, args.overrides, args.dry_run)
+    with stages.recipe_errors():
+        stages.train(args.stage, base, args.overrides, args.dry_run)
 
 
 if __name__ == "__main__":

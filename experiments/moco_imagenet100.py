@@ -57,8 +57,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _train_stage import run_training_stage
-
+from rayrcm import stages
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "moco-imagenet100"
@@ -145,7 +144,8 @@ def main(argv: list[str]) -> None:
         base = pretrain_config(args.negatives, args.alpha, args.queue, setting=args.setting)
     else:
         base = probe_config(args.init_from)
-    run_training_stage(args.stage, base, args.overrides, args.dry_run)
+    with stages.recipe_errors():
+        stages.train(args.stage, base, args.overrides, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _train_stage import run_table, run_training_stage
-
+from rayrcm import stages
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "stablerep-digits"
@@ -72,12 +71,12 @@ def table_stages() -> list:
 
     from rayrcm.pipeline import Stage
 
-    stages = []
+    out = []
     for groups, row in (("image", "SimCLR"), ("label", "StableRep (class groups)")):
-        stages.append(Stage(f"pretrain-{groups}", "train", partial(pretrain_config, groups, 4 if groups == "label" else 2)))
-        stages.append(Stage(f"probe-{groups}", "train", partial(probe_config, "placeholder"), row=row,
+        out.append(Stage(f"pretrain-{groups}", "train", partial(pretrain_config, groups, 4 if groups == "label" else 2)))
+        out.append(Stage(f"probe-{groups}", "train", partial(probe_config, "placeholder"), row=row,
                             inputs={"model.init_from": f"pretrain-{groups}"}, columns={"linear probe": "test_acc_clean"}))
-    return stages
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -89,9 +88,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     if args.stage == "all":
-        return run_table("stablerep-digits", table_stages(), args.overrides, args.dry_run)
+        with stages.recipe_errors():
+            stages.table("stablerep-digits", table_stages(), args.overrides, args.dry_run)
+        return
     base = pretrain_config(args.groups) if args.stage == "pretrain" else probe_config(args.init_from)
-    run_training_stage(args.stage, base, args.overrides, args.dry_run)
+    with stages.recipe_errors():
+        stages.train(args.stage, base, args.overrides, args.dry_run)
 
 
 if __name__ == "__main__":
