@@ -198,3 +198,26 @@ def test_a_stage_that_fails_in_its_task_is_one_line():
     other = stage_failure(RayTaskError("stage", "tb", MemoryError("out of memory\nin worker 2")), "rcm-digits", "certify-1")
     assert isinstance(other, RunFailed) and "\n" not in str(other)
     assert str(other).startswith("rcm-digits all: stage certify-1 failed: in worker 2; rerun the same command")
+
+
+@pytest.mark.parametrize("recipe, argv, stages", [
+    ("rcm_digits", [], ["pretrain", "finetune-0.25", "certify-0.25", "finetune-0.5", "certify-0.5", "finetune-1", "certify-1"]),
+    ("acl_digits", ["--method", "acl"], ["pretrain", "finetune-slf", "finetune-alf", "finetune-aff"]),
+    ("cadis_digits", ["--sigma", "0.25"], ["base", "denoiser", "finetune", "certify-dds", "certify-cadis"]),
+    ("moco_digits", [], ["pretrain-plain", "pretrain-patch", "probe-plain", "probe-patch"]),
+    ("stablerep_digits", [], ["pretrain-image", "pretrain-label", "probe-image", "probe-label"]),
+])
+def test_every_digits_recipe_declares_its_table(tmp_path, recipe, argv, stages):
+    """``all --dry-run`` of each digits recipe, as a user runs it: its stages, each to run, inputs first."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / f"{recipe}.py"), "all", "--dry-run", *argv],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith(f"[rayrcm] {recipe.replace('_', '-')} all: {len(stages)} stages")
+    listed = [line.split()[0] for line in lines[1:]]
+    assert sorted(listed) == sorted(stages) and all(" run " in line for line in lines[1:])
+    for line in lines[1:]:
+        for need in (line.split(" <- ")[1].split(", ") if " <- " in line else []):
+            assert listed.index(need) < listed.index(line.split()[0])
