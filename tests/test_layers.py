@@ -7,7 +7,7 @@ import sys
 
 PURE = ["rayrcm.config", "rayrcm.data", "rayrcm.models", "rayrcm.objectives", "rayrcm.train.loop",
         "rayrcm.train.optim", "rayrcm.train.checkpoint", "rayrcm.eval.accuracy", "rayrcm.quickstart",
-        "rayrcm.certify", "rayrcm.analysis", "rayrcm.attacks", "rayrcm.eval.robust", "rayrcm.train.rcs",
+        "rayrcm.certify", "rayrcm.analysis", "rayrcm.attacks", "rayrcm.eval.robust", "rayrcm.objectives.rcs", "rayrcm.objectives.rcs_schedule",
         "rayrcm.eval", "rayrcm.models.export", "rayrcm.train.session", "rayrcm.train.selection", "rayrcm.train.progress",
         "rayrcm.sections", "rayrcm.overrides", "rayrcm.plugins", "rayrcm.distributed"]
 

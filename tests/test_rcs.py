@@ -21,14 +21,9 @@ from torch import nn
 from rayrcm.config import ExperimentConfig, apply_overrides, resolve_epochs, validate
 from rayrcm.errors import ConfigError
 from rayrcm.models import ACLProjector, convert_dual_bn
+from rayrcm.objectives import rcs
 from rayrcm.objectives.acl import ACLObjective
-from rayrcm.sections import OptimConfig
-from rayrcm.train import rcs
-from rayrcm.train.loop import batches_from
-from rayrcm.train.optim import build_scheduler
-from rayrcm.train.rcs import (
-    CoresetSchedule,
-    EpochIndexedSchedule,
+from rayrcm.objectives.rcs import (
     RDValidation,
     coreset_size,
     grad_vector,
@@ -36,8 +31,11 @@ from rayrcm.train.rcs import (
     rd_loss,
     rd_rows,
     select_coreset,
-    selection_epoch,
 )
+from rayrcm.objectives.rcs_schedule import CoresetSchedule, RCSSettings, selection_epoch
+from rayrcm.sections import OptimConfig
+from rayrcm.train.loop import batches_from
+from rayrcm.train.optim import EpochIndexedSchedule, build_scheduler
 
 # ----------------------------------------------------------------------------- the authors' code, transcribed
 
@@ -335,7 +333,7 @@ def test_rd_validation_gradient_matches_the_authors_attack_and_loss():
         valid_inputs = torch.stack([batch, batch], 1)
         d = valid_inputs.size()
         valid_inputs = valid_inputs.view(d[0] * 2, d[2], d[3], d[4])[: d[0]]
-        torch.manual_seed(rcs._mix(11, 3, b))
+        torch.manual_seed(rcs.mix_seeds(11, 3, b))
         valid_inputs_adv = authors_pgd(model.forward, valid_inputs, iters=3, alpha=(10. / 255.) / 3)
         with torch.no_grad():
             feats_adv.append(model.get_feature(valid_inputs_adv, "pgd"))
@@ -502,7 +500,7 @@ def test_selection_on_a_small_network_is_exact_and_leaves_it_unchanged(tmp_path)
     val = [((torch.rand(3, 16, 16, generator=g),), 0) for _ in range(6)]
     before = {k: v.clone() for k, v in obj.state_dict().items()}
     cfg = dataclasses.replace(obj.cfg, rcs_fraction=0.3, rcs_warmup_epochs=1, rcs_interval_epochs=2)
-    sched = CoresetSchedule(obj, cfg, train, val, tmp_path, unit=4, lr=0.01, seed=0, device="cpu", val_batch=4)
+    sched = CoresetSchedule(obj, cfg, train, val, tmp_path, RCSSettings(unit=4, lr=0.01, seed=0, device="cpu", val_batch=4))
     assert sched(0) is None
     chosen = sched(1)
     assert len(chosen) == 6 == len(set(chosen)) and obj.training

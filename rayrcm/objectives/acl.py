@@ -87,7 +87,7 @@ class ACLConfig(MethodConfig):
     adversarial: bool = True  # False: plain CL (SimCLR), no attack
     two_layer_proj: bool = False  # the authors' --twoLayerProj (fc-BN-ReLU-fc-BN)
     scale: float = 1.0  # loss multiplier (0.5: the RCS authors' (CL(nat) + CL(adv)) / 2)
-    # RCS coreset selection (rayrcm.train.rcs); fraction 1 = off
+    # RCS coreset selection (rayrcm.objectives.rcs); fraction 1 = off
     rcs_fraction: float = 1.0
     rcs_warmup_epochs: int = 100
     rcs_interval_epochs: int = 20
@@ -106,7 +106,7 @@ class ACLConfig(MethodConfig):
 
     def epoch_samples(self, epoch: int, n: int) -> int:
         """Samples trained on in ``epoch``: the coreset's after RCS's warm-up, else all ``n``."""
-        from rayrcm.train.rcs import epoch_samples
+        from rayrcm.objectives.rcs_schedule import epoch_samples
 
         return epoch_samples(epoch, n, self.rcs_fraction, self.rcs_warmup_epochs)
 
@@ -226,13 +226,13 @@ class ACLObjective(Objective):
             if plan.augmentation_strength is not None and hasattr(ctx.train_set, "set_augmentation_strength"):
                 ctx.train_set.set_augmentation_strength(plan.augmentation_strength)  # the authors select with this epoch's views
             if self._coresets is None:
-                from rayrcm.train.rcs import CoresetSchedule
+                from rayrcm.objectives.rcs_schedule import CoresetSchedule
 
                 self._coresets = CoresetSchedule.for_context(self, self.cfg, ctx)
             plan.pool = self._coresets(epoch)
         return plan
 
-    # --- RCS hooks (rayrcm.train.rcs): the RCS authors' selection works on the projector's fc layers
+    # --- RCS hooks (rayrcm.objectives.rcs): the RCS authors' selection works on the projector's fc layers
 
     def rcs_params(self) -> dict[str, nn.Parameter]:
         """``fc1.weight``, ``fc1.bias``, ``fc2.weight`` [, ``fc3.weight``]: the parameters whose gradients
