@@ -175,16 +175,7 @@ def test_shot_and_impulse_noise_statistics_on_grey():
     assert abs(flipped.mean() - 0.07) < 0.005 and abs((imp[flipped] == 255).mean() - 0.5) < 0.05
 
 
-def test_generated_dataset_is_keyed_by_index_and_labelled_generated():
-    from rayrcm.data.datasets import TensorImages, eval_images
-
-    images = _images(5)
-    base = TensorImages(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.arange(5))
-    ds = C.GeneratedCorruption(base, "gaussian_noise", 4, seed=2)
-    assert ds.set_name == "cifar10-c-generated" and len(ds) == 5
-    x, labels = eval_images(ds, [3, 1], 32)
-    assert labels.tolist() == [3, 1]
-    expected = C.corrupt_array(images[[3, 1]], [3, 1], "gaussian_noise", 4, seed=2)
-    assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), expected)
+def test_a_corruption_without_its_generator_here_is_one_line():
     with pytest.raises(ConfigError, match="motion_blur"):
-        C.GeneratedCorruption(base, "motion_blur", 1, seed=0)
+        C.check_corruption("motion_blur", 1)
+    assert C.generated_set_name() == "cifar10-c-generated"

@@ -51,7 +51,6 @@ from io import BytesIO
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from rayrcm.data.color import hsv_to_rgb, rgb_to_hsv
 from rayrcm.errors import ConfigError
@@ -382,30 +381,3 @@ def corrupt_tensor(images: torch.Tensor, indices: Sequence[int] | torch.Tensor, 
     arr = images.detach().cpu().permute(0, 2, 3, 1).numpy()
     out = corrupt_array(arr, idx, name, severity, seed=seed)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images.device)
-
-
-class GeneratedCorruption(Dataset):
-    """``base`` (raw image, label) with image ``i`` corrupted under key ``(seed, i, name, severity)``,
-    served as (PIL image, label) so :func:`rayrcm.data.datasets.eval_images` applies the evaluation
-    view afterwards. Raw images may be PIL images, uint8 ``(H, W, 3)`` arrays or uint8 ``(C, H, W)``
-    tensors (one channel is repeated to three). ``set_name`` is the "generated" label of the results."""
-
-    def __init__(self, base: Dataset, name: str, severity: int, *, seed: int, dataset: str = "cifar10") -> None:
-        check_corruption(name, severity)
-        self.base, self.name, self.severity, self.seed = base, name, severity, seed
-        self.set_name = generated_set_name(dataset)
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        image, label = self.base[i]
-        if isinstance(image, torch.Tensor):
-            image = image.expand(3, -1, -1) if image.shape[0] == 1 else image
-            arr = image.permute(1, 2, 0).numpy()
-        else:
-            arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-        out = corrupt(np.ascontiguousarray(arr), self.name, self.severity, seed=self.seed, index=i)
-        return Image.fromarray(out), label
