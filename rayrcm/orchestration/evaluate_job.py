@@ -85,25 +85,27 @@ from rayrcm.analysis.robustness import (
     to_markdown,
     write_outputs,
 )
-from rayrcm.orchestration import job_files, lineage, live, tracking
-from rayrcm.orchestration.evaluate_prepare import (
+from rayrcm.eval.suite import (
     NOT_BUILT,
-    PROTOCOL_FILE,
-    ROW_COLUMNS,
-    ROWS_DIR,
-    RUN_FILE,
     SPLITS,
     SUITES,
     Cell,
     EvaluateConfig,
-    Prepared,
     config_from_args,
-    prepare,
-    read_rows,
     validate,
 )
+from rayrcm.orchestration import job_files, lineage, live, tracking
+from rayrcm.orchestration.evaluate_prepare import (
+    PROTOCOL_FILE,
+    ROW_COLUMNS,
+    ROWS_DIR,
+    RUN_FILE,
+    Prepared,
+    prepare,
+    read_rows,
+)
 
-__all__ = [  # what callers import from here (the CLI, tests, benchmarks); most live in evaluate_prepare
+__all__ = [  # what callers import from here (the CLI, tests, benchmarks); most live in evaluate_prepare and eval.suite
     "NOT_BUILT", "PROTOCOL_FILE", "RESULT_COLUMNS", "ROWS_DIR", "ROW_COLUMNS", "RUN_FILE", "SPLITS", "SUITES", "Cell",
     "EvaluateConfig", "EvaluateResult", "Prepared", "config_from_args", "headline", "prepare", "read_rows",
     "results_table", "run", "to_latex", "to_markdown", "validate",
