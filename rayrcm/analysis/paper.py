@@ -76,9 +76,11 @@ def model_name(ref: str) -> str:
     return parts[-1]
 
 
-def _columns(result: Result) -> dict[str, float]:
-    """The result's cells as one row: robustness headline, shift columns, certified accuracy by radius."""
-    row: dict[str, float] = dict(headline(result.cells))
+def _columns(result: Result) -> tuple[dict[str, float], dict[str, Any]]:
+    """The result's cells as one row (robustness headline, shift columns, certified accuracy by radius)
+    and the settings those cells were measured under (:data:`CERT_SETTINGS`, :data:`ATTACK_SETTINGS`)."""
+    head = headline(result.cells)
+    row: dict[str, float] = dict(head)
     if result.cells["set"].isin(list(SHIFT_SETS)).any():
         row.update({k: v for k, v in shift_row(result.cells).items() if k != "clean" or "SA" not in row})
     cert = certified_rows("x", result.cells)
@@ -87,19 +89,14 @@ def _columns(result: Result) -> dict[str, float]:
     if cert:
         row.update({k: float(v) for k, v in result.summary.items()})
     row.update({k: float(v) for k, v in result.extra.items()})
-    return row
-
-
-def _settings(result: Result) -> dict[str, Any]:
-    p = result.protocol
-    out: dict[str, Any] = {}
-    if certified_rows("x", result.cells):
-        out.update({k: p[k] for k in CERT_SETTINGS if k in p})
+    p, sets = result.protocol, {}
+    if cert:
+        sets.update({k: p[k] for k in CERT_SETTINGS if k in p})
         if p.get("mode") == "predict":
-            out["sampling"] = "predict"
-    if "eps" in p and len(headline(result.cells)):
-        out.update({k: p[k] for k in ATTACK_SETTINGS if k in p})
-    return out
+            sets["sampling"] = "predict"
+    if "eps" in p and head:
+        sets.update({k: p[k] for k in ATTACK_SETTINGS if k in p})
+    return row, sets
 
 
 def _groups(results: list[Result]) -> list[list[int]]:
@@ -171,7 +168,7 @@ def paper_table(results: list[Result]) -> PaperTable:
         mine: list[str] = []
         for i in g:
             r = results[i]
-            values, sets = _columns(r), _settings(r)
+            values, sets = _columns(r)
             if not values:
                 continue
             target = next((lab for lab in mine if all(_same(rows[lab].get(k, v), v) for k, v in values.items())

@@ -88,10 +88,13 @@ def certify(model: Any, images: Any, labels: Any, *, sigma: float, n: int = 100_
     ensure_ray()
     task = ray_.remote(num_cpus=1)(_rows)
     shared = ray_.put(model)
-    parts = [list(range(len(x)))[i::max(workers, 1)] for i in range(max(workers, 1))]
-    refs = [task.remote(shared, x[p], y[p], [idx[i] for i in p], settings) for p in parts if p]
-    rows = [r for part in ray_.get(refs) for r in part]
-    return pd.DataFrame(sorted(rows, key=lambda r: idx.index(r["idx"])), columns=COLUMNS)
+    parts = [p for p in (list(range(len(x)))[i::max(workers, 1)] for i in range(max(workers, 1))) if p]
+    refs = [task.remote(shared, x[p], y[p], [idx[i] for i in p], settings) for p in parts]
+    rows: list[dict[str, Any]] = [{}] * len(x)
+    for part, got in zip(parts, ray_.get(refs)):  # back in the order given
+        for i, row in zip(part, got):
+            rows[i] = row
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def load_model(ref: str, tracking_uri: str | None = None) -> tuple[Any, dict[str, Any]]:
