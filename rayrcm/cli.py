@@ -10,6 +10,7 @@
     rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa [--severities 1,3,5 --corruptions NAMES ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
     rayrcm compare RUN_OR_DIR... [--latex] [--out FILE] [--radii 0,0.25,0.5] [--tracking-uri URI]
+    rayrcm export MODEL --format onnx [--out FILE] [--check 64] [--opset 18]
     rayrcm export-results RUN_OR_DIR... --format robustbench [--name NAME] [--architecture A] [--out DIR]
     rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
 
@@ -57,6 +58,10 @@ EPILOGS = {
                "rayrcm_results/certify/JOB3 --latex --out table.md\n\n"
                "RUN_OR_DIR: a folder of rayrcm evaluate / certify / predict, or an MLflow run id (its results,\n"
                "certification rows, or fine-tuning metrics; tracking URI from --tracking-uri or $MLFLOW_TRACKING_URI).",
+    "export": "example:\n  rayrcm export models:/rcm-digits@sigma-0_25 --format onnx --out rcm-digits.onnx\n\n"
+              "The graph takes float32 images (batch, 3, H, W) in [0, 1] (the normalisation is inside) and gives\n"
+              "logits (an encoder: features). The file is written only once onnxruntime agrees with PyTorch on\n"
+              "the check images. Needs: pip install 'rayrcm[onnx]'.",
     "export-results": "example:\n  rayrcm export-results rayrcm_results/evaluate/JOB --format robustbench --name Me2026Robust "
                       "--architecture ResNet-18\n\nWrites <out>/<dataset>/Linf/<name>.json (the standard AutoAttack) and "
                       "<out>/<dataset>/corruptions/<name>.json\n(the released CIFAR-10-C / ImageNet-C at 15 corruptions x 5 "
@@ -175,6 +180,14 @@ def _compare_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
+    o = _sub(sub, "export", "a registered model as an ONNX graph (normalisation inside), checked with onnxruntime")
+    o.add_argument("model", metavar="MODEL",
+                   help="models:/name@alias, models:/name/<version>, a run id, runs:/<id>/model or a model.pt path")
+    o.add_argument("--format", default="onnx", help="onnx (the only format)")
+    o.add_argument("--out", help="the file to write (default <name>-<alias>.onnx, <run id>.onnx or <folder>.onnx)")
+    o.add_argument("--check", type=int, default=64, help="images onnxruntime and PyTorch are compared on (default 64)")
+    o.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    o.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     x = _sub(sub, "export-results", "evaluation results as RobustBench model cards (clean, AutoAttack, corruptions, mCE)")
     x.add_argument("results", nargs="+", metavar="RUN_OR_DIR", help="evaluation folders or MLflow run ids")
     x.add_argument("--format", default="robustbench", help="robustbench (the only format)")
@@ -337,6 +350,12 @@ def run(argv: list[str] | None = None) -> int:
         return _analyze(args)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "export":
+        from rayrcm.orchestration.export_model import export_model
+
+        export_model(args.model, fmt=args.format, out=args.out, opset=args.opset, check=args.check,
+                     tracking_uri=args.tracking_uri, verbose=bool(getattr(args, "verbose", False)))
+        return 0
     if args.command == "export-results":
         from rayrcm.orchestration.analyze import export_results
 

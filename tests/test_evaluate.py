@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_model
+from helpers import make_model, trained_digits_model
 
 from rayrcm.errors import ConfigError
 
@@ -168,34 +168,6 @@ def test_tables_of_a_hand_made_result():
 # ----------------------------------------------------------------------------- the fine-tuning chain's numbers
 
 
-def _trained_digits_model(path):
-    """The rayrcm digits classifier (8 px), trained for two epochs (about 90% test accuracy), as a model.pt."""
-    import torch
-    from torch.nn import functional as F
-
-    from rayrcm.config import ExperimentConfig, apply_overrides, to_dict
-    from rayrcm.data.datasets import digits_tensors
-    from rayrcm.models import build_classifier
-    from rayrcm.train.checkpoint import model_meta, save_model
-
-    torch.manual_seed(0)
-    cfg = apply_overrides(ExperimentConfig(), ["method.name=gaussian", "data.image_size=8", "model.patch_size=4"])
-    model = build_classifier(cfg.model, 8, 10)
-    x, y = digits_tensors(8)
-    x = x.float() / 255
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    model.train()
-    for _ in range(2):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    save_model(path, model.eval(), model_meta(to_dict(cfg), "classifier", 10))
-    return path
-
-
 def test_the_chain_robustness_table_equals_the_evaluate_job_for_the_same_model(tmp_path):
     """The fine-tuning chain's evaluation (``RobustAccuracy``, on 1 and on 2 workers) and the evaluate
     job's shards (the actor's own code: 3 shards of 16 images, 2 batches each) seed their attacks by
@@ -220,7 +192,7 @@ def _chain_equals_job(tmp_path):
     from rayrcm.orchestration import evaluate_job as ej
     from rayrcm.orchestration.evaluate_actor import shard_correct, shard_images
 
-    model_file = _trained_digits_model(tmp_path / "model.pt")
+    model_file = trained_digits_model(tmp_path / "model.pt")
     budget = {"eps": 0.03, "step_size": 0.01, "pgd_steps": 3, "aa_iters": 5, "aa_targets": 3, "aa_queries": 30}
     cfg = ej.config_from_args([f"model={model_file}", f"out_dir={tmp_path}", "name=job", "tracking.enabled=false",
                                "suite=clean,pgd,aa-apgd,aa", "max_images=48", "shard_size=16", "batch=8", "seed=3",
