@@ -230,6 +230,11 @@ def _check_evals(cfg: ExperimentConfig) -> None:
         for name in getattr(t, key):
             check(name in EVALUATIONS, f"train.{key}", name, f"unknown evaluation; choose from: {', '.join(EVALUATIONS.names())}")
     classifier = cfg.method.stage == "classifier"
+    for name in t.encoder_evals:
+        check(name in EVALUATIONS, "train.encoder_evals", name, f"unknown evaluation; choose from: {', '.join(EVALUATIONS.names())}")
+        if not build_evaluations([name], cfg)[0].on_features:
+            features = [n for n in EVALUATIONS.names() if getattr(getattr(EVALUATIONS.get(n), "__self__", None), "on_features", 0)]
+            raise ConfigError("train.encoder_evals", name, f"does not work on an encoder's features; choose from: {', '.join(features)}")
     allowed = [m for ev in build_evaluations(t.evals, cfg) for m in ev.metric_names("val")]
     check(not t.select_metric or (t.select_metric in allowed and classifier), "train.select_metric", t.select_metric,
           f"choose one of: {', '.join(allowed)} (validation metrics of train.evals={','.join(t.evals)}; classifier stages "

@@ -136,6 +136,11 @@ class TrainConfig:
     eval_alpha: float = 0.001
     evals: tuple[str, ...] = ("noisy",)  # evaluations (rayrcm.eval.EVALUATIONS) on the validation split at each checkpoint
     test_evals: tuple[str, ...] = ("noisy",)  # evaluations on the test split after training (plus the method's own)
+    encoder_evals: tuple[str, ...] = ("knn",)  # an encoder (pretraining) stage's evaluations: validation and test splits
+    knn_k: int = 20  # the "knn" evaluation: neighbours, temperature of their exp(cos / T) votes (solo-learn's defaults)
+    knn_temperature: float = 0.07
+    knn_bank: int = 0  # reference images from the training split, evenly spread (0 = all of it)
+    embedding_points: int = 2000  # an encoder stage's 2-D t-SNE plot of the test features (0 = no plot)
     select_metric: str = ""  # keep the checkpoint best on this validation metric (e.g. val_acc_sigma_0.25); "" = last
     plugins: tuple[str, ...] = ()  # modules or .py files imported first (driver and workers): your registered extensions
     progress_every_s: float = 10.0  # at most one console progress line per this many seconds (the last step always)
@@ -247,6 +252,10 @@ def check_train(t: TrainConfig) -> None:
     check(t.progress_every_s >= 0, "train.progress_every_s", t.progress_every_s, "must be >= 0 (0 = every logged step)")
     for s in t.eval_sigmas:
         check(s > 0, "train.eval_sigmas", s, "every sigma must be > 0 (pixel units, data in [0, 1])")
+    check(t.knn_k >= 1, "train.knn_k", t.knn_k, "must be >= 1")
+    check(t.knn_temperature > 0, "train.knn_temperature", t.knn_temperature, "must be > 0")
+    check(t.knn_bank >= 0, "train.knn_bank", t.knn_bank, "must be >= 0 (0 = the whole training split)")
+    check(t.embedding_points >= 0, "train.embedding_points", t.embedding_points, "must be >= 0 (0 = no plot)")
     check_certified_eval(t)
 
 

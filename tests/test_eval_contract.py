@@ -39,7 +39,7 @@ def _cfg():
 @pytest.mark.parametrize("name", sorted(EVALUATIONS.names()))
 def test_every_evaluation_counts_add_over_shards_and_name_its_metrics(name):
     cfg = _cfg()
-    ev = build_evaluations([name], cfg)[0]
+    ev = build_evaluations([name], cfg, reference=_Images())[0]
     if name == "robust":  # keep the attacks short here; their numbers are tested in their own module
         ev.cfg = type(ev.cfg)(**{**ev.cfg.__dict__, "pgd_steps": 2, "autoattack": False})
     torch.manual_seed(0)
@@ -49,11 +49,26 @@ def test_every_evaluation_counts_add_over_shards_and_name_its_metrics(name):
     halves = ev.counts(model, data, rank=0, world=2, seed=3) + ev.counts(model, data, rank=1, world=2, seed=3)
     assert whole.dtype == torch.long and model.training  # int64 counts; the model's mode restored
     assert whole.shape == halves.shape and whole[0] == halves[0] == len(data)  # every image counted once
-    if name == "certified":  # noise seeded by image, not by shard: the very same counts on any number of workers
+    if name in ("certified", "knn"):  # noise seeded by image (or none): the very same counts on any number of workers
         assert torch.equal(whole, halves)
     metrics = ev.metrics(whole, "val")
     assert set(ev.metric_names("val")) <= set(metrics) and all(k.startswith("val_") for k in metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ev.metric_names("val") if "_acc" in k or k.endswith(("_sa",)))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(EVALUATIONS.names())
+                                  if build_evaluations([n], _cfg())[0].on_features])
+def test_every_feature_evaluation_takes_an_encoder_too(name):
+    """What ``train.encoder_evals`` may name runs on an encoder (a pretraining stage's export)."""
+    from rayrcm.models.encoders import build_encoder
+
+    cfg = _cfg()
+    ev = build_evaluations([name], cfg, reference=_Images())[0]
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, 8).train()
+    counts = ev.counts(encoder, _Images())
+    assert counts.dtype == torch.long and counts[0] == 8 and encoder.training
+    assert set(ev.metric_names("val")) <= set(ev.metrics(counts, "val"))
 
 
 class _Fixed(nn.Module):

@@ -14,7 +14,10 @@ settings from an experiment config (``train.eval_sigmas``, the method's attack b
 
 ``train.evals`` chooses what runs on the validation split at every checkpoint (and so which
 metrics ``train.select_metric`` may name); ``train.test_evals`` plus the method's own
-(:meth:`~rayrcm.objectives.MethodConfig.evals`) what runs on the test split at the end.
+(:meth:`~rayrcm.objectives.MethodConfig.evals`) what runs on the test split at the end. An
+encoder (pretraining) stage runs ``train.encoder_evals`` at both places instead: evaluations with
+``on_features = True``, which take an encoder's features as well as a classifier's logits. One
+with ``needs_reference = True`` gets the un-augmented training split as ``self.reference``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class Evaluation:
     """A pure evaluation unit (see the module docstring)."""
 
     name: str = ""
+    needs_reference = False  # reads ``self.reference`` (the un-augmented training split), e.g. the k-NN reference
+    on_features = False  # works on an encoder's features too, so it may run on encoder (pretraining) stages
+    reference: Dataset | None = None
 
     def metric_names(self, prefix: str) -> list[str]:
         """The metrics :meth:`metrics` returns, known before anything runs (checkpoint selection)."""
@@ -56,12 +62,15 @@ class Evaluation:
 EVALUATIONS: Registry[Callable[[Any], Evaluation]] = Registry("evaluation")
 
 
-def build_evaluations(names: Iterable[str], cfg: Any) -> list[Evaluation]:
-    """The evaluations named (each once, in order), configured from ``cfg``."""
+def build_evaluations(names: Iterable[str], cfg: Any, reference: Dataset | None = None) -> list[Evaluation]:
+    """The evaluations named (each once, in order), configured from ``cfg``; ``reference`` (the
+    un-augmented training split) goes to those that need one."""
     out: list[Evaluation] = []
     for name in dict.fromkeys(names):
         ev = EVALUATIONS.get(name)(cfg)
         ev.name = ev.name or name
+        if ev.needs_reference:
+            ev.reference = reference
         out.append(ev)
     return out
 

@@ -33,7 +33,7 @@ from rayrcm.orchestration.job_files import checkpoint_dirs, model_dir, read_text
 from rayrcm.plugins import load_plugins
 from rayrcm.train.checkpoint import MANIFEST_FILE, MODEL_FILE, load_state
 from rayrcm.train.progress import Progress
-from rayrcm.train.selection import Validator, test_metrics
+from rayrcm.train.selection import Validator, embedding_plot, test_metrics
 from rayrcm.train.session import Session, build_session, restore, run_training, save
 
 UNSENT_FILE = "unsent_metrics.jsonl"  # metric points the tracking server did not take, one JSON list per line
@@ -270,6 +270,7 @@ def train_worker(config: dict[str, Any]) -> None:
         raise
     final = validator.finish()
     tested = test_metrics(s, out.say)
+    embedding_plot(s, out.say)
     if tested or final:  # validation metrics were logged by the validator
         out.log(t.steps, {k: v for k, v in {**final, **tested}.items() if not k.startswith("val_")})
     _report(s, out, t.steps, {**metrics, **final, **tested}, final=True)

@@ -46,6 +46,7 @@ from rayrcm.orchestration.train_worker import (
     write_unsent,
 )
 from rayrcm.train.checkpoint import MODEL_FILE
+from rayrcm.train.selection import EMBEDDING_DIR
 
 JOB_CONFIG_FILE = "job_config.json"  # the resolved config of a job, compared on rerun
 RESUME_KEYS = frozenset({  # may differ between runs of one job: where and how it runs, not what it trains
@@ -311,4 +312,7 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
         send_unsent(cfg, uri, run_id, out_dir / MODEL_FILE)
         fit_result.model = tracking.log_model(uri, run_id, out_dir / MODEL_FILE, register_as=cfg.tracking.register_as,
                                               alias=cfg.tracking.alias, version_tags=version_tags(cfg))
+        plots = Path(t.storage_path) / job / EMBEDDING_DIR
+        if "://" not in t.storage_path and plots.is_dir():  # an encoder stage's t-SNE map of its test features
+            tracking.log_artifacts(uri, run_id, sorted(plots.iterdir()), EMBEDDING_DIR)
     return fit_result

@@ -5,6 +5,10 @@ For methods whose exported network predicts classes: at every checkpoint the eva
 best on ``train.select_metric`` in ``<job>/best_model.pt`` (ties keep the earlier one). At the end
 the best model is loaded back on every worker, and ``train.test_evals`` plus the method's own
 evaluations run on the test split. Counts are summed over workers with the session's collectives.
+
+An encoder (pretraining) stage runs ``train.encoder_evals`` (the weighted k-NN accuracy by default)
+on the validation split at every checkpoint and on the test split at the end; it keeps the last
+model.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ class Validator:
 
     def __init__(self, s: Session, log: Log = lambda *_: None, say: Callable[[str], None] = lambda _: None) -> None:
         self.s, self.log, self.say = s, log, say
-        self.enabled = s.cfg.method.stage == "classifier" and len(s.val_set) > 0
-        self.evals = build_evaluations(s.cfg.train.evals, s.cfg) if self.enabled else []
+        self.classifier = s.cfg.method.stage == "classifier"
+        encoder = s.cfg.method.export == "encoder"
+        names = s.cfg.train.evals if self.classifier else s.cfg.train.encoder_evals if encoder else ()
+        self.enabled = len(s.val_set) > 0 and bool(self.classifier or names)
+        self.evals = build_evaluations(names, s.cfg, s.bank_set) if self.enabled else []
         self.best_file = s.work_dir / BEST_MODEL_FILE
 
     def __call__(self, step: int) -> dict[str, float]:
         s, t = self.s, self.s.cfg.train
         if not self.enabled:
             return {}
-        val = s.objective.on_validation(s.val_set, device=s.device, rank=s.rank, world=s.world, reduce=s.comm.sum)
-        val.update(evaluate(self.evals, s.objective.export(), s.val_set, prefix="val", device=s.device, rank=s.rank,
+        val = s.objective.on_validation(s.val_set, device=s.device, rank=s.rank, world=s.world,
+                                        reduce=s.comm.sum) if self.classifier else {}
+        val.update(evaluate(self.evals, s.objective.export().to(s.device), s.val_set, prefix="val", device=s.device, rank=s.rank,
                             world=s.world, seed=t.seed, reduce=s.comm.sum))
         if s.rank == 0:
             self.log(step, val)
@@ -56,10 +64,14 @@ class Validator:
 
 
 def test_metrics(s: Session, say: Callable[[str], None] = lambda _: None) -> dict[str, float]:
-    """``train.test_evals`` and the method's evaluations on the test split (classifier exports only)."""
-    if s.cfg.method.stage != "classifier":
+    """``train.test_evals`` and the method's evaluations on the test split; an encoder stage's ``train.encoder_evals``."""
+    if s.cfg.method.stage == "classifier":
+        names: tuple[str, ...] = (*s.cfg.train.test_evals, *s.cfg.method.evals())
+    elif s.cfg.method.export == "encoder":
+        names = s.cfg.train.encoder_evals
+    else:
         return {}
-    evals = build_evaluations((*s.cfg.train.test_evals, *s.cfg.method.evals()), s.cfg)
+    evals = build_evaluations(names, s.cfg, s.bank_set)
     out: dict[str, float] = {}
     for ev in evals:
         if ev.describe() and s.rank == 0:
@@ -70,3 +82,28 @@ def test_metrics(s: Session, say: Callable[[str], None] = lambda _: None) -> dic
             say("[rayrcm] " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_images")))
         out.update(metrics)
     return out
+
+
+EMBEDDING_DIR = "embedding"  # <job>/embedding/: the encoder stage's t-SNE plot and coordinates, logged by the driver
+
+
+def embedding_plot(s: Session, say: Callable[[str], None] = lambda _: None) -> None:
+    """Rank 0 of an encoder stage: the 2-D t-SNE map of ``train.embedding_points`` test features
+    (evenly spread over the test split) in ``<job>/embedding/``."""
+    from rayrcm.analysis.embedding import write_embedding
+    from rayrcm.eval.knn import embed, feature_map, spread
+
+    t = s.cfg.train
+    if s.rank != 0 or s.cfg.method.export != "encoder" or not t.embedding_points or "://" in t.storage_path:
+        return
+    model = s.objective.export().to(s.device)
+    was_training = model.training
+    model.eval()
+    try:
+        feats, labels = embed(feature_map(model, s.cfg.model.input_scale, s.cfg.model.input_resize), s.test_set,
+                              spread(len(s.test_set), t.embedding_points), device=s.device)
+    finally:
+        model.train(was_training)
+    if write_embedding(feats, labels, s.work_dir / EMBEDDING_DIR, seed=t.seed,
+                       title=f"{s.cfg.job_name}: t-SNE of {len(feats)} test features ({s.cfg.method.name})"):
+        say(f"[rayrcm] wrote the t-SNE map of {len(feats)} test features to {s.work_dir / EMBEDDING_DIR}")

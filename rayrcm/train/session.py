@@ -53,6 +53,7 @@ class Session:
     rank: int = 0
     world: int = 1
     start: int = 0  # first step to run (> 0 after a resume)
+    bank_set: Dataset | None = None  # un-augmented training split: the reference of the k-NN evaluation
 
     @property
     def comm(self) -> Collectives:
@@ -85,7 +86,7 @@ def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, r
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     meta = model_meta(cfg_dict, cfg.method.export, splits.num_classes)
     return Session(cfg, train_set, MultiView(splits.val, plain), MultiView(splits.test, plain), splits.num_classes, objective,
-                   optimizer, scheduler, scaler, meta, device, rank, world)
+                   optimizer, scheduler, scaler, meta, device, rank, world, bank_set=MultiView(splits.train, plain))
 
 
 def epoch_indexed(scheduler: Any, cfg: Any, n_train: int, world: int) -> Any:
