@@ -266,6 +266,36 @@ def test_one_and_two_actors_give_identical_rows_attacks_included(setup):
 
 
 @pytest.mark.slow
+def test_per_class_accuracies_are_a_plain_loops_and_add_up_to_every_cell(setup):
+    import pandas as pd
+    import torch
+
+    from rayrcm.data.datasets import eval_images, eval_split
+    from rayrcm.models.export import build_from_file
+    from rayrcm.sections import DataConfig
+
+    _, model_file, one, two = setup
+    model, meta = build_from_file(model_file)
+    ds, _, _ = eval_split(DataConfig(name="digits", image_size=int(meta["image_size"])), "test")
+    x, y = eval_images(ds, list(range(len(ds))), int(meta["image_size"]))
+    with torch.no_grad():
+        hit = model.eval()(x.float() / 255).argmax(1) == y
+    classes = pd.read_csv(one.out / "per_class.csv")
+    clean = classes[(classes["set"] == "digits") & (classes["attack"] == "none")].set_index("class")
+    for c in range(10):  # the clean cell, class by class, as a plain loop counts it
+        assert (clean.loc[c, "images"], clean.loc[c, "correct"]) == (int((y == c).sum()), int(hit[y == c].sum()))
+    sums = classes.groupby(["set", "corruption", "severity", "attack"])[["images", "correct"]].sum()
+    cells = one.table.set_index(["set", "corruption", "severity", "attack"])[["images", "correct"]]
+    assert sums.sort_index().equals(cells.sort_index())  # every cell's classes add up to the cell
+    worst = clean["accuracy"].min()
+    assert one.metrics["worst_class_sa"] == pytest.approx(worst) and worst < one.metrics["sa"]
+    assert one.metrics["worst_class_sa"] == two.metrics["worst_class_sa"]  # the same on two actors
+    assert one.metrics["worst_class_pgd3"] <= one.metrics["pgd3"]
+    md = (one.out / "per_class.md").read_text()
+    assert f"| digits | none | 0 | none | 360 | {one.metrics['sa']:.3f} | 10 | {int(clean['accuracy'].idxmin())} | " in md
+
+
+@pytest.mark.slow
 def test_a_partial_run_resumes_computing_only_the_missing_shards(setup):
     import shutil
 

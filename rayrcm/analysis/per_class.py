@@ -89,3 +89,64 @@ def per_class_long(results: Mapping[str, pd.DataFrame], radii: Sequence[float],
         return pd.DataFrame()
     long = pd.concat(frames, ignore_index=True)
     return long[["run", *[c for c in long.columns if c != "run"]]]
+
+
+# ----------------------------------------------------------------------------- rayrcm evaluate's cells per class
+
+CELL_KEYS = ["model", "set", "corruption", "severity", "generated", "attack"]
+
+
+def evaluation_classes(rows: pd.DataFrame, model: str | None = None) -> pd.DataFrame | None:
+    """``rayrcm evaluate``'s shard rows -> one row per (cell, true class): ``images``, ``correct``,
+    ``accuracy``; None when a shard has no per-class counts (written before they were kept)."""
+    import json
+
+    if not len(rows) or "per_class" not in rows or rows["per_class"].isna().any():
+        return None
+    recs = []
+    for r in rows.to_dict("records"):
+        for label, (n, c) in json.loads(r["per_class"]).items():
+            recs.append({**{k: r[k] for k in CELL_KEYS}, "class": int(label), "images": int(n), "correct": int(c)})
+    t = pd.DataFrame(recs)
+    if model is not None:
+        t["model"] = model
+    t = t.groupby(CELL_KEYS + ["class"], as_index=False, sort=True)[["images", "correct"]].sum()
+    t["accuracy"] = t["correct"] / t["images"].clip(lower=1)
+    return t
+
+
+def worst_classes(classes: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: ``classes``, the ``worst_class`` and its ``worst_accuracy`` (ties: the lowest label),
+    and ``best_accuracy``."""
+    ordered = classes.sort_values(CELL_KEYS + ["accuracy", "class"])
+    g = ordered.groupby(CELL_KEYS, sort=False)
+    out = g.agg(classes=("class", "size"), worst_class=("class", "first"), worst_accuracy=("accuracy", "first"),
+                best_accuracy=("accuracy", "max")).reset_index()
+    return out
+
+
+def worst_class_headline(classes: pd.DataFrame) -> dict[str, float]:
+    """``worst-class SA``, ``worst-class PGD-20``, ... : the lowest per-class accuracy of each clean-set
+    cell (the headline's SA and attacks; not a corrupted or shifted set)."""
+    from rayrcm.analysis.robustness import NONE, SHIFT_SETS, _attack_label
+
+    worst = worst_classes(classes)
+    clean = worst[(worst["corruption"] == NONE) & ~worst["set"].isin(list(SHIFT_SETS)) & (worst["classes"] > 1)]
+    return {f"worst-class {'SA' if r.attack == NONE else _attack_label(r.attack)}": float(r.worst_accuracy)
+            for r in clean.itertuples()}
+
+
+def evaluation_classes_markdown(classes: pd.DataFrame) -> str:
+    """One line per cell: accuracy over all images, the worst class and the best class's accuracy."""
+    from rayrcm.analysis.robustness import _attack_label
+
+    worst = worst_classes(classes)
+    total = classes.groupby(CELL_KEYS, sort=False)[["images", "correct"]].sum().reset_index()
+    worst = worst.merge(total, on=CELL_KEYS)
+    lines = ["| set | corruption | severity | attack | images | accuracy | classes | worst class | worst | best |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in worst.itertuples():
+        lines.append(f"| {r.set} | {r.corruption} | {r.severity} | {_attack_label(r.attack)} | {r.images} | "
+                     f"{r.correct / max(r.images, 1):.3f} | {r.classes} | {r.worst_class} | {r.worst_accuracy:.3f} | "
+                     f"{r.best_accuracy:.3f} |")
+    return "\n".join(lines)

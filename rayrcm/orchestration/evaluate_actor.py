@@ -131,7 +131,25 @@ def shard_model(model: nn.Module, row: dict[str, Any], settings: ShardSettings) 
 
 def shard_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack: str, settings: ShardSettings, *,
                   index: list[int] | None = None, key: str = "", device: torch.device | str = "cpu") -> int:
-    """How many of the shard's images (``index``: their image indices) the model classifies right
+    """How many of the shard's images the model classifies right (:func:`shard_hits`, summed)."""
+    return int(shard_hits(model, x_u8, y, attack, settings, index=index, key=key, device=device).sum())
+
+
+def class_counts(y: torch.Tensor, hits: torch.Tensor) -> str:
+    """A shard's per-class counts as JSON ``{"<class>": [images, correct], ...}`` (a Parquet string column)."""
+    import json
+
+    out: dict[str, list[int]] = {}
+    for label, hit in zip(y.tolist(), hits.tolist()):
+        cell = out.setdefault(str(int(label)), [0, 0])
+        cell[0] += 1
+        cell[1] += int(hit)
+    return json.dumps(out, sort_keys=True)
+
+
+def shard_hits(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack: str, settings: ShardSettings, *,
+               index: list[int] | None = None, key: str = "", device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per image of the shard (``index``: their image indices), whether the model classifies it right
     (under ``attack``: ``none``, ``pgd<k>`` (L-inf PGD-k, random start), ``aa`` (the standard
     AutoAttack: APGD-CE, APGD-T, FAB-T, Square) or ``aa-apgd`` (APGD-CE then APGD-T; an upper bound
     on AutoAttack's number)), in batches of ``settings.batch``, seeded as the fine-tuning chain's
@@ -144,21 +162,20 @@ def shard_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, attack:
     index = list(range(len(y))) if index is None else [int(i) for i in index]
     s = settings
     model.eval()
-    correct = 0
+    hits = []
     for lo in range(0, len(y), s.batch):
         x = x_u8[lo:lo + s.batch].to(device).float().div_(255)
         t = y[lo:lo + s.batch].to(device)
-        correct += int(attack_correct(model, x, t, index[lo:lo + s.batch], attack, seed=s.seed, eps=s.eps,
-                                      step_size=s.step_size, pgd_steps=s.pgd_steps, norm=s.norm,
-                                      aa_iters=s.aa_iters, aa_targets=s.aa_targets,
-                                      aa_queries=s.aa_queries).sum())
-    return correct
+        hits.append(attack_correct(model, x, t, index[lo:lo + s.batch], attack, seed=s.seed, eps=s.eps,
+                                   step_size=s.step_size, pgd_steps=s.pgd_steps, norm=s.norm, aa_iters=s.aa_iters,
+                                   aa_targets=s.aa_targets, aa_queries=s.aa_queries).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 class EvalActor:
     """Loads the model and the job's clean images once; ``__call__`` maps shard rows
     ``{key, source, corruption, severity, attack, start, stop, index}`` to
-    ``{key, images, correct, seconds, device}``."""
+    ``{key, images, correct, per_class, seconds, device}``."""
 
     def __init__(self, model_ref: Any, images_ref: Any, labels_ref: Any, settings: ShardSettings) -> None:
         import ray
@@ -178,17 +195,20 @@ class EvalActor:
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys, images, correct, seconds = [], [], [], []
+        keys, images, correct, seconds, per_class = [], [], [], [], []
         for i in range(len(batch["key"])):
             row = {k: v[i] for k, v in batch.items()}
             tic = time.perf_counter()
             x, y = shard_images(row, self.images, self.labels, self.settings)
             model = shard_model(self.model, row, self.settings)
-            correct.append(shard_correct(model, x, y, str(row["attack"]), self.settings,
-                                         index=[int(i) for i in row["index"]], device=self.device))
+            hits = shard_hits(model, x, y, str(row["attack"]), self.settings, index=[int(i) for i in row["index"]],
+                              device=self.device)
+            correct.append(int(hits.sum()))
+            per_class.append(class_counts(y, hits))
             keys.append(str(row["key"]))
             images.append(len(y))
             seconds.append(time.perf_counter() - tic)
         return {"key": np.asarray(keys), "images": np.asarray(images, dtype=np.int64),
-                "correct": np.asarray(correct, dtype=np.int64), "seconds": np.asarray(seconds),
+                "correct": np.asarray(correct, dtype=np.int64), "per_class": np.asarray(per_class),
+                "seconds": np.asarray(seconds),
                 "device": np.asarray([self.device_name] * len(keys))}

@@ -142,13 +142,14 @@ class _Progress:
         self.buffer = []
 
     def add(self, batch: dict[str, Any]) -> None:
-        for key, images, correct, seconds, device in zip(batch["key"], batch["images"], batch["correct"],
-                                                         batch["seconds"], batch["device"]):
+        for key, images, correct, per_class, seconds, device in zip(
+                batch["key"], batch["images"], batch["correct"], batch["per_class"], batch["seconds"], batch["device"]):
             r = self.by_key[str(key)]
             self.buffer.append({"key": r["key"], "model": r["model"], "set": r["set"], "corruption": r["corruption"],
                                 "severity": int(r["severity"]), "generated": bool(r["generated"]),
                                 "attack": r["attack"], "shard": int(r["shard"]), "images": int(images),
-                                "correct": int(correct), "seconds": float(seconds), "device": str(device)})
+                                "correct": int(correct), "per_class": str(per_class), "seconds": float(seconds),
+                                "device": str(device)})
             self.done_count += 1
             self.images += int(images)
         if len(self.buffer) >= self.p.cfg.flush_every:
@@ -268,6 +269,24 @@ def _run(p: Prepared, run_id: str | None, show_table: bool) -> EvaluateResult:
     return _finish(p, run_id, logger, progress, show_table)
 
 
+def _per_class(p: Prepared, rows: pd.DataFrame, metrics: dict[str, float]) -> list[Path]:
+    """``per_class.csv`` / ``per_class.md`` (every cell per true class) and the worst-class metrics."""
+    from rayrcm.analysis.per_class import evaluation_classes, evaluation_classes_markdown, worst_class_headline
+
+    classes = evaluation_classes(rows, p.model_ref)
+    if classes is None:
+        return []
+    classes.to_csv(p.out / "per_class.csv", index=False)
+    (p.out / "per_class.md").write_text(evaluation_classes_markdown(classes) + "\n")
+    worst = worst_class_headline(classes)
+    metrics.update({"worst_class_" + headline_metric(k.removeprefix("worst-class ")): v for k, v in worst.items()})
+    if worst:
+        print("[rayrcm] evaluate: worst class: " + ", ".join(f"{k.removeprefix('worst-class ')} {v:.3f}"
+                                                             for k, v in worst.items())
+              + f" (per class: {p.out / 'per_class.md'})", flush=True)
+    return [p.out / "per_class.csv", p.out / "per_class.md"]
+
+
 def _finish(p: Prepared, run_id: str | None, logger: Any, progress: _Progress, show_table: bool) -> EvaluateResult:
     rows = read_rows(p.out)
     dup = rows["key"].duplicated()
@@ -280,6 +299,7 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, progress: _Progress, s
     head = headline(table)
     metrics = {headline_metric(k): v for k, v in head.items()}
     metrics.update({metric_name(r): float(r.accuracy) for r in table.itertuples()})
+    files += _per_class(p, rows, metrics)
     computed = progress.done_count - progress.before
     wall = time.perf_counter() - progress.tic
     if logger:
