@@ -271,7 +271,11 @@ def _run(p: Prepared, run_id: str | None, show_table: bool) -> EvaluateResult:
 
 def _per_class(p: Prepared, rows: pd.DataFrame, metrics: dict[str, float]) -> list[Path]:
     """``per_class.csv`` / ``per_class.md`` (every cell per true class) and the worst-class metrics."""
-    from rayrcm.analysis.per_class import evaluation_classes, evaluation_classes_markdown, worst_class_headline
+    from rayrcm.analysis.per_class import (
+        evaluation_classes,
+        evaluation_classes_markdown,
+        worst_class_headline,
+    )
 
     classes = evaluation_classes(rows, p.model_ref)
     if classes is None:
