@@ -9,7 +9,7 @@
     rayrcm predict --model REF --sigma 0.25 [--n 100000 --alpha 0.001 ...]
     rayrcm evaluate --model REF --suite clean,corruptions,pgd,aa [--severities 1,3,5 --corruptions NAMES ...]
     rayrcm analyze RESULTS... [--radii 0,0.25,0.5] [--out DIR]
-    rayrcm compare RUN_OR_DIR... [--latex] [--out FILE] [--radii 0,0.25,0.5] [--tracking-uri URI]
+    rayrcm compare RUN_OR_DIR... [--latex] [--out FILE] [--radii 0,0.25,0.5] [--per-class] [--tracking-uri URI]
     rayrcm export MODEL --format onnx [--out FILE] [--check 64] [--opset 18]
     rayrcm export-results RUN_OR_DIR... --format robustbench [--name NAME] [--architecture A] [--out DIR]
     rayrcm mlflow-server --backend-store-uri URI --artifacts-destination URI [--host 0.0.0.0] [--detach]
@@ -175,6 +175,8 @@ def _compare_parser(sub) -> None:
     k.add_argument("--out", help="write the Markdown table to this file (LaTeX next to it as .tex with --latex)")
     k.add_argument("--radii",
                    help="comma-separated radii of the certified table (default 0, 0.25, ... to each run's reach)")
+    k.add_argument("--per-class", action="store_true",
+                   help="beside each column, the worst class's number ('worst SA', 'worst r=0.50', 'worst ACR')")
     k.add_argument("--tracking-uri",
                    help="MLflow tracking URI for run ids (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
@@ -333,7 +335,8 @@ def _radii(text: str | None) -> list[float] | None:
 def _compare(args: argparse.Namespace) -> int:
     from rayrcm.orchestration.analyze import compare
 
-    compare(args.results, latex=args.latex, out=args.out, radii=_radii(args.radii), tracking_uri=args.tracking_uri)
+    compare(args.results, latex=args.latex, out=args.out, radii=_radii(args.radii), tracking_uri=args.tracking_uri,
+            per_class=args.per_class)
     return 0
 
 

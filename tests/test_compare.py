@@ -218,3 +218,36 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, needle):
 
 def test_a_folder_that_holds_no_result_is_one_line(tmp_path, capsys):
     fails_in_one_line(capsys, ["compare", str(tmp_path)], "not a result folder")
+
+
+def test_per_class_puts_the_worst_class_beside_each_column(tmp_path, capsys):
+    """``--per-class``: an evaluation's worst class (from its per-class counts) beside SA and PGD, a
+    certification's beside each radius and ACR, each the minimum over the classes computed here."""
+    from rayrcm.analysis.per_class import evaluation_classes
+
+    rng = np.random.default_rng(3)
+    shards = []
+    for attack in ("none", "pgd20"):
+        counts = {str(c): [10, int(rng.integers(0, 11))] for c in range(3)}
+        shards.append({**_cell("digits", "none", 0, attack, 30, sum(v[1] for v in counts.values())),
+                       "per_class": json.dumps(counts)})
+    a = _eval_dir(tmp_path, "eval", [{k: v for k, v in r.items() if k != "per_class"} for r in shards],
+                  model="models:/m@x", sha="a" * 64)
+    classes = evaluation_classes(pd.DataFrame(shards), "models:/m@x")
+    classes.to_csv(a / "per_class.csv", index=False)
+    c, cert = _certify_dir(tmp_path, "cert", model="models:/m@x", sha="a" * 64, images=60)
+    with pytest.raises(SystemExit):
+        main(["compare", str(a), str(c), "--per-class"])
+    _, rows, _ = parse(capsys.readouterr().out)
+    row = rows["m@x"]
+    for attack, col in (("none", "SA"), ("pgd20", "PGD-20")):
+        per = [json.loads(s["per_class"]) for s in shards if s["attack"] == attack][0]
+        assert row[f"worst {col}"] == _pct(min(v[1] / v[0] for v in per.values()))
+        assert list(row).index(f"worst {col}") == list(row).index(col) + 1
+    for r in ("0.00", "0.25", "0.50"):
+        per = [np.mean((g["correct"] == 1) & (g["radius"] >= float(r))) for _, g in cert.groupby("label")]
+        assert row[f"worst r={r}"] == _pct(min(per))
+    assert row["worst ACR"] == f"{min(np.mean(g['radius'] * g['correct']) for _, g in cert.groupby('label')):.3f}"
+    with pytest.raises(SystemExit):
+        main(["compare", str(a), str(c)])
+    assert not [k for k in parse(capsys.readouterr().out)[1]["m@x"] if k.startswith("worst")]

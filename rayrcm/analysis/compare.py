@@ -96,7 +96,7 @@ def load_result(path: str | Path, radii: list[float] | None = None, label: str =
         refs = sorted({str(m) for m in table["model"] if str(m)})
         keys = keys or {f"ref:{m}" for m in refs}  # a reference names a model only where no hash does
         ref = str(protocol.get("model") or (refs[0] if len(refs) == 1 else ""))  # the job records it as it was given
-        return Result(label, table, keys, model_name(ref), protocol)
+        return Result(label, table, keys, model_name(ref), protocol, worst=_worst_evaluated(p))
     if "sigma" in protocol:
         rows = read_results(p)
         if rows.empty:
@@ -111,8 +111,30 @@ def load_result(path: str | Path, radii: list[float] | None = None, label: str =
         if protocol.get("mode", "certify") == "certify":
             summary = {"ACR": average_certified_radius(rows), **summary}
         ref = str(protocol.get("model") or "")
-        return Result(label, certified_cells(rows, protocol, grid), keys, model_name(ref), protocol, summary)
+        return Result(label, certified_cells(rows, protocol, grid), keys, model_name(ref), protocol, summary,
+                      worst=_worst_certified(rows, grid, reach))
     raise ValueError(f"{path}: not a result folder (no {RESULTS_FILE}; no certification rows and {PROTOCOL_FILE})")
+
+
+def _worst_evaluated(p: Path) -> dict[str, float]:
+    """An evaluation's worst class per headline column, from its ``per_class.csv`` (none before they were kept)."""
+    from rayrcm.analysis.per_class import worst_class_headline
+
+    f = (p if p.is_dir() else p.parent) / "per_class.csv"
+    if not f.is_file():
+        return {}
+    return {k.removeprefix("worst-class "): v for k, v in worst_class_headline(pd.read_csv(f)).items()}
+
+
+def _worst_certified(rows: pd.DataFrame, grid: list[float], reach: float | None) -> dict[str, float]:
+    """A certification's worst class: certified accuracy at each radius (``r=<radius>``) and ACR."""
+    from rayrcm.analysis.per_class import per_class_metrics
+
+    m = per_class_metrics(rows, grid, reach)
+    out = {f"r={k.rsplit('_', 1)[-1]}": v for k, v in m.items() if k.startswith("worst_class_certified_acc_")}
+    if "worst_class_acr" in m:
+        out["ACR"] = m["worst_class_acr"]
+    return out
 
 
 def read_result(path: str | Path, radii: list[float] | None = None) -> pd.DataFrame:

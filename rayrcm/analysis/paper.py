@@ -47,6 +47,7 @@ class Result:
     protocol: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)  # a certification's ACR and abstention rate
     extra: dict[str, float] = field(default_factory=dict)  # more accuracy columns (a linear probe's)
+    worst: dict[str, float] = field(default_factory=dict)  # the worst class's numbers, by column: the --per-class view
 
 
 @dataclass
@@ -76,9 +77,10 @@ def model_name(ref: str) -> str:
     return parts[-1]
 
 
-def _columns(result: Result) -> tuple[dict[str, float], dict[str, Any]]:
-    """The result's cells as one row (robustness headline, shift columns, certified accuracy by radius)
-    and the settings those cells were measured under (:data:`CERT_SETTINGS`, :data:`ATTACK_SETTINGS`)."""
+def _columns(result: Result, per_class: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+    """The result's cells as one row (robustness headline, shift columns, certified accuracy by radius;
+    with ``per_class`` the worst class's too, as ``worst <column>``) and the settings those cells were
+    measured under (:data:`CERT_SETTINGS`, :data:`ATTACK_SETTINGS`)."""
     head = headline(result.cells)
     row: dict[str, float] = dict(head)
     if result.cells["set"].isin(list(SHIFT_SETS)).any():
@@ -89,6 +91,8 @@ def _columns(result: Result) -> tuple[dict[str, float], dict[str, Any]]:
     if cert:
         row.update({k: float(v) for k, v in result.summary.items()})
     row.update({k: float(v) for k, v in result.extra.items()})
+    if per_class:
+        row.update({f"worst {k}": float(v) for k, v in result.worst.items() if k in row})
     p, sets = result.protocol, {}
     if cert:
         sets.update({k: p[k] for k in CERT_SETTINGS if k in p})
@@ -130,7 +134,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _order(col: str) -> tuple[int, float, str]:
-    """SA, PGD, AA, APGD, CS-s; C, the shifted sets; the settings that vary; radii; ACR, abstain."""
+    """SA, PGD, AA, APGD, CS-s; C, the shifted sets; the settings that vary; radii; ACR, abstain (a
+    ``worst`` column right after its own)."""
+    if col.startswith("worst "):
+        rank, value, _ = _order(col[len("worst "):])
+        return rank, value, col
     first = ("SA", "PGD", "AutoAttack", "APGD", "CS-")
     for rank, start in enumerate(first):
         if col.startswith(start):
@@ -154,8 +162,8 @@ def _fmt_setting(key: str, value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def paper_table(results: list[Result]) -> PaperTable:
-    """One row per model (see the module's docstring)."""
+def paper_table(results: list[Result], per_class: bool = False) -> PaperTable:
+    """One row per model (see the module's docstring); ``per_class``: each column's worst class beside it."""
     rows: dict[str, dict[str, Any]] = {}
     settings: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
@@ -168,7 +176,7 @@ def paper_table(results: list[Result]) -> PaperTable:
         mine: list[str] = []
         for i in g:
             r = results[i]
-            values, sets = _columns(r)
+            values, sets = _columns(r, per_class)
             if not values:
                 continue
             target = next((lab for lab in mine if all(_same(rows[lab].get(k, v), v) for k, v in values.items())
@@ -203,6 +211,8 @@ def paper_table(results: list[Result]) -> PaperTable:
     if "eps" in varying or "norm" in varying:
         notes.append("rows attacked with different budgets sit side by side: their PGD/AutoAttack columns differ in eps")
     header.append("accuracy and abstention in %, ACR in L2 radius units; '-': not measured (no such result, or beyond a certification's reach)")
+    if per_class:
+        header.append("'worst X': X of the worst class (the lowest per-class accuracy or ACR; '-': no per-class counts)")
     if not table.empty:
         table = table[sorted(table.columns, key=_order)]
     return PaperTable(table, header, notes)
@@ -213,7 +223,7 @@ def _cell(col: str, v: Any) -> str:
         return v
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{float(v):.3f}" if col == "ACR" else f"{100 * float(v):.1f}"
+    return f"{float(v):.3f}" if col in ("ACR", "worst ACR") else f"{100 * float(v):.1f}"
 
 
 def to_markdown(paper: PaperTable) -> str:

@@ -159,7 +159,7 @@ def _from_run(run_id: str, uri: str, radii: list[float] | None, tmp: Path) -> li
     run, names = tracking.run_artifacts(uri, run_id)
     label = run.info.run_name or run_id[:8]
     if RESULTS_FILE in names:
-        wanted = [RESULTS_FILE] + ([PROTO] if PROTO in names else [])
+        wanted = [RESULTS_FILE] + [f for f in (PROTO, "per_class.csv") if f in names]
     else:
         wanted = ["rows", PROTO] if {"rows", PROTO} <= names else []
     if wanted:
@@ -204,10 +204,10 @@ def _results(refs: list[str], uri: str | None, radii: list[float] | None, tmp: P
 
 
 def compare(refs: list[str], *, latex: bool = False, out: str | Path | None = None, radii: list[float] | None = None,
-            tracking_uri: str | None = None) -> PaperTable:
+            tracking_uri: str | None = None, per_class: bool = False) -> PaperTable:
     """Evaluations, certifications and fine-tuning runs as a paper's table, one row per model
     (:mod:`rayrcm.analysis.paper`): Markdown on the console (and LaTeX with ``latex``), and to ``out``
-    (Markdown; LaTeX next to it as ``.tex``)."""
+    (Markdown; LaTeX next to it as ``.tex``); ``per_class``: each column's worst class beside it."""
     import tempfile
 
     from rayrcm.analysis.paper import paper_table
@@ -220,7 +220,7 @@ def compare(refs: list[str], *, latex: bool = False, out: str | Path | None = No
     if radii is not None:
         radii = check_radii(radii)
     with tempfile.TemporaryDirectory(prefix="rayrcm-compare-") as tmp:
-        paper = paper_table(_results(refs, tracking_uri, radii, Path(tmp)))
+        paper = paper_table(_results(refs, tracking_uri, radii, Path(tmp)), per_class=per_class)
     if paper.table.empty:
         raise ConfigError("results", ",".join(refs), "hold no cell to compare")
     md = paper_markdown(paper)
