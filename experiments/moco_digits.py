@@ -64,14 +64,15 @@ def probe_config(init_from: str, epochs: int = 60) -> ExperimentConfig:
 
 def table_stages() -> list:
     """The seed's comparison as stages: plain MoCo v2 and MoCo v2 with patch negatives, each followed
-    by the linear probe (a row each: its test accuracy)."""
+    by the linear probe (a row each: the pretraining's k-NN accuracy, the probe's test accuracy)."""
     from functools import partial
 
     from rayrcm.pipeline import Stage
 
     out = []
     for negatives, alias, row in (("none", "plain", "MoCo v2"), ("patch", "patch", "MoCo v2 + patch negatives")):
-        out.append(Stage(f"pretrain-{alias}", "train", partial(pretrain_config, negatives)))
+        out.append(Stage(f"pretrain-{alias}", "train", partial(pretrain_config, negatives), row=row,
+                         columns={"k-NN": "test_knn_acc"}))
         out.append(Stage(f"probe-{alias}", "train", partial(probe_config, "placeholder"), row=row,
                             inputs={"model.init_from": f"pretrain-{alias}"}, columns={"linear probe": "test_acc_clean"}))
     return out

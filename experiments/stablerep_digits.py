@@ -66,14 +66,15 @@ def probe_config(init_from: str, epochs: int = 30) -> ExperimentConfig:
 
 def table_stages() -> list:
     """The seed's comparison as stages: StableRep's class groups of 4 views and SimCLR (``groups=image``,
-    2 views), each followed by the linear probe (a row each: its test accuracy)."""
+    2 views), each followed by the linear probe (a row each: the pretraining's k-NN accuracy, the probe's test accuracy)."""
     from functools import partial
 
     from rayrcm.pipeline import Stage
 
     out = []
     for groups, row in (("image", "SimCLR"), ("label", "StableRep (class groups)")):
-        out.append(Stage(f"pretrain-{groups}", "train", partial(pretrain_config, groups, 4 if groups == "label" else 2)))
+        out.append(Stage(f"pretrain-{groups}", "train", partial(pretrain_config, groups, 4 if groups == "label" else 2),
+                         row=row, columns={"k-NN": "test_knn_acc"}))
         out.append(Stage(f"probe-{groups}", "train", partial(probe_config, "placeholder"), row=row,
                             inputs={"model.init_from": f"pretrain-{groups}"}, columns={"linear probe": "test_acc_clean"}))
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from helpers import load_experiment
 
 from rayrcm.errors import ConfigError
 from rayrcm.pipeline import Stage, order, plan
@@ -221,3 +222,21 @@ def test_every_digits_recipe_declares_its_table(tmp_path, recipe, argv, stages):
     for line in lines[1:]:
         for need in (line.split(" <- ")[1].split(", ") if " <- " in line else []):
             assert listed.index(need) < listed.index(line.split()[0])
+
+
+def test_stages_of_one_row_fill_one_row_of_the_table():
+    """MoCo's table: the pretraining's k-NN accuracy and its probe's accuracy are one row per method."""
+    from rayrcm.analysis.paper import paper_table
+    from rayrcm.orchestration.pipeline_job import StageOutput, _rows
+    from rayrcm.pipeline import Planned
+
+    moco = load_experiment("moco_digits")
+    planned = [Planned(st, None, st.name, ()) for st in moco.table_stages()]
+    done = {p.stage.name: StageOutput(p.stage.name, "f", "j", None, "r",
+                                      metrics={"test_knn_acc": 0.5 + i / 100, "test_acc_clean": 0.8 + i / 100})
+            for i, p in enumerate(planned)}
+    table = paper_table(_rows(planned, done)).table
+    assert list(table.index) == ["MoCo v2", "MoCo v2 + patch negatives"]
+    assert table.loc["MoCo v2", "k-NN"] == done["pretrain-plain"].metrics["test_knn_acc"]
+    assert table.loc["MoCo v2", "linear probe"] == done["probe-plain"].metrics["test_acc_clean"]
+    assert table.loc["MoCo v2 + patch negatives", "k-NN"] == done["pretrain-patch"].metrics["test_knn_acc"]

@@ -135,6 +135,8 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     set (not a shifted one, :data:`SHIFT_SETS`; no certified cell), and CS-s (mean accuracy over the
     corruptions at severity s; ``(generated)`` when the corruptions were generated here)."""
     out: dict[str, float] = {}
+    if table.empty:  # (an empty object column would index columns, not rows)
+        return out
     table = table[~table["attack"].map(is_certified)]
     clean = table[(table["corruption"] == NONE) & ~table["set"].isin(list(SHIFT_SETS))]
     for r in clean.itertuples():
@@ -168,6 +170,8 @@ def shift_row(table: pd.DataFrame) -> dict[str, float]:
 
 def certified_rows(label: str, table: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Certified accuracy by radius, one row per smoothing level of the result."""
+    if table.empty:
+        return {}
     cert = table[table["attack"].map(is_certified)]
     several = cert["attack"].nunique() > 1
     return {(f"{label} {a}" if several else label): {f"{r.radius:.2f}": float(r.accuracy) for r in g.itertuples()}

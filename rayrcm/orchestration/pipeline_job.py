@@ -240,7 +240,7 @@ def _rows(planned: list[Planned], done: dict[str, StageOutput]) -> list[Any]:
         else:
             cells = metric_cells(o.metrics).get("test", pd.DataFrame(columns=RESULT_COLUMNS))
             r = Result(label, cells)
-        r.name, r.keys = label, {f"stage:{p.stage.name}"}
+        r.name, r.keys = label, {f"row:{label}"}  # stages of one row (a pretraining's k-NN, its probe) are one model
         r.extra = {col: o.metrics[m] for col, m in p.stage.columns.items() if m in o.metrics}
         out.append(r)
     return out
