@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test test-fast lint bench readme-table clean
+.PHONY: install quickstart test test-fast typecheck lint bench readme-table clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,11 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/rayrcm quickstart
 
-test: install
+test: install typecheck
 	$(PY) -m pytest -q
+
+typecheck: install
+	$(VENV)/bin/mypy
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

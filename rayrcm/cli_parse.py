@@ -9,6 +9,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 from rayrcm.errors import ConfigError, RunFailed, nearest
 
@@ -78,7 +79,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a suggestion for an unknown flag (``--num-samples`` -> ``--n``; a close spelling)
     among the flags of the command given."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         m = re.match(r"unrecognized arguments: (--?[\w-]+)", message)
         if m:
             flags = [o for a in self._command_actions() for o in a.option_strings if o.startswith("--")]
@@ -91,7 +92,7 @@ class Parser(argparse.ArgumentParser):
             message += f" (did you mean {near}?)" if near else ""
         self.exit(2, f"{self.prog}: error: {message}\n")  # one line, as every bad input (--help shows the usage)
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args=None, namespace=None):
         self._argv = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
@@ -109,7 +110,7 @@ class RecipeParser(Parser):
     """A recipe's parser: a ``rayrcm certify`` flag given to a recipe stage (``--n 1000``) is
     answered with the recipe's own syntax (``--set smoothing.n=1000``)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         m = re.match(r"unrecognized arguments: --([\w-]+)(?: (\S+))?", message)
         form = set_form(m.group(1), m.group(2)) if m else None
         if form is not None:

@@ -137,7 +137,8 @@ def _follow_dataset(new: ExperimentConfig, old: ExperimentConfig,
     does not set ``data.image_size`` moves a size that was the old dataset's native one to the new
     dataset's (with a notice), so digits' 16 never carries over to CIFAR-10 unnoticed."""
     d, notes = new.data, []
-    data_tree = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    data = tree.get("data")
+    data_tree: dict[str, Any] = data if isinstance(data, dict) else {}
     if d.image_size and d.name != old.data.name and "image_size" not in data_tree:
         before, after = native_size(old.data.name), native_size(d.name)
         if after and d.image_size == before and after != before:

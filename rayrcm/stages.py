@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+    from rayrcm.orchestration.certify_job import CertifyResult
+    from rayrcm.orchestration.pipeline_job import PipelineResult
+    from rayrcm.orchestration.sweep import SweepConfig, SweepResult
+    from rayrcm.orchestration.trainer import FitResult
+    from rayrcm.pipeline import Stage
 
 
 @contextlib.contextmanager
@@ -24,7 +32,7 @@ def recipe_errors(verbose: bool = False) -> Iterator[None]:
         yield
 
 
-def train(stage: str, base: Any, overrides: list[str], dry_run: bool = False) -> Any:
+def train(stage: str, base: ExperimentConfig, overrides: list[str], dry_run: bool = False) -> FitResult | None:
     """``base`` (an ``ExperimentConfig``) with ``--set`` overrides, validated; printed as YAML for
     ``dry_run``, else trained on Ray Train (:func:`~rayrcm.orchestration.trainer.fit`): returns its
     ``FitResult`` and says which run and model hold the result."""
@@ -45,7 +53,7 @@ def train(stage: str, base: Any, overrides: list[str], dry_run: bool = False) ->
     return result
 
 
-def certify(args: list[str], dry_run: bool = False) -> Any:
+def certify(args: list[str], dry_run: bool = False) -> CertifyResult | None:
     """``rayrcm certify`` with the recipe's dotted settings (``model=...``, ``smoothing.n=...``) and the
     user's ``--set`` values after them; the resolved config for ``dry_run``."""
     from rayrcm.orchestration import certify_job
@@ -64,7 +72,8 @@ def analyze(results: list[str], radii: str | None = None) -> None:
     main(["analyze", *results, *(["--radii", radii] if radii else [])])
 
 
-def tune(cfg: Any, recipe_sweep: Any, sweep_args: list[str], space_args: list[str], dry_run: bool = False) -> Any:
+def tune(cfg: ExperimentConfig, recipe_sweep: SweepConfig, sweep_args: list[str], space_args: list[str],
+         dry_run: bool = False) -> SweepResult | None:
     """A Ray Tune sweep of ``cfg`` over the recipe's space (``--space`` replaces it), with ``--sweep``
     settings; the resolved sweep for ``dry_run``."""
     from rayrcm.orchestration import sweep as sweeps
@@ -80,7 +89,7 @@ def tune(cfg: Any, recipe_sweep: Any, sweep_args: list[str], space_args: list[st
     return sweeps.run(cfg, sw)
 
 
-def table(recipe: str, stages: list, overrides: list[str], dry_run: bool = False) -> Any:
+def table(recipe: str, stages: list[Stage], overrides: list[str], dry_run: bool = False) -> PipelineResult | None:
     """``all``: the recipe's stages as one resumable job (:func:`~rayrcm.orchestration.pipeline_job.run_all`)."""
     from rayrcm.orchestration.pipeline_job import run_all
 

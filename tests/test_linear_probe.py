@@ -113,7 +113,7 @@ def test_best_head_is_selected_on_validation_never_on_test(tmp_path):
     cfg = _cfg("method.base_lrs=0.1,0.2", "train.select_metric=val_acc_clean")
     obj = _build(cfg)
     _constant_heads(obj, [3, 7])
-    s = SimpleNamespace(cfg=cfg, val_set=_split(3), test_set=_split(7, seed=1), objective=obj, device="cpu", rank=0, world=1,
+    s = SimpleNamespace(cfg=cfg, val_set=_split(3), test_set=_split(7, seed=1), bank_set=None, objective=obj, device="cpu", rank=0, world=1,
                         comm=Collectives(), meta=model_meta(to_dict(cfg), "classifier", 10), work_dir=tmp_path)
     val = Validator(s)(1)
     assert val["val_head0_acc"] == 1.0 and val["val_head1_acc"] == 0.0

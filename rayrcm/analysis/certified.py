@@ -22,7 +22,7 @@ tables), never reported as a measured 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ def _top_reach(max_radii: Mapping[str, float | None] | None, names: Sequence[str
     return max(float(max_radii[n]) for n in names)  # type: ignore[arg-type]
 
 
-def certified_accuracy(df: pd.DataFrame, radii: Sequence[float]) -> np.ndarray:
+def certified_accuracy(df: pd.DataFrame, radii: Iterable[float]) -> np.ndarray:
     correct = df["correct"].to_numpy().astype(bool)
     radius = df["radius"].to_numpy(dtype=float)
     return np.array([float(np.mean(correct & (radius >= r))) if len(df) else 0.0 for r in radii])
@@ -149,12 +149,12 @@ def summary_metrics(df: pd.DataFrame, radii: Sequence[float] | None = None,
     return out
 
 
-def _fmt(col: str, v: object) -> str:
+def _fmt(col: str, v: float | None) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"  # beyond the run's reach: not measured
     if col == "images" or col in SAMPLE_COLUMNS:
-        return f"{int(round(float(v))):,}"  # type: ignore[call-overload]
-    return f"{float(v):.3f}"  # type: ignore[arg-type]
+        return f"{int(round(float(v))):,}"
+    return f"{float(v):.3f}"
 
 
 def to_markdown(table: pd.DataFrame) -> str:

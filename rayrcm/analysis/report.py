@@ -4,6 +4,7 @@ each result in them (pandas/matplotlib; no Ray, no MLflow)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -46,7 +47,7 @@ def _base(path: Path) -> str:
     return path.name
 
 
-def result_labels(paths: list[str | Path]) -> list[str]:
+def result_labels(paths: Sequence[str | Path]) -> list[str]:
     """One label per result: its base name, prefixed by as many parent folders as it takes to tell
     results with the same name apart (``resnet50/sigma_0.25``, ``resnet110/sigma_0.25``); files of
     one folder that differ only by suffix keep it (``a.tsv``, ``a.txt``). A path given twice is
@@ -70,7 +71,8 @@ def result_labels(paths: list[str | Path]) -> list[str]:
                 depth[i] += 1
                 changed = True
     by_path = {p: label(i) for i, p in enumerate(unique)}
-    out, seen = [], Counter()
+    out: list[str] = []
+    seen: Counter[str] = Counter()
     for p in resolved:
         seen[by_path[p]] += 1
         out.append(by_path[p] if seen[by_path[p]] == 1 else f"{by_path[p]}#{seen[by_path[p]]}")

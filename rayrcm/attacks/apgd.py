@@ -27,6 +27,7 @@ number is reported.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -147,6 +148,11 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callab
     return robust, x_found
 
 
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy (to maximize), in float32."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
 def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
             n_iter: int = 100, restarts: int = 1) -> torch.Tensor:
     """Robust-after-APGD-CE mask ``(B,)``; restarts attack only the samples still robust."""
@@ -155,8 +161,7 @@ def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, n
         idx = robust.nonzero().flatten()
         if len(idx) == 0:
             break
-        r, _ = apgd_run(model, x[idx], y[idx], lambda z, yy=y[idx]: F.cross_entropy(z.float(), yy, reduction="none"),
-                        eps=eps, norm=norm, n_iter=n_iter)
+        r, _ = apgd_run(model, x[idx], y[idx], partial(_cross_entropy, y=y[idx]), eps=eps, norm=norm, n_iter=n_iter)
         robust[idx] = r
     return robust
 
@@ -176,8 +181,8 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
             break
         target = order[idx, rank]
         target = torch.where(target == y[idx], order[idx, 0], target)  # misclassified inputs: aim at the top class
-        r, _ = apgd_run(model, x[idx], y[idx], lambda z, yy=y[idx], tt=target: dlr_targeted(z, yy, tt),
-                        eps=eps, norm=norm, n_iter=n_iter)
+        r, _ = apgd_run(model, x[idx], y[idx], partial(dlr_targeted, y=y[idx], target=target), eps=eps, norm=norm,
+                        n_iter=n_iter)
         robust[idx] = r
     return robust
 

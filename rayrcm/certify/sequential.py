@@ -58,8 +58,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 CERTIFIED, REFUTED, UNDECIDED = 1, 0, -1
 SEQ_ROW = 4  # the role of a sequential row of work: one image, drawn until its grid is decided
@@ -88,7 +92,7 @@ def confidence_interval(a: int, t: int, alpha: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def thresholds(radii: Sequence[float], sigma: float) -> np.ndarray:
+def thresholds(radii: Sequence[float] | np.ndarray, sigma: float) -> np.ndarray:
     """``q_r = Phi(r / sigma)``: certified at ``r`` iff ``p > q_r`` (Cohen et al., Theorem 1)."""
     from scipy.stats import norm
 
@@ -177,7 +181,7 @@ class SequentialResult:
     radius: float  # sigma * Phi^-1(p_lower), or the largest certified grid radius if that is larger; 0 if none
 
 
-def finish(decisions: Sequence[int], successes: int, samples: int, *, radii: Sequence[float], sigma: float,
+def finish(decisions: Sequence[int] | np.ndarray, successes: int, samples: int, *, radii: Sequence[float], sigma: float,
            alpha: float) -> SequentialResult:
     """The certificate of a stopped sequence from its decisions and counts (what a counting actor returns)."""
     from scipy.stats import norm
@@ -220,7 +224,8 @@ class _Stream:
 
     def __init__(self, device, seed: int, index: int, chunk: int, block: int) -> None:
         self.device, self.seed, self.index, self.per_row, self.block = device, seed, index, chunk // block, block
-        self.row, self.left, self.gen = -1, 0, None
+        self.row, self.left = -1, 0
+        self.gen: torch.Generator | None = None
 
     def fill(self, out, sigma: float) -> None:
         import torch

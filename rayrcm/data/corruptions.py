@@ -48,6 +48,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -311,8 +312,8 @@ def pixelate(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     from PIL import Image
 
     h, w = img.shape[:2]
-    small = Image.fromarray(img).resize((int(w * c), int(h * c)), Image.BOX)
-    return np.asarray(small.resize((w, h), Image.BOX))
+    small = Image.fromarray(img).resize((int(w * c), int(h * c)), Image.Resampling.BOX)
+    return np.asarray(small.resize((w, h), Image.Resampling.BOX))
 
 
 def elastic_transform(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
@@ -323,8 +324,8 @@ def elastic_transform(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np
     alpha, sigma, jitter = c
     x = _unit(img).astype(np.float32)
     h, w, ch = x.shape
-    centre, square = np.float32([w, h]) // 2, min(h, w) // 3  # (x, y) = (column, row) as in OpenCV
-    pts1 = np.float32([centre + square, [centre[0] + square, centre[1] - square], centre - square])
+    centre, square = np.array([w, h], dtype=np.float32) // 2, min(h, w) // 3  # (x, y) = (column, row) as in OpenCV
+    pts1 = np.array([centre + square, [centre[0] + square, centre[1] - square], centre - square], dtype=np.float32)
     pts2 = pts1 + rng.uniform(-jitter, jitter, size=pts1.shape).astype(np.float32)
     affine = np.linalg.solve(np.c_[pts1, np.ones(3)], pts2).T  # dst = affine @ [x, y, 1]
     inv = np.linalg.inv(np.r_[affine, [[0, 0, 1]]])[:2]
@@ -338,7 +339,7 @@ def elastic_transform(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np
     return np.clip(out, 0, 1) * 255
 
 
-_FUNCTIONS: dict[str, Callable[[np.ndarray, object, np.random.Generator], np.ndarray]] = {
+_FUNCTIONS: dict[str, Callable[[np.ndarray, Any, np.random.Generator], np.ndarray]] = {  # Any: each its own parameter
     f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, speckle_noise, gaussian_blur, glass_blur,
                             defocus_blur, zoom_blur, fog, brightness, saturate, contrast, jpeg_compression,
                             pixelate, elastic_transform)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -75,7 +76,7 @@ def _labels_of(ds: Dataset) -> list[int]:
     for attr in ("labels", "targets"):
         if hasattr(ds, attr):
             return [int(v) for v in getattr(ds, attr)]
-    return [int(ds[i][1]) for i in range(len(ds))]
+    return [int(ds[i][1]) for i in range(len(cast(Sized, ds)))]
 
 
 def _fraction_range(n: int, k: int) -> tuple[float, float] | None:

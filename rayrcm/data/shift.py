@@ -187,6 +187,7 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
 def model_classes(ds: Dataset, class_list: str, num_classes: int) -> tuple[str, ...]:
     """The model's classes in output order: the ``class_list`` file (``data.classes``), else the class
     folders of its evaluation dataset ``ds`` (an ImageFolder, or a Subset of one); one-line errors."""
+    classes: Sequence[str] | None
     if class_list:
         classes = read_class_list(class_list)
     else:

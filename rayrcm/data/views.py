@@ -69,9 +69,9 @@ class ShortSideCenterCrop:
         if image.size == (s, s):
             return image
         while min(*image.size) >= 2 * s:
-            image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+            image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.Resampling.BOX)
         scale = s / min(*image.size)
-        image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+        image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), resample=Image.Resampling.BICUBIC)
         left, top = (image.size[0] - s) // 2, (image.size[1] - s) // 2
         return image.crop((left, top, left + s, top + s))
 
@@ -158,7 +158,8 @@ def build_transform(kind: str, size: int, *, large: bool = False, hflip: bool = 
         from timm.data import create_transform
 
         timm_t = create_transform(input_size=size, is_training=True, auto_augment=autoaug, interpolation="bicubic",
-                                  hflip=0.5 if hflip else 0.0, color_jitter=None, re_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+                                  hflip=0.5 if hflip else 0.0, re_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                                  color_jitter=None)  # type: ignore[arg-type]  # timm's annotation omits None (no jitter)
         return v2.Compose([_ToPILRGB(), timm_t])
     if kind == "simclr":
         return StrengthAugment(size, hflip=hflip)
@@ -247,7 +248,8 @@ class PairedView:
     def partner(base: Dataset, index: int) -> Any:
         """The paired image of item ``index`` of ``base`` (through ``Subset`` wrappers)."""
         while isinstance(base, Subset):
-            base, index = base.dataset, base.indices[index]
+            index = base.indices[index]
+            base = base.dataset
         if not hasattr(base, "paired_image"):
             raise TypeError(f"a paired view needs a dataset of image pairs (data.texture_path), "
                             f"not {type(base).__name__}")

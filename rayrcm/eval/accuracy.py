@@ -14,7 +14,7 @@ one draw does) at k times the cost of one noisy pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rayrcm.data.noise import add_gaussian_noise
 from rayrcm.eval.base import Evaluation
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 
 @torch.no_grad()
@@ -74,7 +77,7 @@ class NoisyAccuracy(Evaluation):
         self.sigmas, self.batch_size = tuple(sigmas), batch_size
 
     @classmethod
-    def from_config(cls, cfg: Any) -> NoisyAccuracy:
+    def from_config(cls, cfg: ExperimentConfig) -> NoisyAccuracy:
         return cls(cfg.train.eval_sigmas)
 
     def metric_names(self, prefix: str) -> list[str]:
@@ -97,7 +100,7 @@ class SmoothedAccuracy(NoisyAccuracy):
         self.votes = max(2, votes)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> SmoothedAccuracy:
+    def from_config(cls, cfg: ExperimentConfig) -> SmoothedAccuracy:
         return cls(cfg.train.eval_sigmas, cfg.train.eval_votes)
 
     def metric_names(self, prefix: str) -> list[str]:

@@ -23,13 +23,16 @@ with ``needs_reference = True`` gets the un-augmented training split as ``self.r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from rayrcm.registry import Registry
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a count vector over workers
 
@@ -59,10 +62,10 @@ class Evaluation:
         return ""
 
 
-EVALUATIONS: Registry[Callable[[Any], Evaluation]] = Registry("evaluation")
+EVALUATIONS: Registry[Callable[[ExperimentConfig], Evaluation]] = Registry("evaluation")
 
 
-def build_evaluations(names: Iterable[str], cfg: Any, reference: Dataset | None = None) -> list[Evaluation]:
+def build_evaluations(names: Iterable[str], cfg: ExperimentConfig, reference: Dataset | None = None) -> list[Evaluation]:
     """The evaluations named (each once, in order), configured from ``cfg``; ``reference`` (the
     un-augmented training split) goes to those that need one."""
     out: list[Evaluation] = []

@@ -17,7 +17,7 @@ seed), so the counts do not depend on the number of workers or on the shard an i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from rayrcm.certify.sequential import CERTIFIED, run_sequences
 from rayrcm.certify.smoothing import Smoother
 from rayrcm.eval.base import Evaluation
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 BLOCK = 100  # draws per look, as the certify job's default
 
@@ -38,7 +41,7 @@ class CertifiedAccuracy(Evaluation):
         self.max_n, self.alpha, self.batch, self.images_per_pass = max_n, alpha, batch, images_per_pass
 
     @classmethod
-    def from_config(cls, cfg: Any) -> CertifiedAccuracy:
+    def from_config(cls, cfg: ExperimentConfig) -> CertifiedAccuracy:
         t = cfg.train
         return cls(t.eval_sigmas, t.eval_radii, max_n=t.eval_max_n, alpha=t.eval_alpha)
 

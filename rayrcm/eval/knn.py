@@ -17,8 +17,8 @@ a classifier, its features before the head.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence, Sized
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from rayrcm.eval.base import Evaluation
 from rayrcm.models.classifier import Classifier, Normalize
 
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+
 Features = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -35,9 +38,10 @@ def feature_map(model: nn.Module, input_scale: float = 1.0, input_resize: int = 
     """[0, 1] images -> features: a classifier's before its head, an encoder's after the normalisation."""
     if isinstance(model, Classifier):
         return lambda x: model.norm(model.encoder.forward_features(model.normalize(x), final_norm=model.final_norm))
-    if hasattr(model, "forward_features"):
+    forward_features = getattr(model, "forward_features", None)
+    if forward_features is not None:
         norm = Normalize(scale=input_scale, resize=input_resize)
-        return lambda x: model.forward_features(norm.to(x.device)(x))
+        return lambda x: forward_features(norm.to(x.device)(x))
     return model
 
 
@@ -47,7 +51,7 @@ def embed(features: Features, dataset: Dataset, indices: Sequence[int], *, devic
     """``(features (N, d) float32, labels (N,))`` of ``dataset[indices]`` (first view of each item)."""
     feats, labels = [], []
     # a generator of its own: the loader's seed draw leaves the training's random stream as it was
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, generator=torch.Generator())  # type: ignore[arg-type]
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, generator=torch.Generator())
     for views, y in loader:
         x = (views[0] if isinstance(views, (list, tuple)) else views).to(device)
         feats.append(features(x).float().flatten(1))
@@ -94,7 +98,7 @@ class KNNAccuracy(Evaluation):
         self.input_scale, self.input_resize, self.batch_size = input_scale, input_resize, batch_size
 
     @classmethod
-    def from_config(cls, cfg: Any) -> KNNAccuracy:
+    def from_config(cls, cfg: ExperimentConfig) -> KNNAccuracy:
         t = cfg.train
         return cls(t.knn_k, t.knn_temperature, t.knn_bank, input_scale=cfg.model.input_scale,
                    input_resize=cfg.model.input_resize)
@@ -109,7 +113,7 @@ class KNNAccuracy(Evaluation):
         model.eval()
         try:
             fn = feature_map(model, self.input_scale, self.input_resize)
-            ref, ref_y = embed(fn, self.reference, spread(len(self.reference), self.bank), device=device,
+            ref, ref_y = embed(fn, self.reference, spread(len(cast(Sized, self.reference)), self.bank), device=device,
                                batch_size=self.batch_size)
             q, y = embed(fn, dataset, range(rank, len(dataset), world), device=device, batch_size=self.batch_size)
         finally:

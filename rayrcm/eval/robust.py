@@ -34,7 +34,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from rayrcm.attacks import PGDConfig, autoattack_robust, pgd, project, standard_
 from rayrcm.attacks.autoattack import LABELS
 from rayrcm.errors import ConfigError
 from rayrcm.eval.base import Evaluation
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 AA_VERSIONS = ("standard", "apgd")
 
@@ -227,7 +230,7 @@ class RobustAccuracy(Evaluation):
         self.cfg = cfg
 
     @classmethod
-    def from_config(cls, cfg: Any) -> RobustAccuracy:
+    def from_config(cls, cfg: ExperimentConfig) -> RobustAccuracy:
         return cls(cfg.method.robust_eval() or RobustEvalConfig())
 
     def metric_names(self, prefix: str) -> list[str]:

@@ -212,7 +212,7 @@ def _imagenet_c_cells(cfg: EvaluateConfig, classes: tuple[str, ...], shifted: di
     out = []
     for c in names:
         for s in cfg.severities:
-            info = read_imagenet_c(cfg.c_path, c, s, classes=classes).record(resolved_path(cfg.c_path))
+            info: dict[str, Any] = read_imagenet_c(cfg.c_path, c, s, classes=classes).record(resolved_path(cfg.c_path))
             old = shifted.setdefault("imagenet-c", info)  # the fewest classes left by any corruption and severity
             old["classes"], old["images"] = min(old["classes"], info["classes"]), min(old["images"], info["images"])
             out.append(Cell("imagenet-c", c, s, False, NONE, "imagenet-c", info["images"]))

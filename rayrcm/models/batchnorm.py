@@ -60,6 +60,7 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = _all_reduce((centered * centered).sum(dims)) / n
         if self.training and self.track_running_stats:
             with torch.no_grad():
+                assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 unbiased = var.detach() * n / (n - 1).clamp(min=1)

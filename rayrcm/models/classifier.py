@@ -51,6 +51,9 @@ class Normalize(nn.Module):
     """``(resize(x) - mean) / std * scale``; the default maps [0, 1] pixels to [-1, 1]; ``resize``
     (``model.input_resize``, 0 = off) is :func:`resize_input`."""
 
+    mean: torch.Tensor  # buffers
+    inv_std: torch.Tensor
+
     def __init__(self, mean: float = 0.5, std: float = 0.5, scale: float = 1.0, resize: int = 0) -> None:
         super().__init__()
         self.std_value = std

@@ -30,9 +30,9 @@ of the ``cadis`` objective, see :func:`load_denoiser`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ from rayrcm.models.denoisers import (
     denoiser_from_meta,
     load_diffusion_denoiser,
 )
+
+if TYPE_CHECKING:
+    from rayrcm.objectives.cadis import CADISConfig
+    from rayrcm.sections import DataConfig
 
 WIENER_SOURCES = ("wiener", "wiener_cov")
 ADM_PREFIX = "adm:"
@@ -92,7 +96,7 @@ class DenoisedClassifier(nn.Module):
 # ---- denoiser sources ----
 
 
-def _get(spec: Any, key: str, default: Any = None) -> Any:
+def _get(spec: CADISConfig | Mapping[str, Any], key: str, default: Any = None) -> Any:
     return spec.get(key, default) if isinstance(spec, Mapping) else getattr(spec, key, default)
 
 
@@ -112,13 +116,13 @@ def check_source(source: str, weights: str = "", schedule: str = "") -> None:
                               "imagenet-linear-1000)")
 
 
-def training_images(data: Any) -> torch.Tensor:
+def training_images(data: DataConfig) -> torch.Tensor:
     """The un-augmented training split of data config ``data`` as floats ``(N, C, H, W)`` in [0, 1]."""
     from rayrcm.data import build_splits
     from rayrcm.data.datasets import eval_images
 
     splits = build_splits(data)
-    images, _ = eval_images(splits.train, list(range(len(splits.train))), int(data.image_size), large=splits.large,
+    images, _ = eval_images(splits.train, list(range(len(cast(Sized, splits.train)))), int(data.image_size), large=splits.large,
                             crop_pct=float(data.crop_pct))
     return images.float() / 255
 
@@ -143,7 +147,7 @@ def _denoiser_file(source: str) -> nn.Module:
     return model
 
 
-def load_denoiser(spec: Any, data: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_denoiser(spec: CADISConfig | Mapping[str, Any], data: DataConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``(denoiser, info)`` for a method config (or its dict) with ``denoiser``,
     ``denoiser_weights``, ``denoiser_schedule``; ``data`` (a DataConfig) fits the Wiener sources.
     The denoiser is returned in eval mode with every parameter frozen."""
@@ -163,7 +167,7 @@ def load_denoiser(spec: Any, data: Any = None) -> tuple[nn.Module, dict[str, Any
     return den.eval().requires_grad_(False), info
 
 
-def data_config(meta: Mapping[str, Any]) -> Any:
+def data_config(meta: Mapping[str, Any]) -> DataConfig:
     """The ``data`` section a model file was trained with."""
     from rayrcm.overrides import update_dataclass
     from rayrcm.sections import DataConfig

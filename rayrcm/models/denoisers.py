@@ -38,13 +38,16 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from rayrcm.errors import ConfigError
 from rayrcm.models.unet import SmallUNet
+
+if TYPE_CHECKING:
+    from rayrcm.objectives.ddpm import DDPMConfig
 
 SCHEDULE_KINDS = ("cosine", "linear")
 
@@ -137,6 +140,8 @@ class EpsilonDiffusionDenoiser(Denoiser):
     ``eps_model.``; the schedule is rebuilt from ``schedule`` (non-persistent buffers).
     """
 
+    alphas_cumprod: torch.Tensor  # buffer
+
     def __init__(self, eps_model: nn.Module, schedule: DiffusionSchedule | str, channels: int = 3) -> None:
         super().__init__()
         self.eps_model = eps_model
@@ -176,7 +181,7 @@ class EpsilonDiffusionDenoiser(Denoiser):
         return (x0 + 1) / 2
 
 
-def ddpm_denoiser(method: Any) -> EpsilonDiffusionDenoiser:
+def ddpm_denoiser(method: DDPMConfig | Mapping[str, Any]) -> EpsilonDiffusionDenoiser:
     """The untrained DDS denoiser around a :class:`~rayrcm.models.unet.SmallUNet` that the ``ddpm``
     method config describes (the config itself or its dict, as ``model.pt`` meta records it):
     fields ``schedule``, ``steps``, ``base_channels``, ``channel_mults``, ``channels``; the UNet is
@@ -206,6 +211,9 @@ class WienerDenoiser(Denoiser):
     its expected squared error per pixel (before clipping) is ``v sigma^2 / (v + sigma^2)``.
     ``mean`` and ``var`` broadcast against ``(C, H, W)``; :meth:`fit` estimates them from clean images.
     """
+
+    mean: torch.Tensor  # buffers
+    var: torch.Tensor
 
     def __init__(self, mean: torch.Tensor, var: torch.Tensor, clip: bool = True) -> None:
         super().__init__()
@@ -241,6 +249,10 @@ class CovarianceWienerDenoiser(Denoiser):
     bundled Wiener denoiser). With ``Sigma = U diag(lam) U^T`` it is
     ``mu + U diag(lam / (lam + sigma^2)) U^T (y - mu)``, one eigendecomposition for every sigma.
     """
+
+    mean: torch.Tensor  # buffers
+    eigvals: torch.Tensor
+    eigvecs: torch.Tensor
 
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor, clip: bool = True) -> None:
         super().__init__()
@@ -281,14 +293,14 @@ def resolve_factory(ref: str) -> Callable[[], nn.Module]:
     except Exception as err:  # noqa: BLE001 - any import failure is the user's environment: one line
         raise ConfigError("model.denoiser", ref, f"module {module_name} does not import ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
-    fn = module
+    fn: object = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
             raise ConfigError("model.denoiser", ref, f"{module_name} has no attribute {attr}")
     if not callable(fn):
         raise ConfigError("model.denoiser", ref, "names something that is not callable")
-    return fn  # type: ignore[return-value]
+    return cast("Callable[[], nn.Module]", fn)
 
 
 def file_sha256(path: str | Path) -> str:

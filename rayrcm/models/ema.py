@@ -20,7 +20,7 @@ def make_frozen_copy(module: nn.Module) -> nn.Module:
 def ema_update(target: nn.Module, online: nn.Module, rate: float, *, copy_buffers: bool = True) -> None:
     """``target <- rate * target + (1 - rate) * online`` for parameters; buffers are copied, or
     (``copy_buffers=False``, as the RCM authors' ``utils.ema``) left as the target's own."""
-    t_params = [p for p in target.parameters()]
+    t_params: list[torch.Tensor] = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):
         raise ValueError("target and online networks differ in structure")

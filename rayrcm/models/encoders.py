@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from torch import nn
 from rayrcm.errors import ConfigError
 from rayrcm.registry import Registry
 from rayrcm.sections import ModelConfig
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 class Encoder(nn.Module):
@@ -79,13 +83,13 @@ class ViTEncoder(Encoder):
     def forward_features(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         if final_norm:
             return self.model(x)  # timm: blocks -> norm -> CLS token
-        v = self.model  # timm's forward_features without its final norm, then the CLS token
+        v = cast("VisionTransformer", self.model)  # timm's forward_features without its final norm, then the CLS token
         x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
         return v.blocks(x)[:, 0]
 
 
 @torch.no_grad()
-def mocov3_init_(vit: nn.Module) -> None:
+def mocov3_init_(vit: VisionTransformer) -> None:
     """The RCM authors' ``rRCMViT.moco_init_weights`` (MoCo v3's ViT init) on a timm ViT, in place."""
     for name, m in vit.named_modules():
         if isinstance(m, nn.Linear):
@@ -103,7 +107,7 @@ def mocov3_init_(vit: nn.Module) -> None:
         nn.init.zeros_(proj.bias)
 
 
-def _vit_encoder(vit: nn.Module, cfg: ModelConfig) -> ViTEncoder:
+def _vit_encoder(vit: VisionTransformer, cfg: ModelConfig) -> ViTEncoder:
     """``vit`` with the config's ViT options: MoCo v3's init, a frozen patch embedding."""
     if cfg.init == "mocov3":
         mocov3_init_(vit)
@@ -154,7 +158,7 @@ def _timm_vit(name: str) -> Builder:
     def build(cfg: ModelConfig, image_size: int) -> Encoder:
         import timm
 
-        vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+        vit = cast("VisionTransformer", timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size))
         patch = vit.patch_embed.patch_size[0]
         if cfg.patch_size not in (0, patch):
             raise ConfigError("model.patch_size", cfg.patch_size, f"{name} has {patch} px patches (0 or {patch})")
@@ -174,9 +178,9 @@ def _timm_resnet(name: str) -> Builder:
         _vit_only(cfg)
         net = timm.create_model(name, pretrained=False, num_classes=0)
         if image_size <= 64:  # CIFAR-style stem: 3x3 conv, stride 1, no max-pool
-            net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+            net.conv1 = nn.Conv2d(3, cast(nn.Conv2d, net.conv1).out_channels, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
-        return Encoder(net, net.num_features)
+        return Encoder(net, cast(int, net.num_features))
 
     return build
 

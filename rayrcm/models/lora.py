@@ -24,6 +24,9 @@ when the file holds none of them. :func:`merge_lora` folds the low-rank terms in
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from functools import partial
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,9 +52,9 @@ class LoRAQKV(nn.Linear):
             self.bias.requires_grad_(False)
         self.rank, self.alpha, self.scaling = int(rank), float(alpha), float(alpha) / int(rank)
         d_in, d = base.in_features, base.out_features // 3
-        kw = {"bias": False, "device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_a_q, self.lora_b_q = nn.Linear(d_in, rank, **kw), nn.Linear(rank, d, **kw)
-        self.lora_a_v, self.lora_b_v = nn.Linear(d_in, rank, **kw), nn.Linear(rank, d, **kw)
+        linear = partial(nn.Linear, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_a_q, self.lora_b_q = linear(d_in, rank), linear(rank, d)
+        self.lora_a_v, self.lora_b_v = linear(d_in, rank), linear(rank, d)
         self.reset_lora()
 
     @torch.no_grad()
@@ -105,7 +108,7 @@ def apply_lora(vit: nn.Module, rank: int, alpha: float) -> nn.Module:
         raise ValueError(f"LoRA rank must be >= 1, not {rank}")
     for p in vit.parameters():
         p.requires_grad_(False)
-    for block in vit.blocks:
+    for block in cast("Iterable[Any]", vit.blocks):  # timm's blocks: an nn.Sequential of Blocks with attn.qkv
         if not isinstance(block.attn.qkv, nn.Linear) or isinstance(block.attn.qkv, LoRAQKV):
             raise ValueError(f"expected a plain fused qkv nn.Linear, found {type(block.attn.qkv).__name__}")
         block.attn.qkv = LoRAQKV(block.attn.qkv, rank, alpha)

@@ -88,6 +88,8 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path, *, kin
                                         dynamo=True, verbose=verbose)
     except Exception as err:  # the exporter raises many types; the first line says which operator
         raise RunFailed(f"torch.onnx could not export the {kind}: {str(err).strip().splitlines()[0][:240]}") from None
+    if program is None:  # never with dynamo=True
+        raise RunFailed(f"torch.onnx could not export the {kind}: the exporter returned no program")
     proto = program.model_proto
     props = {"rayrcm.export": kind, "rayrcm.meta": json.dumps(meta, default=str, sort_keys=True),
              "rayrcm.input": "images: float32 (batch, 3, H, W) in [0, 1]; normalisation inside the graph"}

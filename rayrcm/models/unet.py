@@ -81,7 +81,8 @@ class SmallUNet(nn.Module):
         self.out_norm = _norm(cin)
         self.out = nn.Conv2d(cin, out_channels or in_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if self.out.bias is not None:  # always: the Conv2d has a bias
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         factor = 2 ** (len(self.mults) - 1)

@@ -6,7 +6,7 @@ Each entry maps a name to ``(config dataclass, build(cfg, num_classes) -> Object
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rayrcm.objectives import (
     acl,
@@ -25,7 +25,10 @@ from rayrcm.objectives import (
 from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodConfig, Objective
 from rayrcm.registry import Registry
 
-OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[Any, int], Objective]]] = Registry("method")
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+
+OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[ExperimentConfig, int], Objective]]] = Registry("method")
 OBJECTIVES.register("rcm")((rcm.RCMConfig, rcm.build))
 OBJECTIVES.register("gaussian")((gaussian.GaussianConfig, gaussian.build))
 OBJECTIVES.register("consistency")((consistency.ConsistencyConfig, consistency.build))
@@ -44,7 +47,7 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return OBJECTIVES.get(name)[0]
 
 
-def build_objective(cfg: Any, num_classes: int) -> Objective:
+def build_objective(cfg: ExperimentConfig, num_classes: int) -> Objective:
     """Build the objective named by ``cfg.method.name`` from a full :class:`ExperimentConfig`."""
     return OBJECTIVES.get(cfg.method.name)[1](cfg, num_classes)
 

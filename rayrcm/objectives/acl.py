@@ -39,7 +39,7 @@ in [0, 1]; labels are ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -56,6 +56,11 @@ from rayrcm.models import (
 )
 from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import nt_xent
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+    from rayrcm.objectives.rcs_schedule import CoresetSchedule
+    from rayrcm.sections import ModelConfig
 
 
 def acl_loss(cl_nat: torch.Tensor, cl_adv: torch.Tensor, weight: float) -> torch.Tensor:
@@ -110,7 +115,7 @@ class ACLConfig(MethodConfig):
 
         return epoch_samples(epoch, n, self.rcs_fraction, self.rcs_warmup_epochs)
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if not -1 <= self.weight <= 1:
@@ -159,7 +164,7 @@ def authors_init(module: nn.Module) -> None:
 class ACLObjective(Objective):
     """Encoder + the authors' projector (both dual-BN when asked), contrastive PGD and the ACL loss."""
 
-    def __init__(self, cfg: ACLConfig, model_cfg: Any, image_size: int) -> None:
+    def __init__(self, cfg: ACLConfig, model_cfg: ModelConfig, image_size: int) -> None:
         super().__init__()
         self.cfg, self.model_cfg, self.image_size = cfg, model_cfg, image_size
         self.normalize = Normalize()
@@ -172,7 +177,7 @@ class ACLObjective(Objective):
             convert_dual_bn(self.projector)
         self.weight = cfg.weight
         self.gather = cfg.gather
-        self._coresets: Any = None  # RCS's CoresetSchedule, made at the first epoch
+        self._coresets: CoresetSchedule | None = None  # RCS's, made at the first epoch
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder.forward_features(self.normalize(x)))
@@ -286,7 +291,7 @@ class ACLObjective(Objective):
         return plain
 
 
-def build(cfg: Any, num_classes: int) -> ACLObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> ACLObjective:
     return ACLObjective(cfg.method, cfg.model, cfg.data.image_size)
 
 

@@ -30,7 +30,7 @@ Shapes: ``views = [x]``, ``x`` ``(B, 3, H, W)`` in [0, 1]; ``target`` ``(B,)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from rayrcm.errors import ConfigError
 from rayrcm.eval.robust import RobustEvalConfig
 from rayrcm.models import Classifier, bn_route, branch_view, build_classifier, convert_dual_bn
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 MODES = ("slf", "alf", "aff")
 
@@ -75,7 +78,7 @@ class AdvFinetuneConfig(MethodConfig):
     def evals(self) -> tuple[str, ...]:
         return ("robust",)  # SA / PGD-20 / AA on the test split, the seed's protocol
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.mode not in MODES:
             raise ConfigError("method.mode", self.mode, f"choose one of: {', '.join(MODES)} (ALL = the three in sequence, a recipe stage)")
         if self.norm not in NORMS:
@@ -152,5 +155,5 @@ class AdvFinetuneObjective(Objective):
         return branch_view(self.classifier, "adv") if self.dual else self.classifier
 
 
-def build(cfg: Any, num_classes: int) -> AdvFinetuneObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> AdvFinetuneObjective:
     return AdvFinetuneObjective(cfg.method, build_classifier(cfg.model, cfg.data.image_size, num_classes))

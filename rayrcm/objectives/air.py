@@ -33,7 +33,7 @@ Shapes: ``views = [x^i, x^j, x]``, each ``(B, 3, H, W)`` in [0, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
@@ -42,6 +42,9 @@ from rayrcm.errors import ConfigError
 from rayrcm.models import bn_route
 from rayrcm.objectives.acl import ACLConfig, ACLObjective
 from rayrcm.objectives.contrastive import gather_keys
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,7 @@ class AIRConfig(ACLConfig):
     def views(self, augmentation: str) -> tuple[str, ...]:
         return (augmentation, augmentation, "none")
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         super().validate(cfg)
         for key in ("lambda1", "lambda2"):
             if getattr(self, key) < 0:
@@ -94,6 +97,8 @@ class AIRConfig(ACLConfig):
 
 
 class AIRObjective(ACLObjective):
+    cfg: AIRConfig
+
     def regularizer(self, z: dict[str, torch.Tensor], x_orig: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert x_orig is not None, "AIR needs the un-augmented view (views[2])"
         cfg = self.cfg
@@ -107,5 +112,5 @@ class AIRObjective(ACLObjective):
         return cfg.lambda1 * sir + cfg.lambda2 * air, {"air_standard": sir.detach(), "air_robust": air.detach()}
 
 
-def build(cfg: Any, num_classes: int) -> AIRObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> AIRObjective:
     return AIRObjective(cfg.method, cfg.model, cfg.data.image_size)

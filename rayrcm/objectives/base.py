@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -13,6 +13,10 @@ from torch.utils.data import Dataset
 
 from rayrcm.distributed import Collectives
 from rayrcm.models.export import kind_predicts_classes
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+    from rayrcm.eval.robust import RobustEvalConfig
 
 
 @dataclass
@@ -44,14 +48,14 @@ class MethodConfig:
         """Augmentation names of the views each training sample yields."""
         return (augmentation,)
 
-    def validate(self, cfg: Any) -> None:  # pragma: no cover - overridden
+    def validate(self, cfg: ExperimentConfig) -> None:  # pragma: no cover - overridden
         return None
 
     def epoch_samples(self, epoch: int, n: int) -> int:
         """Training samples in (zero-based) ``epoch`` of a training set of ``n`` (coreset methods: fewer)."""
         return n
 
-    def robust_eval(self) -> Any | None:
+    def robust_eval(self) -> RobustEvalConfig | None:
         """The :class:`~rayrcm.eval.robust.RobustEvalConfig` of the ``robust`` evaluation (the
         method's attack budget), or None for the default protocol."""
         return None

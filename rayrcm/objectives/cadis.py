@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 from torch import nn
@@ -58,6 +58,9 @@ from rayrcm.errors import ConfigError
 from rayrcm.models import build_classifier
 from rayrcm.models.denoised import DenoisedClassifier, check_source, load_denoiser
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class CADISConfig(MethodConfig):
     denoiser_weights: str = ""  # adm: the state dict file
     denoiser_schedule: str = ""  # adm: cifar10-cosine-4000 | imagenet-linear-1000
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ConfigError("method.sigma", self.sigma, "> 0 (pixel units, data in [0, 1])")
         if int(self.m) != self.m or self.m < 1:
@@ -98,7 +101,7 @@ def kl_from(p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def mean_softmax(clean_logits: list[torch.Tensor]) -> torch.Tensor:
     """``p_bar = (1/M) sum_i softmax(logits_i)``, ``(B, K)``."""
-    return sum(F.softmax(z.float(), dim=1) for z in clean_logits) / len(clean_logits)
+    return cast(torch.Tensor, sum(F.softmax(z.float(), dim=1) for z in clean_logits)) / len(clean_logits)
 
 
 def cadis_loss(clean_logits: list[torch.Tensor], adv_logits: list[torch.Tensor], target: torch.Tensor, lbd: float,
@@ -157,7 +160,7 @@ def attack_residual(f: nn.Module, clean: torch.Tensor, eta0: torch.Tensor, p_bar
         eta = eta.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = f(clean + eta)
-            loss = sum(kl_from(target, z) for z in logits.chunk(m)) / m
+            loss = cast(torch.Tensor, sum(kl_from(target, z) for z in logits.chunk(m))) / m
             grad = torch.autograd.grad(loss.sum(), [eta])[0]
         gnorm = grad.reshape(n, -1).norm(dim=1).view(view)
         eta = project_l2(eta.detach() + alpha * grad / (gnorm + 1e-8), eta0, eps)
@@ -240,7 +243,7 @@ def load_whole_classifier(classifier: nn.Module, path: str) -> None:
                               f"classes ({str(err).splitlines()[0][:160]})") from None
 
 
-def build(cfg: Any, num_classes: int) -> CADISObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> CADISObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     if cfg.model.init_from:
         load_whole_classifier(clf, cfg.model.init_from)

@@ -29,7 +29,7 @@ Example: ``--set method.name=consistency --set method.sigma=0.25 --set method.lb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from rayrcm.models import Classifier, build_classifier
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.gaussian import soft_cross_entropy
 
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+
 
 @dataclass(frozen=True)
 class ConsistencyConfig(MethodConfig):
@@ -53,7 +56,7 @@ class ConsistencyConfig(MethodConfig):
     eta: float = 0.5  # weight of the entropy term
     train_head: bool = False  # the seed keeps the linear head out of the optimizer
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.sigma < 0:
             raise ConfigError("method.sigma", self.sigma, "must be >= 0 (pixel units, data in [0, 1])")
         if self.m < 1:
@@ -66,20 +69,21 @@ class ConsistencyConfig(MethodConfig):
 def kl_to_mean(logits: list[torch.Tensor]) -> torch.Tensor:
     """``(1/m) sum_i KL(F_mean || softmax(logits_i))`` per sample, ``(B,)``."""
     probs = [F.softmax(z.float(), dim=1) for z in logits]
-    mean = sum(probs) / len(probs)
-    return sum(F.kl_div(F.log_softmax(z.float(), dim=1), mean, reduction="none").sum(1) for z in logits) / len(logits)
+    mean = cast(torch.Tensor, sum(probs)) / len(probs)
+    kls = (F.kl_div(F.log_softmax(z.float(), dim=1), mean, reduction="none").sum(1) for z in logits)
+    return cast(torch.Tensor, sum(kls)) / len(logits)
 
 
 def mean_entropy(logits: list[torch.Tensor]) -> torch.Tensor:
     """``H(F_mean)`` per sample, ``(B,)``."""
-    mean = sum(F.softmax(z.float(), dim=1) for z in logits) / len(logits)
+    mean = cast(torch.Tensor, sum(F.softmax(z.float(), dim=1) for z in logits)) / len(logits)
     return -(mean * torch.log(mean.clamp(min=1e-20))).sum(1)
 
 
 def consistency_loss(logits: list[torch.Tensor], target: torch.Tensor, lbd: float, eta: float,
                      smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full loss for ``m`` logit batches ``(B, K)`` of the same images; returns (loss, terms)."""
-    ce = sum(soft_cross_entropy(z, target, smoothing) for z in logits) / len(logits)
+    ce = cast(torch.Tensor, sum(soft_cross_entropy(z, target, smoothing) for z in logits)) / len(logits)
     kl, ent = kl_to_mean(logits).mean(), mean_entropy(logits).mean()
     return ce + lbd * kl + eta * ent, {"ce": ce.detach(), "kl": kl.detach(), "entropy": ent.detach()}
 
@@ -108,6 +112,6 @@ class ConsistencyObjective(Objective):
         return self.classifier
 
 
-def build(cfg: Any, num_classes: int) -> ConsistencyObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> ConsistencyObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     return ConsistencyObjective(cfg.method, clf, build_mixup(cfg.data, num_classes), cfg.data.label_smoothing)

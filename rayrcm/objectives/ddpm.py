@@ -19,7 +19,7 @@ Shapes: ``views = [x]``, ``x`` ``(B, C, H, W)`` in [0, 1]; labels are ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from torch import nn
 from rayrcm.errors import ConfigError
 from rayrcm.models.denoisers import SCHEDULE_KINDS, DiffusionSchedule, ddpm_denoiser
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class DDPMConfig(MethodConfig):
     channel_mults: tuple[int, ...] = (1, 2)  # one level per entry; the image size must divide by 2^(levels-1)
     channels: int = 3  # image channels
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.schedule not in SCHEDULE_KINDS:
             raise ConfigError("method.schedule", self.schedule, f"one of {', '.join(SCHEDULE_KINDS)}")
         if int(self.steps) != self.steps or self.steps < 2:
@@ -83,5 +86,5 @@ class DDPMObjective(Objective):
         return self.denoiser
 
 
-def build(cfg: Any, num_classes: int) -> DDPMObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> DDPMObjective:
     return DDPMObjective(cfg.method)

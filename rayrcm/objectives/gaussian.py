@@ -14,7 +14,7 @@ Shapes: ``views = [x]`` with ``x`` ``(B, 3, H, W)`` in [0, 1]; ``target`` ``(B,)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from rayrcm.errors import ConfigError
 from rayrcm.models import Classifier, build_classifier
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+
 
 @dataclass(frozen=True)
 class GaussianConfig(MethodConfig):
@@ -33,7 +36,7 @@ class GaussianConfig(MethodConfig):
     name: str = "gaussian"
     sigma: float = 0.25  # training noise std, pixel units
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.sigma < 0:
             raise ConfigError("method.sigma", self.sigma, "must be >= 0 (pixel units, data in [0, 1])")
 
@@ -65,6 +68,6 @@ class GaussianAugObjective(Objective):
         return self.classifier
 
 
-def build(cfg: Any, num_classes: int) -> GaussianAugObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> GaussianAugObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     return GaussianAugObjective(cfg.method, clf, build_mixup(cfg.data, num_classes), cfg.data.label_smoothing)

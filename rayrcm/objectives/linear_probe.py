@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -56,6 +56,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from rayrcm.errors import ConfigError
 from rayrcm.models import Classifier, build_classifier
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import OptimConfig
 
 STABLEREP_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # main_linear.py:82-83
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -94,7 +98,7 @@ class LinearProbeConfig(MethodConfig):
         scale = global_batch / self.lr_reference if self.lr_reference > 0 else 1.0
         return tuple(b * scale for b in self.lrs_base)
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError("method.protocol", self.protocol, f"choose one of: {', '.join(PROTOCOLS)}")
         if not all(math.isfinite(b) and b > 0 for b in self.lrs_base):
@@ -128,17 +132,21 @@ def probe_head(dim: int, num_classes: int, use_bn: bool, init_std: float) -> nn.
 @torch.no_grad()
 def fold_head(head: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W', b')`` of the single linear map equal to ``head`` in eval mode (BatchNorm folded in)."""
-    linear = head[-1]
+    linear = cast(nn.Linear, head[-1])
     w, b = linear.weight.double(), linear.bias.double()
     if len(head) > 1:
-        bn = head[0]
-        inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+        bn = cast(nn.BatchNorm1d, head[0])
+        mean, var = bn.running_mean, bn.running_var
+        assert mean is not None and var is not None  # probe_head's BatchNorm tracks its running statistics
+        inv = torch.rsqrt(var.double() + bn.eps)
         w = w * inv[None, :]
-        b = b - w @ bn.running_mean.double()
+        b = b - w @ mean.double()
     return w.to(linear.weight.dtype), b.to(linear.bias.dtype)
 
 
 class LinearProbeObjective(Objective):
+    selected: torch.Tensor  # a buffer: the index of the exported head
+
     def __init__(self, cfg: LinearProbeConfig, classifier: Classifier, global_batch: int, optim_name: str = "sgd",
                  smoothing: float = 0.0) -> None:
         super().__init__()
@@ -183,7 +191,7 @@ class LinearProbeObjective(Objective):
         self._stale = True  # a resumed run exports the selected head of the restored heads
         return out
 
-    def param_groups(self, optim: Any) -> list[dict]:
+    def param_groups(self, optim: OptimConfig) -> list[dict]:
         """One optimizer param group per head, with that head's learning rate (see the module docstring)."""
         return [{"params": list(head.parameters()), "lr": lr, "weight_decay": optim.weight_decay}
                 for head, lr in zip(self.heads, self.lrs)]
@@ -226,9 +234,10 @@ class LinearProbeObjective(Objective):
 
     @torch.no_grad()
     def _refresh(self) -> None:
-        w, b = fold_head(self.heads[int(self.selected)])
-        self.classifier.head.weight.copy_(w)
-        self.classifier.head.bias.copy_(b)
+        w, b = fold_head(cast(nn.Sequential, self.heads[int(self.selected)]))
+        head = cast(nn.Linear, self.classifier.head)
+        head.weight.copy_(w)
+        head.bias.copy_(b)
         self._stale = False
 
     def export(self) -> nn.Module:
@@ -238,7 +247,7 @@ class LinearProbeObjective(Objective):
         return self.classifier
 
 
-def build(cfg: Any, num_classes: int) -> LinearProbeObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> LinearProbeObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     return LinearProbeObjective(cfg.method, clf, cfg.data.batch_size, cfg.optim.name, cfg.data.label_smoothing)
 

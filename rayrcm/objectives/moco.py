@@ -63,7 +63,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,9 @@ from rayrcm.objectives.acl import authors_init
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import gather_keys
 from rayrcm.sections import AUGMENTATIONS
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 NEGATIVES = ("none", "patch", "texture")
 VIEWS = (*AUGMENTATIONS, "mocov2", "stablerep")
@@ -174,7 +177,7 @@ class MoCoConfig(MethodConfig):
     def groups(self, world: int) -> int:
         return self.shuffle_groups or (1 if world > 1 else 2)
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if self.view and self.view not in VIEWS:
@@ -210,7 +213,7 @@ class MoCoConfig(MethodConfig):
                               "moco uses shuffle BN (per-worker BatchNorm): set train.sync_bn=false")
 
 
-    def _validate_texture(self, cfg: Any) -> None:
+    def _validate_texture(self, cfg: ExperimentConfig) -> None:
         if self.n_negatives != 1:
             raise ConfigError("method.n_negatives", self.n_negatives,
                               "texture negatives are one per query (the seed asserts --num-nonsem 1)")
@@ -231,6 +234,9 @@ def _world_rank() -> tuple[int, int]:
 class MoCoObjective(Objective):
     """Query encoder + head, their momentum copies, the key queue and the non-semantic negatives."""
 
+    queue: torch.Tensor  # buffers: the (dim, queue_size) keys and the write pointer
+    queue_ptr: torch.Tensor
+
     def __init__(self, cfg: MoCoConfig, encoder: Encoder, image_size: int, seed: int = 0) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
@@ -238,12 +244,12 @@ class MoCoObjective(Objective):
         self.normalize = Normalize()
         self.encoder = encoder
         self.head = MoCoV2Head(encoder.num_features, cfg.dim, mlp=cfg.mlp)
-        self.key_encoder = make_frozen_copy(encoder)
+        self.key_encoder = cast(Encoder, make_frozen_copy(encoder))
         self.key_head = make_frozen_copy(self.head)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.dim, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    def _encode(self, encoder: nn.Module, head: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    def _encode(self, encoder: Encoder, head: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
         """``head(encoder(x))`` in ``groups`` contiguous BatchNorm groups."""
         if x.shape[0] % groups:
             raise ValueError(f"a batch of {x.shape[0]} does not split into {groups} shuffle-BN groups")
@@ -321,7 +327,7 @@ class MoCoObjective(Objective):
         return self.encoder
 
 
-def build(cfg: Any, num_classes: int) -> MoCoObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> MoCoObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
     if not isinstance(encoder, ViTEncoder):
         authors_init(encoder)  # torchvision's ResNet init: timm's zero-initialised last BatchNorms back to 1

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -66,6 +66,9 @@ from rayrcm.models import (
 )
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import info_nce
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class RCMConfig(MethodConfig):
             return (self.weak_view or "center", "mocov3_1", "mocov3_2")
         return (self.weak_view or "weak", augmentation, augmentation)
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if not 0 < self.sigma_min < self.sigma_max:
@@ -139,7 +142,7 @@ class RCMObjective(Objective):
         self.normalize = Normalize()
         self.encoder = encoder
         self.projector = MoCoV3Projector(encoder.num_features, proj_hidden, proj_dim, layers=3, last_bn=False)
-        self.teacher_encoder = make_frozen_copy(encoder)
+        self.teacher_encoder = cast(Encoder, make_frozen_copy(encoder))
         self.teacher_projector = make_frozen_copy(self.projector)
 
     def _scale(self, sigma: torch.Tensor | float) -> torch.Tensor | float:
@@ -190,7 +193,7 @@ class RCMObjective(Objective):
         return self.encoder
 
 
-def build(cfg: Any, num_classes: int) -> RCMObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> RCMObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
     return RCMObjective(cfg.method, encoder, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.train.steps,
                         seed=cfg.train.seed)

@@ -58,14 +58,16 @@ and the owner of each chosen unit shares its full gradient (a sum over workers).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence, Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from rayrcm.attacks.pgd import PGDConfig, pgd
+
+if TYPE_CHECKING:
+    from rayrcm.objectives.acl import ACLConfig, ACLObjective
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (n, ...) per worker -> (world * n, ...) in rank order
 Share = Callable[[torch.Tensor], torch.Tensor]  # elementwise sum over workers
@@ -114,7 +116,7 @@ def rd_rows(n: int, batch_size: int) -> list[list[int]]:
     return [[start + r // 2 for r in range(min(batch_size, n - start))] for start in range(0, n, batch_size)]
 
 
-def rd_attack_config(cfg: Any) -> PGDConfig:
+def rd_attack_config(cfg: ACLConfig) -> PGDConfig:
     """The RD attack of ``cfg`` (``rcs_pgd_steps``, ``rcs_eps``, ``rcs_step_size``; step 0 = ``(10/255) / steps``)."""
     steps = cfg.rcs_pgd_steps
     step = cfg.rcs_step_size or (RD_TOTAL_STEP / steps if steps else RD_TOTAL_STEP)
@@ -236,13 +238,13 @@ class RDValidation:
     batch ``b`` after ``pick`` updates is seeded by ``(seed, pick, b)``.
     """
 
-    def __init__(self, objective: nn.Module, val_set: Dataset, names: Sequence[str], in_dim: int, attack: PGDConfig, *,
+    def __init__(self, objective: ACLObjective, val_set: Dataset, names: Sequence[str], in_dim: int, attack: PGDConfig, *,
                  batch_size: int, seed: int, device: torch.device | str, rank: int = 0, world: int = 1,
                  gather: Gather = lambda t: t) -> None:
         self.objective, self.names, self.attack, self.seed, self.device = objective, list(names), attack, seed, device
         self.gather, self.in_dim = gather, in_dim
         self.dtype = torch.promote_types(next(objective.parameters()).dtype, torch.float32)
-        rows = rd_rows(len(val_set), batch_size)  # type: ignore[arg-type]
+        rows = rd_rows(len(cast(Sized, val_set)), batch_size)
         self.mine = list(range(rank, len(rows), world))
         cache: dict[int, torch.Tensor] = {}
         self.images = {}
@@ -254,7 +256,8 @@ class RDValidation:
         sizes = [len(r) for r in rows]
         counts = [sum(sizes[b] for b in range(r, len(rows), world)) for r in range(world)]
         self.per_rank = max(1, max(counts))
-        self.order, offsets = [], [0] * world
+        self.order: list[int] = []
+        offsets = [0] * world
         for b, size in enumerate(sizes):
             r = b % world
             self.order.extend(range(r * self.per_rank + offsets[r], r * self.per_rank + offsets[r] + size))

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from rayrcm.errors import ConfigError
@@ -31,6 +30,7 @@ from rayrcm.objectives.rcs import (
 )
 
 if TYPE_CHECKING:
+    from rayrcm.objectives.acl import ACLConfig, ACLObjective
     from rayrcm.objectives.base import EpochContext
 
 
@@ -78,7 +78,7 @@ class CoresetSchedule:
     (rank 0's choice everywhere).
     """
 
-    def __init__(self, objective: nn.Module, cfg: Any, train_set: Dataset, val_set: Dataset, folder: Path,
+    def __init__(self, objective: ACLObjective, cfg: ACLConfig, train_set: Dataset, val_set: Dataset, folder: Path,
                  settings: RCSSettings) -> None:
         self.objective, self.cfg, self.train_set, self.val_set, self.folder = objective, cfg, train_set, val_set, folder
         s = self.settings = settings
@@ -109,7 +109,7 @@ class CoresetSchedule:
             validation = RDValidation(obj, self.val_set, names, params[names[0]].shape[1], rd_attack_config(cfg),
                                       batch_size=self.val_batch, seed=self._seed, device=self.device, rank=self.rank,
                                       world=self.world, gather=self.gather)
-            n = len(self.train_set)  # type: ignore[arg-type]
+            n = len(cast(Sized, self.train_set))
             return select_coreset(self._unit_grad, validation, list(params.values()), n, fraction=cfg.rcs_fraction,
                                   unit=self.unit, lr=self.lr, seed=self.seed * 7_919 + chosen_at, rank=self.rank,
                                   world=self.world, gather=self.gather, share=self.share)
@@ -117,15 +117,15 @@ class CoresetSchedule:
             obj.train(was_training)
 
     @classmethod
-    def for_context(cls, objective: nn.Module, cfg: Any, ctx: EpochContext) -> CoresetSchedule:
+    def for_context(cls, objective: ACLObjective, cfg: ACLConfig, ctx: EpochContext) -> CoresetSchedule:
         """The schedule of a training run: RD loss on (the first ``rcs_val_images`` of) the
         validation split in batches of the global batch, units of ``rcs_unit`` samples (default:
         the global batch, as the authors), greedy step ``rcs_lr``, files in ``<job>/coreset``;
         rank 0 announces each selection and logs its size and time."""
         val = ctx.val_set
         if cfg.rcs_val_images:
-            val = torch.utils.data.Subset(val, list(range(min(cfg.rcs_val_images, len(val)))))
-        if len(val) == 0:
+            val = torch.utils.data.Subset(val, list(range(min(cfg.rcs_val_images, len(cast(Sized, val))))))
+        if len(cast(Sized, val)) == 0:
             raise ConfigError("data.val_fraction", 0, "RCS needs an unlabeled validation split (> 0)")
         settings = RCSSettings(unit=cfg.rcs_unit or ctx.batch_size, lr=cfg.rcs_lr, seed=ctx.seed, device=ctx.device,
                                val_batch=ctx.batch_size, rank=ctx.rank, world=ctx.world, gather=ctx.comm.gather,
@@ -147,7 +147,7 @@ class CoresetSchedule:
             return json.loads(path.read_text())["indices"]
         tic = time.perf_counter()
         indices = self.agree(self.select(chosen_at))
-        n = len(self.train_set)  # type: ignore[arg-type]
+        n = len(cast(Sized, self.train_set))
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -11,9 +11,12 @@ ACL script (``pretraining.py --pgd_iter 0 --lambda1 0 --lambda2 0``). Single Bat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rayrcm.objectives.acl import ACLConfig, ACLObjective
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -24,5 +27,5 @@ class SimCLRConfig(ACLConfig):
     export_bn: str = "nat"
 
 
-def build(cfg: Any, num_classes: int) -> ACLObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> ACLObjective:
     return ACLObjective(cfg.method, cfg.model, cfg.data.image_size)

@@ -47,7 +47,7 @@ Shapes: ``views = [x_1, ..., x_n]``, each ``(B, 3, H, W)`` in [0, 1]; labels ``(
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,9 @@ from rayrcm.models import Encoder, Normalize, build_encoder
 from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import gather_keys
 from rayrcm.sections import AUGMENTATIONS
+
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
 
 GROUPS = ("image", "label")
 VIEWS = (*AUGMENTATIONS, "mocov2", "stablerep")
@@ -113,7 +116,7 @@ class StableRepConfig(MethodConfig):
     def views(self, augmentation: str) -> tuple[str, ...]:
         return (self.view or augmentation,) * self.n_views
 
-    def validate(self, cfg: Any) -> None:
+    def validate(self, cfg: ExperimentConfig) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if self.view and self.view not in VIEWS:
@@ -167,7 +170,7 @@ class StableRepObjective(Objective):
         return self.encoder
 
 
-def build(cfg: Any, num_classes: int) -> StableRepObjective:
+def build(cfg: ExperimentConfig, num_classes: int) -> StableRepObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
     return StableRepObjective(cfg.method, encoder, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
 

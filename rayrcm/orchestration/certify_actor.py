@@ -93,6 +93,7 @@ class CountActor:
             tic = time.perf_counter()
             x = self.images[int(pos)].float().div_(255)
             if int(role) == ISS_ROW:
+                assert s.plan is not None, "ISS rows come with the job's sample-size plan (CountSettings.plan)"
                 sel, est = iss_counts(self.sm, x, s.plan, index=int(index), seed=self.seed, n0=s.n0, chunk=s.chunk)
                 counts.append(est)
                 pilots.append(sel)

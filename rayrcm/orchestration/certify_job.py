@@ -93,7 +93,7 @@ def _count_all(p: Prepared, collector: Collector, progress: _Progress) -> None:
     per_call = 1
     if p.cfg.smoothing.sampling == "sequential":
         per_call = max(1, min(c.sequential_images, -(-len(collector.rows) // (4 * c.workers))))
-    ds = ray.data.from_items(collector.rows, override_num_blocks=-(-len(collector.rows) // per_call))
+    ds: ray.data.Dataset = ray.data.from_items(collector.rows, override_num_blocks=-(-len(collector.rows) // per_call))
     ds = ds.map_batches(
         CountActor,
         fn_constructor_kwargs={"model_ref": model_ref, "images_ref": images_ref,
@@ -116,7 +116,8 @@ class _Progress:
     def __init__(self, p: Prepared, collector: Collector, logger: Any) -> None:
         self.p, self.collector, self.logger = p, collector, logger
         self.total, self.before = len(p.indices), len(p.indices) - len(collector.todo)
-        self.done_count, self.buffer = self.before, []
+        self.done_count = self.before
+        self.buffer: list[dict[str, Any]] = []  # finished images' records not written yet
         self.tic = self.last = time.perf_counter()
         self.bar = live.bar(self.total, f"{p.cfg.mode} {p.name}", "img", initial=self.before) if live.interactive() else None
 
@@ -205,7 +206,7 @@ def _run(p: Prepared, run_id: str | None, ray_init: dict[str, Any] | None, show_
 
     cfg, s = p.cfg, p.cfg.smoothing
     logger = None
-    if run_id:
+    if run_id and p.uri:  # a run id comes with the tracking URI it was opened at
         (p.out / RUN_FILE).write_text(json.dumps({"tracking_uri": p.uri, "run_id": run_id}))
         logger = tracking.MetricLogger(p.uri, run_id)
     collector = Collector(cfg, p.todo, p.labels, int(p.meta["num_classes"]))
@@ -220,7 +221,7 @@ def _run(p: Prepared, run_id: str | None, ray_init: dict[str, Any] | None, show_
           f"{draws}, alpha={s.alpha:g}{sampling}; results in {p.out}", flush=True)
     if collector.rows:
         ensure_ray(**(ray_init or {}))
-        if run_id:
+        if run_id and p.uri:
             tracking.mark_running(p.uri, run_id)
         try:
             _count_all(p, collector, progress)
@@ -248,7 +249,7 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, collector: Collector, 
     progress = {"progress/wall_seconds": wall, "progress/samples_per_s": collector.samples / max(wall, 1e-9)}
     files = write_analysis({p.name: rows}, p.out, title=f"{p.cfg.mode} sigma={p.cfg.smoothing.sigma:g}",
                            radii=grid, max_radii={p.name: reach})
-    if logger:
+    if logger and p.uri and run_id:  # a logger is made for a run (at p.uri)
         logger.log(len(rows), {**metrics, **(progress if computed else {})})
         for f in [p.out / TSV_NAME, p.out / PROTOCOL_FILE, *files]:
             logger.log_artifact(f)

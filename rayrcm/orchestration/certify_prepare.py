@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch.utils.data import Dataset
 
 from rayrcm.analysis.results import read_rows_dir
 from rayrcm.certify.protocol import (
@@ -198,9 +200,10 @@ def _load_denoiser(cfg: CertifyConfig, uri: str | None, meta: dict[str, Any]) ->
     if size != want:
         raise ConfigError("denoiser", ref, f"works on {size} px images but model {cfg.model} on {want} px; "
                           "give a denoiser trained at the classifier's image size")
-    if hasattr(den, "timestep"):  # a diffusion denoiser: sigma must map to a step t* of its schedule
+    timestep = getattr(den, "timestep", None)
+    if timestep is not None:  # a diffusion denoiser: sigma must map to a step t* of its schedule
         try:
-            den.timestep(sigma)
+            timestep(sigma)
         except ConfigError as err:
             raise ConfigError("sigma", sigma, f"beyond the denoiser's diffusion schedule: {err.allowed}") from None
     return local
@@ -232,6 +235,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     denoiser_file = _load_denoiser(cfg, uri, meta) if cfg.denoiser else None
     data = data_config(cfg.dataset, cfg.data_path, meta)
     data_warnings = _check_dataset(cfg, meta, data.name)  # before any data is read
+    ds: Dataset
     if data.name in CORRUPTED:  # the released files of one corruption and severity
         from rayrcm.data.shift import read_cifar_c
 
@@ -245,7 +249,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
         ds, num_classes, large = eval_split(data, cfg.split)
     if num_classes != meta["num_classes"]:
         raise ConfigError("model", cfg.model, f"has {meta['num_classes']} classes but dataset {data.name} has {num_classes}")
-    indices = select_indices(len(ds), cfg.smoothing)  # type: ignore[arg-type]
+    indices = select_indices(len(cast(Sized, ds)), cfg.smoothing)
     if not indices:
         raise ConfigError("max", cfg.smoothing.max, "selects no image")
     sha = file_sha256(local)
@@ -266,9 +270,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     finished = set(int(i) for i in done["idx"]) if len(done) else set()
     images, labels = eval_images(ds, [i for i in indices if i not in finished], data.image_size, large=large,
                                  crop_pct=data.crop_pct)
-    parent, experiment = (None, None)
-    if uri:
-        parent, experiment = tracking.model_lineage(cfg.model, uri)
+    parent, experiment = tracking.model_lineage(cfg.model, uri) if uri else (None, None)
     experiment = cfg.tracking.experiment or experiment or "rayrcm-certify"
     if denoiser_file:  # the actors read the resolved local file (a registry reference is downloaded once)
         cfg = replace(cfg, denoiser=str(denoiser_file.resolve()))

@@ -131,7 +131,8 @@ class _Progress:
         self.p, self.logger = p, logger
         self.by_key = {r["key"]: r for r in p.rows}
         self.total, self.before = len(p.rows), len(p.rows) - len(p.todo)
-        self.done_count, self.images, self.buffer = self.before, 0, []
+        self.done_count, self.images = self.before, 0
+        self.buffer: list[dict[str, Any]] = []  # finished shards' records not written yet
         self.tic = self.last = time.perf_counter()
         self.bar = live.bar(self.total, f"evaluate {p.name}", "shard", initial=self.before) if live.interactive() else None
 
@@ -188,7 +189,7 @@ def _evaluate_all(p: Prepared, progress: _Progress) -> None:
     images_ref, labels_ref = ray.put(p.images), ray.put(p.labels)
     items = [{k: r[k] for k in ("key", "source", "set", "corruption", "severity", "attack", "start", "stop", "index")}
              for r in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         EvalActor,
         fn_constructor_kwargs={"model_ref": model_ref, "images_ref": images_ref, "labels_ref": labels_ref,
@@ -246,7 +247,7 @@ def _run_locked(p: Prepared, ray_init: dict[str, Any] | None, show_table: bool) 
 
 def _run(p: Prepared, run_id: str | None, show_table: bool) -> EvaluateResult:
     logger = None
-    if run_id:
+    if run_id and p.uri:  # a run id comes with the tracking URI it was opened at
         (p.out / RUN_FILE).write_text(json.dumps({"tracking_uri": p.uri, "run_id": run_id}))
         logger = tracking.MetricLogger(p.uri, run_id)
     progress = _Progress(p, logger)
@@ -256,7 +257,7 @@ def _run(p: Prepared, run_id: str | None, show_table: bool) -> EvaluateResult:
         print(f"[rayrcm] evaluate: {n}: {v['classes']} of {v['of']} classes remain, {v['images']:,} images"
               + (", logits masked to those classes" if v.get("masked") else "") + f" ({v['path']})", flush=True)
     if p.todo:
-        if run_id:
+        if run_id and p.uri:
             tracking.mark_running(p.uri, run_id)
         try:
             _evaluate_all(p, progress)
@@ -306,7 +307,7 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, progress: _Progress, s
     files += _per_class(p, rows, metrics)
     computed = progress.done_count - progress.before
     wall = time.perf_counter() - progress.tic
-    if logger:
+    if logger and p.uri and run_id:  # a logger is made for a run (at p.uri)
         extra = {"progress/wall_seconds": wall, "progress/images_per_s": progress.images / max(wall, 1e-9)}
         logger.log(int(table["images"].sum()) if len(table) else 0, {**metrics, **(extra if computed else {})})
         for f in [p.out / PROTOCOL_FILE, *files]:

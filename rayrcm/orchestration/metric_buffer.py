@@ -4,7 +4,8 @@ idempotent sending of buffered points by (key, step) that it and the driver shar
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 from rayrcm.orchestration.tracking import client as _client
 
@@ -38,7 +39,7 @@ def _send_new(client: Any, run_id: str, batch: list[Point], seen: set[tuple[str,
 def send_points(uri: str, run_id: str, points: list[Point]) -> int:
     """Log buffered points (kept by a run that could not send them), skipping those the run holds."""
     client = _client(uri)
-    return _send_new(client, run_id, [tuple(p) for p in points], logged_points(client, run_id))
+    return _send_new(client, run_id, [cast(Point, tuple(p)) for p in points], logged_points(client, run_id))
 
 
 class BufferedMetricLogger:
@@ -54,7 +55,7 @@ class BufferedMetricLogger:
     :meth:`pending` is what a checkpoint keeps, so a worker killed during an outage loses nothing.
     """
 
-    def __init__(self, uri: str, run_id: str, *, say=print, pending: list[Point] = (), retry_s: float = 5.0,
+    def __init__(self, uri: str, run_id: str, *, say=print, pending: Sequence[Point] = (), retry_s: float = 5.0,
                  request_timeout_s: float = 10.0, system_metrics: bool = False) -> None:
         import threading
 
@@ -96,7 +97,7 @@ class BufferedMetricLogger:
     def add(self, points: list[Point]) -> None:
         """Queue points kept earlier (a checkpoint's, the job's unsent file); sent unless the run has them."""
         with self._cond:
-            self._points += [tuple(p) for p in points]
+            self._points += [cast(Point, tuple(p)) for p in points]  # a JSON file's lists as tuples
             self._cond.notify()
 
     def mark_running(self) -> None:

@@ -17,11 +17,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import lineage, tracking
 from rayrcm.pipeline import Planned, Stage, plan
+
+if TYPE_CHECKING:
+    from rayrcm.certify.protocol import CertifyConfig
+    from rayrcm.config import ExperimentConfig
+
+StageConfig = Union["ExperimentConfig", "CertifyConfig"]  # a train stage's, a certify stage's
 
 FINGERPRINT_TAG = "rayrcm.fingerprint"
 PIPELINE_TAG = "rayrcm.pipeline_run_id"
@@ -48,14 +54,14 @@ class PipelineResult:
     folder: Path
 
 
-def _apply(stage: Stage, cfg: Any, overrides: list[str], check_paths: bool = False) -> Any:
+def _apply(stage: Stage, cfg: StageConfig, overrides: list[str], check_paths: bool = False) -> StageConfig:
     """A stage's config with its overrides, validated (``check_paths``: the data folders too), its paths
     and tracking URI made absolute (its task runs in another folder)."""
     if stage.kind == "train":
         from rayrcm.config import apply_overrides, validate
         from rayrcm.orchestration.trainer import storage_root
 
-        cfg = validate(apply_overrides(cfg, overrides), check_paths=check_paths)
+        cfg = validate(apply_overrides(cast("ExperimentConfig", cfg), overrides), check_paths=check_paths)
         data = cfg.data if not cfg.data.path or "://" in cfg.data.path else \
             replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()))
         track = replace(cfg.tracking, uri=tracking.normalize_uri(cfg.tracking.uri)) if cfg.tracking.enabled else cfg.tracking
@@ -63,17 +69,18 @@ def _apply(stage: Stage, cfg: Any, overrides: list[str], check_paths: bool = Fal
     from rayrcm.certify.protocol import validate_certify
     from rayrcm.orchestration import certify_job
 
-    cfg = validate_certify(certify_job.config_from_args(overrides, base=cfg))
+    cfg = validate_certify(certify_job.config_from_args(overrides, base=cast("CertifyConfig", cfg)))
     track = replace(cfg.tracking, uri=tracking.normalize_uri(cfg.tracking.uri)) if cfg.tracking.enabled else cfg.tracking
     return replace(cfg, out_dir=str(Path(cfg.out_dir).expanduser().resolve()), tracking=track,
                    data_path=str(Path(cfg.data_path).expanduser().resolve()) if cfg.data_path else "")
 
 
 def _name(recipe: str):
-    def name(stage: Stage, cfg: Any, fp: str) -> Any:
+    def name(stage: Stage, cfg: StageConfig, fp: str) -> StageConfig:
         if stage.kind == "train":
-            return replace(cfg, train=replace(cfg.train, name=f"{cfg.train.name}-{fp[:8]}"))
-        return replace(cfg, name=f"{recipe}-{stage.name}-{fp[:8]}")
+            exp = cast("ExperimentConfig", cfg)
+            return replace(exp, train=replace(exp.train, name=f"{exp.train.name}-{fp[:8]}"))
+        return replace(cast("CertifyConfig", cfg), name=f"{recipe}-{stage.name}-{fp[:8]}")
     return name
 
 
@@ -260,7 +267,7 @@ def stage_failure(err: Exception, recipe: str, stage: str) -> Exception:
     wrapper of it prints a traceback), else a ``RunFailed`` line naming the stage and the cause."""
     from rayrcm.errors import RunFailed
 
-    cause = getattr(err, "cause", None)
+    cause: Any = getattr(err, "cause", None)
     while getattr(cause, "cause", None) is not None and type(cause).__name__.startswith("RayTaskError"):
         cause = cause.cause
     if isinstance(cause, (ConfigError, RunFailed)):

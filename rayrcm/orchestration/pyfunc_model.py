@@ -7,9 +7,10 @@ classifier (features for an encoder).
 import mlflow
 import numpy as np
 import torch
+from mlflow.pyfunc import PythonModel
 
 
-class RayrcmModel(mlflow.pyfunc.PythonModel):
+class RayrcmModel(PythonModel):
     def load_context(self, context):
         from rayrcm.models.export import build_from_file, predicts_classes
 

@@ -206,7 +206,7 @@ def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict
            reports: int, max_conc: int) -> Any:
     """A new Tuner, or the sweep's Tune experiment restored from ``folder``."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
     from rayrcm.orchestration.console import is_verbose
     from rayrcm.orchestration.sweep_tensorboard import StepScalars
@@ -214,6 +214,7 @@ def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict
     if tune.Tuner.can_restore(str(folder)):
         print(f"[rayrcm] sweep {sw.name}: resuming from {folder}", flush=True)
         return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+    scheduler: TrialScheduler
     if sw.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=min(sw.grace_period, reports),
                                   reduction_factor=sw.reduction_factor)

@@ -24,6 +24,7 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +308,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
     MetricLogger(uri, run_id).log(step, metrics)
 
 
-def log_artifacts(uri: str, run_id: str, paths: list[str | Path], artifact_path: str | None = None) -> None:
+def log_artifacts(uri: str, run_id: str, paths: Sequence[str | Path], artifact_path: str | None = None) -> None:
     """Upload local files to a run's artifacts (under ``artifact_path`` when given)."""
     client = _client(uri)
     for path in paths:

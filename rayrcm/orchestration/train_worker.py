@@ -221,9 +221,9 @@ def _report(s: Session, out: _Rank0, step: int, metrics: dict[str, float], final
             save(s, d, step, final=final)
             checkpoint = ray.train.Checkpoint.from_directory(d)
             if final and s.cfg.train.workers == 0:  # local mode keeps no checkpoint folder after report()
-                out = model_dir(s.cfg.train.storage_path, s.cfg.job_name)
-                out.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(Path(d) / MODEL_FILE, out / MODEL_FILE)
+                folder = model_dir(s.cfg.train.storage_path, s.cfg.job_name)
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(d) / MODEL_FILE, folder / MODEL_FILE)
         ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
     t = s.cfg.train
     if step == t.fault_at_step and t.fault_mode == "exit" and s.rank == 0:

@@ -21,11 +21,11 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rayrcm.config import (
     ExperimentConfig,
@@ -47,6 +47,9 @@ from rayrcm.orchestration.train_worker import (
 )
 from rayrcm.train.checkpoint import MODEL_FILE
 from rayrcm.train.selection import EMBEDDING_DIR
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint, Result
 
 JOB_CONFIG_FILE = "job_config.json"  # the resolved config of a job, compared on rerun
 RESUME_KEYS = frozenset({  # may differ between runs of one job: where and how it runs, not what it trains
@@ -121,7 +124,7 @@ def prepare(cfg: ExperimentConfig, *, job: bool = False) -> tuple[ExperimentConf
     need_val = cfg.method.stage == "classifier" and (cfg.data.val_fraction > 0 or bool(cfg.train.select_metric))
     splits = check_dataset(cfg.data, batch_size=cfg.data.batch_size, need_val=need_val)  # before Ray, one line
     if needs_epochs(cfg):
-        cfg = resolve_epochs(cfg, len(splits.train))
+        cfg = resolve_epochs(cfg, len(cast(Sized, splits.train)))
     batch, workers = cfg.data.batch_size, max(cfg.train.workers, 1)
     if batch % workers:
         raise ConfigError("data.batch_size", batch, f"must be divisible by train.workers={workers} (it is the global batch)")
@@ -255,6 +258,12 @@ def fit(cfg: ExperimentConfig, *, parent_run_id: str | None = None, ray_init: di
     return fit_result
 
 
+def _final_checkpoint(result: Result) -> Checkpoint:
+    """The checkpoint of a run's last report (with train.workers > 0 rank 0 attaches one to every report)."""
+    assert result.checkpoint is not None, "the last report of a training run carries its checkpoint"
+    return result.checkpoint
+
+
 def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: list[Any] | None,
          say: Callable[[str], None] | None = None) -> FitResult:
     """``say``: a sweep's trial while the driver draws the sweep's bar takes its lines (and drops them)."""
@@ -302,10 +311,10 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
     out_dir = job_files.model_dir(t.storage_path, job)
     out_dir.mkdir(parents=True, exist_ok=True)
     if t.workers > 0:  # train.workers=0 (Ray Train's local mode) keeps no checkpoint: the worker wrote model.pt
-        with result.checkpoint.as_directory() as d:
+        with _final_checkpoint(result).as_directory() as d:
             shutil.copy2(Path(d) / MODEL_FILE, out_dir / MODEL_FILE)
         remove_untracked_checkpoints(t.storage_path, job, [c.path for c, _ in (result.best_checkpoints or [])]
-                                     + [result.checkpoint.path])
+                                     + [_final_checkpoint(result).path])
     fit_result = FitResult(job, run_id, dict(result.metrics or {}), out_dir / MODEL_FILE)
     (say or partial(print, flush=True))(summary_line(job, fit_result.metrics, time.perf_counter() - tic))
     if uri and run_id:

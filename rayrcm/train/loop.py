@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -92,6 +93,12 @@ def clip_gradients(params: list[torch.Tensor], clip: float, mode: str = "global"
     torch._foreach_mul_(grads, coefs)
 
 
+class StepSchedule(Protocol):
+    """A per-step schedule: timm's schedulers and the wrappers of :mod:`rayrcm.train.optim`."""
+
+    def step_update(self, num_updates: int) -> None: ...
+
+
 @dataclass
 class Loop:
     """One optimizer step at a time for a (possibly DDP-wrapped) objective."""
@@ -99,7 +106,7 @@ class Loop:
     model: nn.Module  # the objective, maybe wrapped in DDP
     objective: Objective  # the unwrapped objective
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: StepSchedule
     device: torch.device
     precision: str = "fp32"
     grad_clip: float = 0.0
@@ -129,7 +136,8 @@ class Loop:
         sums: dict[str, float] = {}
         for i, (micro, y) in enumerate(zip(parts, targets, strict=True)):
             last = i == self.accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            no_sync = getattr(self.model, "no_sync", None)  # DDP: no gradient all-reduce before the last micro-batch
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
             with sync:
                 out = self._forward_backward(step, [v.to(self.device, non_blocking=True) for v in micro],
                                              y.to(self.device, non_blocking=True))

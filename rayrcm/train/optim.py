@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ def mae_layer_decay_groups(vit: nn.Module, weight_decay: float, no_weight_decay:
                            decay: float) -> list[dict]:
     """MAE/BEiT's ``param_groups_lrd`` on a ViT: ``num_layers = depth + 1``, layer ``l`` at
     ``decay^(num_layers - l)``; 1-d parameters and ``no_weight_decay`` names without weight decay."""
-    num_layers = len(vit.blocks) + 1
+    num_layers = len(cast(Sized, vit.blocks)) + 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in vit.named_parameters():
         if not p.requires_grad:
@@ -73,7 +73,8 @@ def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> li
 
     inner = _encoder_of(exported) if exported is not None else None
     if cfg.layer_decay < 1.0 and inner is not None and hasattr(inner, "group_matcher"):
-        nwd = inner.no_weight_decay() if hasattr(inner, "no_weight_decay") else set()
+        no_weight_decay = getattr(inner, "no_weight_decay", None)
+        nwd = no_weight_decay() if no_weight_decay is not None else set()
         if cfg.layer_decay_style == "mae" and hasattr(inner, "blocks"):
             groups = mae_layer_decay_groups(inner, cfg.weight_decay, nwd, cfg.layer_decay)
         else:

@@ -10,14 +10,13 @@ the data order) is here and runs the same in one process.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from rayrcm.data import MultiView, build_splits
 from rayrcm.data.views import data_transform
@@ -34,15 +33,18 @@ from rayrcm.train.optim import (
     build_scheduler,
 )
 
+if TYPE_CHECKING:
+    from rayrcm.config import ExperimentConfig
+
 Log = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
 class Session:
-    cfg: Any  # the resolved ExperimentConfig
+    cfg: ExperimentConfig  # resolved
     train_set: MultiView
-    val_set: Dataset  # un-augmented view of the held-out validation split
-    test_set: Dataset
+    val_set: MultiView  # un-augmented view of the held-out validation split
+    test_set: MultiView
     num_classes: int
     objective: Objective
     optimizer: torch.optim.Optimizer
@@ -53,7 +55,7 @@ class Session:
     rank: int = 0
     world: int = 1
     start: int = 0  # first step to run (> 0 after a resume)
-    bank_set: Dataset | None = None  # un-augmented training split: the reference of the k-NN evaluation
+    bank_set: MultiView | None = None  # un-augmented training split: the reference of the k-NN evaluation
 
     @property
     def comm(self) -> Collectives:
@@ -65,7 +67,8 @@ class Session:
         return Path(self.cfg.train.storage_path) / self.cfg.job_name
 
 
-def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, rank: int = 0, world: int = 1) -> Session:
+def build_session(cfg: ExperimentConfig, cfg_dict: dict[str, Any], *, device: torch.device, rank: int = 0,
+                  world: int = 1) -> Session:
     """Datasets with the method's views, the objective (same initial weights on every worker),
     optimizer, per-step schedule and loss scaler."""
     splits = build_splits(cfg.data)
@@ -75,9 +78,9 @@ def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, r
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     objective = build_objective(cfg, splits.num_classes)
     if cfg.train.sync_bn:  # BatchNorm over the global batch, as the authors' single GPU or SyncBatchNorm
-        objective = sync_batchnorm(objective, device, world)
+        objective = cast(Objective, sync_batchnorm(objective, device, world))  # the same module, converted in place
     optimizer = build_optimizer(objective, objective.export(), cfg.optim)
-    scheduler = epoch_indexed(build_scheduler(optimizer, cfg.optim, cfg.train.steps), cfg, len(splits.train), world)
+    scheduler = epoch_indexed(build_scheduler(optimizer, cfg.optim, cfg.train.steps), cfg, len(cast(Sized, splits.train)), world)
     if cfg.optim.schedule_offset:
         scheduler = ShiftedSchedule(scheduler, cfg.optim.schedule_offset)
     if cfg.optim.weight_decay_end >= 0:
@@ -89,7 +92,7 @@ def build_session(cfg: Any, cfg_dict: dict[str, Any], *, device: torch.device, r
                    optimizer, scheduler, scaler, meta, device, rank, world, bank_set=MultiView(splits.train, plain))
 
 
-def epoch_indexed(scheduler: Any, cfg: Any, n_train: int, world: int) -> Any:
+def epoch_indexed(scheduler: Any, cfg: ExperimentConfig, n_train: int, world: int) -> Any:
     """With ``train.epochs`` and epochs of varying size (a coreset method), the lr follows the
     position in epochs, as the RCS authors' per-epoch cosine; otherwise ``scheduler`` itself."""
     epochs = math.ceil(cfg.train.epochs)
