@@ -203,3 +203,16 @@ def test_finished_runs_open_the_runs_list_with_their_headline_metrics(tmp_path):
     assert lineage.VIEW_TAG.rsplit(".", 1)[0] + "." in bundle and "viewStateShareKey" in bundle
     assert '+".`"+' in bundle.replace(" ", "")  # the UI's column key: type + ".`" + name + "`"
     assert lineage.update_runs_view(uri, cert) == f"#/experiments/{exp.experiment_id}?viewStateShareKey=rayrcm"
+
+
+@pytest.mark.slow
+def test_a_pretraining_run_logs_its_knn_accuracy_and_embedding_map(chain, mlflow_server):
+    """Through Ray Train and a real MLflow server: the encoder stage's k-NN metrics and its t-SNE map."""
+    from mlflow import MlflowClient
+
+    _, pre, _ = chain
+    client = MlflowClient(mlflow_server)
+    metrics = client.get_run(pre.run_id).data.metrics
+    assert 0.0 <= metrics["test_knn_acc"] <= 1.0 and "val_knn_acc" in metrics
+    logged = {f.path for f in client.list_artifacts(pre.run_id, "embedding")}
+    assert logged == {"embedding/embedding.png", "embedding/embedding.csv"}
