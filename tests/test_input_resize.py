@@ -78,7 +78,11 @@ def test_an_encoder_file_for_the_resized_size_is_accepted(tmp_path):
     cfg = _cfg()
     enc = build_classifier(cfg.model, SIZE, CLASSES).encoder
     torch.save({"model": enc.state_dict(), "meta": {"encoder": cfg.model.encoder}}, tmp_path / "enc.pt")
-    check_encoder_file(tmp_path / "enc.pt", cfg.model, SIZE)
+    check_encoder_file(tmp_path / "enc.pt", cfg.model, SIZE)  # built for RESIZED px: fits
+    plain = build_classifier(_cfg("model.input_resize=0").model, SIZE, CLASSES).encoder  # built for SIZE px
+    torch.save({"model": plain.state_dict(), "meta": {"encoder": cfg.model.encoder}}, tmp_path / "plain.pt")
+    with pytest.raises(ConfigError, match="model.init_from"):  # its position embedding does not fit RESIZED
+        check_encoder_file(tmp_path / "plain.pt", cfg.model, SIZE)
 
 
 @pytest.mark.parametrize("override, key", [

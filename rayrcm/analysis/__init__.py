@@ -2,7 +2,6 @@
 (pandas/matplotlib; no Ray)."""
 
 from rayrcm.analysis.certified import (
-    STANDARD_RADII,
     abstention_rate,
     average_certified_radius,
     certified_accuracy,
@@ -25,7 +24,7 @@ from rayrcm.analysis.report import result_labels, write_analysis
 from rayrcm.analysis.results import read_results, write_cohen_tsv
 
 __all__ = [
-    "STANDARD_RADII", "abstention_rate", "average_certified_radius", "certified_accuracy", "compare_tables",
+    "abstention_rate", "average_certified_radius", "certified_accuracy", "compare_tables",
     "default_radii", "per_class_markdown", "per_class_metrics", "per_class_table", "plot_curves", "read_result", "read_results", "result_labels", "summary_metrics", "summary_table",
     "to_latex", "to_markdown", "total_samples", "worst_class", "write_analysis", "write_cohen_tsv",
 ]

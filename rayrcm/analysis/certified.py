@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-STANDARD_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 SAMPLE_COLUMNS = ("samples", "samples/img", "max/img")  # draws spent: in total, per image (mean, max)
 
 

@@ -34,7 +34,6 @@ from torch import nn
 from rayrcm.certify.stats import Certificate, Prediction, certify_from_counts, predict_from_counts
 
 SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
-ROLE_NAMES = {SELECTION: "selection", ESTIMATION: "estimation", PREDICTION: "prediction"}
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -11,7 +11,7 @@ severities 1-5). These are not ImageNet-C's strengths (``make_imagenet_c.py``, t
 ``numpy.random.Generator`` keyed by ``(seed, image index, corruption, severity)``
 (:func:`key_rng`), so the same key gives the same bytes on any worker, in any batch, in any
 order; but the draws are not those of the released ``.npy`` files, so results must be labelled
-"generated" (:data:`GENERATED_SET`, :func:`generated_set_name`) and are not comparable with
+"generated" (:func:`generated_set_name`: ``cifar10-c-generated``) and are not comparable with
 published CIFAR-10-C numbers (read the released files with :mod:`rayrcm.data.shift` for that).
 
 **Implemented** (numpy, scipy, PIL only; OpenCV and scikit-image calls of the original are
@@ -57,7 +57,6 @@ from rayrcm.data.color import hsv_to_rgb, rgb_to_hsv
 from rayrcm.errors import ConfigError
 
 GENERATED = "generated"
-GENERATED_SET = "cifar10-c-generated"
 SEVERITIES = (1, 2, 3, 4, 5)
 
 # Parameter tables, make_cifar_c.py (hendrycks/robustness, commit ca36008), severities 1-5.

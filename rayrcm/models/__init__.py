@@ -10,11 +10,10 @@ from rayrcm.models.dual_bn import (
 )
 from rayrcm.models.ema import ema_update, make_frozen_copy
 from rayrcm.models.encoders import ENCODERS, Encoder, build_encoder
-from rayrcm.models.heads import ACLProjector, BNProjectionHead, MoCoV3Projector, ProjectionHead
+from rayrcm.models.heads import ACLProjector, MoCoV3Projector
 
 __all__ = [
     "ACLProjector",
-    "BNProjectionHead",
     "MoCoV3Projector",
     "DualBatchNorm",
     "bn_route",
@@ -25,7 +24,6 @@ __all__ = [
     "Classifier",
     "Encoder",
     "Normalize",
-    "ProjectionHead",
     "build_classifier",
     "build_encoder",
     "ema_update",

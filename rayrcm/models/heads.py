@@ -7,7 +7,6 @@
   ``models/resnet_multi_bn.py``): ``fc1 -> bn1 -> relu -> fc2 -> bn2 [-> relu -> fc3 -> bn3]``,
   ``fc1`` with a bias, ``fc2``/``fc3`` without. The authors use ``in = hidden = out`` (512 for
   ResNet-18); the layer names are theirs, so RCS can address ``fc1.weight`` and friends.
-* :class:`ProjectionHead`: ``Linear -> GELU -> Linear``, for extensions that want a BN-free head.
 
 Every head maps ``(B, in_dim) -> (B, out_dim)``. BatchNorm statistics are per process; the
 training session replaces them with cross-worker BatchNorm when it runs on several workers
@@ -63,26 +62,3 @@ class ACLProjector(nn.Module):
         if self.two_layer:
             return x
         return self.bn3(self.fc3(self.relu(x)))
-
-
-class ProjectionHead(nn.Module):
-    """``Linear(D, hidden) -> GELU -> Linear(hidden, out)``: ``(B, D) -> (B, out)``."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class BNProjectionHead(nn.Module):
-    """SimCLR's two-layer projector: ``Linear -> BatchNorm1d -> ReLU -> Linear``."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden_dim, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
