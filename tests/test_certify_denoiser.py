@@ -139,7 +139,7 @@ def test_bad_denoisers_are_one_line_before_ray(capsys, files, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     _fails(capsys, [*base, "--denoiser", str(tmp_path / "junk.pt")], "denoiser=")
     _fails(capsys, [*base, "--denoiser", str(tmp_path / "missing.pt")], "denoiser=")
-    _fails(capsys, [*base, "--denoiser", "adm:pkg.mod:model"], "wiener and adm: sources are for the cadis objective")
+    _fails(capsys, [*base, "--denoiser", "adm:pkg.mod:model"], "the adm source is for the cadis objective")
 
 
 ROW = {"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 0.1}  # one finished image

@@ -309,3 +309,40 @@ def test_covariance_wiener_is_its_formula_and_beats_the_diagonal_on_digits():
     with pytest.raises(ConfigError) as err:
         CovarianceWienerDenoiser(torch.zeros(3), torch.eye(2))
     _one_line(err)
+
+
+# ----------------------------------------------------------------------------- the denoiser-source registry
+
+
+def test_every_denoiser_source_is_one_registry_entry_that_owns_its_names(tmp_path):
+    """Each registered source claims its own names (the file source only what no other claims), refuses
+    a bad name in one line without touching a file, and loads a denoiser that maps noisy images to images."""
+    from rayrcm.models.denoiser_sources import DENOISER_SOURCES, source_of
+    from rayrcm.sections import DataConfig
+
+    examples = {"wiener": "wiener", "wiener_cov": "wiener_cov", "adm": "adm:guided_diffusion:create", "file": str(tmp_path)}
+    assert set(DENOISER_SOURCES.names()) == set(examples)  # a new source adds its example here
+    for name, text in examples.items():
+        assert source_of(text)[0] == name
+    assert [n for n in DENOISER_SOURCES.names() if DENOISER_SOURCES.get(n).certify] == ["file"]
+    with pytest.raises(ConfigError, match="denoiser_weights"):
+        source_of(examples["adm"])[1].check(examples["adm"], "", "")
+    with pytest.raises(ConfigError, match="registry references"):
+        source_of("models:/den@x")[1].check("models:/den@x", "", "")
+    with pytest.raises(ConfigError, match="no such denoiser file"):
+        source_of(str(tmp_path / "none.pt"))[1].load(str(tmp_path / "none.pt"), "", "", None)
+    data = DataConfig(name="digits", image_size=8)
+    for name in ("wiener", "wiener_cov"):
+        den, info = DENOISER_SOURCES.get(name).load(name, "", "", data)
+        y = torch.rand(2, 3, 8, 8)
+        assert den(y, 0.25).shape == y.shape and info["kind"] == name and info["fit_images"] > 0
+
+
+def test_certify_takes_only_the_file_source():
+    from rayrcm.certify.protocol import validate_certify
+    from rayrcm.orchestration.certify_job import config_from_args
+
+    for bad, source in (("wiener", "wiener"), ("adm:m:f", "adm")):
+        with pytest.raises(ConfigError, match=f"the {source} source is for the cadis objective"):
+            validate_certify(config_from_args(["model=m.pt", f"denoiser={bad}"]))
+    assert validate_certify(config_from_args(["model=m.pt", "denoiser=den.pt"])).denoiser == "den.pt"

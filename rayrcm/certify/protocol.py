@@ -153,9 +153,12 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(c.gpus_per_worker > 0 and c.cpus_per_worker > 0, "compute.gpus_per_worker", (c.gpus_per_worker, c.cpus_per_worker), "resources per worker must be > 0")
     _check(c.flush_every >= 1, "compute.flush_every", c.flush_every, "must be >= 1")
     _check(all(p.strip() for p in cfg.plugins), "plugins", cfg.plugins, "give module names or .py files")
-    _check(not (cfg.denoiser in ("wiener", "wiener_cov") or cfg.denoiser.startswith("adm:")), "denoiser", cfg.denoiser,
-           "certify takes a rayrcm denoiser model file (a ddpm run's model.pt) or its run / registry reference; "
-           "wiener and adm: sources are for the cadis objective's method.denoiser")
+    if cfg.denoiser:
+        from rayrcm.models.denoiser_sources import source_of
+
+        source, entry = source_of(cfg.denoiser)
+        _check(entry.certify, "denoiser", cfg.denoiser, "certify takes a rayrcm denoiser model file (a ddpm run's "
+               f"model.pt) or its run / registry reference; the {source} source is for the cadis objective's method.denoiser")
     if cfg.name:
         check_job_name("name", cfg.name)
     return cfg

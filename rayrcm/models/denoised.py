@@ -13,16 +13,10 @@ and frozen whatever ``train()`` is called with. Gradients flow through it to the
 the composite work); its own parameters never require grad.
 
 The denoiser is rebuilt from its **source**, recorded in the training config (``method.denoiser``
-of the ``cadis`` objective, see :func:`load_denoiser`):
-
-* ``wiener`` / ``wiener_cov``: the closed-form per-pixel / full-covariance Wiener denoiser of
-  :mod:`rayrcm.models.denoisers`, fitted on the un-augmented training split of ``data`` (the same
-  split every time: a fixed seed), so rebuilding a file refits it from the dataset;
-* a path to a rayrcm ``model.pt`` of export kind ``denoiser`` (the ``ddpm`` objective), or a folder
-  holding one;
-* ``adm:module:factory`` with ``denoiser_weights`` (a state dict file) and ``denoiser_schedule``
-  (a preset of :data:`~rayrcm.models.denoisers.SCHEDULE_PRESETS`): the user's installed OpenAI
-  improved/guided-diffusion model (:func:`~rayrcm.models.denoisers.load_diffusion_denoiser`).
+of the ``cadis`` objective, see :func:`load_denoiser`): a registered source of
+:mod:`rayrcm.models.denoiser_sources` (the Wiener denoisers fitted on the un-augmented training
+split of ``data``, so rebuilding a file refits them; a ``ddpm`` run's ``model.pt``; the user's
+installed improved/guided-diffusion model).
 
 ``sigma`` is the pixel noise level the denoiser is told (the training sigma in a file; set
 ``model.sigma`` to certify at another level).
@@ -30,28 +24,20 @@ of the ``cadis`` objective, see :func:`load_denoiser`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sized
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from rayrcm.errors import ConfigError
-from rayrcm.models.denoisers import (
-    CovarianceWienerDenoiser,
-    WienerDenoiser,
-    denoiser_from_meta,
-    load_diffusion_denoiser,
-)
+from rayrcm.models.denoiser_sources import source_of
 
 if TYPE_CHECKING:
     from rayrcm.objectives.cadis import CADISConfig
     from rayrcm.sections import DataConfig
 
-WIENER_SOURCES = ("wiener", "wiener_cov")
-ADM_PREFIX = "adm:"
-REGISTRY_PREFIXES = ("runs:/", "models:/")
+WIENER_SOURCES = ("wiener", "wiener_cov")  # named in the one-line error of an empty source
 
 
 class DenoisedClassifier(nn.Module):
@@ -101,50 +87,11 @@ def _get(spec: CADISConfig | Mapping[str, Any], key: str, default: Any = None) -
 
 
 def check_source(source: str, weights: str = "", schedule: str = "") -> None:
-    """A one-line :class:`ConfigError` for a denoiser source that cannot name a denoiser (no file access)."""
+    """A one-line :class:`ConfigError` for a denoiser name that cannot name a denoiser (no file access)."""
     if not source:
         raise ConfigError("method.denoiser", source, f"{' | '.join(WIENER_SOURCES)} | a rayrcm denoiser model.pt | "
                           "adm:module:factory")
-    if source.startswith(REGISTRY_PREFIXES):
-        raise ConfigError("method.denoiser", source, "a local model.pt of a ddpm run (registry references are not "
-                          "resolved for denoisers yet: download it with mlflow artifacts download)")
-    if source.startswith(ADM_PREFIX):
-        if not weights:
-            raise ConfigError("method.denoiser_weights", weights, f"the state dict file of {source}")
-        if not schedule:
-            raise ConfigError("method.denoiser_schedule", schedule, "a schedule preset (cifar10-cosine-4000 | "
-                              "imagenet-linear-1000)")
-
-
-def training_images(data: DataConfig) -> torch.Tensor:
-    """The un-augmented training split of data config ``data`` as floats ``(N, C, H, W)`` in [0, 1]."""
-    from rayrcm.data import build_splits
-    from rayrcm.data.datasets import eval_images
-
-    splits = build_splits(data)
-    images, _ = eval_images(splits.train, list(range(len(cast(Sized, splits.train)))), int(data.image_size), large=splits.large,
-                            crop_pct=float(data.crop_pct))
-    return images.float() / 255
-
-
-def _denoiser_file(source: str) -> nn.Module:
-    from rayrcm.data.safe_pickle import load_weights_file
-
-    p = Path(source).expanduser()
-    if p.is_dir():
-        p = p / "model.pt"
-    if not p.is_file():
-        raise ConfigError("method.denoiser", source, "no such denoiser file (a model.pt of a ddpm run, or its folder)")
-    blob = load_weights_file(p, "method.denoiser")
-    meta = blob.get("meta") if isinstance(blob, dict) else None
-    if not isinstance(meta, dict) or meta.get("export") != "denoiser" or "model" not in blob:
-        raise ConfigError("method.denoiser", source, "is not a rayrcm denoiser file (export kind 'denoiser')")
-    model = denoiser_from_meta(meta)
-    try:
-        model.load_state_dict(blob["model"], strict=True)
-    except RuntimeError as err:
-        raise ConfigError("method.denoiser", source, f"weights do not fit ({str(err).splitlines()[0][:160]})") from None
-    return model
+    source_of(source)[1].check(source, weights, schedule)
 
 
 def load_denoiser(spec: CADISConfig | Mapping[str, Any], data: DataConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -154,16 +101,7 @@ def load_denoiser(spec: CADISConfig | Mapping[str, Any], data: DataConfig | None
     source = str(_get(spec, "denoiser", "") or "")
     weights, schedule = str(_get(spec, "denoiser_weights", "") or ""), str(_get(spec, "denoiser_schedule", "") or "")
     check_source(source, weights, schedule)
-    if source in WIENER_SOURCES:
-        if data is None:
-            raise ConfigError("method.denoiser", source, "needs the training data to fit (no data config given)")
-        images = training_images(data)
-        den: nn.Module = WienerDenoiser.fit(images) if source == "wiener" else CovarianceWienerDenoiser.fit(images)
-        info: dict[str, Any] = {"kind": source, "fit_images": int(images.shape[0])}
-    elif source.startswith(ADM_PREFIX):
-        den, info = load_diffusion_denoiser(source[len(ADM_PREFIX):], weights, schedule)
-    else:
-        den, info = _denoiser_file(source), {"kind": "ddpm", "file": Path(source).name}
+    den, info = source_of(source)[1].load(source, weights, schedule, data)
     return den.eval().requires_grad_(False), info
 
 

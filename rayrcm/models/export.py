@@ -5,11 +5,13 @@ Every method config declares the kind of network it exports (``MethodConfig.expo
 module builds a fresh network of that kind from the meta and loads the weights with
 ``strict=True``. A new kind (say a denoiser in front of a classifier) is one registry line::
 
-    EXPORTS.register("denoised_classifier")(ExportKind(build_denoised, predicts_classes=True))
+    EXPORTS.register("denoised_classifier")(ExportKind(build_denoised, predicts_classes=True, denoised=True))
 
 where ``build(meta) -> nn.Module`` makes the untrained network. ``predicts_classes`` says whether
 the network maps [0, 1] images ``(B, 3, H, W)`` to class logits ``(B, K)``: only such models are
-validated, selected, attacked and certified. The tracking layer only moves files; the training
+validated, selected, attacked and certified; ``denoised`` that a denoiser sits in front of the
+classifier (certification tells it the job's sigma, and refuses another ``--denoiser``). The
+tracking layer only moves files; the training
 driver, the certification job and actors and the MLflow pyfunc call :func:`build_from_blob`.
 
 A classifier is rebuilt from its recorded ``model.*``, so one trained with ``model.input_resize``
@@ -46,6 +48,7 @@ LEGACY_STAGES = {"classifier": "classifier", "pretrain": "encoder"}
 class ExportKind:
     build: Callable[[dict[str, Any]], nn.Module]  # meta -> a fresh network of this kind
     predicts_classes: bool = False  # maps [0, 1] images to class logits (evaluated and certified)
+    denoised: bool = False  # a denoiser in front of a classifier: certification tells it the job's sigma
 
 
 EXPORTS: Registry[ExportKind] = Registry("export kind")
@@ -70,7 +73,7 @@ EXPORTS.register("encoder")(ExportKind(_encoder, predicts_classes=False))
 EXPORTS.register("classifier")(ExportKind(_classifier, predicts_classes=True))
 EXPORTS.register("denoiser")(ExportKind(denoiser_from_meta, predicts_classes=False))
 EXPORTS.register("denoised_classifier")(ExportKind(lambda meta: denoised_classifier_from_meta(meta, _classifier(meta)),
-                                                   predicts_classes=True))  # the cadis objective
+                                                   predicts_classes=True, denoised=True))  # the cadis objective
 
 
 def export_kind(meta: dict[str, Any]) -> str:

@@ -172,13 +172,19 @@ def sigma_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
             f"certified at sigma={cfg.smoothing.sigma:g}: expect much lower certified accuracy"]
 
 
+def _is_denoised(meta: dict[str, Any]) -> bool:
+    """Whether the model's export kind puts a denoiser in front of a classifier (``ExportKind.denoised``)."""
+    kind = export_kind(meta)
+    return kind in EXPORTS and EXPORTS.get(kind).denoised
+
+
 def _load_denoiser(cfg: CertifyConfig, uri: str | None, meta: dict[str, Any]) -> Path:
     """The local denoiser file of ``cfg.denoiser``, once it is known to rebuild into a denoiser for the
     classifier's image size that reaches the certification sigma."""
     ref, sigma = cfg.denoiser, cfg.smoothing.sigma
-    if export_kind(meta) == "denoised_classifier":
+    if _is_denoised(meta):
         raise ConfigError("denoiser", ref, f"model {cfg.model} is already a denoised classifier (export kind "
-                          "denoised_classifier); give --denoiser with a plain classifier only")
+                          f"{export_kind(meta)}); give --denoiser with a plain classifier only")
     local = tracking.resolve_model(ref, uri, key="denoiser")
     try:
         blob = load_file(local)
@@ -211,7 +217,7 @@ def _load_denoiser(cfg: CertifyConfig, uri: str | None, meta: dict[str, Any]) ->
 
 def _denoised_warnings(cfg: CertifyConfig, meta: dict[str, Any]) -> list[str]:
     """A ``denoised_classifier`` file's denoiser is told its training sigma; certification tells it the job's."""
-    if cfg.denoiser or export_kind(meta) != "denoised_classifier":
+    if cfg.denoiser or not _is_denoised(meta):
         return []
     trained = meta["config"].get("method", {}).get("sigma")
     if trained is None or abs(float(trained) - cfg.smoothing.sigma) <= 1e-12:
