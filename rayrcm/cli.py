@@ -59,9 +59,7 @@ EPILOGS = {
                "RUN_OR_DIR: a folder of rayrcm evaluate / certify / predict, or an MLflow run id (its results,\n"
                "certification rows, or fine-tuning metrics; tracking URI from --tracking-uri or $MLFLOW_TRACKING_URI).",
     "export": "example:\n  rayrcm export models:/rcm-digits@sigma-0_25 --format onnx --out rcm-digits.onnx\n\n"
-              "The graph takes float32 images (batch, 3, H, W) in [0, 1] (the normalisation is inside) and gives\n"
-              "logits (an encoder: features). The file is written only once onnxruntime agrees with PyTorch on\n"
-              "the check images. Needs: pip install 'rayrcm[onnx]'.",
+              "Input: float32 images in [0, 1], normalisation inside; written once onnxruntime agrees with PyTorch.",
     "export-results": "example:\n  rayrcm export-results rayrcm_results/evaluate/JOB --format robustbench --name Me2026Robust "
                       "--architecture ResNet-18\n\nWrites <out>/<dataset>/Linf/<name>.json (the standard AutoAttack) and "
                       "<out>/<dataset>/corruptions/<name>.json\n(the released CIFAR-10-C / ImageNet-C at 15 corruptions x 5 "
@@ -186,8 +184,8 @@ def _export_parser(sub) -> None:
     o.add_argument("model", metavar="MODEL",
                    help="models:/name@alias, models:/name/<version>, a run id, runs:/<id>/model or a model.pt path")
     o.add_argument("--format", default="onnx", help="onnx (the only format)")
-    o.add_argument("--out", help="the file to write (default <name>-<alias>.onnx, <run id>.onnx or <folder>.onnx)")
-    o.add_argument("--check", type=int, default=64, help="images onnxruntime and PyTorch are compared on (default 64)")
+    o.add_argument("--out", help="default <name>-<alias>.onnx, <run id>.onnx or <folder>.onnx")
+    o.add_argument("--check", type=int, default=64, help="images compared with PyTorch (default 64)")
     o.add_argument("--opset", type=int, help="ONNX opset (default 18)")
     o.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     x = _sub(sub, "export-results", "evaluation results as RobustBench model cards (clean, AutoAttack, corruptions, mCE)")
@@ -312,22 +310,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from rayrcm.orchestration import certify_job
 
-    radii = None
-    if args.radii:
-        try:
-            radii = [float(r) for r in args.radii.split(",") if r.strip()]
-        except ValueError:
-            raise ConfigError("radii", args.radii, "comma-separated numbers, e.g. 0,0.25,0.5") from None
-    certify_job.analyze(args.results, radii=radii, out=args.out, log=not args.no_log, tracking_uri=args.tracking_uri,
+    certify_job.analyze(args.results, radii=_radii(args.radii), out=args.out, log=not args.no_log, tracking_uri=args.tracking_uri,
                         per_class=args.per_class)
     return 0
 
 
 def _radii(text: str | None) -> list[float] | None:
-    if not text:
-        return None
     try:
-        return [float(r) for r in text.split(",") if r.strip()]
+        return [float(r) for r in text.split(",") if r.strip()] if text else None
     except ValueError:
         raise ConfigError("radii", text, "comma-separated numbers, e.g. 0,0.25,0.5") from None
 

@@ -311,17 +311,22 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
     out_dir = job_files.model_dir(t.storage_path, job)
     out_dir.mkdir(parents=True, exist_ok=True)
     if t.workers > 0:  # train.workers=0 (Ray Train's local mode) keeps no checkpoint: the worker wrote model.pt
-        with _final_checkpoint(result).as_directory() as d:
+        final = _final_checkpoint(result)
+        with final.as_directory() as d:
             shutil.copy2(Path(d) / MODEL_FILE, out_dir / MODEL_FILE)
-        remove_untracked_checkpoints(t.storage_path, job, [c.path for c, _ in (result.best_checkpoints or [])]
-                                     + [_final_checkpoint(result).path])
+        remove_untracked_checkpoints(t.storage_path, job, [c.path for c, _ in (result.best_checkpoints or [])] + [final.path])
     fit_result = FitResult(job, run_id, dict(result.metrics or {}), out_dir / MODEL_FILE)
     (say or partial(print, flush=True))(summary_line(job, fit_result.metrics, time.perf_counter() - tic))
     if uri and run_id:
         send_unsent(cfg, uri, run_id, out_dir / MODEL_FILE)
         fit_result.model = tracking.log_model(uri, run_id, out_dir / MODEL_FILE, register_as=cfg.tracking.register_as,
                                               alias=cfg.tracking.alias, version_tags=version_tags(cfg))
-        plots = Path(t.storage_path) / job / EMBEDDING_DIR
-        if "://" not in t.storage_path and plots.is_dir():  # an encoder stage's t-SNE map of its test features
-            tracking.log_artifacts(uri, run_id, sorted(plots.iterdir()), EMBEDDING_DIR)
+        _log_embedding(t.storage_path, job, uri, run_id)
     return fit_result
+
+
+def _log_embedding(storage: str, job: str, uri: str, run_id: str) -> None:
+    """An encoder stage's t-SNE map of its test features (``<job>/embedding/``, written by rank 0) to its run."""
+    plots = Path(storage) / job / EMBEDDING_DIR
+    if "://" not in storage and plots.is_dir():
+        tracking.log_artifacts(uri, run_id, sorted(plots.iterdir()), EMBEDDING_DIR)
