@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from rayrcm.errors import MAX_NAME, MAX_SEED, ConfigError
 
@@ -157,6 +158,27 @@ class TrackingConfig:
     system_metrics: bool = False
     enabled: bool = True
     flush_timeout_s: float = 30.0  # at the end, how long rank 0 waits for buffered metrics to reach the server
+
+
+class Experiment(Protocol):
+    """What the pure layers (objectives, evaluations, the training session) read of a whole
+    experiment config. :class:`rayrcm.config.ExperimentConfig` is the one implementation; the pure
+    layers name this type so that no module under the config's registries imports back up."""
+
+    @property
+    def data(self) -> DataConfig: ...
+    @property
+    def model(self) -> ModelConfig: ...
+    @property
+    def method(self) -> Any: ...  # the objective's own config dataclass
+    @property
+    def optim(self) -> OptimConfig: ...
+    @property
+    def train(self) -> TrainConfig: ...
+    @property
+    def tracking(self) -> TrackingConfig: ...
+    @property
+    def job_name(self) -> str: ...
 
 
 def check(ok: bool, key: str, value: object, allowed: str) -> None:

@@ -1,5 +1,5 @@
-"""The import graph of rayrcm: no cycles among its modules (function-level imports included,
-``if TYPE_CHECKING:`` blocks excluded), and only the orchestration layer, the CLI and the
+"""The import graph of rayrcm: no cycles among its modules (function-level imports and
+``if TYPE_CHECKING:`` blocks included: a type is a dependency too), and only the orchestration layer, the CLI and the
 quickstart name ``ray`` or ``mlflow``."""
 
 from __future__ import annotations
@@ -16,20 +16,11 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
-
-
 def _imports(tree: ast.AST, package: str) -> list[str]:
-    """Every module named by an import statement outside ``if TYPE_CHECKING:`` blocks."""
+    """Every module named by an import statement, wherever it stands."""
     out: list[str] = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             out.extend(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -98,6 +89,7 @@ def test_only_orchestration_cli_and_quickstart_name_ray_or_mlflow():
     assert not bad, f"pure modules import {bad}"
 
 
-def test_type_checking_imports_are_ignored():
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import rayrcm.config\nimport rayrcm.errors\n")
-    assert _imports(tree, "rayrcm") == ["typing", "typing.TYPE_CHECKING", "rayrcm.errors"]
+def test_type_checking_and_function_level_imports_count():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import rayrcm.config\n"
+                     "def f():\n    from rayrcm import errors\n")
+    assert _imports(tree, "rayrcm") == ["typing", "typing.TYPE_CHECKING", "rayrcm.config", "rayrcm", "rayrcm.errors"]

@@ -24,7 +24,7 @@ from rayrcm.data.noise import add_gaussian_noise
 from rayrcm.eval.base import Evaluation
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 @torch.no_grad()
@@ -77,7 +77,7 @@ class NoisyAccuracy(Evaluation):
         self.sigmas, self.batch_size = tuple(sigmas), batch_size
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> NoisyAccuracy:
+    def from_config(cls, cfg: Experiment) -> NoisyAccuracy:
         return cls(cfg.train.eval_sigmas)
 
     def metric_names(self, prefix: str) -> list[str]:
@@ -100,7 +100,7 @@ class SmoothedAccuracy(NoisyAccuracy):
         self.votes = max(2, votes)
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> SmoothedAccuracy:
+    def from_config(cls, cfg: Experiment) -> SmoothedAccuracy:
         return cls(cfg.train.eval_sigmas, cfg.train.eval_votes)
 
     def metric_names(self, prefix: str) -> list[str]:

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from rayrcm.registry import Registry
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a count vector over workers
 
@@ -62,10 +62,10 @@ class Evaluation:
         return ""
 
 
-EVALUATIONS: Registry[Callable[[ExperimentConfig], Evaluation]] = Registry("evaluation")
+EVALUATIONS: Registry[Callable[[Experiment], Evaluation]] = Registry("evaluation")
 
 
-def build_evaluations(names: Iterable[str], cfg: ExperimentConfig, reference: Dataset | None = None) -> list[Evaluation]:
+def build_evaluations(names: Iterable[str], cfg: Experiment, reference: Dataset | None = None) -> list[Evaluation]:
     """The evaluations named (each once, in order), configured from ``cfg``; ``reference`` (the
     un-augmented training split) goes to those that need one."""
     out: list[Evaluation] = []

@@ -27,7 +27,7 @@ from rayrcm.certify.smoothing import Smoother
 from rayrcm.eval.base import Evaluation
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 BLOCK = 100  # draws per look, as the certify job's default
 
@@ -41,7 +41,7 @@ class CertifiedAccuracy(Evaluation):
         self.max_n, self.alpha, self.batch, self.images_per_pass = max_n, alpha, batch, images_per_pass
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> CertifiedAccuracy:
+    def from_config(cls, cfg: Experiment) -> CertifiedAccuracy:
         t = cfg.train
         return cls(t.eval_sigmas, t.eval_radii, max_n=t.eval_max_n, alpha=t.eval_alpha)
 

@@ -29,7 +29,7 @@ from rayrcm.eval.base import Evaluation
 from rayrcm.models.classifier import Classifier, Normalize
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -98,7 +98,7 @@ class KNNAccuracy(Evaluation):
         self.input_scale, self.input_resize, self.batch_size = input_scale, input_resize, batch_size
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> KNNAccuracy:
+    def from_config(cls, cfg: Experiment) -> KNNAccuracy:
         t = cfg.train
         return cls(t.knn_k, t.knn_temperature, t.knn_bank, input_scale=cfg.model.input_scale,
                    input_resize=cfg.model.input_resize)

@@ -47,7 +47,7 @@ from rayrcm.errors import ConfigError
 from rayrcm.eval.base import Evaluation
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 AA_VERSIONS = ("standard", "apgd")
 
@@ -230,7 +230,7 @@ class RobustAccuracy(Evaluation):
         self.cfg = cfg
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> RobustAccuracy:
+    def from_config(cls, cfg: Experiment) -> RobustAccuracy:
         return cls(cfg.method.robust_eval() or RobustEvalConfig())
 
     def metric_names(self, prefix: str) -> list[str]:

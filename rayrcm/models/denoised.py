@@ -34,7 +34,6 @@ from rayrcm.errors import ConfigError
 from rayrcm.models.denoiser_sources import source_of
 
 if TYPE_CHECKING:
-    from rayrcm.objectives.cadis import CADISConfig
     from rayrcm.sections import DataConfig
 
 WIENER_SOURCES = ("wiener", "wiener_cov")  # named in the one-line error of an empty source
@@ -82,7 +81,7 @@ class DenoisedClassifier(nn.Module):
 # ---- denoiser sources ----
 
 
-def _get(spec: CADISConfig | Mapping[str, Any], key: str, default: Any = None) -> Any:
+def _get(spec: object, key: str, default: Any = None) -> Any:
     return spec.get(key, default) if isinstance(spec, Mapping) else getattr(spec, key, default)
 
 
@@ -94,7 +93,7 @@ def check_source(source: str, weights: str = "", schedule: str = "") -> None:
     source_of(source)[1].check(source, weights, schedule)
 
 
-def load_denoiser(spec: CADISConfig | Mapping[str, Any], data: DataConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_denoiser(spec: object, data: DataConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``(denoiser, info)`` for a method config (or its dict) with ``denoiser``,
     ``denoiser_weights``, ``denoiser_schedule``; ``data`` (a DataConfig) fits the Wiener sources.
     The denoiser is returned in eval mode with every parameter frozen."""

@@ -38,16 +38,13 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from rayrcm.errors import ConfigError
 from rayrcm.models.unet import SmallUNet
-
-if TYPE_CHECKING:
-    from rayrcm.objectives.ddpm import DDPMConfig
 
 SCHEDULE_KINDS = ("cosine", "linear")
 
@@ -181,7 +178,7 @@ class EpsilonDiffusionDenoiser(Denoiser):
         return (x0 + 1) / 2
 
 
-def ddpm_denoiser(method: DDPMConfig | Mapping[str, Any]) -> EpsilonDiffusionDenoiser:
+def ddpm_denoiser(method: object) -> EpsilonDiffusionDenoiser:
     """The untrained DDS denoiser around a :class:`~rayrcm.models.unet.SmallUNet` that the ``ddpm``
     method config describes (the config itself or its dict, as ``model.pt`` meta records it):
     fields ``schedule``, ``steps``, ``base_channels``, ``channel_mults``, ``channels``; the UNet is

@@ -26,9 +26,9 @@ from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodCo
 from rayrcm.registry import Registry
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
-OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[ExperimentConfig, int], Objective]]] = Registry("method")
+OBJECTIVES: Registry[tuple[type[MethodConfig], Callable[[Experiment, int], Objective]]] = Registry("method")
 OBJECTIVES.register("rcm")((rcm.RCMConfig, rcm.build))
 OBJECTIVES.register("gaussian")((gaussian.GaussianConfig, gaussian.build))
 OBJECTIVES.register("consistency")((consistency.ConsistencyConfig, consistency.build))
@@ -47,8 +47,8 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return OBJECTIVES.get(name)[0]
 
 
-def build_objective(cfg: ExperimentConfig, num_classes: int) -> Objective:
-    """Build the objective named by ``cfg.method.name`` from a full :class:`ExperimentConfig`."""
+def build_objective(cfg: Experiment, num_classes: int) -> Objective:
+    """Build the objective named by ``cfg.method.name`` from a full :class:`Experiment`."""
     return OBJECTIVES.get(cfg.method.name)[1](cfg, num_classes)
 
 

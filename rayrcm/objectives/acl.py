@@ -58,9 +58,8 @@ from rayrcm.objectives.base import EpochContext, EpochPlan, LossOutput, MethodCo
 from rayrcm.objectives.contrastive import nt_xent
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
     from rayrcm.objectives.rcs_schedule import CoresetSchedule
-    from rayrcm.sections import ModelConfig
+    from rayrcm.sections import Experiment, ModelConfig
 
 
 def acl_loss(cl_nat: torch.Tensor, cl_adv: torch.Tensor, weight: float) -> torch.Tensor:
@@ -115,7 +114,7 @@ class ACLConfig(MethodConfig):
 
         return epoch_samples(epoch, n, self.rcs_fraction, self.rcs_warmup_epochs)
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if not -1 <= self.weight <= 1:
@@ -291,7 +290,7 @@ class ACLObjective(Objective):
         return plain
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> ACLObjective:
+def build(cfg: Experiment, num_classes: int) -> ACLObjective:
     return ACLObjective(cfg.method, cfg.model, cfg.data.image_size)
 
 

@@ -43,7 +43,7 @@ from rayrcm.models import Classifier, bn_route, branch_view, build_classifier, c
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 MODES = ("slf", "alf", "aff")
 
@@ -78,7 +78,7 @@ class AdvFinetuneConfig(MethodConfig):
     def evals(self) -> tuple[str, ...]:
         return ("robust",)  # SA / PGD-20 / AA on the test split, the seed's protocol
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.mode not in MODES:
             raise ConfigError("method.mode", self.mode, f"choose one of: {', '.join(MODES)} (ALL = the three in sequence, a recipe stage)")
         if self.norm not in NORMS:
@@ -155,5 +155,5 @@ class AdvFinetuneObjective(Objective):
         return branch_view(self.classifier, "adv") if self.dual else self.classifier
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> AdvFinetuneObjective:
+def build(cfg: Experiment, num_classes: int) -> AdvFinetuneObjective:
     return AdvFinetuneObjective(cfg.method, build_classifier(cfg.model, cfg.data.image_size, num_classes))

@@ -44,7 +44,7 @@ from rayrcm.objectives.acl import ACLConfig, ACLObjective
 from rayrcm.objectives.contrastive import gather_keys
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ class AIRConfig(ACLConfig):
     def views(self, augmentation: str) -> tuple[str, ...]:
         return (augmentation, augmentation, "none")
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         super().validate(cfg)
         for key in ("lambda1", "lambda2"):
             if getattr(self, key) < 0:
@@ -112,5 +112,5 @@ class AIRObjective(ACLObjective):
         return cfg.lambda1 * sir + cfg.lambda2 * air, {"air_standard": sir.detach(), "air_robust": air.detach()}
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> AIRObjective:
+def build(cfg: Experiment, num_classes: int) -> AIRObjective:
     return AIRObjective(cfg.method, cfg.model, cfg.data.image_size)

@@ -15,8 +15,8 @@ from rayrcm.distributed import Collectives
 from rayrcm.models.export import kind_predicts_classes
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
     from rayrcm.eval.robust import RobustEvalConfig
+    from rayrcm.sections import Experiment
 
 
 @dataclass
@@ -48,7 +48,7 @@ class MethodConfig:
         """Augmentation names of the views each training sample yields."""
         return (augmentation,)
 
-    def validate(self, cfg: ExperimentConfig) -> None:  # pragma: no cover - overridden
+    def validate(self, cfg: Experiment) -> None:  # pragma: no cover - overridden
         return None
 
     def epoch_samples(self, epoch: int, n: int) -> int:

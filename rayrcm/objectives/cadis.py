@@ -60,7 +60,7 @@ from rayrcm.models.denoised import DenoisedClassifier, check_source, load_denois
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class CADISConfig(MethodConfig):
     denoiser_weights: str = ""  # adm: the state dict file
     denoiser_schedule: str = ""  # adm: cifar10-cosine-4000 | imagenet-linear-1000
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ConfigError("method.sigma", self.sigma, "> 0 (pixel units, data in [0, 1])")
         if int(self.m) != self.m or self.m < 1:
@@ -243,7 +243,7 @@ def load_whole_classifier(classifier: nn.Module, path: str) -> None:
                               f"classes ({str(err).splitlines()[0][:160]})") from None
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> CADISObjective:
+def build(cfg: Experiment, num_classes: int) -> CADISObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     if cfg.model.init_from:
         load_whole_classifier(clf, cfg.model.init_from)

@@ -43,7 +43,7 @@ from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.gaussian import soft_cross_entropy
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class ConsistencyConfig(MethodConfig):
     eta: float = 0.5  # weight of the entropy term
     train_head: bool = False  # the seed keeps the linear head out of the optimizer
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.sigma < 0:
             raise ConfigError("method.sigma", self.sigma, "must be >= 0 (pixel units, data in [0, 1])")
         if self.m < 1:
@@ -112,6 +112,6 @@ class ConsistencyObjective(Objective):
         return self.classifier
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> ConsistencyObjective:
+def build(cfg: Experiment, num_classes: int) -> ConsistencyObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     return ConsistencyObjective(cfg.method, clf, build_mixup(cfg.data, num_classes), cfg.data.label_smoothing)

@@ -29,7 +29,7 @@ from rayrcm.models.denoisers import SCHEDULE_KINDS, DiffusionSchedule, ddpm_deno
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class DDPMConfig(MethodConfig):
     channel_mults: tuple[int, ...] = (1, 2)  # one level per entry; the image size must divide by 2^(levels-1)
     channels: int = 3  # image channels
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.schedule not in SCHEDULE_KINDS:
             raise ConfigError("method.schedule", self.schedule, f"one of {', '.join(SCHEDULE_KINDS)}")
         if int(self.steps) != self.steps or self.steps < 2:
@@ -86,5 +86,5 @@ class DDPMObjective(Objective):
         return self.denoiser
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> DDPMObjective:
+def build(cfg: Experiment, num_classes: int) -> DDPMObjective:
     return DDPMObjective(cfg.method)

@@ -27,7 +27,7 @@ from rayrcm.models import Classifier, build_classifier
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class GaussianConfig(MethodConfig):
     name: str = "gaussian"
     sigma: float = 0.25  # training noise std, pixel units
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.sigma < 0:
             raise ConfigError("method.sigma", self.sigma, "must be >= 0 (pixel units, data in [0, 1])")
 
@@ -68,6 +68,6 @@ class GaussianAugObjective(Objective):
         return self.classifier
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> GaussianAugObjective:
+def build(cfg: Experiment, num_classes: int) -> GaussianAugObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     return GaussianAugObjective(cfg.method, clf, build_mixup(cfg.data, num_classes), cfg.data.label_smoothing)

@@ -58,8 +58,7 @@ from rayrcm.models import Classifier, build_classifier
 from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
-    from rayrcm.sections import OptimConfig
+    from rayrcm.sections import Experiment, OptimConfig
 
 STABLEREP_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # main_linear.py:82-83
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -98,7 +97,7 @@ class LinearProbeConfig(MethodConfig):
         scale = global_batch / self.lr_reference if self.lr_reference > 0 else 1.0
         return tuple(b * scale for b in self.lrs_base)
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError("method.protocol", self.protocol, f"choose one of: {', '.join(PROTOCOLS)}")
         if not all(math.isfinite(b) and b > 0 for b in self.lrs_base):
@@ -247,7 +246,7 @@ class LinearProbeObjective(Objective):
         return self.classifier
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> LinearProbeObjective:
+def build(cfg: Experiment, num_classes: int) -> LinearProbeObjective:
     clf = build_classifier(cfg.model, cfg.data.image_size, num_classes)
     return LinearProbeObjective(cfg.method, clf, cfg.data.batch_size, cfg.optim.name, cfg.data.label_smoothing)
 

@@ -80,7 +80,7 @@ from rayrcm.objectives.contrastive import gather_keys
 from rayrcm.sections import AUGMENTATIONS
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 NEGATIVES = ("none", "patch", "texture")
 VIEWS = (*AUGMENTATIONS, "mocov2", "stablerep")
@@ -177,7 +177,7 @@ class MoCoConfig(MethodConfig):
     def groups(self, world: int) -> int:
         return self.shuffle_groups or (1 if world > 1 else 2)
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if self.view and self.view not in VIEWS:
@@ -213,7 +213,7 @@ class MoCoConfig(MethodConfig):
                               "moco uses shuffle BN (per-worker BatchNorm): set train.sync_bn=false")
 
 
-    def _validate_texture(self, cfg: ExperimentConfig) -> None:
+    def _validate_texture(self, cfg: Experiment) -> None:
         if self.n_negatives != 1:
             raise ConfigError("method.n_negatives", self.n_negatives,
                               "texture negatives are one per query (the seed asserts --num-nonsem 1)")
@@ -327,7 +327,7 @@ class MoCoObjective(Objective):
         return self.encoder
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> MoCoObjective:
+def build(cfg: Experiment, num_classes: int) -> MoCoObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
     if not isinstance(encoder, ViTEncoder):
         authors_init(encoder)  # torchvision's ResNet init: timm's zero-initialised last BatchNorms back to 1

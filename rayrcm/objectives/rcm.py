@@ -68,7 +68,7 @@ from rayrcm.objectives.base import LossOutput, MethodConfig, Objective
 from rayrcm.objectives.contrastive import info_nce
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class RCMConfig(MethodConfig):
             return (self.weak_view or "center", "mocov3_1", "mocov3_2")
         return (self.weak_view or "weak", augmentation, augmentation)
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if not 0 < self.sigma_min < self.sigma_max:
@@ -193,7 +193,7 @@ class RCMObjective(Objective):
         return self.encoder
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> RCMObjective:
+def build(cfg: Experiment, num_classes: int) -> RCMObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
     return RCMObjective(cfg.method, encoder, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.train.steps,
                         seed=cfg.train.seed)

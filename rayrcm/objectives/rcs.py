@@ -58,16 +58,52 @@ and the owner of each chosen unit shares its full gradient (a sum over workers).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence, Sized
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Iterator, Sequence, Sized
+from typing import Any, Protocol, cast
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from rayrcm.attacks.pgd import PGDConfig, pgd
 
-if TYPE_CHECKING:
-    from rayrcm.objectives.acl import ACLConfig, ACLObjective
+
+class RCSMethod(Protocol):
+    """What RCS needs of a method (:class:`~rayrcm.objectives.acl.ACLObjective` is one): a module
+    with the fc parameters of its projector and the hooks that run them."""
+
+    training: bool
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+    def eval(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def rcs_params(self) -> dict[str, nn.Parameter]: ...
+    def rcs_features(self, x: torch.Tensor, route: str) -> torch.Tensor: ...
+    def rcs_head(self, features: torch.Tensor, route: str, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor: ...
+    def rcs_unit_gradient(self, views: list[torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class RCSOptions(Protocol):
+    """The ``rcs_*`` settings RCS reads of a method config (:class:`~rayrcm.objectives.acl.ACLConfig`'s)."""
+
+    @property
+    def rcs_fraction(self) -> float: ...
+    @property
+    def rcs_warmup_epochs(self) -> int: ...
+    @property
+    def rcs_interval_epochs(self) -> int: ...
+    @property
+    def rcs_unit(self) -> int: ...
+    @property
+    def rcs_val_images(self) -> int: ...
+    @property
+    def rcs_lr(self) -> float: ...
+    @property
+    def rcs_pgd_steps(self) -> int: ...
+    @property
+    def rcs_eps(self) -> float: ...
+    @property
+    def rcs_step_size(self) -> float: ...
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (n, ...) per worker -> (world * n, ...) in rank order
 Share = Callable[[torch.Tensor], torch.Tensor]  # elementwise sum over workers
@@ -116,7 +152,7 @@ def rd_rows(n: int, batch_size: int) -> list[list[int]]:
     return [[start + r // 2 for r in range(min(batch_size, n - start))] for start in range(0, n, batch_size)]
 
 
-def rd_attack_config(cfg: ACLConfig) -> PGDConfig:
+def rd_attack_config(cfg: RCSOptions) -> PGDConfig:
     """The RD attack of ``cfg`` (``rcs_pgd_steps``, ``rcs_eps``, ``rcs_step_size``; step 0 = ``(10/255) / steps``)."""
     steps = cfg.rcs_pgd_steps
     step = cfg.rcs_step_size or (RD_TOTAL_STEP / steps if steps else RD_TOTAL_STEP)
@@ -238,7 +274,7 @@ class RDValidation:
     batch ``b`` after ``pick`` updates is seeded by ``(seed, pick, b)``.
     """
 
-    def __init__(self, objective: ACLObjective, val_set: Dataset, names: Sequence[str], in_dim: int, attack: PGDConfig, *,
+    def __init__(self, objective: RCSMethod, val_set: Dataset, names: Sequence[str], in_dim: int, attack: PGDConfig, *,
                  batch_size: int, seed: int, device: torch.device | str, rank: int = 0, world: int = 1,
                  gather: Gather = lambda t: t) -> None:
         self.objective, self.names, self.attack, self.seed, self.device = objective, list(names), attack, seed, device

@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 from rayrcm.errors import ConfigError
 from rayrcm.objectives.rcs import (
     Gather,
+    RCSMethod,
+    RCSOptions,
     RDValidation,
     Share,
     coreset_size,
@@ -30,7 +32,6 @@ from rayrcm.objectives.rcs import (
 )
 
 if TYPE_CHECKING:
-    from rayrcm.objectives.acl import ACLConfig, ACLObjective
     from rayrcm.objectives.base import EpochContext
 
 
@@ -78,7 +79,7 @@ class CoresetSchedule:
     (rank 0's choice everywhere).
     """
 
-    def __init__(self, objective: ACLObjective, cfg: ACLConfig, train_set: Dataset, val_set: Dataset, folder: Path,
+    def __init__(self, objective: RCSMethod, cfg: RCSOptions, train_set: Dataset, val_set: Dataset, folder: Path,
                  settings: RCSSettings) -> None:
         self.objective, self.cfg, self.train_set, self.val_set, self.folder = objective, cfg, train_set, val_set, folder
         s = self.settings = settings
@@ -117,7 +118,7 @@ class CoresetSchedule:
             obj.train(was_training)
 
     @classmethod
-    def for_context(cls, objective: ACLObjective, cfg: ACLConfig, ctx: EpochContext) -> CoresetSchedule:
+    def for_context(cls, objective: RCSMethod, cfg: RCSOptions, ctx: EpochContext) -> CoresetSchedule:
         """The schedule of a training run: RD loss on (the first ``rcs_val_images`` of) the
         validation split in batches of the global batch, units of ``rcs_unit`` samples (default:
         the global batch, as the authors), greedy step ``rcs_lr``, files in ``<job>/coreset``;

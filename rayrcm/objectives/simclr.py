@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from rayrcm.objectives.acl import ACLConfig, ACLObjective
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 
 @dataclass(frozen=True)
@@ -27,5 +27,5 @@ class SimCLRConfig(ACLConfig):
     export_bn: str = "nat"
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> ACLObjective:
+def build(cfg: Experiment, num_classes: int) -> ACLObjective:
     return ACLObjective(cfg.method, cfg.model, cfg.data.image_size)

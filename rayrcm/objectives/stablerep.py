@@ -62,7 +62,7 @@ from rayrcm.objectives.contrastive import gather_keys
 from rayrcm.sections import AUGMENTATIONS
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 GROUPS = ("image", "label")
 VIEWS = (*AUGMENTATIONS, "mocov2", "stablerep")
@@ -116,7 +116,7 @@ class StableRepConfig(MethodConfig):
     def views(self, augmentation: str) -> tuple[str, ...]:
         return (self.view or augmentation,) * self.n_views
 
-    def validate(self, cfg: ExperimentConfig) -> None:
+    def validate(self, cfg: Experiment) -> None:
         if self.temperature <= 0:
             raise ConfigError("method.temperature", self.temperature, "must be > 0")
         if self.view and self.view not in VIEWS:
@@ -170,7 +170,7 @@ class StableRepObjective(Objective):
         return self.encoder
 
 
-def build(cfg: ExperimentConfig, num_classes: int) -> StableRepObjective:
+def build(cfg: Experiment, num_classes: int) -> StableRepObjective:
     encoder = build_encoder(cfg.model, cfg.data.image_size)
     return StableRepObjective(cfg.method, encoder, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
 

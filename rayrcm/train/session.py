@@ -34,14 +34,14 @@ from rayrcm.train.optim import (
 )
 
 if TYPE_CHECKING:
-    from rayrcm.config import ExperimentConfig
+    from rayrcm.sections import Experiment
 
 Log = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
 class Session:
-    cfg: ExperimentConfig  # resolved
+    cfg: Experiment  # resolved
     train_set: MultiView
     val_set: MultiView  # un-augmented view of the held-out validation split
     test_set: MultiView
@@ -67,7 +67,7 @@ class Session:
         return Path(self.cfg.train.storage_path) / self.cfg.job_name
 
 
-def build_session(cfg: ExperimentConfig, cfg_dict: dict[str, Any], *, device: torch.device, rank: int = 0,
+def build_session(cfg: Experiment, cfg_dict: dict[str, Any], *, device: torch.device, rank: int = 0,
                   world: int = 1) -> Session:
     """Datasets with the method's views, the objective (same initial weights on every worker),
     optimizer, per-step schedule and loss scaler."""
@@ -92,7 +92,7 @@ def build_session(cfg: ExperimentConfig, cfg_dict: dict[str, Any], *, device: to
                    optimizer, scheduler, scaler, meta, device, rank, world, bank_set=MultiView(splits.train, plain))
 
 
-def epoch_indexed(scheduler: Any, cfg: ExperimentConfig, n_train: int, world: int) -> Any:
+def epoch_indexed(scheduler: Any, cfg: Experiment, n_train: int, world: int) -> Any:
     """With ``train.epochs`` and epochs of varying size (a coreset method), the lr follows the
     position in epochs, as the RCS authors' per-epoch cosine; otherwise ``scheduler`` itself."""
     epochs = math.ceil(cfg.train.epochs)
