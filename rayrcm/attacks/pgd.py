@@ -25,31 +25,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rayrcm.errors import ConfigError
-
-NORMS = ("linf", "l2")
+from rayrcm.attacks.budget import NORMS, AttackBudget
 
 
 @dataclass(frozen=True)
-class PGDConfig:
-    """An L-inf or L2 PGD budget in pixel units. ``steps = 0`` means no attack (natural inputs)."""
+class PGDConfig(AttackBudget):
+    """An :class:`~rayrcm.attacks.budget.AttackBudget` (norm, eps, step size, steps; ``steps = 0`` means
+    no attack) and whether PGD starts at a random point of the ball. Positional order as before:
+    ``PGDConfig(norm, eps, step_size, steps, random_start)``."""
 
-    norm: str = "linf"
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
     random_start: bool = True
 
-    def validate(self, key: str = "attack") -> PGDConfig:
-        if self.norm not in NORMS:
-            raise ConfigError(f"{key}.norm", self.norm, f"choose one of: {', '.join(NORMS)}")
-        if self.eps < 0:
-            raise ConfigError(f"{key}.eps", self.eps, "must be >= 0 (pixel units, data in [0, 1])")
-        if self.step_size <= 0:
-            raise ConfigError(f"{key}.step_size", self.step_size, "must be > 0")
-        if self.steps < 0:
-            raise ConfigError(f"{key}.steps", self.steps, "must be >= 0 (0 = no attack)")
-        return self
+    @classmethod
+    def of(cls, budget: AttackBudget, random_start: bool = True) -> PGDConfig:
+        """PGD with ``budget``."""
+        return cls(budget.norm, budget.eps, budget.step_size, budget.steps, random_start)
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
@@ -123,3 +113,6 @@ def pgd_kl(model: nn.Module, x: torch.Tensor, cfg: PGDConfig,
         return F.kl_div(F.log_softmax(model(xa).float(), dim=1), p_nat, reduction="sum")
 
     return pgd(loss, [x], cfg, init=[0.001 * torch.randn_like(x)])[0]
+
+
+__all__ = ["NORMS", "AttackBudget", "PGDConfig", "pgd", "pgd_ce", "pgd_kl", "project", "random_start"]

@@ -18,14 +18,15 @@ The model is evaluated in eval mode; before attacking, the protocol checks that 
 deterministic (two passes agree) and returns logits rather than probabilities, and refuses
 otherwise.
 
-**Seeding** (shared with ``rayrcm evaluate``, :mod:`rayrcm.orchestration.evaluate_actor`): PGD's
-random start of an image is drawn from its own generator, seeded by ``(seed, image index)``
-(:func:`pgd_starts`), so it does not depend on the batch, the shard or the worker. AutoAttack's
-draws are shared across a batch (APGD's starts, Square's square positions), so its global generator
-is seeded per batch by ``(seed, index of the batch's first image)`` (:func:`batch_seed`); batches
-are cut at fixed positions (``[b * batch, (b + 1) * batch)``, whole batches per worker), which the
-evaluation job's shards also respect when ``shard_size`` is a multiple of ``batch``. With the same
-seed, images and batch size, this evaluation and the job give the same SA, PGD and AutoAttack counts.
+**Seeding** (shared with the ``pgd``, ``aa`` and ``aa-apgd`` suites of ``rayrcm evaluate``,
+:mod:`rayrcm.eval.suites`): PGD's random start of an image is drawn from its own generator, seeded
+by ``(seed, image index)`` (:func:`pgd_starts`), so it does not depend on the batch, the shard or
+the worker. AutoAttack's draws are shared across a batch (APGD's starts, Square's square positions),
+so its global generator is seeded per batch by ``(seed, index of the batch's first image)``
+(:func:`batch_seed`); batches are cut at fixed positions (``[b * batch, (b + 1) * batch)``, whole
+batches per worker), which the evaluation job's shards also respect when ``shard_size`` is a
+multiple of ``batch``. With the same seed, images and batch size, this evaluation and the job give
+the same SA, PGD and AutoAttack counts.
 Counts are summed over workers by the caller.
 """
 
@@ -34,14 +35,21 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from rayrcm.attacks import PGDConfig, autoattack_robust, pgd, project, standard_autoattack
+from rayrcm.attacks import (
+    AttackBudget,
+    PGDConfig,
+    autoattack_robust,
+    pgd,
+    project,
+    standard_autoattack,
+)
 from rayrcm.attacks.autoattack import LABELS
 from rayrcm.errors import ConfigError
 from rayrcm.eval.base import Evaluation
@@ -54,6 +62,9 @@ AA_VERSIONS = ("standard", "apgd")
 
 @dataclass(frozen=True)
 class RobustEvalConfig:
+    """The training chain's robust evaluation. Flat fields (the method's ``eval_*`` keys and
+    ``RobustEvalConfig(eps=..., pgd_steps=...)`` callers); the budget is :attr:`budget`."""
+
     norm: str = "linf"
     eps: float = 8 / 255
     step_size: float = 2 / 255
@@ -66,8 +77,18 @@ class RobustEvalConfig:
     aa_version: str = "standard"  # standard: APGD-CE, APGD-T, FAB-T, Square; apgd: the first two (an upper bound)
     aa_queries: int = 5000  # Square's queries (the standard AutoAttack's 5000)
 
+    @classmethod
+    def of(cls, budget: AttackBudget, **rest: Any) -> RobustEvalConfig:
+        """PGD-``budget.steps`` (and AutoAttack) at ``budget``; ``rest``: the other fields."""
+        return cls(budget.norm, budget.eps, budget.step_size, budget.steps, **rest)
+
+    @property
+    def budget(self) -> AttackBudget:
+        """The attack budget: PGD's steps are ``pgd_steps``; AutoAttack uses its norm and eps."""
+        return AttackBudget(self.norm, self.eps, self.step_size, self.pgd_steps)
+
     def validate(self, key: str = "method.eval") -> RobustEvalConfig:
-        PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps).validate(key)
+        self.budget.validate(key)
         if self.pgd_steps < 1 or self.aa_iters < 1 or self.aa_targets < 1:
             raise ConfigError(f"{key}_pgd_steps", self.pgd_steps, "steps, iterations and targets must be >= 1")
         if self.aa_version not in AA_VERSIONS:
@@ -154,23 +175,6 @@ def autoattack_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices
         return robust, robust
 
 
-def attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], attack: str, *,
-                   seed: int, eps: float, step_size: float, pgd_steps: int, norm: str = "linf", aa_iters: int = 100,
-                   aa_targets: int = 9, aa_queries: int = 5000) -> torch.Tensor:
-    """Per-image correctness of one batch (``indices``: its images' indices) under ``attack``: ``none``,
-    ``pgd<k>`` (``pgd_steps`` steps), ``aa`` (the standard AutoAttack) or ``aa-apgd`` (its first two
-    attacks, from the same draws as ``aa``'s)."""
-    if attack == "none":
-        with torch.no_grad():
-            return model(x).argmax(1) == y
-    if attack.startswith("pgd"):
-        return pgd_correct(model, x, y, indices, PGDConfig(norm, eps, step_size, pgd_steps, True), seed)
-    if attack in ("aa", "aa-apgd"):
-        return autoattack_masks(model, x, y, indices, seed=seed, eps=eps, norm=norm, aa_iters=aa_iters,
-                                aa_targets=aa_targets, aa_queries=aa_queries, standard=attack == "aa")[0]
-    raise ValueError(f"unknown attack {attack!r}")
-
-
 def batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """The positions ``0..n-1`` cut into batches at fixed positions; this rank's share (every
     ``world``-th batch from ``rank``), so a batch is the same on any number of workers."""
@@ -184,7 +188,7 @@ def robust_counts(model: nn.Module, dataset: Dataset, cfg: RobustEvalConfig, *, 
     over this rank's batches (the last 0 unless ``aa_version="standard"``); see the module's seeding."""
     n = len(dataset)  # type: ignore[arg-type]
     n = min(n, cfg.max_images) if cfg.max_images else n
-    attack = PGDConfig(cfg.norm, cfg.eps, cfg.step_size, cfg.pgd_steps, True)
+    attack = PGDConfig.of(cfg.budget)
     counts = torch.zeros(5, dtype=torch.long)
     was_training = model.training
     model.eval()

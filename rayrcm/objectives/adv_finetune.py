@@ -29,14 +29,15 @@ Shapes: ``views = [x]``, ``x`` ``(B, 3, H, W)`` in [0, 1]; ``target`` ``(B,)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rayrcm.attacks.pgd import NORMS, PGDConfig, pgd_ce, pgd_kl
+from rayrcm.attacks.budget import AttackBudget
+from rayrcm.attacks.pgd import PGDConfig, pgd_ce, pgd_kl
 from rayrcm.errors import ConfigError
 from rayrcm.eval.robust import RobustEvalConfig
 from rayrcm.models import Classifier, bn_route, branch_view, build_classifier, convert_dual_bn
@@ -67,13 +68,20 @@ class AdvFinetuneConfig(MethodConfig):
     eval_aa_version: str = "standard"  # standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) | apgd (an upper bound)
     eval_aa_queries: int = 5000  # Square's queries in the standard version
 
+    @property
+    def budget(self) -> AttackBudget:
+        """The training attack's budget (the flat ``method.norm/eps/step_size/pgd_steps`` keys)."""
+        return AttackBudget(self.norm, self.eps, self.step_size, self.pgd_steps)
+
     def attack(self) -> PGDConfig:
-        return PGDConfig(self.norm, self.eps, self.step_size, self.pgd_steps, True)
+        return PGDConfig.of(self.budget)
 
     def robust_eval(self) -> RobustEvalConfig:
-        return RobustEvalConfig(self.norm, self.eps, self.step_size, self.eval_pgd_steps, self.eval_autoattack,
-                                self.eval_aa_iters, self.eval_aa_targets, self.eval_max_images,
-                                aa_version=self.eval_aa_version, aa_queries=self.eval_aa_queries)
+        """The evaluation: the training budget with ``eval_pgd_steps`` steps, and AutoAttack."""
+        return RobustEvalConfig.of(replace(self.budget, steps=self.eval_pgd_steps), autoattack=self.eval_autoattack,
+                                   aa_iters=self.eval_aa_iters, aa_targets=self.eval_aa_targets,
+                                   max_images=self.eval_max_images, aa_version=self.eval_aa_version,
+                                   aa_queries=self.eval_aa_queries)
 
     def evals(self) -> tuple[str, ...]:
         return ("robust",)  # SA / PGD-20 / AA on the test split, the seed's protocol
@@ -81,8 +89,6 @@ class AdvFinetuneConfig(MethodConfig):
     def validate(self, cfg: Experiment) -> None:
         if self.mode not in MODES:
             raise ConfigError("method.mode", self.mode, f"choose one of: {', '.join(MODES)} (ALL = the three in sequence, a recipe stage)")
-        if self.norm not in NORMS:
-            raise ConfigError("method.norm", self.norm, f"choose one of: {', '.join(NORMS)}")
         if self.pgd_steps < 1:
             raise ConfigError("method.pgd_steps", self.pgd_steps, "must be >= 1")
         if self.beta < 0:
