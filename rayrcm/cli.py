@@ -22,7 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rayrcm.cli_parse import CERTIFY_FLAGS, Parser, one_line_errors
+from rayrcm.cli_parse import (
+    CERTIFY_FLAGS,
+    Parser,
+    add_sampling_args,
+    check_sampling_flags,
+    one_line_errors,
+)
 from rayrcm.errors import ConfigError
 
 # flag -> key of rayrcm.orchestration.evaluate_job.EvaluateConfig
@@ -96,16 +102,7 @@ def _certify_parser(sub, name: str, help_: str) -> None:
     c.add_argument("--indices", help="explicit dataset indices, comma separated")
     c.add_argument("--chunk", help="samples per unit of work (default 10000)")
     if name == "certify":
-        c.add_argument("--sampling", help="fixed (default: n estimation samples per image, Cohen et al.), iss "
-                                          "(input-specific sample sizes, Chen et al. 2022) or sequential (certified "
-                                          "accuracy at --radii, each image stopped once they are decided; Voracek 2024)")
-        c.add_argument("--radii", help="sequential: the radii decided per image, increasing, comma separated "
-                                       "(default 0, 0.25, ... below what the cap can certify)")
-        c.add_argument("--max-n", help="sequential: the cap on draws per image (= --n; default 100000)")
-        c.add_argument("--tolerance", help="sequential: settle r as not certified once the radius is shown below "
-                                           "r + tolerance (default 0); images at a threshold stop before the cap")
-        c.add_argument("--max-decline", help="iss: certified-radius decline allowed against the full n (default 0.05)")
-        c.add_argument("--decline", help="iss: absolute (default, radius units) or relative (a fraction of the radius)")
+        add_sampling_args(c)
     c.add_argument("--batch", help="samples per forward pass (default 0: fill the device)")
     c.add_argument("--workers", help="counting actors (default 1)")
     c.add_argument("--gpu", action="store_const", const="true", help="one GPU per actor")
@@ -264,12 +261,7 @@ def certify_config(args: argparse.Namespace):
     from rayrcm.orchestration import certify_job
 
     items = [f"mode={args.command}"]
-    if getattr(args, "n", None) is not None and getattr(args, "max_n", None) is not None:
-        raise ConfigError("max_n", args.max_n, f"--max-n and --n name the same cap (n={args.n}): give one")
-    sampling = getattr(args, "sampling", None) or "fixed"
-    for flag, mode in (("max_decline", "iss"), ("decline", "iss"), ("max_n", "sequential")):  # (radii: the protocol's)
-        if getattr(args, flag, None) is not None and sampling != mode:  # a mode's flag without its mode
-            raise ConfigError(flag, getattr(args, flag), f"is for --sampling {mode}, not sampling={sampling}")
+    check_sampling_flags({f: getattr(args, f) for f in CERTIFY_FLAGS if getattr(args, f, None) is not None})
     for flag, key in CERTIFY_FLAGS.items():
         value = getattr(args, flag, None)
         if isinstance(value, list):  # a repeatable flag: the dotted parser reads tuples comma separated

@@ -11,19 +11,42 @@ import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
+from rayrcm.certify.sampling import SAMPLING_MODES, mode_flags
 from rayrcm.errors import ConfigError, RunFailed, nearest
 
-# flag -> dotted key of rayrcm.certify.CertifyConfig
+# flag -> dotted key of rayrcm.certify.CertifyConfig (a sampling mode's own flags: its entry's, rayrcm.certify.sampling)
 CERTIFY_FLAGS = {
     "model": "model", "denoiser": "denoiser", "dataset": "dataset", "data_path": "data_path", "split": "split",
     "name": "name", "out": "out_dir", "corruption": "corruption", "severity": "severity",
     "sigma": "smoothing.sigma", "n0": "smoothing.n0", "n": "smoothing.n", "alpha": "smoothing.alpha",
     "seed": "smoothing.seed", "skip": "smoothing.skip", "max": "smoothing.max", "indices": "smoothing.indices",
-    "chunk": "smoothing.chunk", "sampling": "smoothing.sampling", "max_decline": "smoothing.max_decline",
-    "decline": "smoothing.decline", "radii": "smoothing.radii", "tolerance": "smoothing.tolerance", "max_n": "smoothing.n", "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
+    "chunk": "smoothing.chunk", "sampling": "smoothing.sampling",
+    **{flag.name: flag.key for _, flag in mode_flags()},
+    "batch": "compute.batch", "workers": "compute.workers", "gpu": "compute.use_gpu",
     "precision": "compute.precision", "channels_last": "compute.channels_last",
     "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "plugin": "plugins",
 }
+
+
+
+def add_sampling_args(c: argparse.ArgumentParser) -> None:
+    """``--sampling`` and every sampling mode's own flags (:mod:`rayrcm.certify.sampling`) of ``rayrcm certify``."""
+    modes = [f"{n} ({SAMPLING_MODES.get(n).help})" for n in SAMPLING_MODES]
+    c.add_argument("--sampling", help=", ".join(modes[:-1]) + " or " + modes[-1] if len(modes) > 1 else modes[0])
+    for _, flag in mode_flags():
+        c.add_argument("--" + flag.name.replace("_", "-"), help=flag.help)
+
+
+def check_sampling_flags(given: dict[str, object]) -> None:
+    """Refuse a sampling mode's flag given with another mode (``given``: flag -> value, the certify flags set),
+    and a contradiction among a mode's flags; one line. (``radii``, ``tolerance``: the config check refuses them.)"""
+    for name in SAMPLING_MODES:
+        SAMPLING_MODES.get(name).check_flags(given)
+    sampling = given.get("sampling") or "fixed"
+    for mode, flag in mode_flags():
+        if flag.refused_elsewhere and flag.name in given and sampling != mode:
+            raise ConfigError(flag.name, given[flag.name], f"is for --sampling {mode}, not sampling={sampling}")
+
 
 INTERRUPTED = "rayrcm: interrupted; rerun the same command to resume"
 

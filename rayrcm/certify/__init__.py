@@ -1,4 +1,9 @@
-"""Randomized-smoothing certification (pure PyTorch + scipy/statsmodels; no Ray, no MLflow)."""
+"""Randomized-smoothing certification (pure PyTorch + scipy/statsmodels; no Ray, no MLflow).
+
+Importing the package does not import torch (the command line reads the sampling modes' flags from
+it): the device half (:class:`Smoother`, :func:`certify`, :func:`predict`) loads on first use."""
+
+from typing import TYPE_CHECKING, Any
 
 from rayrcm.certify.iss import SampleSizePlan, certify_iss
 from rayrcm.certify.protocol import (
@@ -8,17 +13,7 @@ from rayrcm.certify.protocol import (
     select_indices,
     validate_certify,
 )
-from rayrcm.certify.smoothing import (
-    ESTIMATION,
-    PREDICTION,
-    SELECTION,
-    Row,
-    Smoother,
-    certify,
-    noise_seed,
-    plan_rows,
-    predict,
-)
+from rayrcm.certify.rows import ESTIMATION, PREDICTION, SELECTION, Row, noise_seed, plan_rows
 from rayrcm.certify.stats import (
     ABSTAIN,
     Certificate,
@@ -29,6 +24,20 @@ from rayrcm.certify.stats import (
     max_certifiable_radius,
     predict_from_counts,
 )
+
+if TYPE_CHECKING:
+    from rayrcm.certify.smoothing import Smoother, certify, predict
+
+_DEVICE = ("Smoother", "certify", "predict")  # from rayrcm.certify.smoothing, imported on first use
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEVICE:
+        from rayrcm.certify import smoothing
+
+        return getattr(smoothing, name)
+    raise AttributeError(f"module 'rayrcm.certify' has no attribute {name!r}")
+
 
 __all__ = [
     "ABSTAIN", "ESTIMATION", "PREDICTION", "SELECTION", "Certificate", "CertifyConfig", "ComputeConfig", "Prediction", "Row",

@@ -38,12 +38,16 @@ on the same noise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rayrcm.certify.protocol import DECLINES
-from rayrcm.certify.smoothing import ESTIMATION, SELECTION, Smoother, plan_rows
+from rayrcm.certify.config import DECLINES
+from rayrcm.certify.rows import ESTIMATION, SELECTION, plan_rows
 from rayrcm.certify.stats import Certificate, certify_from_counts
+
+if TYPE_CHECKING:
+    from rayrcm.certify.smoothing import Smoother
 
 GRID_STEP = 0.001  # the authors' grid of p_A values
 ISS_ROW = 3  # the role of an ISS row of work: one image's pilot, then its planned estimation draws

@@ -1,4 +1,6 @@
-"""The certification protocol: a typed config, its validation, and the image list.
+"""The certification protocol: the config's validation, the protocol recorded with the results, and
+the image list (the config itself: :mod:`rayrcm.certify.config`; a sampling mode's own checks and
+keys: its entry in :mod:`rayrcm.certify.sampling`).
 
 The numbers reported by randomized-smoothing papers differ in exactly these choices, so every
 result records them (``protocol.json`` next to the rows, and the MLflow run's params): the image
@@ -14,95 +16,29 @@ only 10 classes, which is why the papers use ``skip`` (e.g. ``skip=100`` over 50
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from rayrcm.errors import MAX_SEED, ConfigError
+from rayrcm.certify.config import (
+    CORRUPTED,
+    DECLINES,
+    MODES,
+    SPLITS,
+    CertifyConfig,
+    ComputeConfig,
+    SmoothingConfig,
+)
+from rayrcm.certify.sampling import SAMPLING_MODES, sampling_mode
+from rayrcm.certify.sampling.base import require as _check
+from rayrcm.certify.sampling.sequential import sequential_radii
+from rayrcm.errors import MAX_SEED
 from rayrcm.overrides import check_finite
-from rayrcm.sections import PRECISIONS, TrackingConfig, check_job_name, default_storage
+from rayrcm.sections import PRECISIONS, check_job_name
 
-MODES = ("certify", "predict")
-CORRUPTED = {"cifar10c": 10, "cifar100c": 100}  # released corruption sets certify reads (dataset -> classes)
-SAMPLINGS = ("fixed", "iss", "sequential")
-DECLINES = ("absolute", "relative")  # how an iss max_decline is measured
-SPLITS = ("test", "val")
-
-
-@dataclass(frozen=True)
-class SmoothingConfig:
-    """What is certified and how: these values decide the results."""
-
-    sigma: float = 0.25  # noise std in [0, 1] pixel units
-    n0: int = 100  # selection draws (certify)
-    n: int = 100_000  # estimation draws (certify) or draws (predict)
-    alpha: float = 0.001  # failure probability
-    seed: int = 0  # noise seed; with chunk and block it fixes every draw
-    skip: int = 1
-    max: int = -1  # Cohen's --max: stop at this dataset index; -1 = to the end
-    indices: tuple[int, ...] = ()  # explicit dataset indices (instead of skip/max)
-    chunk: int = 10_000  # draws per row of work (an image is spread over ceil(n / chunk) rows)
-    block: int = 100  # noise is drawn in blocks of this many samples; batches are multiples of it
-    # fixed: n estimation draws for every image (Cohen et al.); iss: input-specific sample sizes of at
-    # most n, chosen from the n0 selection draws (Chen et al., AAAI 2022; rayrcm.certify.iss)
-    sampling: str = "fixed"
-    max_decline: float = 0.05  # iss: the certified-radius decline allowed against the full n
-    decline: str = "absolute"  # iss: max_decline in radius units (absolute) or as a fraction (relative)
-    # sequential: the radii decided per image (certified accuracy at each; n is the cap on draws per image);
-    # () = 0, 0.25, ... up to what the cap can certify (rayrcm.certify.sequential)
-    radii: tuple[float, ...] = ()
-    # sequential: settle a radius r as not certified once the interval shows the radius below r + tolerance
-    # (0 = only below r); an image whose p_y sits at a threshold then stops long before the cap
-    tolerance: float = 0.0
-
-
-@dataclass(frozen=True)
-class ComputeConfig:
-    """How fast. None of these changes the noise; ``precision`` changes the base classifier's
-    arithmetic (so it is recorded in the protocol), and batch size or memory format can flip an
-    argmax only through floating-point differences of the model itself."""
-
-    workers: int = 1  # counting actors (one per GPU with use_gpu)
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 1.0
-    batch: int = 0  # samples per forward pass; 0 = choose the largest useful batch on the device
-    precision: str = "fp32"  # fp32 (the published numbers), bf16 or fp16 autocast
-    channels_last: bool = False
-    flush_every: int = 8  # images per Parquet part written
-    sequential_images: int = 32  # sequential: at most this many images a counting actor draws for side by side
-    progress_every_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class CertifyConfig:
-    model: str = ""  # models:/name@alias, models:/name/3, runs:/<id>/model, a run id, or a model.pt path
-    mode: str = "certify"
-    dataset: str = ""  # default: the dataset the model was trained on
-    data_path: str = ""  # default: the model's training data path
-    split: str = "test"
-    # the released CIFAR-10-C / CIFAR-100-C files (dataset cifar10c / cifar100c, data_path their folder):
-    # the images of one corruption at one severity, in the order of the files
-    corruption: str = ""
-    severity: int = 0
-    name: str = ""  # job name (results folder and MLflow run); rerunning it resumes
-    out_dir: str = field(default_factory=lambda: default_storage("certify"))
-    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment=""))  # "" = the model's experiment
-    # denoised smoothing (DDS): a rayrcm denoiser model file (export kind "denoiser", a ddpm run's model.pt),
-    # referenced like ``model``; the job certifies model(denoiser(x + sigma z, sigma)). "" = no denoiser
-    denoiser: str = ""
-    # certifying on a dataset other than the model's training set (other than its corrupted copies) is refused
-    # unless its labels mean the same classes: say so with same_classes=true
-    same_classes: bool = False
-    # modules or .py files imported by the driver and every counting actor (an export kind, a dataset);
-    # not part of the protocol: they make results possible, they do not change them
-    plugins: tuple[str, ...] = ()
-
-
-def _check(ok: bool, key: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
+__all__ = [  # the config's names are re-exported: callers import them from here
+    "ADDED_KEYS", "CORRUPTED", "DECLINES", "MODES", "NOT_COMPARED", "SPLITS", "CertifyConfig", "ComputeConfig",
+    "SmoothingConfig", "protocol_dict", "protocol_diff", "reach_warnings", "select_indices", "sequential_radii",
+    "validate_certify",
+]
 
 
 def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
@@ -132,21 +68,15 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     _check(0 <= s.seed <= MAX_SEED, "seed", s.seed, "must be >= 0 and < 2^63 (a 64-bit noise seed)")
     out = Path(cfg.out_dir).expanduser()
     _check(not out.exists() or out.is_dir(), "out_dir", cfg.out_dir, "is a file; give a folder (created if missing)")
-    _check(s.sampling in SAMPLINGS, "sampling", s.sampling, f"choose one of: {', '.join(SAMPLINGS)}")
-    if s.sampling == "iss":
-        _check(cfg.mode == "certify", "sampling", s.sampling, "input-specific sampling is for certify, not predict")
-        _check(s.decline in DECLINES, "decline", s.decline, f"choose one of: {', '.join(DECLINES)}")
-        top = 1.0 if s.decline == "relative" else math.inf
-        _check(0 < s.max_decline < top, "max_decline", s.max_decline,
-               "must be > 0" + (" and < 1 (a fraction of the radius)" if s.decline == "relative" else " (radius units)"))
+    _check(s.sampling in SAMPLING_MODES, "sampling", s.sampling, f"choose one of: {', '.join(SAMPLING_MODES.names())}")
+    mode = sampling_mode(s.sampling)
+    _check(cfg.mode in mode.modes, "sampling", s.sampling, f"{mode.title or mode.name} sampling is for {' and '.join(mode.modes)}, "
+                                                           f"not {cfg.mode}")
     _check(s.chunk >= 1 and s.chunk % s.block == 0, "chunk", s.chunk, f"must be a positive multiple of block={s.block}")
-    _check(not s.radii or s.sampling == "sequential", "radii", s.radii,
-           f"radii are decided by --sampling sequential; sampling={s.sampling} certifies every radius up to its reach "
-           "(choose the table's radii with rayrcm analyze --radii)")
-    _check(not s.tolerance or s.sampling == "sequential", "tolerance", s.tolerance,
-           f"a radius tolerance is for --sampling sequential, not sampling={s.sampling}")
-    if s.sampling == "sequential":
-        _check_sequential(cfg)
+    for other in SAMPLING_MODES:  # another mode's own keys, given to this one
+        if other != s.sampling:
+            sampling_mode(other).refuse(cfg)
+    mode.check(cfg)
     _check(c.workers >= 1, "workers", c.workers, "must be >= 1")
     _check(c.batch >= 0, "batch", c.batch, "must be >= 0 (0 = automatic)")
     _check(c.precision in PRECISIONS, "precision", c.precision, f"choose one of: {', '.join(PRECISIONS)}")
@@ -164,45 +94,14 @@ def validate_certify(cfg: CertifyConfig) -> CertifyConfig:
     return cfg
 
 
-def _check_sequential(cfg: CertifyConfig) -> None:
-    from rayrcm.certify.sequential import reach
-
-    s = cfg.smoothing
-    _check(cfg.mode == "certify", "sampling", s.sampling, "sequential sampling is for certify, not predict")
-    _check(s.n >= s.block and s.n % s.block == 0, "n", s.n,
-           f"the cap on draws per image must be a positive multiple of block={s.block} (one look per block)")
-    _check(all(math.isfinite(r) and r >= 0 for r in s.radii), "radii", s.radii, "must be finite and >= 0")
-    _check(all(a < b for a, b in zip(s.radii, s.radii[1:])), "radii", s.radii, "must be increasing, each once")
-    _check(math.isfinite(s.tolerance) and s.tolerance >= 0, "tolerance", s.tolerance,
-           "must be a radius >= 0 (0: refute r only when the radius is below r)")
-    top = reach(s.n, s.alpha, s.sigma)
-    _check(not s.radii or s.radii[-1] < top, "radii", s.radii,
-           f"beyond what n={s.n} draws can certify at sigma={s.sigma:g}, alpha={s.alpha:g}: every radius must be "
-           f"< {top:.4f} (raise n, the cap)")
-    _check(cfg.compute.sequential_images >= 1, "compute.sequential_images", cfg.compute.sequential_images, "must be >= 1")
-
-
-def sequential_radii(s: SmoothingConfig) -> tuple[float, ...]:
-    """The radii a sequential job decides: ``s.radii``, or 0, 0.25, ... below what the cap can certify."""
-    from rayrcm.certify.sequential import reach
-
-    if s.radii:
-        return tuple(float(r) for r in s.radii)
-    top = reach(s.n, s.alpha, s.sigma)
-    return tuple(r for r in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0) if r < top)
-
-
 def reach_warnings(mode: str, s: SmoothingConfig) -> list[str]:
-    """What a certification's settings cannot reach, said before any draw (one line): every image
-    abstains when even n successes in n draws do not bound p_A above 1/2 (fixed and input-specific
-    sampling; a sequential job's radii beyond its cap are refused by :func:`validate_certify`)."""
-    from rayrcm.certify.stats import lower_confidence_bound
-
-    if mode != "certify" or s.sampling == "sequential" or lower_confidence_bound(s.n, s.n, s.alpha) > 0.5:
+    """What a certification's settings cannot reach, said before any draw (one line; the sampling
+    mode's :meth:`~rayrcm.certify.sampling.base.SamplingMode.reach_warnings`): every image abstains
+    when even n successes in n draws do not bound p_A above 1/2 (fixed and input-specific sampling;
+    a sequential job's radii beyond its cap are refused by :func:`validate_certify`)."""
+    if mode != "certify":
         return []
-    need = math.floor(math.log2(1 / s.alpha)) + 1  # alpha^(1/n) > 1/2
-    return [f"with smoothing.n={s.n} and alpha={s.alpha:g} every image abstains: even {s.n} successes in {s.n} draws "
-            f"do not bound p_A above 1/2 (that takes n >= {need} at this alpha); raise smoothing.n or alpha"]
+    return sampling_mode(s.sampling).reach_warnings(s)
 
 
 def select_indices(size: int, s: SmoothingConfig) -> list[int]:
@@ -214,8 +113,6 @@ def select_indices(size: int, s: SmoothingConfig) -> list[int]:
     _check(s.max <= size, "max", s.max, f"beyond the split's {size} images")
     stop = size if s.max == -1 else s.max
     return list(range(0, stop, s.skip))
-
-
 
 
 # keys added to the protocol after results were first written, with the value an older job had:
@@ -243,10 +140,7 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
     }
     if denoiser_sha256:
         out["denoiser"] = cfg.denoiser
-    if s.sampling == "iss":
-        out.update(max_decline=s.max_decline, decline=s.decline)
-    if s.sampling == "sequential":  # no selection draws: the label is the class tested; n is the cap
-        out.update(n0=0, radii=list(sequential_radii(s)), interval="beta-mixture-cs", tolerance=float(s.tolerance))
+    out.update(sampling_mode(s.sampling).protocol(cfg))  # the mode's own keys (sequential: n0=0, its radii, ...)
     if crop_pct is not None:
         out["crop_pct"] = float(crop_pct)
     return out
@@ -254,13 +148,14 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
 
 def protocol_diff(old: dict, new: dict) -> list[str]:
     """``"key old != new"`` for each key of ``new`` that ``old`` holds otherwise, and for each
-    sampling key (``max_decline``, ``decline``) only one of them holds; a key of
-    :data:`ADDED_KEYS` that ``old`` lacks (written before it was recorded) compares as its old value.
-    (``radii`` and ``interval`` likewise: a sequential protocol's keys.)"""
+    sampling mode's own key (``max_decline``, ``radii``, ...: ``protocol_keys`` of the registered
+    modes) only ``old`` holds; a key of :data:`ADDED_KEYS` that ``old`` lacks (written before it was
+    recorded) compares as its old value."""
     def before(k: str) -> object:
         if k in old or k not in ADDED_KEYS:
             return old.get(k)
         return new[k] if ADDED_KEYS[k] is None else ADDED_KEYS[k]
 
     diff = [f"{k} {before(k)!r} != {v!r}" for k, v in new.items() if k not in NOT_COMPARED and before(k) != v]
-    return diff + [f"{k} {old[k]!r} != None" for k in ("max_decline", "decline", "radii", "interval", "tolerance") if k in old and k not in new]
+    own = [k for name in SAMPLING_MODES for k in sampling_mode(name).protocol_keys]
+    return diff + [f"{k} {old[k]!r} != None" for k in own if k in old and k not in new]

@@ -25,42 +25,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from rayrcm.certify.rows import ESTIMATION, PREDICTION, SELECTION, Row, noise_seed, plan_rows
 from rayrcm.certify.stats import Certificate, Prediction, certify_from_counts, predict_from_counts
 
-SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
+__all__ = ["ESTIMATION", "PREDICTION", "SELECTION", "Row", "Smoother", "certify", "choose_batch", "noise_seed",
+           "plan_rows", "predict"]  # the rows' names live in rayrcm.certify.rows (no torch there)
+
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def noise_seed(seed: int, index: int, role: int, chunk: int) -> int:
-    """A 63-bit generator seed for one row, from numpy's ``SeedSequence`` (well mixed, stable)."""
-    state = np.random.SeedSequence([seed, index, role, chunk]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
-
-
-@dataclass(frozen=True)
-class Row:
-    """``num`` draws of role ``role`` for the image with dataset index ``index``."""
-
-    index: int
-    role: int
-    chunk: int
-    num: int
-
-
-def plan_rows(index: int, roles: dict[int, int], chunk: int) -> list[Row]:
-    """Split each role's sample count into chunks: ``{ESTIMATION: 100_000}``, chunk 30_000 ->
-    four rows of 30k, 30k, 30k, 10k."""
-    rows = []
-    for role, total in roles.items():
-        for c, start in enumerate(range(0, total, chunk)):
-            rows.append(Row(index, role, c, min(chunk, total - start)))
-    return rows
 
 
 class Smoother:

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch.utils.data import Dataset
 
-from rayrcm.analysis.results import read_rows_dir
+from rayrcm.analysis.results import COHEN_CERTIFY
 from rayrcm.certify.protocol import (
     CORRUPTED,
     CertifyConfig,
@@ -27,18 +27,19 @@ from rayrcm.certify.protocol import (
     protocol_diff,
     reach_warnings,
     select_indices,
-    sequential_radii,
     validate_certify,
 )
+from rayrcm.certify.sampling import sampling_mode
 from rayrcm.errors import ConfigError
 from rayrcm.models.denoisers import file_sha256
-from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, load_file, predicts_classes
+from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, load_file
 from rayrcm.orchestration import tracking
+from rayrcm.orchestration.results_inputs import data_config, first_line, load_classifier_file
 from rayrcm.plugins import load_plugins
-from rayrcm.sections import DataConfig, check_job_name, short_sigma
+from rayrcm.result_parts import PROTOCOL_FILE, RUN_FILE, read_parts
+from rayrcm.sections import check_job_name, short_sigma
 
-PROTOCOL_FILE = "protocol.json"  # the protocol of a results folder (compared on resume)
-RUN_FILE = "mlflow_run.json"  # the MLflow run of a results folder (``analyze`` logs to it)
+__all__ = ["PROTOCOL_FILE", "RUN_FILE", "Prepared", "data_config", "load_classifier_file", "prepare", "sigma_warnings"]
 
 
 @dataclass
@@ -71,13 +72,7 @@ class Prepared:
 def _default_name(cfg: CertifyConfig, dataset: str, sha: str, denoiser_sha: str = "") -> str:
     s = cfg.smoothing
     parts = [cfg.mode, dataset, cfg.split, sha[:8], f"sigma-{short_sigma(s.sigma)}", f"n{s.n}"]
-    if s.sampling == "iss":  # its own folder: the fixed job of the same model and n stays apart
-        parts.append(f"iss-{s.decline[:3]}{short_sigma(s.max_decline)}")
-    if s.sampling == "sequential":  # its own folder; the radii decide the stopping, so they name it too
-        radii = ",".join(f"{r:g}" for r in sequential_radii(s))
-        parts.append(f"seq{len(sequential_radii(s))}r-" + hashlib.sha1(radii.encode()).hexdigest()[:6])
-        if s.tolerance:
-            parts.append(f"tol{short_sigma(s.tolerance)}")
+    parts += sampling_mode(s.sampling).name_parts(s)  # a mode's own folder: another mode's job never resumes into it
     if s.indices:
         parts.append("idx" + hashlib.sha1(",".join(map(str, s.indices)).encode()).hexdigest()[:6])
     else:
@@ -85,16 +80,6 @@ def _default_name(cfg: CertifyConfig, dataset: str, sha: str, denoiser_sha: str 
     if denoiser_sha:  # its own folder: a denoised job never resumes into the plain one
         parts.append(f"den{denoiser_sha[:8]}")
     return "-".join(parts + [f"seed{s.seed}"])
-
-
-def data_config(dataset: str, data_path: str, meta: dict[str, Any]) -> DataConfig:
-    """The data a results job reads: ``dataset``/``data_path`` as given, else the model's training data
-    (its path only for its own dataset), at the model's image size."""
-    trained = meta["config"]["data"]
-    name = dataset or trained["name"]
-    path = data_path or (trained.get("path") if name == trained["name"] else None)
-    return DataConfig(name=name, path=path or None, image_size=int(meta["image_size"]),
-                      val_fraction=float(trained.get("val_fraction", 0.1)), crop_pct=float(trained.get("crop_pct", 0.875)))
 
 
 def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> list[str]:
@@ -106,39 +91,9 @@ def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> list[str]
         return []
     old = json.loads(f.read_text())
     diff = protocol_diff(old, protocol)  # image_size / crop_pct absent from an older job's file: equal
-    if diff and len(read_rows_dir(out)):
+    if diff and len(read_parts(out, COHEN_CERTIFY)):
         raise ConfigError("name", name, f"holds results of another protocol ({'; '.join(diff[:3])}); choose another --name")
     return diff
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0][:160]
-
-
-def load_classifier_file(ref: str, uri: str | None) -> tuple[Path, dict[str, Any]]:
-    """The local model file of ``ref`` (``--model``: a path, run id, ``runs:/`` or ``models:/``) and its
-    meta, once it is known to rebuild into a classifier here; one-line errors naming ``model``."""
-    local = tracking.resolve_model(ref, uri)
-    try:
-        blob = load_file(local)
-        kind = export_kind(blob["meta"])
-    except ConfigError:  # already one line naming the file
-        raise
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --model
-        raise ConfigError("model", ref, f"is not a rayrcm model file ({_first_line(err)})") from None
-    if kind not in EXPORTS:  # build_from_blob says so too, naming train.plugins; here the flag is --plugin
-        raise ConfigError("model", ref, f"has export kind {kind!r}, not registered here (registered: "
-                          f"{', '.join(EXPORTS.names())}); load the plugin that registers it (--plugin)")
-    if not predicts_classes(blob["meta"]):
-        raise ConfigError("model", ref, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} "
-                          "checkpoint; certification needs a classifier (a model that predicts classes)")
-    try:
-        _, meta = build_from_blob(blob)
-    except ConfigError as err:
-        raise ConfigError("model", ref, f"{err.value}: {err.allowed}") from None
-    except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
-        raise ConfigError("model", ref, f"does not match its own config ({_first_line(err)})") from None
-    return local, meta
 
 
 LABEL_SPACE = {"cifar10c": "cifar10", "cifar100c": "cifar100"}  # corrupted copies keep their set's classes
@@ -192,7 +147,7 @@ def _load_denoiser(cfg: CertifyConfig, uri: str | None, meta: dict[str, Any]) ->
     except ConfigError as err:  # one line naming the file, under the denoiser's key
         raise ConfigError("denoiser", ref, err.allowed) from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --denoiser
-        raise ConfigError("denoiser", ref, f"is not a rayrcm model file ({_first_line(err)})") from None
+        raise ConfigError("denoiser", ref, f"is not a rayrcm model file ({first_line(err)})") from None
     if kind != "denoiser":
         raise ConfigError("denoiser", ref, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} model file, not a denoiser "
                           "(export kind 'denoiser': the model.pt of a ddpm run)")
@@ -201,7 +156,7 @@ def _load_denoiser(cfg: CertifyConfig, uri: str | None, meta: dict[str, Any]) ->
     except ConfigError as err:
         raise ConfigError("denoiser", ref, f"{err.value}: {err.allowed}") from None
     except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
-        raise ConfigError("denoiser", ref, f"does not match its own config ({_first_line(err)})") from None
+        raise ConfigError("denoiser", ref, f"does not match its own config ({first_line(err)})") from None
     size, want = int(dmeta.get("image_size", 0)), int(meta["image_size"])
     if size != want:
         raise ConfigError("denoiser", ref, f"works on {size} px images but model {cfg.model} on {want} px; "
@@ -272,7 +227,7 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     if replaced:
         data_warnings = [*data_warnings, f"{name}: the folder held no results of its earlier protocol "
                                          f"({'; '.join(replaced[:3])}); starting afresh with this one"]
-    done = read_rows_dir(out)
+    done = read_parts(out, COHEN_CERTIFY)
     finished = set(int(i) for i in done["idx"]) if len(done) else set()
     images, labels = eval_images(ds, [i for i in indices if i not in finished], data.image_size, large=large,
                                  crop_pct=data.crop_pct)

@@ -62,12 +62,12 @@ then every cell) and
 MLflow run that is a child of the run that logged the model.
 
 **Preparation** (the config and everything that can fail on bad input, before Ray) is
-:mod:`rayrcm.orchestration.evaluate_prepare`; this module runs the job and writes its outputs.
+:mod:`rayrcm.orchestration.evaluate_prepare`; this module runs the job and writes its outputs, on the
+skeleton it shares with ``rayrcm certify`` (:mod:`rayrcm.orchestration.results_job`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +94,7 @@ from rayrcm.eval.suite import (
     config_from_args,
     validate,
 )
-from rayrcm.orchestration import job_files, lineage, live, tracking
+from rayrcm.orchestration import results_job
 from rayrcm.orchestration.evaluate_prepare import (
     PROTOCOL_FILE,
     ROW_COLUMNS,
@@ -104,6 +104,7 @@ from rayrcm.orchestration.evaluate_prepare import (
     prepare,
     read_rows,
 )
+from rayrcm.orchestration.results_job import Pool, check_once, done_line, log_results
 
 __all__ = [  # what callers import from here (the CLI, tests, benchmarks); most live in evaluate_prepare and eval.suite
     "NOT_BUILT", "PROTOCOL_FILE", "RESULT_COLUMNS", "ROWS_DIR", "ROW_COLUMNS", "RUN_FILE", "SPLITS", "SUITES", "Cell",
@@ -123,151 +124,96 @@ class EvaluateResult:
     computed: int  # shards computed by this invocation
 
 
-class _Progress:
-    """Buffers finished shards into Parquet parts; prints (and logs) progress every few seconds, or
-    draws a live bar in a terminal (:mod:`rayrcm.orchestration.live`)."""
+class _Progress(results_job.Progress):
+    """Finished shards into Parquet parts; the rate counts images."""
+
+    waiting = "starting workers"
 
     def __init__(self, p: Prepared, logger: Any) -> None:
-        self.p, self.logger = p, logger
+        super().__init__(p.out, len(p.rows), len(p.rows) - len(p.todo), label=f"evaluate {p.name}", unit="shard",
+                         flush_every=p.cfg.flush_every, every_s=p.cfg.progress_every_s, logger=logger)
         self.by_key = {r["key"]: r for r in p.rows}
-        self.total, self.before = len(p.rows), len(p.rows) - len(p.todo)
-        self.done_count, self.images = self.before, 0
-        self.buffer: list[dict[str, Any]] = []  # finished shards' records not written yet
-        self.tic = self.last = time.perf_counter()
-        self.bar = live.bar(self.total, f"evaluate {p.name}", "shard", initial=self.before) if live.interactive() else None
-
-    def flush(self) -> None:
-        from rayrcm.certify.collect import write_part
-
-        write_part(self.p.out / ROWS_DIR, self.buffer)
-        self.buffer = []
+        self.images = 0
 
     def add(self, batch: dict[str, Any]) -> None:
+        records = []
         for key, images, correct, per_class, seconds, device in zip(
                 batch["key"], batch["images"], batch["correct"], batch["per_class"], batch["seconds"], batch["device"]):
             r = self.by_key[str(key)]
-            self.buffer.append({"key": r["key"], "model": r["model"], "set": r["set"], "corruption": r["corruption"],
-                                "severity": int(r["severity"]), "generated": bool(r["generated"]),
-                                "attack": r["attack"], "shard": int(r["shard"]), "images": int(images),
-                                "correct": int(correct), "per_class": str(per_class), "seconds": float(seconds),
-                                "device": str(device)})
-            self.done_count += 1
+            records.append({"key": r["key"], "model": r["model"], "set": r["set"], "corruption": r["corruption"],
+                            "severity": int(r["severity"]), "generated": bool(r["generated"]),
+                            "attack": r["attack"], "shard": int(r["shard"]), "images": int(images),
+                            "correct": int(correct), "per_class": str(per_class), "seconds": float(seconds),
+                            "device": str(device)})
             self.images += int(images)
-        if len(self.buffer) >= self.p.cfg.flush_every:
-            self.flush()
+        self.done(records)
 
-    def tick(self, final: bool = False) -> None:
-        now = time.perf_counter()
-        rate = self.images / max(now - self.tic, 1e-9)
-        if self.bar is not None:
-            live.advance(self.bar, self.done_count, f"{rate:,.0f} images/s", final)
-        if not final and now - self.last < self.p.cfg.progress_every_s:
-            return
-        self.flush()
-        self.last = now
-        new = self.done_count - self.before
-        left = f"~{(now - self.tic) / new * (self.total - self.done_count):.0f} s left" if new else "starting workers"
-        if self.bar is None:
-            print(f"[rayrcm] evaluate: {self.done_count}/{self.total} shards, {rate:,.0f} images/s, "
-                  f"{now - self.tic:.0f} s elapsed, {left}", flush=True)
-        if self.logger:
-            self.logger.log(self.done_count, {"progress/shards_done": self.done_count, "progress/images_per_s": rate})
+    def work(self) -> int:
+        return self.images
+
+    def state(self, rate: float) -> str:
+        return f"{rate:,.0f} images/s"
+
+    def line(self, rate: float, elapsed: float, left: str, part: float) -> str:
+        return f"[rayrcm] evaluate: {self.done_count}/{self.total} shards, {rate:,.0f} images/s, {elapsed:.0f} s elapsed, {left}"
+
+    def metrics(self, rate: float) -> dict[str, float]:
+        return {"progress/shards_done": self.done_count, "progress/images_per_s": rate}
 
 
-def _evaluate_all(p: Prepared, progress: _Progress) -> None:
-    """Stream the missing shards through the actor pool."""
-    import ray
-    from ray.data import ActorPoolStrategy
+class EvaluateJob(results_job.ResultsJob[Prepared, EvaluateResult]):
+    """``rayrcm evaluate`` on the results-job skeleton (:mod:`rayrcm.orchestration.results_job`)."""
 
-    from rayrcm.orchestration import console
-    from rayrcm.orchestration.evaluate_actor import EvalActor
+    def stale(self, p: Prepared) -> bool:
+        return bool(set(read_rows(p.out)["key"]) - p.finished)
 
-    console.quiet_data()
-    c = p.cfg
-    todo = p.todo
-    model_ref = ray.put(p.model_file.read_bytes())
-    images_ref, labels_ref = ray.put(p.images), ray.put(p.labels)
-    items = [{k: r[k] for k in ("key", "source", "set", "corruption", "severity", "attack", "start", "stop", "index")}
-             for r in todo]
-    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        EvalActor,
-        fn_constructor_kwargs={"model_ref": model_ref, "images_ref": images_ref, "labels_ref": labels_ref,
-                               "settings": p.settings},
-        batch_size=1,
-        compute=ActorPoolStrategy(size=c.workers),
-        num_gpus=c.gpus_per_worker if c.use_gpu else 0,
-        num_cpus=c.cpus_per_worker,
-    )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-        progress.add(batch)
-        progress.tick()
-    progress.tick(final=True)
+    def pool(self, p: Prepared) -> Pool:
+        c = p.cfg
+        return Pool(c.workers, c.use_gpu, c.gpus_per_worker, c.cpus_per_worker, "use_gpu")
+
+    def run_params(self, p: Prepared) -> tuple[str, dict[str, Any], dict[str, str]]:
+        cfg = p.cfg
+        params = {"suite": ",".join(cfg.suite), "severities": ",".join(map(str, cfg.severities)),
+                  "corruptions": ",".join(cfg.corruptions) or "all",
+                  "corruption_source": "released" if cfg.c_path else "generated", "workers": cfg.workers,
+                  "use_gpu": cfg.use_gpu, **{f"classes.{n}": v["classes"] for n, v in p.protocol["shift_sets"].items()}}
+        tags = {"rayrcm.corruptions": "generated"} if not cfg.c_path and "corruptions" in cfg.suite else {}
+        return "evaluate", params, tags
+
+    def progress(self, p: Prepared, logger: Any) -> _Progress:
+        return _Progress(p, logger)
+
+    def announce(self, p: Prepared, progress: results_job.Progress) -> None:
+        print(f"[rayrcm] evaluate: {p.name}: {len(p.cells)} cells x {len(p.indices)} images in {progress.total} shards "
+              f"({progress.before} already done); results in {p.out}", flush=True)
+        for n, v in p.protocol["shift_sets"].items():
+            print(f"[rayrcm] evaluate: {n}: {v['classes']} of {v['of']} classes remain, {v['images']:,} images"
+                  + (", logits masked to those classes" if v.get("masked") else "") + f" ({v['path']})", flush=True)
+
+    def compute(self, p: Prepared, progress: results_job.Progress) -> None:
+        from rayrcm.orchestration.evaluate_actor import EvalActor
+
+        assert isinstance(progress, _Progress)
+        items = [{k: r[k] for k in ("key", "source", "set", "corruption", "severity", "attack", "start", "stop", "index")}
+                 for r in p.todo]
+        refs = {"model_ref": p.model_file.read_bytes(), "images_ref": p.images, "labels_ref": p.labels}
+        results_job.stream(items, EvalActor, refs=refs, kwargs={"settings": p.settings}, pool=self.pool(p), per_call=1,
+                           add=progress.add, progress=progress)
+
+    def finish(self, p: Prepared, run_id: str | None, logger: Any, progress: results_job.Progress,
+               show_table: bool) -> EvaluateResult:
+        assert isinstance(progress, _Progress)
+        return _finish(p, run_id, logger, progress, show_table)
 
 
-def _start(p: Prepared) -> str | None:
-    """Write the protocol next to the rows; find or create the job's MLflow run (an existing run
-    keeps its status until there is work to do)."""
-    cfg = p.cfg
-    params = {"suite": ",".join(cfg.suite), "severities": ",".join(map(str, cfg.severities)),
-              "corruptions": ",".join(cfg.corruptions) or "all",
-              "corruption_source": "released" if cfg.c_path else "generated", "workers": cfg.workers,
-              "use_gpu": cfg.use_gpu, **{f"classes.{n}": v["classes"] for n, v in p.protocol["shift_sets"].items()}}
-    tags = {"rayrcm.corruptions": "generated"} if not cfg.c_path and "corruptions" in cfg.suite else {}
-    return tracking.start_results_run(p, PROTOCOL_FILE, "evaluate", params, tags)
+JOB = EvaluateJob()
 
 
 def run(cfg: EvaluateConfig, *, ray_init: dict[str, Any] | None = None, prepared: Prepared | None = None,
         show_table: bool = True) -> EvaluateResult:
     """Evaluate the job's missing shards; resumes when the same job ran before. One job at a time
     writes a results folder (:func:`~rayrcm.orchestration.job_files.folder_lock`)."""
-    p = prepared or prepare(cfg)
-    with job_files.folder_lock(p.out, p.name):
-        if set(read_rows(p.out)["key"]) - p.finished:  # another job finished shards since we looked
-            p = prepare(cfg)
-        return _run_locked(p, ray_init, show_table)
-
-
-def _run_locked(p: Prepared, ray_init: dict[str, Any] | None, show_table: bool) -> EvaluateResult:
-    if p.todo:
-        from rayrcm.orchestration.cluster import ensure_ray, require_gpus
-
-        ensure_ray(**(ray_init or {}))
-        require_gpus("use_gpu", p.cfg.workers * p.cfg.gpus_per_worker if p.cfg.use_gpu else 0)
-    run_id = _start(p)
-    ok = False
-    try:
-        result = _run(p, run_id, show_table)
-        ok = True
-    finally:
-        if not ok and p.uri and run_id:
-            tracking.fail_if_running(p.uri, run_id)
-    return result
-
-
-def _run(p: Prepared, run_id: str | None, show_table: bool) -> EvaluateResult:
-    logger = None
-    if run_id and p.uri:  # a run id comes with the tracking URI it was opened at
-        (p.out / RUN_FILE).write_text(json.dumps({"tracking_uri": p.uri, "run_id": run_id}))
-        logger = tracking.MetricLogger(p.uri, run_id)
-    progress = _Progress(p, logger)
-    print(f"[rayrcm] evaluate: {p.name}: {len(p.cells)} cells x {len(p.indices)} images in {progress.total} shards "
-          f"({progress.before} already done); results in {p.out}", flush=True)
-    for n, v in p.protocol["shift_sets"].items():
-        print(f"[rayrcm] evaluate: {n}: {v['classes']} of {v['of']} classes remain, {v['images']:,} images"
-              + (", logits masked to those classes" if v.get("masked") else "") + f" ({v['path']})", flush=True)
-    if p.todo:
-        if run_id and p.uri:
-            tracking.mark_running(p.uri, run_id)
-        try:
-            _evaluate_all(p, progress)
-        except BaseException:
-            try:  # keep the shards finished so far for the rerun; the first error is the news
-                progress.flush()
-            except Exception:  # noqa: BLE001
-                pass
-            raise
-    return _finish(p, run_id, logger, progress, show_table)
+    return results_job.run(JOB, lambda: prepare(cfg), ray_init=ray_init, prepared=prepared, show_table=show_table)
 
 
 def _per_class(p: Prepared, rows: pd.DataFrame, metrics: dict[str, float]) -> list[Path]:
@@ -294,9 +240,7 @@ def _per_class(p: Prepared, rows: pd.DataFrame, metrics: dict[str, float]) -> li
 
 def _finish(p: Prepared, run_id: str | None, logger: Any, progress: _Progress, show_table: bool) -> EvaluateResult:
     rows = read_rows(p.out)
-    dup = rows["key"].duplicated()
-    if dup.any():
-        raise RuntimeError(f"{p.out}: a shard was written twice: {rows['key'][dup].tolist()[:5]}")
+    check_once(p.out, rows, "key", "a shard")
     table = results_table(rows, p.model_ref)
     generated = bool(table["generated"].any()) if len(table) else False
     title = f"{p.name}" + (" (generated corruptions: CIFAR-10-C parameters, new draws)" if generated else "")
@@ -307,15 +251,10 @@ def _finish(p: Prepared, run_id: str | None, logger: Any, progress: _Progress, s
     files += _per_class(p, rows, metrics)
     computed = progress.done_count - progress.before
     wall = time.perf_counter() - progress.tic
-    if logger and p.uri and run_id:  # a logger is made for a run (at p.uri)
-        extra = {"progress/wall_seconds": wall, "progress/images_per_s": progress.images / max(wall, 1e-9)}
-        logger.log(int(table["images"].sum()) if len(table) else 0, {**metrics, **(extra if computed else {})})
-        for f in [p.out / PROTOCOL_FILE, *files]:
-            logger.log_artifact(f)
-        logger.log_folder(p.out / ROWS_DIR, ROWS_DIR)
-        lineage.finish_run(p.uri, run_id)
-    print(f"[rayrcm] evaluate done: {len(table)} cells in {p.out}"
-          + (f", {computed} shards computed in {wall:.1f} s" if computed else ", nothing left to compute"), flush=True)
+    extra = {"progress/wall_seconds": wall, "progress/images_per_s": progress.images / max(wall, 1e-9)}
+    log_results(p, run_id, logger, int(table["images"].sum()) if len(table) else 0,
+                {**metrics, **(extra if computed else {})}, [p.out / PROTOCOL_FILE, *files])
+    print(done_line(f"evaluate done: {len(table)} cells", p.out, computed, " shards", wall), flush=True)
     if generated:
         print("[rayrcm] corruptions marked 'generated' are new draws with CIFAR-10-C's parameters, not the released "
               "files: not comparable with published CIFAR-10-C numbers", flush=True)

@@ -7,9 +7,10 @@ itself is :mod:`rayrcm.orchestration.evaluate_job`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -27,11 +28,12 @@ from rayrcm.eval.suite import (
     validate,
 )
 from rayrcm.orchestration import tracking
+from rayrcm.orchestration.results_inputs import data_config, load_classifier_file
+from rayrcm.result_parts import PROTOCOL_FILE, ROWS_DIR, RUN_FILE, read_parts
 from rayrcm.sections import check_job_name
 
-PROTOCOL_FILE = "protocol.json"  # the protocol of a results folder (compared on resume)
-RUN_FILE = "mlflow_run.json"  # the MLflow run of a results folder
-ROWS_DIR = "rows"  # finished shards, part-*.parquet
+__all__ = ["PROTOCOL_FILE", "ROWS_DIR", "ROW_COLUMNS", "RUN_FILE", "Prepared", "prepare", "read_rows"]
+
 ROW_COLUMNS = ["key", "model", "set", "corruption", "severity", "generated", "attack", "shard", "images", "correct", "seconds", "device"]
 
 
@@ -61,7 +63,6 @@ class Prepared:
         return [r for r in self.rows if r["key"] not in self.finished]
 
 
-
 def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> None:
     from rayrcm.certify.protocol import protocol_diff
 
@@ -86,10 +87,7 @@ def _check_protocol(out: Path, protocol: dict[str, Any], name: str) -> None:
 
 def read_rows(out: Path) -> pd.DataFrame:
     """Every shard row written under ``out/rows`` (an empty frame with the row columns when none)."""
-    parts = sorted((out / ROWS_DIR).glob("part-*.parquet"))
-    if not parts:
-        return pd.DataFrame(columns=ROW_COLUMNS)
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return read_parts(out, ROW_COLUMNS)
 
 
 def _check_folders(cfg: EvaluateConfig, ds: Any, num_classes: int, large: bool) -> tuple[str, ...]:
@@ -118,7 +116,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
 
     from rayrcm.data import DATASETS
     from rayrcm.data.datasets import eval_images, eval_split
-    from rayrcm.orchestration.certify_prepare import data_config, file_sha256, load_classifier_file
+    from rayrcm.models.denoisers import file_sha256
     from rayrcm.plugins import load_plugins
 
     cfg = validate(cfg)
@@ -135,7 +133,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     ds, num_classes, large = eval_split(data, cfg.split)
     if num_classes != meta["num_classes"]:
         raise ConfigError("model", cfg.model, f"has {meta['num_classes']} classes but dataset {data.name} has {num_classes}")
-    indices = select_images(len(ds), cfg.skip, cfg.max_images)  # type: ignore[arg-type]
+    indices = select_images(len(cast(Sized, ds)), cfg.skip, cfg.max_images)
     if not indices:
         raise ConfigError("max_images", cfg.max_images, "selects no image")
     shifted: dict[str, dict[str, Any]] = {}
