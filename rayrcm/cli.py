@@ -251,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--detach", action="store_true", help="start in the background, wait until healthy, print the pid")
     m.add_argument("--log", default="~/.rayrcm/mlflow/server.log")
     m.add_argument("--pidfile", default="")
+    m.add_argument("--stop-with-ray", action="store_true", help="with --detach: stop once this host's Ray stops (ray down)")
     for parser in (p, *sub.choices.values()):
         add_verbose_arg(parser)
     return p
@@ -353,7 +354,7 @@ def run(argv: list[str] | None = None) -> int:
         spec = ms.ServerSpec(args.backend_store_uri, args.artifacts_destination, host=args.host, port=args.port,
                              workers=args.workers, auth=not args.no_auth, state_dir=args.state_dir,
                              allowed_hosts=args.allowed_hosts)
-        return ms.serve(spec, detach=args.detach, log=args.log, pidfile=args.pidfile)
+        return ms.serve(spec, detach=args.detach, log=args.log, pidfile=args.pidfile, stop_with_ray_=args.stop_with_ray)
     from rayrcm.config import apply_overrides, load_recipe, to_dict, validate
 
     if args.command == "quickstart":

@@ -4,6 +4,7 @@ what is allowed, exit 2) and a run that cannot go on (:class:`RunFailed`: :class
 
 
 import re
+from typing import Any
 
 MAX_SEED = 2**63 - 1  # seeds go to torch.Generator.manual_seed and NumPy: a signed 64-bit integer
 MAX_NAME = 180  # a job's folder name: room below the file system's 255 bytes for a sweep's -<trial> suffix and more
@@ -45,7 +46,7 @@ class ConfigError(ValueError):
         self.allowed = allowed
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
 
-    def __reduce__(self):  # picklable with its arguments: a worker's ConfigError reaches the driver as itself
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with its arguments: a worker's ConfigError reaches the driver as itself
         return (type(self), (self.key, self.value, self.allowed))
 
 
@@ -62,7 +63,7 @@ class NonFiniteLoss(RunFailed):
         super().__init__(f"loss is {value} at step {step}: training stopped; no checkpoint or model was saved after it "
                          "(lower optim.lr, set optim.grad_clip, or check the data and method settings)")
 
-    def __reduce__(self):  # picklable with its arguments (Ray ships worker errors to the driver)
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with its arguments (Ray ships worker errors to the driver)
         return (type(self), (self.step, self.value))
 
 
@@ -73,5 +74,5 @@ class TrackingUnavailable(RunFailed):
         self.uri, self.reason, self.state = uri, reason, state
         super().__init__(f"MLflow server {uri} is unreachable ({reason})" + (f": {state}" if state else ""))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.uri, self.reason, self.state))

@@ -14,9 +14,14 @@ import dataclasses
 import math
 import typing
 from dataclasses import fields, is_dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rayrcm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+D = TypeVar("D", bound="DataclassInstance")  # the dataclass update_dataclass returns, updated
 
 
 def _parse_scalar(key: str, raw: str, typ: Any) -> Any:
@@ -112,7 +117,7 @@ def check_finite(obj: Any, prefix: str = "") -> None:
                     raise ConfigError(key, tuple(value), FINITE)
 
 
-def update_dataclass(obj: Any, tree: dict[str, Any], prefix: str = "") -> Any:
+def update_dataclass(obj: D, tree: dict[str, Any], prefix: str = "") -> D:
     """``obj`` with ``tree`` applied: nested mappings go into nested dataclass fields; unknown keys
     and badly typed values raise a one-line :class:`ConfigError` naming the dotted key."""
     hints = typing.get_type_hints(type(obj))

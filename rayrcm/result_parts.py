@@ -57,9 +57,14 @@ def write_part(rows_dir: Path, records: list[dict[str, Any]]) -> Path | None:
     return rows_dir / name
 
 
+def parts_in(rows_dir: Path) -> list[Path]:
+    """The Parquet parts in ``rows_dir`` itself (a results folder's ``rows/``), in the order they were written."""
+    return sorted(Path(rows_dir).glob("part-*.parquet"))
+
+
 def part_files(folder: Path) -> list[Path]:
     """The Parquet parts of results folder ``folder``, in the order they were written."""
-    return sorted((Path(folder) / ROWS_DIR).glob("part-*.parquet"))
+    return parts_in(Path(folder) / ROWS_DIR)
 
 
 def read_parts(folder: Path, columns: list[str]) -> pd.DataFrame:
@@ -78,5 +83,5 @@ class ResultsNotWritten(RunFailed):
         super().__init__(f"could not write results to {rows_dir} ({self.reason}); the images finished before are on "
                          "disk: free space (or fix the folder) and rerun the same command to resume")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.rows_dir, self.reason))

@@ -16,6 +16,7 @@ from rayrcm.errors import MAX_NAME, MAX_SEED, ConfigError
 
 AUGMENTATIONS = ("none", "weak", "crop", "strong", "autoaug", "simclr", "mocov3", "mocov3_1", "mocov3_2", "center")
 PRECISIONS = ("fp32", "bf16", "fp16")
+PLACEMENTS = ("PACK", "SPREAD")  # Ray Train's placement of a job's workers over the nodes
 OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lars")
 
 
@@ -117,6 +118,7 @@ class TrainConfig:
     steps: int = 200
     epochs: float = 0.0  # > 0: steps = ceil(epochs * floor(train images / global batch)) (resolve_epochs)
     workers: int = 1  # Ray Train workers; 0 runs the loop in the driver process
+    placement: str = "PACK"  # PACK: as few nodes as fit the workers; SPREAD: one worker per node where there is room
     use_gpu: bool = False
     precision: str = "fp32"
     accum_iter: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation)
@@ -264,6 +266,7 @@ def check_train(t: TrainConfig) -> None:
     check(t.checkpoint_epochs >= 0, "train.checkpoint_epochs", t.checkpoint_epochs, "must be >= 0")
     check(t.eval_votes >= 1, "train.eval_votes", t.eval_votes, "must be >= 1")
     check(t.workers >= 0, "train.workers", t.workers, "must be >= 0 (0 = run in the driver)")
+    check(t.placement in PLACEMENTS, "train.placement", t.placement, f"choose one of: {', '.join(PLACEMENTS)}")
     check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     check(t.fault_mode in ("raise", "exit"), "train.fault_mode", t.fault_mode, "choose one of: raise, exit")

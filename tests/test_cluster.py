@@ -1,6 +1,6 @@
-"""The cluster path: cluster files checked offline by Ray's own launcher code, working-dir uploads
-kept small, and recipe stages submitted with ``ray job submit`` to a real 2-node cluster started
-with ``ray start`` (token auth on) that logs to a real MLflow server with basic auth."""
+"""The cluster files checked offline by Ray's own launcher code, and working-dir uploads kept small.
+The real cluster path (``ray up`` of ``clusters/onprem.yaml`` on hosts made on this machine, ``ray job
+submit``, the MLflow server with basic auth on PostgreSQL, a lost host) is ``test_onprem_cluster.py``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
@@ -89,7 +87,7 @@ def test_cluster_file_secure_defaults(name):
     from rayrcm.cli import _parser
 
     line = next(c for c in cfg["head_start_ray_commands"] if "rayrcm mlflow-server" in c)
-    argv = shlex.split(line.split("&&", 1)[1].replace("$HOME", "/home/u"))[1:]
+    argv = shlex.split(line[line.index("rayrcm mlflow-server"):].replace("$HOME", "/home/u"))[1:]
     args = _parser().parse_args(argv)
     assert args.command == "mlflow-server" and not args.no_auth and args.detach and args.host == "0.0.0.0"
 
@@ -146,170 +144,34 @@ def test_working_dir_upload_stays_small(tmp_path):
     assert out.stat().st_size < 2 << 20
 
 
-# --- a real cluster: ray start (head + worker node), token auth, ray job submit -----------------
+def test_a_server_started_with_stop_with_ray_stops_after_the_hosts_ray(tmp_path):
+    """The watcher of ``rayrcm mlflow-server --detach --stop-with-ray`` waits for Ray to run on the
+    host, then stops the server's process group once Ray stops (``ray down``); a server whose host
+    never starts Ray is left alone."""
+    import threading
 
-def _free_port() -> int:
-    import socket
+    from rayrcm.orchestration import mlflow_server as ms
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    names = (f"raylet{os.getpid() % 1000}",)  # a name of Ray's process, unique to this test (this machine may run Rays)
+    fake = tmp_path / names[0]
+    shutil.copy(shutil.which("sleep"), fake)
+    server = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    stopped: list[bool] = []
+    watcher = threading.Thread(target=lambda: stopped.append(ms.stop_with_ray(server.pid, poll_s=0.1, ray_processes=names)))
+    watcher.start()
+    time.sleep(0.5)
+    assert server.poll() is None  # no Ray yet: the server keeps running
+    ray = subprocess.Popen([str(fake), "300"])
+    time.sleep(0.5)
+    assert server.poll() is None  # Ray runs: still serving
+    ray.kill()
+    ray.wait()
+    watcher.join(10)
+    assert stopped == [True] and server.wait(5) is not None
 
-
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check and proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def job_cluster(tmp_path_factory):
-    """``ray start --head`` and a second ``ray start --address`` node on loopback, with their own
-    HOME (token at ~/.ray/auth_token, MLflow credentials at ~/.mlflow/credentials) and temp dir,
-    plus ``rayrcm mlflow-server --detach`` with basic auth, as the cluster files start them."""
-    import ray
-
-    ray.shutdown()  # no in-process cluster of an earlier test module may linger
-    root = tmp_path_factory.mktemp("cluster")
-    home = root / "home"
-    (home / ".mlflow").mkdir(parents=True)
-    creds = ("rayrcm-ci", "a-long-test-password-1")
-    (home / ".mlflow" / "credentials").write_text(f"[mlflow]\nmlflow_tracking_username = {creds[0]}\n"
-                                                  f"mlflow_tracking_password = {creds[1]}\n")
-    temp = Path(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) / f"rj{os.getpid()}"
-    storage = root / "shared"
-    mlflow_port, gcs_port, dash_port = _free_port(), _free_port(), _free_port()
-    tracking = f"http://127.0.0.1:{mlflow_port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               PYTHONUNBUFFERED="1")
-    _run([str(BIN / "ray"), "get-auth-token", "--generate"], env)
-    # --host 0.0.0.0 as the cluster files start it on a head (with auth), answered on loopback
-    server = _run([str(BIN / "rayrcm"), "mlflow-server", "--host", "0.0.0.0", "--port", str(mlflow_port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                   "--artifacts-destination", str(root / "artifacts"), "--detach", "--pidfile", str(root / "mlflow.pid")],
-                  env, timeout=180)
-    assert "basic auth" in server.stdout
-    node_env = {**env, "RAYRCM_STORAGE": str(storage), "MLFLOW_TRACKING_URI": tracking}
+    lone = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
-        _run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={_free_port()}",
-              "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"], node_env)
-        # its own temp dir, as a separate machine would have: nodes sharing one would share (and
-        # garbage-collect) each other's unpacked working dirs
-        _run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-              "--num-cpus=2", f"--temp-dir={temp}n"], node_env)
-        yield {"env": env, "address": f"http://127.0.0.1:{dash_port}", "tracking": tracking, "storage": storage,
-               "home": home, "creds": creds}
+        assert ms.stop_with_ray(lone.pid, poll_s=0.05, wait_for_ray_s=0.3, ray_processes=names) is False and lone.poll() is None
     finally:
-        _run([str(BIN / "ray"), "stop"], env, check=False)
-        pid = (root / "mlflow.pid").read_text().strip() if (root / "mlflow.pid").exists() else ""
-        if pid:
-            try:
-                os.killpg(int(pid), 15)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(f"{temp}n", ignore_errors=True)
-
-
-def _submit(c: dict, *entrypoint: str) -> str:
-    """Submit; a loaded machine may start the head's job agent after the dashboard answers, and Ray
-    then asks the client to try again later, which is what a user would do."""
-    sub_id = f"rayrcm-test-{int(time.time() * 1000)}"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", c["address"], "--working-dir", ".", "--submission-id", sub_id,
-           "--no-wait", "--", *entrypoint]
-    for _ in range(12):
-        proc = _run(cmd, c["env"], check=False)
-        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(5)
-    if proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return sub_id
-
-
-def _wait(c: dict, sub_id: str, timeout: float = 300) -> tuple[str, str]:
-    deadline = time.time() + timeout
-    status = ""
-    while time.time() < deadline:
-        out = _run([str(BIN / "ray"), "job", "status", "--address", c["address"], sub_id], c["env"]).stdout
-        # "Status for job 'x': RUNNING" while it runs, "Job 'x' succeeded" (failed, stopped) at the end
-        m = re.search(r"Status for job '[^']+': (\w+)|Job '[^']+' (succeeded|failed|stopped)", out)
-        status = (m.group(1) or m.group(2).upper()) if m else status
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(3)
-    logs = _run([str(BIN / "ray"), "job", "logs", "--address", c["address"], sub_id], c["env"]).stdout
-    return status, logs
-
-
-TINY = ["--set", "train.epochs=0", "--set", "train.steps=6", "--set", "train.checkpoint_epochs=0",
-        "--set", "train.checkpoint_every=3", "--set", "optim.warmup_epochs=0", "--set", "optim.schedule_epochs=0",
-        "--set", "data.batch_size=32", "--set", "train.workers=2", "--set", "train.log_every=3"]
-
-
-@pytest.mark.slow
-def test_recipe_stages_as_ray_jobs(job_cluster):
-    """finetune then certify, each a ``ray job submit --working-dir .`` of the digits recipe: the
-    job drivers find the MLflow server and the shared storage through the environment the nodes
-    were started with, authenticate to MLflow with the credentials file, and the second job finds
-    the first one's model through the registry alias."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    c = job_cluster
-    ft = _submit(c, "python", "experiments/rcm_digits.py", "finetune", "--sigma", "0.25", *TINY,
-                 "--set", "train.name=cluster-finetune")
-    status, logs = _wait(c, ft)
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert "finetune done: run" in logs
-    assert (c["storage"] / "cluster-finetune" / "model.pt").is_file()
-
-    cert = _submit(c, "python", "experiments/rcm_digits.py", "certify", "--sigma", "0.25", "--set", "smoothing.n0=20",
-                   "--set", "smoothing.n=100", "--set", "smoothing.chunk=100", "--set", "smoothing.max=8",
-                   "--set", "name=cluster-certify")
-    status, logs = _wait(c, cert)
-    assert status == "SUCCEEDED", logs[-4000:]
-    tsv = c["storage"] / "certify" / "cluster-certify" / "results.tsv"
-    assert tsv.is_file() and len(tsv.read_text().splitlines()) == 1 + 2  # images 0 and 4 (skip 4, max 8)
-
-    # without credentials the server refuses; with them the runs are there, nested
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(c["tracking"] + "/api/2.0/mlflow/experiments/search?max_results=5", timeout=10)
-    assert err.value.code == 401
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = c["creds"]
-    try:
-        client = MlflowClient(c["tracking"])
-        exp = client.get_experiment_by_name("rayrcm-digits")
-        runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-        finetune_run = runs["cluster-finetune"]
-        assert finetune_run.info.status == "FINISHED" and finetune_run.data.metrics["loss"] > 0
-        version_ = client.get_model_version_by_alias("rcm-digits", "sigma-0_25")
-        assert version_.run_id == finetune_run.info.run_id
-        certify_run = next(r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == finetune_run.info.run_id)
-        assert certify_run.info.status == "FINISHED" and "certified_acc_0.00" in certify_run.data.metrics
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_USERNAME")
-        os.environ.pop("MLFLOW_TRACKING_PASSWORD")
-        mlflow.set_tracking_uri(None)
-
-
-@pytest.mark.slow
-def test_failing_job_reports_failed_with_one_line_error(job_cluster):
-    c = job_cluster
-    sub = _submit(c, "python", "experiments/rcm_digits.py", "finetune", "--set", "optim.lr=-1")
-    status, logs = _wait(c, sub, timeout=180)
-    assert status == "FAILED"
-    errors = [line for line in logs.splitlines() if line.startswith("rayrcm: error:")]
-    assert errors == ["rayrcm: error: optim.lr=-1.0 is invalid: must be > 0"], logs[-2000:]
-    assert "Traceback" not in logs
-
-
-@pytest.mark.slow
-def test_cluster_refuses_a_wrong_token(job_cluster):
-    c = job_cluster
-    proc = _run([str(BIN / "ray"), "job", "list", "--address", c["address"]], {**c["env"], "RAY_AUTH_TOKEN": "0" * 32},
-                check=False)
-    assert proc.returncode != 0 and "token is invalid" in (proc.stdout + proc.stderr)
+        lone.kill()
+        lone.wait()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -63,7 +64,7 @@ def _samples_each(df: pd.DataFrame) -> np.ndarray | None:
     """Draws spent on each image (``samples``; from the count columns in rows written before it);
     None when the rows do not say (a Cohen-format TSV)."""
     if "samples" in df and not df["samples"].isna().any():
-        return df["samples"].to_numpy(dtype=float)
+        return cast(np.ndarray, df["samples"].to_numpy(dtype=float))
     cols = [c for c in ("counts_selection", "counts_estimation", "counts") if c in df]
     if not cols and len(df):
         return None

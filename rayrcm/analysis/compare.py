@@ -39,11 +39,11 @@ from rayrcm.analysis.robustness import (
     robust_cells,
     shift_row,
 )
+from rayrcm.result_parts import PROTOCOL_FILE  # as the evaluate and certify jobs write it
 
 if TYPE_CHECKING:
     from rayrcm.analysis.paper import Result
 
-PROTOCOL_FILE = "protocol.json"  # as the evaluate and certify jobs write it
 TITLES = {"robustness": "Robustness: SA, attacks, corruptions (CS-s: mean over corruptions at severity s)",
           "shift": "Distribution shift: clean, C (mean over corruptions and severities), shifted sets",
           "certified": "Certified accuracy (randomized smoothing) at L2 radius r"}

@@ -9,6 +9,7 @@ written next to the plot (``embedding.csv``: x, y, label) so it can be redrawn.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ def tsne_2d(features: torch.Tensor, seed: int = 0) -> np.ndarray:
 
     x = features.detach().float().cpu().numpy()
     perplexity = float(min(30.0, max(1.0, (len(x) - 1) / 3)))
-    return TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
+    return cast(np.ndarray, TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed).fit_transform(x))
 
 
 def write_embedding(features: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, *, title: str,

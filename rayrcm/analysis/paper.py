@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -130,7 +130,7 @@ def _groups(results: list[Result]) -> list[list[int]]:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12
-    return a == b
+    return cast(bool, a == b)
 
 
 def _order(col: str) -> tuple[int, float, str]:

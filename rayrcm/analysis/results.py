@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rayrcm.result_parts import ROWS_DIR, part_files, parts_in, read_parts
+
 COHEN_CERTIFY = ["idx", "label", "predict", "radius", "correct", "time"]
 COHEN_PREDICT = ["idx", "label", "predict", "correct", "time"]
-ROWS_DIR = "rows"
 TSV_NAME = "results.tsv"
 
 
@@ -65,12 +66,11 @@ def read_rows_dir(folder: str | Path) -> pd.DataFrame:
     """Every Parquet part under ``folder`` (a certification folder or its ``rows/``; also ``rows/rows/``,
     where runs logged before 2026-12 keep them in MLflow)."""
     folder = Path(folder)
-    parts = sorted((folder / ROWS_DIR if (folder / ROWS_DIR).is_dir() else folder).glob("part-*.parquet"))
-    if not parts and (folder / ROWS_DIR / ROWS_DIR).is_dir():
-        parts = sorted((folder / ROWS_DIR / ROWS_DIR).glob("part-*.parquet"))
-    if not parts:
-        return pd.DataFrame(columns=COHEN_CERTIFY)
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    if (folder / ROWS_DIR).is_dir():  # a results folder: its parts in rows/ (or in rows/rows/, from MLflow)
+        nested = not part_files(folder) and (folder / ROWS_DIR / ROWS_DIR).is_dir()
+        return read_parts(folder / ROWS_DIR if nested else folder, COHEN_CERTIFY)
+    parts = parts_in(folder)  # ``folder`` is a rows/ folder itself
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame(columns=COHEN_CERTIFY)
 
 
 INT_COLUMNS = ("idx", "label", "predict", "correct")
@@ -149,8 +149,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     ``ValueError`` naming the file and the line (TSV) or row (Parquet)."""
     p = Path(path)
     if p.is_dir():
-        rows = p / ROWS_DIR if (p / ROWS_DIR).is_dir() else p
-        parts = sorted(rows.glob("part-*.parquet"))
+        parts = part_files(p) if (p / ROWS_DIR).is_dir() else parts_in(p)
         if parts:
             df = pd.concat([check_rows(pd.read_parquet(q), str(q)) for q in parts], ignore_index=True)
         elif (p / TSV_NAME).is_file():

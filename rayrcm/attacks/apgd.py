@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import cast
 
 import torch
 from torch import nn
@@ -198,7 +199,7 @@ def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     idx = robust.nonzero().flatten()
     if len(idx):
         robust[idx] = apgd_targeted(model, x[idx], y[idx], eps=eps, norm=norm, n_iter=n_iter, n_targets=n_targets)
-    return robust
+    return cast(torch.Tensor, robust)
 
 
 __all__ = ["StepSchedule", "apgd_ce", "apgd_run", "apgd_targeted", "autoattack_robust", "dlr_targeted"]

@@ -41,6 +41,7 @@ caller's stream continues as if they drew one number.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ class _Anchored(nn.Module):
         self.train(model.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return cast(torch.Tensor, self.model(x))
 
 
 def _within(model: nn.Module, x: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -91,7 +92,7 @@ def _within(model: nn.Module, x: torch.Tensor, adv: torch.Tensor, y: torch.Tenso
         finite = torch.isfinite(adv).flatten(1).all(1)
         inside = (adv >= 0).flatten(1).all(1) & (adv <= 1).flatten(1).all(1)
         wrong = model(torch.nan_to_num(adv)).argmax(1) != y
-    return wrong & finite & inside & (size <= eps * (1 + 1e-5) + 1e-7)
+    return cast(torch.Tensor, wrong & finite & inside & (size <= eps * (1 + 1e-5) + 1e-7))
 
 
 def _devices(x: torch.Tensor) -> list[int]:

@@ -47,6 +47,8 @@ from rayrcm.certify.rows import ESTIMATION, SELECTION, plan_rows
 from rayrcm.certify.stats import Certificate, certify_from_counts
 
 if TYPE_CHECKING:
+    import torch
+
     from rayrcm.certify.smoothing import Smoother
 
 GRID_STEP = 0.001  # the authors' grid of p_A values
@@ -109,7 +111,7 @@ class SampleSizePlan:
         return self.size_for_interval(float(np.nan_to_num(lo, nan=0.0)), float(np.nan_to_num(hi, nan=1.0)))
 
 
-def estimation_counts(sm: Smoother, x, *, index: int, seed: int, m: int, chunk: int) -> np.ndarray:
+def estimation_counts(sm: Smoother, x: torch.Tensor, *, index: int, seed: int, m: int, chunk: int) -> np.ndarray:
     """Per-class counts of the first ``m`` estimation draws of image ``index`` (the fixed protocol's rows)."""
     import torch
 
@@ -119,7 +121,7 @@ def estimation_counts(sm: Smoother, x, *, index: int, seed: int, m: int, chunk: 
     return out.numpy()
 
 
-def iss_counts(sm: Smoother, x, plan: SampleSizePlan, *, index: int, seed: int, n0: int,
+def iss_counts(sm: Smoother, x: torch.Tensor, plan: SampleSizePlan, *, index: int, seed: int, n0: int,
                chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """``(selection counts, estimation counts)`` of one image: the pilot, then ``plan.size_for(pilot)``
     fresh draws. This is what a counting actor does with an ISS row."""
@@ -132,7 +134,7 @@ def iss_counts(sm: Smoother, x, plan: SampleSizePlan, *, index: int, seed: int, 
     return sel_np, estimation_counts(sm, x, index=index, seed=seed, m=plan.size_for(sel_np), chunk=chunk)
 
 
-def certify_iss(sm: Smoother, x, plan: SampleSizePlan, *, n0: int, alpha: float, seed: int = 0, index: int = 0,
+def certify_iss(sm: Smoother, x: torch.Tensor, plan: SampleSizePlan, *, n0: int, alpha: float, seed: int = 0, index: int = 0,
                 chunk: int = 10_000) -> tuple[Certificate, np.ndarray, np.ndarray]:
     """CERTIFY one image with input-specific sampling: ``(certificate, selection, estimation counts)``;
     the single-device reference of the Ray Data job's ISS rows."""

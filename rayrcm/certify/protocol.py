@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from rayrcm.certify.config import (
     CORRUPTED,
@@ -124,7 +125,7 @@ NOT_COMPARED = ("denoiser",)
 
 
 def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_classes: int, indices: list[int],
-                  image_size: int = 0, crop_pct: float | None = None, denoiser_sha256: str = "") -> dict:
+                  image_size: int = 0, crop_pct: float | None = None, denoiser_sha256: str = "") -> dict[str, Any]:
     """What decides the results (compared on resume; logged as params). Not ``plugins``.
     ``image_size``: the side of the images the model sees (the model file's); ``crop_pct``: the
     centre crop of ImageNet-style (large) datasets, None for the others; ``denoiser_sha256``: the
@@ -146,7 +147,7 @@ def protocol_dict(cfg: CertifyConfig, *, dataset: str, model_sha256: str, num_cl
     return out
 
 
-def protocol_diff(old: dict, new: dict) -> list[str]:
+def protocol_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``"key old != new"`` for each key of ``new`` that ``old`` holds otherwise, and for each
     sampling mode's own key (``max_decline``, ``radii``, ...: ``protocol_keys`` of the registered
     modes) only ``old`` holds; a key of :data:`ADDED_KEYS` that ``old`` lacks (written before it was

@@ -58,12 +58,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+    from rayrcm.certify.smoothing import Smoother
 
 CERTIFIED, REFUTED, UNDECIDED = 1, 0, -1
 SEQ_ROW = 4  # the role of a sequential row of work: one image, drawn until its grid is decided
@@ -75,7 +77,7 @@ def log_mixture(a: np.ndarray | int, t: np.ndarray | int, p: np.ndarray | float)
 
     a, t, p = np.asarray(a, np.float64), np.asarray(t, np.float64), np.asarray(p, np.float64)
     with np.errstate(divide="ignore"):
-        return betaln(a + 0.5, t - a + 0.5) - betaln(0.5, 0.5) - xlogy(a, p) - xlog1py(t - a, -p)
+        return cast(np.ndarray, betaln(a + 0.5, t - a + 0.5) - betaln(0.5, 0.5) - xlogy(a, p) - xlog1py(t - a, -p))
 
 
 def confidence_interval(a: int, t: int, alpha: float) -> tuple[float, float]:
@@ -85,7 +87,10 @@ def confidence_interval(a: int, t: int, alpha: float) -> tuple[float, float]:
     if t == 0:
         return 0.0, 1.0
     level = math.log(1 / alpha)
-    f = lambda p: float(log_mixture(a, t, p)) - level  # noqa: E731
+
+    def f(p: float) -> float:
+        return float(log_mixture(a, t, p)) - level
+
     mid = min(max(a / t, 1e-300), 1 - 1e-16)
     lo = 0.0 if a == 0 or f(1e-300) < 0 else brentq(f, 1e-300, mid, xtol=1e-15, rtol=1e-14)
     hi = 1.0 if a == t or f(1 - 1e-16) < 0 else brentq(f, mid, 1 - 1e-16, xtol=1e-15, rtol=1e-14)
@@ -96,7 +101,7 @@ def thresholds(radii: Sequence[float] | np.ndarray, sigma: float) -> np.ndarray:
     """``q_r = Phi(r / sigma)``: certified at ``r`` iff ``p > q_r`` (Cohen et al., Theorem 1)."""
     from scipy.stats import norm
 
-    return norm.cdf(np.asarray(radii, np.float64) / sigma)
+    return cast(np.ndarray, norm.cdf(np.asarray(radii, np.float64) / sigma))
 
 
 def reach(n_max: int, alpha: float, sigma: float) -> float:
@@ -200,7 +205,7 @@ def result(state: ImageSequence, radii: Sequence[float], sigma: float) -> Sequen
 
 
 def sequential_record(label: int, decisions: Sequence[int], successes: int, samples: int, *, radii: Sequence[float],
-                      sigma: float, alpha: float) -> dict:
+                      sigma: float, alpha: float) -> dict[str, Any]:
     """A results row: ``predict`` is the label when the interval certified ``p_y > 1/2`` (the smoothed
     classifier returns it), else -1 (abstain: this procedure never names another class); ``radius``
     as :class:`SequentialResult`; ``decisions`` per radius of the protocol's ``radii``."""
@@ -222,12 +227,12 @@ class _Stream:
     ``(seed, index, ESTIMATION, c)``) gives ``chunk / block`` blocks, then row ``c + 1`` takes over,
     exactly as :meth:`~rayrcm.certify.smoothing.Smoother.count` draws the fixed protocol's rows."""
 
-    def __init__(self, device, seed: int, index: int, chunk: int, block: int) -> None:
+    def __init__(self, device: torch.device, seed: int, index: int, chunk: int, block: int) -> None:
         self.device, self.seed, self.index, self.per_row, self.block = device, seed, index, chunk // block, block
         self.row, self.left = -1, 0
         self.gen: torch.Generator | None = None
 
-    def fill(self, out, sigma: float) -> None:
+    def fill(self, out: torch.Tensor, sigma: float) -> None:
         import torch
 
         from rayrcm.certify.smoothing import ESTIMATION, noise_seed
@@ -250,7 +255,7 @@ class Drawn:
     made: int = 0
 
 
-def run_sequences(sm, images, labels: Sequence[int], indices: Sequence[int], *, radii: Sequence[float], alpha: float,
+def run_sequences(sm: Smoother, images: torch.Tensor, labels: Sequence[int], indices: Sequence[int], *, radii: Sequence[float], alpha: float,
                   n_max: int, seed: int, chunk: int, drawn: Drawn | None = None,
                   kind: type[ImageSequence] = ImageSequence, tolerance: float = 0.0) -> list[SequentialResult]:
     """Certify ``images`` (``(B, C, H, W)`` in [0, 1]) sequentially, side by side on ``sm``'s device.
@@ -303,7 +308,7 @@ def run_sequences(sm, images, labels: Sequence[int], indices: Sequence[int], *, 
     return [result(s, radii, sm.sigma) for s in states]
 
 
-def certify_sequential(sm, x, label: int, *, radii: Sequence[float], alpha: float, n_max: int, seed: int = 0,
+def certify_sequential(sm: Smoother, x: torch.Tensor, label: int, *, radii: Sequence[float], alpha: float, n_max: int, seed: int = 0,
                        index: int = 0, chunk: int = 10_000, tolerance: float = 0.0) -> SequentialResult:
     """One image's sequential certificate on one device: the reference of the Ray Data job's rows."""
     return run_sequences(sm, x[None], [label], [index], radii=radii, alpha=alpha, n_max=n_max, seed=seed, chunk=chunk,

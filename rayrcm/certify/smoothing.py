@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class Smoother:
         self.channels_last = channels_last
         self._buf: torch.Tensor | None = None
 
-    def _autocast(self):
+    def _autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)

@@ -68,7 +68,7 @@ def root_order(seed: int, epoch: int, index: int, n_roots: int) -> list[int]:
     return torch.randperm(n_roots, generator=torch.Generator().manual_seed(key)).tolist()
 
 
-class CaptionGroups(Dataset):
+class CaptionGroups(Dataset[Any]):
     """Rows of a caption CSV, each the group of its images in the drawn roots (label 0); ``loader``
     reads an image file (:func:`rayrcm.data.datasets.read_image`: RGB, a bad file named)."""
 
@@ -95,7 +95,7 @@ class CaptionGroups(Dataset):
         return ImageGroup(self.paths(index), self.loader), 0
 
 
-class NoImages(Dataset):
+class NoImages(Dataset[Any]):
     """The empty test split of a dataset without one."""
 
     def __len__(self) -> int:
@@ -142,7 +142,7 @@ def _check_files(ds: CaptionGroups) -> None:
                           f"data.folders{more}")
 
 
-def load_caption_groups(cfg: DataConfig, *, loader: Callable[[str], Any]) -> tuple[Dataset, Dataset, int]:
+def load_caption_groups(cfg: DataConfig, *, loader: Callable[[str], Any]) -> tuple[Dataset[Any], Dataset[Any], int]:
     """The caption groups of ``data.path`` over ``data.folders`` (no test split: an empty one), 1 class."""
     check_csv(cfg.path)
     _check_roots(cfg)

@@ -11,6 +11,7 @@ the global batch and the need for validation. Pure Python / PyTorch: no Ray, no 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
@@ -19,7 +20,7 @@ from rayrcm.errors import ConfigError
 from rayrcm.sections import DataConfig
 
 
-def image_paths(ds: Dataset) -> list[str]:
+def image_paths(ds: Dataset[Any]) -> list[str]:
     """The image files behind ``ds`` (a torchvision ``ImageFolder``/``DatasetFolder``, or a
     ``Subset`` of one), in index order; empty for in-memory datasets (digits, CIFAR)."""
     if isinstance(ds, Subset):

@@ -3,6 +3,8 @@ saturate and brightness corruptions use them; scikit-image is not a dependency).
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 
@@ -30,4 +32,4 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     hi = hi.astype(np.int64) % 6
     table = np.stack([np.stack(c, axis=-1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
                                                       (v, p, q))])
-    return np.take_along_axis(table, hi[None, ..., None].repeat(3, axis=-1), axis=0)[0]
+    return cast(np.ndarray, np.take_along_axis(table, hi[None, ..., None].repeat(3, axis=-1), axis=0)[0])

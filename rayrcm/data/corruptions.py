@@ -48,7 +48,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ GENERATED = "generated"
 SEVERITIES = (1, 2, 3, 4, 5)
 
 # Parameter tables, make_cifar_c.py (hendrycks/robustness, commit ca36008), severities 1-5.
-CIFAR10C_PARAMS: dict[str, tuple] = {
+CIFAR10C_PARAMS: dict[str, tuple[Any, ...]] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # std of the additive noise, [0, 1] units
     "shot_noise": (500, 250, 100, 75, 50),  # Poisson rate per unit intensity
     "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),  # salt-and-pepper fraction
@@ -135,7 +135,7 @@ def _gaussian(x: np.ndarray, sigma: float, mode: str = "nearest", truncate: floa
     from scipy.ndimage import gaussian_filter
 
     sigmas = (sigma, sigma, 0) if x.ndim == 3 else sigma
-    return gaussian_filter(x, sigmas, mode=mode, truncate=truncate)
+    return cast(np.ndarray, gaussian_filter(x, sigmas, mode=mode, truncate=truncate))
 
 
 def _disk(radius: float, alias_blur: float) -> np.ndarray:
@@ -153,7 +153,7 @@ def _disk(radius: float, alias_blur: float) -> np.ndarray:
     taps /= taps.sum()
     kernel = correlate1d(correlate1d(disk, taps, axis=0, mode="mirror"), taps, axis=1, mode="mirror")
     r = half - int(np.flatnonzero(kernel.any(axis=0)).min())  # symmetric support: crop the zero taps (speed)
-    return kernel[half - r:half + r + 1, half - r:half + r + 1]
+    return cast(np.ndarray, kernel[half - r:half + r + 1, half - r:half + r + 1])
 
 
 def _plasma_fractal(mapsize: int, wibbledecay: float, rng: np.random.Generator) -> np.ndarray:
@@ -179,7 +179,7 @@ def _plasma_fractal(mapsize: int, wibbledecay: float, rng: np.random.Generator) 
         stepsize //= 2
         wibble /= wibbledecay
     maparray -= maparray.min()
-    return maparray / maparray.max()
+    return cast(np.ndarray, maparray / maparray.max())
 
 
 def _clipped_zoom(img: np.ndarray, factor: float) -> np.ndarray:
@@ -191,7 +191,7 @@ def _clipped_zoom(img: np.ndarray, factor: float) -> np.ndarray:
     top, left = (h - ch) // 2, (w - cw) // 2
     out = zoom(img[top:top + ch, left:left + cw], (factor, factor, 1), order=1)
     th, tw = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
-    return out[th:th + h, tw:tw + w]
+    return cast(np.ndarray, out[th:th + h, tw:tw + w])
 
 
 # ----------------------------------------------------------------------------- corruptions
@@ -226,7 +226,7 @@ def speckle_noise(img: np.ndarray, c: float, rng: np.random.Generator) -> np.nda
 
 
 def gaussian_blur(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
-    return np.clip(_gaussian(_unit(img), c), 0, 1) * 255
+    return cast(np.ndarray, np.clip(_gaussian(_unit(img), c), 0, 1) * 255)
 
 
 def _glass_pass(x: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> None:
@@ -240,7 +240,7 @@ def _glass_pass(x: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> None:
     x[2:, 2:] = x[rows + dy, cols + dx]
 
 
-def glass_blur(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+def glass_blur(img: np.ndarray, c: tuple[float, int, int], rng: np.random.Generator) -> np.ndarray:
     """Gaussian blur, ``passes`` local pixel shuffles (:func:`_glass_pass`, offsets drawn as the
     script's ``randint(-1, 1)``, i.e. in {-1, 0}), Gaussian blur again."""
     sigma, delta, passes = c
@@ -250,16 +250,16 @@ def glass_blur(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarra
     for _ in range(passes):
         dy, dx = rng.integers(-delta, delta, size=(2, h - 2, w - 2))
         _glass_pass(x, dy, dx)
-    return np.clip(_gaussian(_unit(x), sigma), 0, 1) * 255
+    return cast(np.ndarray, np.clip(_gaussian(_unit(x), sigma), 0, 1) * 255)
 
 
-def defocus_blur(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+def defocus_blur(img: np.ndarray, c: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     from scipy.ndimage import correlate
 
     x = _unit(img)
     kernel = _disk(radius=c[0], alias_blur=c[1])
     out = np.stack([correlate(x[:, :, d], kernel, mode="mirror") for d in range(x.shape[2])], axis=-1)
-    return np.clip(out, 0, 1) * 255
+    return cast(np.ndarray, np.clip(out, 0, 1) * 255)
 
 
 def zoom_blur(img: np.ndarray, c: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -270,32 +270,32 @@ def zoom_blur(img: np.ndarray, c: np.ndarray, rng: np.random.Generator) -> np.nd
     return np.clip((x + out) / (len(c) + 1), 0, 1) * 255
 
 
-def fog(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+def fog(img: np.ndarray, c: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     x = _unit(img)
     h, w = x.shape[:2]
     max_val = x.max()
     size = max(32, 1 << int(np.ceil(np.log2(max(h, w)))))  # the script's 32, or the next power of two
     x += c[0] * _plasma_fractal(size, c[1], rng)[:h, :w][..., np.newaxis]
-    return np.clip(x * max_val / (max_val + c[0]), 0, 1) * 255
+    return cast(np.ndarray, np.clip(x * max_val / (max_val + c[0]), 0, 1) * 255)
 
 
 def brightness(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     hsv = rgb_to_hsv(_unit(img))
     hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
-    return np.clip(hsv_to_rgb(hsv), 0, 1) * 255
+    return cast(np.ndarray, np.clip(hsv_to_rgb(hsv), 0, 1) * 255)
 
 
-def saturate(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+def saturate(img: np.ndarray, c: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     hsv = rgb_to_hsv(_unit(img))
     hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)
-    return np.clip(hsv_to_rgb(hsv), 0, 1) * 255
+    return cast(np.ndarray, np.clip(hsv_to_rgb(hsv), 0, 1) * 255)
 
 
 def contrast(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     """x' = clip((x - m) * c + m, 0, 1) with m the per-channel mean over the image."""
     x = _unit(img)
     means = x.mean(axis=(0, 1), keepdims=True)
-    return np.clip((x - means) * c + means, 0, 1) * 255
+    return cast(np.ndarray, np.clip((x - means) * c + means, 0, 1) * 255)
 
 
 def jpeg_compression(img: np.ndarray, c: int, rng: np.random.Generator) -> np.ndarray:
@@ -315,7 +315,7 @@ def pixelate(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(small.resize((w, h), Image.Resampling.BOX))
 
 
-def elastic_transform(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+def elastic_transform(img: np.ndarray, c: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
     """A random affine map of three points (``cv2.getAffineTransform`` / ``warpAffine``, bilinear,
     reflect-101), then a smooth random displacement field (bilinear, reflect)."""
     from scipy.ndimage import map_coordinates
@@ -335,7 +335,7 @@ def elastic_transform(img: np.ndarray, c: tuple, rng: np.random.Generator) -> np
     dx = (_gaussian(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha)
     dy = (_gaussian(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha)
     out = np.stack([map_coordinates(x[..., d], [yy + dy, xx + dx], order=1, mode="reflect") for d in range(ch)], -1)
-    return np.clip(out, 0, 1) * 255
+    return cast(np.ndarray, np.clip(out, 0, 1) * 255)
 
 
 _FUNCTIONS: dict[str, Callable[[np.ndarray, Any, np.random.Generator], np.ndarray]] = {  # Any: each its own parameter
@@ -357,7 +357,7 @@ def corrupt(image: np.ndarray, name: str, severity: int, *, seed: int, index: in
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {tuple(image.shape)}")
     out = _FUNCTIONS[name](np.ascontiguousarray(image), CIFAR10C_PARAMS[name][severity - 1],
                            key_rng(seed, index, name, severity))
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return cast(np.ndarray, np.clip(out, 0, 255).astype(np.uint8))
 
 
 def corrupt_array(images: np.ndarray, indices: Sequence[int], name: str, severity: int, *, seed: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -23,14 +23,18 @@ from rayrcm.errors import ConfigError
 from rayrcm.registry import Registry
 from rayrcm.sections import DataConfig
 
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
 
 @dataclass(frozen=True)
 class Splits:
     """Train / validation (held out from train) / test datasets of (raw image, label)."""
 
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: Dataset[Any]
+    val: Dataset[Any]
+    test: Dataset[Any]
     num_classes: int
     large: bool  # ImageNet-style crops (RandomResizedCrop) rather than pad-and-crop
 
@@ -38,7 +42,7 @@ class Splits:
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    load: Callable[[DataConfig], tuple[Dataset, Dataset, int]]  # (train+val pool, test, classes)
+    load: Callable[[DataConfig], tuple[Dataset[Any], Dataset[Any], int]]  # (train+val pool, test, classes)
     check_path: Callable[[str | None], None]
     large: bool = False
     native_size: int = 0  # data.image_size=0 resolves to this (0: rayrcm.data.native's table)
@@ -47,7 +51,7 @@ class DatasetSpec:
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-class TensorImages(Dataset):
+class TensorImages(Dataset[Any]):
     """uint8 images ``(N, C, H, W)`` with integer labels ``(N,)``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -72,7 +76,7 @@ def _split_indices(labels: list[int], fraction: float, seed: int) -> tuple[list[
     return sorted(rest), sorted(held)
 
 
-def _labels_of(ds: Dataset) -> list[int]:
+def _labels_of(ds: Dataset[Any]) -> list[int]:
     for attr in ("labels", "targets"):
         if hasattr(ds, attr):
             return [int(v) for v in getattr(ds, attr)]
@@ -127,13 +131,13 @@ def build_splits(cfg: DataConfig) -> Splits:
     return Splits(Subset(pool, train_idx), Subset(pool, val_idx), test, num_classes, spec.large)
 
 
-def eval_split(cfg: DataConfig, split: str) -> tuple[Dataset, int, bool]:
+def eval_split(cfg: DataConfig, split: str) -> tuple[Dataset[Any], int, bool]:
     """``(dataset, num_classes, large)`` for ``split`` in ``test`` / ``val`` (the held-out part of train)."""
     splits = build_splits(cfg)
     return (splits.test if split == "test" else splits.val), splits.num_classes, splits.large
 
 
-def eval_images(ds: Dataset, indices: list[int], size: int, *, large: bool = False,
+def eval_images(ds: Dataset[Any], indices: list[int], size: int, *, large: bool = False,
                 crop_pct: float = 0.875) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images ``(K, C, size, size)`` and labels ``(K,)`` of ``ds[indices]`` (the evaluation view)."""
     from rayrcm.data.views import eval_transform_uint8
@@ -177,7 +181,7 @@ def digits_tensors(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _DIGITS_CACHE[image_size]
 
 
-def _load_digits(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
+def _load_digits(cfg: DataConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
     x, y = digits_tensors(cfg.image_size)
     pool_idx, test_idx = _split_indices(y.tolist(), 0.2, seed=0)  # fixed 1,437 / 360 split
     return TensorImages(x[pool_idx], y[pool_idx]), TensorImages(x[test_idx], y[test_idx]), 10
@@ -205,30 +209,30 @@ _CIFAR_LAYOUTS = {
 }
 
 
-class CifarImages(Dataset):
+class CifarImages(Dataset[Any]):
     """CIFAR images ``(N, 32, 32, 3)`` uint8 and labels, served as (PIL image, label) as
     torchvision's ``CIFAR10`` / ``CIFAR100`` do (same arrays, labels and class order)."""
 
-    def __init__(self, data, targets: list[int], classes: list[str]) -> None:  # data: np.ndarray
+    def __init__(self, data: np.ndarray, targets: list[int], classes: list[str]) -> None:
         self.data, self.targets, self.classes = data, targets, classes
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         from PIL import Image
 
         return Image.fromarray(self.data[i]), int(self.targets[i])
 
 
-def _plain_keys(entry: object, file: Path, what: str) -> dict:
+def _plain_keys(entry: object, file: Path, what: str) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise ConfigError(what, str(file), "not a CIFAR file: expected a dict")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
 
 
-def _read_cifar_batch(file: Path, classes: int) -> tuple:
+def _read_cifar_batch(file: Path, classes: int) -> tuple[np.ndarray, list[int]]:
     """``(data (N, 32, 32, 3) uint8, labels)`` of one CIFAR batch file, through the restricted unpickler."""
     import numpy as np
 
@@ -253,7 +257,7 @@ def _read_cifar_batch(file: Path, classes: int) -> tuple:
     return data, targets
 
 
-def _read_cifar(root: Path, classes: int) -> tuple[Dataset, Dataset]:
+def _read_cifar(root: Path, classes: int) -> tuple[Dataset[Any], Dataset[Any]]:
     """torchvision's CIFAR reading, with every file unpickled by the restricted unpickler (no md5
     check of the official archive: CIFAR-format files made elsewhere load too)."""
     import numpy as np
@@ -298,7 +302,7 @@ def _cifar(name: str, classes: int) -> DatasetSpec:
         if missing:
             raise ConfigError("CIFAR files", str(root), f"missing {', '.join(missing)} ({needs})")
 
-    def load(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
+    def load(cfg: DataConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
         check(cfg.path)
         train, test = _read_cifar(Path(os.path.expanduser(cfg.path or "")), classes)
         return train, test, classes
@@ -322,7 +326,7 @@ def _check_folder(path: str | None) -> None:
             raise ConfigError("data.path", path, f"no {split}/ folder there (ImageNet layout: train/<class>/*.JPEG, val/<class>/*.JPEG)")
 
 
-def read_image(path: str):
+def read_image(path: str) -> Image.Image:
     """ImageFolder's loader: the RGB PIL image of ``path``; a file PIL cannot read is an ``OSError``
     naming it (a truncated or mislabelled file found after the up-front header check)."""
     from PIL import Image
@@ -335,7 +339,7 @@ def read_image(path: str):
         raise OSError(f"image file {path!r} cannot be read as an image ({type(err).__name__}: {reason})") from None
 
 
-def _train_folder(root: Path, cfg: DataConfig):
+def _train_folder(root: Path, cfg: DataConfig) -> Any:  # a torchvision ImageFolder (untyped)
     """``train/`` as an ImageFolder; with ``data.texture_path``, each photo paired with its texture
     (seed 004's texture negatives, :mod:`rayrcm.data.texture`; every pair checked here)."""
     from torchvision.datasets import ImageFolder
@@ -349,7 +353,7 @@ def _train_folder(root: Path, cfg: DataConfig):
     return train
 
 
-def _load_folder(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
+def _load_folder(cfg: DataConfig) -> tuple[Dataset[Any], Dataset[Any], int]:
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.path or "").expanduser()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 
@@ -26,7 +28,7 @@ def karras_sigmas(num_levels: int, sigma_min: float, sigma_max: float, rho: floa
         raise ValueError(f"num_levels={num_levels} must be >= 2")
     i = torch.arange(num_levels, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return ((hi + i / (num_levels - 1) * (lo - hi)) ** rho).float()
+    return cast(torch.Tensor, ((hi + i / (num_levels - 1) * (lo - hi)) ** rho).float())
 
 
 def nearest_karras_sigma(sigma: float, num_levels: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> float:

@@ -29,6 +29,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +37,10 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from rayrcm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
 
 CIFAR_C_SEVERITIES = 5
 CIFAR_C_IMAGES = 50_000  # 5 severities x 10,000 test images in the released files
@@ -61,7 +66,7 @@ def parse_shift(item: str) -> tuple[str, str]:
     return name, path.strip()
 
 
-class NpyImages(Dataset):
+class NpyImages(Dataset[Any]):
     """uint8 images ``(N, H, W, 3)`` (an array or a memory map) and integer labels, served as
     (PIL image, label) as :class:`rayrcm.data.datasets.CifarImages` does."""
 
@@ -71,7 +76,7 @@ class NpyImages(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         from PIL import Image
 
         return Image.fromarray(np.asarray(self.data[i])), int(self.targets[i])
@@ -82,7 +87,7 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise ConfigError(what, str(path), "missing (nothing is downloaded: put the released file there)")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return cast(np.ndarray, np.load(path, mmap_mode="r", allow_pickle=False))
     except (ValueError, OSError, EOFError) as err:  # pickled object arrays, truncated or non-.npy files
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ConfigError(what, str(path), f"not a readable .npy array ({reason})") from None
@@ -106,7 +111,7 @@ def _check_labels(labels: np.ndarray, path: Path, n: int | tuple[int, ...], num_
     return labels
 
 
-def _folder(root: str | os.PathLike, what: str) -> Path:
+def _folder(root: str | os.PathLike[str], what: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_dir():
         raise ConfigError("data.path", str(root), f"no such folder ({what}; nothing is downloaded)")
@@ -116,13 +121,13 @@ def _folder(root: str | os.PathLike, what: str) -> Path:
 # ----------------------------------------------------------------------------- CIFAR-10-C, CIFAR-10.1
 
 
-def cifar_c_corruptions(root: str | os.PathLike) -> list[str]:
+def cifar_c_corruptions(root: str | os.PathLike[str]) -> list[str]:
     """The corruption names of a CIFAR-10-C / CIFAR-100-C folder (its ``.npy`` files but ``labels``)."""
     path = _folder(root, "a CIFAR-C folder of <corruption>.npy files and labels.npy")
     return sorted(p.stem for p in path.glob("*.npy") if p.stem != "labels")
 
 
-def read_cifar_c(root: str | os.PathLike, corruption: str, severity: int, *, num_classes: int = 10) -> NpyImages:
+def read_cifar_c(root: str | os.PathLike[str], corruption: str, severity: int, *, num_classes: int = 10) -> NpyImages:
     """Severity ``severity``'s block of ``<root>/<corruption>.npy`` with its labels (``num_classes``:
     10 for CIFAR-10-C, 100 for CIFAR-100-C). The file holds 5 equal blocks, severity 1 first
     (released: 50,000 images, blocks of 10,000); ``labels.npy`` has one label per image (or per
@@ -148,7 +153,7 @@ def read_cifar_c(root: str | os.PathLike, corruption: str, severity: int, *, num
                      f"{path.name}/{corruption}/{severity}")
 
 
-def read_cifar10_1(root: str | os.PathLike, *, version: str = "v6") -> NpyImages:
+def read_cifar10_1(root: str | os.PathLike[str], *, version: str = "v6") -> NpyImages:
     """CIFAR-10.1 (``cifar10.1_<version>_data.npy`` and ``..._labels.npy``; v6: 2,000 images)."""
     path = _folder(root, f"a folder with cifar10.1_{version}_data.npy and cifar10.1_{version}_labels.npy")
     data_file, labels_file = path / f"cifar10.1_{version}_data.npy", path / f"cifar10.1_{version}_labels.npy"
@@ -161,7 +166,7 @@ def read_cifar10_1(root: str | os.PathLike, *, version: str = "v6") -> NpyImages
 # ----------------------------------------------------------------------------- class folders
 
 
-def read_class_list(path: str | os.PathLike) -> list[str]:
+def read_class_list(path: str | os.PathLike[str]) -> list[str]:
     """A class list file: one name (e.g. a wnid) per line, in the model's output order; blank lines
     and ``#`` comments are skipped; a repeated name is an error."""
     file = Path(path).expanduser()
@@ -184,7 +189,7 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def model_classes(ds: Dataset, class_list: str, num_classes: int) -> tuple[str, ...]:
+def model_classes(ds: Dataset[Any], class_list: str, num_classes: int) -> tuple[str, ...]:
     """The model's classes in output order: the ``class_list`` file (``data.classes``), else the class
     folders of its evaluation dataset ``ds`` (an ImageFolder, or a Subset of one); one-line errors."""
     classes: Sequence[str] | None
@@ -200,7 +205,7 @@ def model_classes(ds: Dataset, class_list: str, num_classes: int) -> tuple[str, 
     return tuple(str(c) for c in classes)
 
 
-class ClassFolder(ImageFolder):
+class ClassFolder(ImageFolder):  # type: ignore[misc]  # torchvision ships no type information
     """An ImageFolder reading only the class folders in ``class_to_idx`` (label = the model's index
     of that class, possibly non-contiguous); a listed class without images is skipped."""
 
@@ -274,7 +279,7 @@ def _read_folder(path: Path, name: str, classes: Sequence[str] | None, masked: b
     return ShiftSet(name, dataset, classes, present, extra, masked)
 
 
-def read_shift_folder(name: str, root: str | os.PathLike, *, classes: Sequence[str] | None = None) -> ShiftSet:
+def read_shift_folder(name: str, root: str | os.PathLike[str], *, classes: Sequence[str] | None = None) -> ShiftSet:
     """A class-folder set (``name`` in :data:`FOLDER_SETS`) restricted to ``classes`` (the model's
     class list in output order; None: the set's own folders, sorted, as ImageFolder does)."""
     if name not in FOLDER_SETS:
@@ -283,14 +288,14 @@ def read_shift_folder(name: str, root: str | os.PathLike, *, classes: Sequence[s
     return _read_folder(_folder(root, what), name, classes, masked)
 
 
-def imagenet_c_corruptions(root: str | os.PathLike) -> list[str]:
+def imagenet_c_corruptions(root: str | os.PathLike[str]) -> list[str]:
     """The corruption names of an ImageNet-C folder: its sub-folders holding a ``1``-``5`` severity folder."""
     path = _folder(root, "ImageNet-C: <corruption>/<severity>/<wnid>/ folders")
     return sorted(e.name for e in os.scandir(path)
                   if e.is_dir() and any((Path(e.path) / str(s)).is_dir() for s in range(1, 6)))
 
 
-def read_imagenet_c(root: str | os.PathLike, corruption: str, severity: int, *,
+def read_imagenet_c(root: str | os.PathLike[str], corruption: str, severity: int, *,
                     classes: Sequence[str] | None = None) -> ShiftSet:
     """``<root>/<corruption>/<severity>/<wnid>/`` of ImageNet-C, restricted to ``classes``."""
     path = _folder(root, "ImageNet-C: <corruption>/<severity>/<wnid>/ folders")

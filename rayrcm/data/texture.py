@@ -42,7 +42,7 @@ def texture_of(photo: str, photo_root: str, texture_root: str) -> str:
     return str(Path(texture_root).expanduser() / rel.with_suffix(TEXTURE_EXT))
 
 
-class TextureFolder(ImageFolder):
+class TextureFolder(ImageFolder):  # type: ignore[misc]  # torchvision ships no type information
     """An ``ImageFolder`` of photos (items and labels unchanged) whose ``paired_image(i)`` is photo
     ``i``'s texture, read with the same loader (:class:`~rayrcm.data.views.PairedView` uses it)."""
 

@@ -7,7 +7,7 @@ All pipelines end in float32 tensors in [0, 1]; normalization is the model's fir
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image, ImageFilter
@@ -38,7 +38,7 @@ class _ToPILRGB(_ToPIL):
         return super().__call__(image).convert("RGB")
 
 
-class PILGaussianBlur(v2.Transform):
+class PILGaussianBlur(v2.Transform):  # type: ignore[misc]  # torchvision ships no type information
     """SimCLR's / MoCo v3's blur as the RCM authors apply it (``dataset.py``, ``GaussianBlur``): PIL's
     ``ImageFilter.GaussianBlur(radius=s)`` with ``s ~ U(sigma)``; Pillow's ``radius`` is the standard
     deviation of the Gaussian. PIL images only (the pipelines below stay in PIL until ``ToImage``)."""
@@ -196,7 +196,7 @@ class StrengthAugment:
         return self._built[1]
 
     def __call__(self, image: Any) -> torch.Tensor:
-        return self.pipeline()(image)
+        return cast(torch.Tensor, self.pipeline()(image))
 
 
 TEXTURE_VIEW = "@texture"  # a view name's suffix: that view of the photo's texture, replaying view 0's draws
@@ -245,7 +245,7 @@ class PairedView:
         self.transform, self.source = transform, source
 
     @staticmethod
-    def partner(base: Dataset, index: int) -> Any:
+    def partner(base: Dataset[Any], index: int) -> Any:
         """The paired image of item ``index`` of ``base`` (through ``Subset`` wrappers)."""
         while isinstance(base, Subset):
             index = base.indices[index]
@@ -255,22 +255,22 @@ class PairedView:
                             f"not {type(base).__name__}")
         return base.paired_image(index)
 
-    def replay(self, base: Dataset, index: int, state: torch.Tensor) -> torch.Tensor:
+    def replay(self, base: Dataset[Any], index: int, state: torch.Tensor) -> torch.Tensor:
         paired = self.partner(base, index)
         after = torch.get_rng_state()
         torch.set_rng_state(state)
         try:
-            return self.transform(paired)
+            return cast(torch.Tensor, self.transform(paired))
         finally:
             torch.set_rng_state(after)
 
 
-class MultiView(Dataset):
+class MultiView(Dataset[Any]):
     """Wrap a dataset of (raw image, label) into ``((view_1, ..., view_k), label)``. An item holding an
     :class:`ImageGroup` gets view ``k`` of its image ``k``; a :class:`PairedView` transform is applied to
     the item's paired image with the random draws of its source view."""
 
-    def __init__(self, base: Dataset, transforms: Sequence[v2.Transform]) -> None:
+    def __init__(self, base: Dataset[Any], transforms: Sequence[v2.Transform]) -> None:
         self.base, self.transforms = base, list(transforms)
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ one draw does) at k times the cost of one noisy pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def count_correct(model: nn.Module, dataset: Dataset, sigmas: Sequence[float], *, batch_size: int = 256,
+def count_correct(model: nn.Module, dataset: Dataset[Any], sigmas: Sequence[float], *, batch_size: int = 256,
                   device: torch.device | str = "cpu", rank: int = 0, world: int = 1, seed: int = 0,
                   votes: int = 1) -> torch.Tensor:
     """Counts ``[total, correct@0, correct@sigma_1, ..., (smoothed@sigma_1, ...)]`` over this
@@ -83,7 +83,8 @@ class NoisyAccuracy(Evaluation):
     def metric_names(self, prefix: str) -> list[str]:
         return [f"{prefix}_acc_clean"] + [f"{prefix}_acc_sigma_{s:g}" for s in self.sigmas]
 
-    def counts(self, model, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+    def counts(self, model: nn.Module, dataset: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0,
+               world: int = 1, seed: int = 0) -> torch.Tensor:
         return count_correct(model, dataset, self.sigmas, batch_size=self.batch_size, device=device, rank=rank, world=world,
                              seed=seed)
 
@@ -106,7 +107,8 @@ class SmoothedAccuracy(NoisyAccuracy):
     def metric_names(self, prefix: str) -> list[str]:
         return [f"{prefix}_smoothed_acc_sigma_{s:g}" for s in self.sigmas]
 
-    def counts(self, model, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+    def counts(self, model: nn.Module, dataset: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0,
+               world: int = 1, seed: int = 0) -> torch.Tensor:
         return count_correct(model, dataset, self.sigmas, batch_size=self.batch_size, device=device, rank=rank, world=world,
                              seed=seed, votes=self.votes)
 

@@ -23,7 +23,7 @@ with ``needs_reference = True`` gets the un-augmented training split as ``self.r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,13 +43,13 @@ class Evaluation:
     name: str = ""
     needs_reference = False  # reads ``self.reference`` (the un-augmented training split), e.g. the k-NN reference
     on_features = False  # works on an encoder's features too, so it may run on encoder (pretraining) stages
-    reference: Dataset | None = None
+    reference: Dataset[Any] | None = None
 
     def metric_names(self, prefix: str) -> list[str]:
         """The metrics :meth:`metrics` returns, known before anything runs (checkpoint selection)."""
         raise NotImplementedError
 
-    def counts(self, model: nn.Module, dataset: Dataset, *, device: torch.device | str = "cpu", rank: int = 0,
+    def counts(self, model: nn.Module, dataset: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0,
                world: int = 1, seed: int = 0) -> torch.Tensor:
         """int64 counts over this worker's shard ``rank::world``."""
         raise NotImplementedError
@@ -65,7 +65,7 @@ class Evaluation:
 EVALUATIONS: Registry[Callable[[Experiment], Evaluation]] = Registry("evaluation")
 
 
-def build_evaluations(names: Iterable[str], cfg: Experiment, reference: Dataset | None = None) -> list[Evaluation]:
+def build_evaluations(names: Iterable[str], cfg: Experiment, reference: Dataset[Any] | None = None) -> list[Evaluation]:
     """The evaluations named (each once, in order), configured from ``cfg``; ``reference`` (the
     un-augmented training split) goes to those that need one."""
     out: list[Evaluation] = []
@@ -78,7 +78,7 @@ def build_evaluations(names: Iterable[str], cfg: Experiment, reference: Dataset 
     return out
 
 
-def evaluate(evaluations: Sequence[Evaluation], model: nn.Module, dataset: Dataset, *, prefix: str,
+def evaluate(evaluations: Sequence[Evaluation], model: nn.Module, dataset: Dataset[Any], *, prefix: str,
              device: torch.device | str = "cpu", rank: int = 0, world: int = 1, seed: int = 0,
              reduce: Reduce = lambda c: c) -> dict[str, float]:
     """Run ``evaluations`` on this shard, sum the counts with ``reduce``, return all metrics."""

@@ -16,8 +16,8 @@ seed), so the counts do not depend on the number of workers or on the shard an i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence, Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ from rayrcm.certify.smoothing import Smoother
 from rayrcm.eval.base import Evaluation
 
 if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
     from rayrcm.sections import Experiment
 
 BLOCK = 100  # draws per look, as the certify job's default
@@ -53,11 +55,12 @@ class CertifiedAccuracy(Evaluation):
                 f"{self.max_n} draws per image, alpha {self.alpha:g})")
 
     @torch.no_grad()
-    def counts(self, model: nn.Module, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+    def counts(self, model: nn.Module, dataset: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0,
+               world: int = 1, seed: int = 0) -> torch.Tensor:
         """``[images, certified (sigma, radius)..., draws per sigma...]`` over this rank's shard."""
         k, r = len(self.sigmas), len(self.radii)
         out = torch.zeros(1 + k * r + k, dtype=torch.long)
-        index = list(range(rank, len(dataset), world))
+        index = list(range(rank, len(cast(Sized, dataset)), world))
         out[0] = len(index)
         was_training = model.training
         try:

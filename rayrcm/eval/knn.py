@@ -18,7 +18,7 @@ a classifier, its features before the head.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence, Sized
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ def feature_map(model: nn.Module, input_scale: float = 1.0, input_resize: int = 
 
 
 @torch.no_grad()
-def embed(features: Features, dataset: Dataset, indices: Sequence[int], *, device: torch.device | str = "cpu",
+def embed(features: Features, dataset: Dataset[Any], indices: Sequence[int], *, device: torch.device | str = "cpu",
           batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, d) float32, labels (N,))`` of ``dataset[indices]`` (first view of each item)."""
     feats, labels = [], []
@@ -106,7 +106,8 @@ class KNNAccuracy(Evaluation):
     def metric_names(self, prefix: str) -> list[str]:
         return [f"{prefix}_knn_acc"]
 
-    def counts(self, model, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+    def counts(self, model: nn.Module, dataset: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0,
+               world: int = 1, seed: int = 0) -> torch.Tensor:
         if self.reference is None:
             raise ValueError("the k-NN evaluation needs a reference split (build_evaluations(..., reference=...))")
         was_training = model.training
@@ -115,7 +116,7 @@ class KNNAccuracy(Evaluation):
             fn = feature_map(model, self.input_scale, self.input_resize)
             ref, ref_y = embed(fn, self.reference, spread(len(cast(Sized, self.reference)), self.bank), device=device,
                                batch_size=self.batch_size)
-            q, y = embed(fn, dataset, range(rank, len(dataset), world), device=device, batch_size=self.batch_size)
+            q, y = embed(fn, dataset, range(rank, len(cast(Sized, dataset)), world), device=device, batch_size=self.batch_size)
         finally:
             model.train(was_training)
         classes = int(max(ref_y.max().item() if len(ref_y) else 0, y.max().item() if len(y) else 0)) + 1

@@ -35,7 +35,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ def check_protocol(model: nn.Module, x: torch.Tensor) -> None:
 def _mix(*parts: object) -> int:
     """A 63-bit seed from the parts (CRC32 of their text, mixed with the first integer part)."""
     text = "|".join(str(p) for p in parts)
-    return (int(parts[0]) * 1_000_003 + zlib.crc32(text.encode())) % (2**63 - 1)  # type: ignore[call-overload]
+    return (int(cast(int, parts[0])) * 1_000_003 + zlib.crc32(text.encode())) % (2**63 - 1)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -152,7 +152,7 @@ def pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Seq
     start = pgd_starts(x, indices, seed, cfg.eps, cfg.norm)
     x_adv = pgd(lambda xa: F.cross_entropy(model(xa).float(), y, reduction="sum"), [x], cfg, init=[start])[0]
     with torch.no_grad():
-        return model(x_adv).argmax(1) == y
+        return cast(torch.Tensor, model(x_adv).argmax(1) == y)
 
 
 def _devices(x: torch.Tensor) -> list[int]:
@@ -182,7 +182,7 @@ def batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[list[int]
     return cuts[rank::world]
 
 
-def robust_counts(model: nn.Module, dataset: Dataset, cfg: RobustEvalConfig, *, device: torch.device | str = "cpu",
+def robust_counts(model: nn.Module, dataset: Dataset[Any], cfg: RobustEvalConfig, *, device: torch.device | str = "cpu",
                   rank: int = 0, world: int = 1, seed: int = 0) -> torch.Tensor:
     """``[total, natural correct, PGD-k robust, APGD-CE+APGD-T robust, AutoAttack (standard) robust]``
     over this rank's batches (the last 0 unless ``aa_version="standard"``); see the module's seeding."""
@@ -243,7 +243,8 @@ class RobustAccuracy(Evaluation):
             ([f"{prefix}_aa"] if c.autoattack and c.aa_version == "standard" else [])
         return [f"{prefix}_sa", f"{prefix}_pgd{c.pgd_steps}", *aa, f"{prefix}_robust_images"]
 
-    def counts(self, model, dataset, *, device="cpu", rank=0, world=1, seed=0) -> torch.Tensor:
+    def counts(self, model: nn.Module, dataset: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0,
+               world: int = 1, seed: int = 0) -> torch.Tensor:
         return robust_counts(model, dataset, self.cfg, device=device, rank=rank, world=world, seed=seed)
 
     def metrics(self, counts: torch.Tensor, prefix: str) -> dict[str, float]:

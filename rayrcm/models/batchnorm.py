@@ -20,6 +20,8 @@ are the plain BatchNorm's, so checkpoints load into either.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -32,7 +34,7 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
     with warnings.catch_warnings():  # deprecated in favour of a private module without this autograd rule
         warnings.simplefilter("ignore", FutureWarning)
-        return all_reduce(t)
+        return cast(torch.Tensor, all_reduce(t))
 
 
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -96,7 +98,7 @@ def sync_batchnorm(module: nn.Module, device: torch.device | str, world: int) ->
     if world <= 1:
         return module
     if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return cast(nn.Module, nn.SyncBatchNorm.convert_sync_batchnorm(module))
     return _convert(module, AllReduceBatchNorm)
 
 

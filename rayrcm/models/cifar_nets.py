@@ -9,6 +9,8 @@ Both end in global average pooling and expose ``num_features``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -41,7 +43,7 @@ class _PreAct(nn.Module):
         o = F.relu(self.bn1(x))
         short = x if self.short is None else self.short(o)
         o = self.conv1(o)
-        return self.conv2(F.relu(self.bn2(o))) + short
+        return cast(torch.Tensor, self.conv2(F.relu(self.bn2(o))) + short)
 
 
 class _StagedNet(nn.Module):

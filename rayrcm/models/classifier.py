@@ -26,6 +26,7 @@ the data's size. ``model.lora_rank`` puts LoRA on the encoder (:mod:`rayrcm.mode
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.encoder.forward_features(self.normalize(x), final_norm=self.final_norm)))
+        return cast(torch.Tensor, self.head(self.norm(self.encoder.forward_features(self.normalize(x), final_norm=self.final_norm))))
 
 
 def load_encoder_file(encoder: Encoder, path: str | Path, expected_encoder: str) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ installed improved/guided-diffusion model).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class DenoisedClassifier(nn.Module):
         return getattr(self.classifier, "encoder", None)
 
     def _apply(self, fn: Any, recurse: bool = True) -> DenoisedClassifier:  # .to(), .cuda(), .half(), ...
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves Module._apply unannotated
         self._held[0]._apply(fn)
         return self
 
@@ -72,10 +72,10 @@ class DenoisedClassifier(nn.Module):
         return self
 
     def denoise(self, y: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
-        return self.denoiser(y, self.sigma if sigma is None else float(sigma))
+        return cast(torch.Tensor, self.denoiser(y, self.sigma if sigma is None else float(sigma)))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.denoise(y))
+        return cast(torch.Tensor, self.classifier(self.denoise(y)))
 
 
 # ---- denoiser sources ----

@@ -163,7 +163,7 @@ class EpsilonDiffusionDenoiser(Denoiser):
         if out.ndim != 4 or out.shape[1] not in (c, 2 * c) or out.shape[2:] != x_t.shape[2:]:
             raise ConfigError("model.denoiser", f"output {tuple(out.shape)}",
                               f"an eps-model output of {c} or {2 * c} channels at {tuple(x_t.shape[2:])}")
-        return out[:, :c]
+        return cast(torch.Tensor, out[:, :c])
 
     def forward(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
         if y.ndim != 4 or y.shape[1] != self.channels:
@@ -175,7 +175,7 @@ class EpsilonDiffusionDenoiser(Denoiser):
         x_t = sqrt_a * (2 * y - 1)
         eps = self.epsilon(x_t, t).to(x_t.dtype)
         x0 = (recip * x_t - recipm1 * eps).clamp(-1, 1)
-        return (x0 + 1) / 2
+        return cast(torch.Tensor, (x0 + 1) / 2)
 
 
 def ddpm_denoiser(method: object) -> EpsilonDiffusionDenoiser:

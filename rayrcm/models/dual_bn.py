@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ class DualBatchNorm(nn.Module):
         self.route = "nat"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adv(x) if self.route == "adv" else self.nat(x)
+        return cast(torch.Tensor, self.adv(x) if self.route == "adv" else self.nat(x))
 
 
 def convert_dual_bn(module: nn.Module) -> int:
@@ -83,7 +84,7 @@ def branch_view(module: nn.Module, route: str) -> nn.Module:
     parameter and buffer) is shared, so training the dual network updates the view and loading a
     state into the view writes into the dual network. Its state dict has the plain network's keys."""
     if isinstance(module, DualBatchNorm):
-        return getattr(module, route)
+        return cast(nn.Module, getattr(module, route))
     if not any(isinstance(m, DualBatchNorm) for m in module.modules()):
         return module
     view = copy.copy(module)

@@ -51,7 +51,7 @@ class Encoder(nn.Module):
     def forward_features(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         if not final_norm:
             raise ValueError(f"{type(self.model).__name__} has no final norm to leave out")
-        return self.model(x)
+        return cast(torch.Tensor, self.model(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
@@ -82,10 +82,10 @@ class ViTEncoder(Encoder):
 
     def forward_features(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         if final_norm:
-            return self.model(x)  # timm: blocks -> norm -> CLS token
+            return cast(torch.Tensor, self.model(x))  # timm: blocks -> norm -> CLS token
         v = cast("VisionTransformer", self.model)  # timm's forward_features without its final norm, then the CLS token
         x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
-        return v.blocks(x)[:, 0]
+        return cast(torch.Tensor, v.blocks(x)[:, 0])
 
 
 @torch.no_grad()

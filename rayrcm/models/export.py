@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -123,7 +123,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     missing, damaged or code-carrying file is one line naming it."""
     from rayrcm.data.safe_pickle import load_weights_file
 
-    return load_weights_file(path, "model")
+    return cast("dict[str, Any]", load_weights_file(path, "model"))
 
 
 def build_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

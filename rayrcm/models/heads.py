@@ -15,6 +15,8 @@ training session replaces them with cross-worker BatchNorm when it runs on sever
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -38,7 +40,7 @@ class MoCoV3Projector(nn.Module):
         self.net = nn.Sequential(*mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return cast(torch.Tensor, self.net(x))
 
 
 class ACLProjector(nn.Module):
@@ -61,4 +63,4 @@ class ACLProjector(nn.Module):
         x = self.bn2(self.fc2(self.relu(self.bn1(self.fc1(x)))))
         if self.two_layer:
             return x
-        return self.bn3(self.fc3(self.relu(x)))
+        return cast(torch.Tensor, self.bn3(self.fc3(self.relu(x))))

@@ -87,8 +87,9 @@ class LoRAQKV(nn.Linear):
                 out.bias.copy_(self.bias)
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         # A file of the plain model (no LoRA keys at all under this layer): load W and b, keep A and B.
         names = [f"{prefix}{n}.weight" for n in LORA_NAMES]
         if not any(n in state_dict for n in names):

@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ def run_onnx(path: str | Path, images: torch.Tensor) -> np.ndarray:
     """onnxruntime's output of the graph at ``path`` on ``images`` (CPU)."""
     ort = _require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: images.detach().cpu().float().numpy()})[0]
+    return cast(np.ndarray, session.run(None, {session.get_inputs()[0].name: images.detach().cpu().float().numpy()})[0])
 
 
 @torch.no_grad()

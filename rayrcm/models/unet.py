@@ -13,6 +13,7 @@ mults=(1, 2)`` it has about 0.37M parameters and trains on 16x16 digits on a CPU
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x))) + self.temb(emb)[:, :, None, None]
-        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+        return cast(torch.Tensor, self.skip(x) + self.conv2(F.silu(self.norm2(h))))
 
 
 class SmallUNet(nn.Module):
@@ -98,4 +99,4 @@ class SmallUNet(nn.Module):
         h = self.mid(h, emb)
         for block, up in zip(self.up_blocks, self.ups):
             h = up(block(torch.cat([h, skips.pop()], dim=1), emb))
-        return self.out(F.silu(self.out_norm(h)))
+        return cast(torch.Tensor, self.out(F.silu(self.out_norm(h))))

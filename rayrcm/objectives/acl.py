@@ -39,7 +39,7 @@ in [0, 1]; labels are ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -179,7 +179,7 @@ class ACLObjective(Objective):
         self._coresets: CoresetSchedule | None = None  # RCS's, made at the first epoch
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder.forward_features(self.normalize(x)))
+        return cast(torch.Tensor, self.projector(self.encoder.forward_features(self.normalize(x))))
 
     def adversarial_views(self, xi: torch.Tensor, xj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Contrastive PGD on the pair, in eval mode on the adversarial BN branch."""
@@ -252,8 +252,8 @@ class ACLObjective(Objective):
         """The projector on ``features`` on branch ``route``, with ``params`` (name -> tensor) in place of its own."""
         with bn_route(self.projector, route):
             if params is None:
-                return self.projector(features)
-            return torch.func.functional_call(self.projector, params, (features,))
+                return cast(torch.Tensor, self.projector(features))
+            return cast(torch.Tensor, torch.func.functional_call(self.projector, params, (features,)))
 
     def rcs_unit_gradient(self, views: list[torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
         """Gradients w.r.t. :meth:`rcs_params` of the RCS authors' unit loss ``(CL(nat) + CL(adv)) / 2``

@@ -30,7 +30,7 @@ Shapes: ``views = [x]``, ``x`` ``(B, 3, H, W)`` in [0, 1]; ``target`` ``(B,)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, cfg: PGDConfig) -> torch
 
     def natural(xa: torch.Tensor) -> torch.Tensor:
         with bn_route(model, "nat"):
-            return model(xa)
+            return cast(torch.Tensor, model(xa))
 
     with bn_route(model, "adv"):
         return pgd_kl(model, x, cfg, natural=natural)

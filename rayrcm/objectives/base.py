@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -76,8 +76,8 @@ class EpochContext:
     """
 
     epochs: int
-    train_set: Dataset
-    val_set: Dataset
+    train_set: Dataset[Any]
+    val_set: Dataset[Any]
     work_dir: Path
     device: torch.device | str = "cpu"
     rank: int = 0
@@ -115,7 +115,7 @@ class Objective(nn.Module):
         in; returns what that epoch trains on (DynACL's strength, an RCS coreset)."""
         return EpochPlan()
 
-    def on_validation(self, val_set: Dataset, *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+    def on_validation(self, val_set: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                       reduce: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> dict[str, float]:
         """Called on every worker before each validation of the exported network, with the held-out
         split (this worker's shard is ``rank::world``; ``reduce`` sums count vectors over workers);

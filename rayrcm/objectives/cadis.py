@@ -176,7 +176,7 @@ class _PlusMinusOne(nn.Module):
         self.classifier = classifier
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.classifier((z + 1) / 2)
+        return cast(torch.Tensor, self.classifier((z + 1) / 2))
 
 
 class CADISObjective(Objective):

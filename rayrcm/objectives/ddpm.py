@@ -19,7 +19,7 @@ Shapes: ``views = [x]``, ``x`` ``(B, C, H, W)`` in [0, 1]; labels are ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ def ddpm_loss(eps_model: nn.Module, x: torch.Tensor, t: torch.Tensor, noise: tor
     """``mean (eps_theta(sqrt(abar_t) (2x-1) + sqrt(1-abar_t) eps, t) - eps)^2``, given ``t`` ``(B,)`` and ``noise``."""
     a = alphas_cumprod.to(x.device)[t].view(-1, *([1] * (x.ndim - 1)))
     x_t = (a.sqrt() * (2 * x - 1) + (1 - a).sqrt() * noise).to(x.dtype)
-    return ((eps_model(x_t, t).float() - noise.float()) ** 2).mean()
+    return cast(torch.Tensor, ((eps_model(x_t, t).float() - noise.float()) ** 2).mean())
 
 
 class DDPMObjective(Objective):

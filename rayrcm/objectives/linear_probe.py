@@ -168,7 +168,7 @@ class LinearProbeObjective(Objective):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         clf = self.classifier
         with torch.no_grad():
-            return clf.norm(clf.encoder.forward_features(clf.normalize(x), final_norm=clf.final_norm))
+            return cast(torch.Tensor, clf.norm(clf.encoder.forward_features(clf.normalize(x), final_norm=clf.final_norm)))
 
     def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every head's logits ``(B, K)`` on [0, 1] images ``x``."""
@@ -190,13 +190,13 @@ class LinearProbeObjective(Objective):
         self._stale = True  # a resumed run exports the selected head of the restored heads
         return out
 
-    def param_groups(self, optim: OptimConfig) -> list[dict]:
+    def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
         """One optimizer param group per head, with that head's learning rate (see the module docstring)."""
         return [{"params": list(head.parameters()), "lr": lr, "weight_decay": optim.weight_decay}
                 for head, lr in zip(self.heads, self.lrs)]
 
     @torch.no_grad()
-    def head_counts(self, dataset: Dataset, *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+    def head_counts(self, dataset: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                     batch_size: int = 256) -> torch.Tensor:
         """``[total, correct_0, ..., correct_{H-1}]`` over this worker's shard ``rank::world`` of ``dataset``."""
         was = self.training
@@ -212,7 +212,7 @@ class LinearProbeObjective(Objective):
         self.train(was)
         return counts
 
-    def on_validation(self, val_set: Dataset, *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+    def on_validation(self, val_set: Dataset[Any], *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                       reduce: Callable[[torch.Tensor], torch.Tensor] = lambda c: c) -> dict[str, float]:
         """Count every head's accuracy on the validation split, select the best (first on ties)
         and export it; returns ``val_head<h>_acc`` per head and ``val_selected_head``."""

@@ -95,7 +95,7 @@ class MoCoV2Head(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), fc) if mlp else nn.Sequential(fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return cast(torch.Tensor, self.net(x))
 
 
 def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, ts: Sequence[torch.Tensor] = (),

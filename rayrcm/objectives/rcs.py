@@ -262,7 +262,7 @@ def select_coreset(unit_grad: Callable[[list[int]], Sequence[torch.Tensor]],
 
 def _first_view(item: Any) -> torch.Tensor:
     views = item[0] if isinstance(item, (list, tuple)) else item
-    return views[0] if isinstance(views, (list, tuple)) else views
+    return cast(torch.Tensor, views[0] if isinstance(views, (list, tuple)) else views)
 
 
 class RDValidation:
@@ -274,7 +274,7 @@ class RDValidation:
     batch ``b`` after ``pick`` updates is seeded by ``(seed, pick, b)``.
     """
 
-    def __init__(self, objective: RCSMethod, val_set: Dataset, names: Sequence[str], in_dim: int, attack: PGDConfig, *,
+    def __init__(self, objective: RCSMethod, val_set: Dataset[Any], names: Sequence[str], in_dim: int, attack: PGDConfig, *,
                  batch_size: int, seed: int, device: torch.device | str, rank: int = 0, world: int = 1,
                  gather: Gather = lambda t: t) -> None:
         self.objective, self.names, self.attack, self.seed, self.device = objective, list(names), attack, seed, device

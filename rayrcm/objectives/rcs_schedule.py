@@ -79,7 +79,7 @@ class CoresetSchedule:
     (rank 0's choice everywhere).
     """
 
-    def __init__(self, objective: RCSMethod, cfg: RCSOptions, train_set: Dataset, val_set: Dataset, folder: Path,
+    def __init__(self, objective: RCSMethod, cfg: RCSOptions, train_set: Dataset[Any], val_set: Dataset[Any], folder: Path,
                  settings: RCSSettings) -> None:
         self.objective, self.cfg, self.train_set, self.val_set, self.folder = objective, cfg, train_set, val_set, folder
         s = self.settings = settings
@@ -145,7 +145,7 @@ class CoresetSchedule:
             return None
         path = self.path(chosen_at)
         if path.is_file():
-            return json.loads(path.read_text())["indices"]
+            return cast("list[int] | None", json.loads(path.read_text())["indices"])
         tic = time.perf_counter()
         indices = self.agree(self.select(chosen_at))
         n = len(cast(Sized, self.train_set))

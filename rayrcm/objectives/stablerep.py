@@ -47,7 +47,7 @@ Shapes: ``views = [x_1, ..., x_n]``, each ``(B, 3, H, W)`` in [0, 1]; labels ``(
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,7 @@ class StableRepHead(nn.Module):
                                  nn.Linear(hidden_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return cast(torch.Tensor, self.net(x))
 
 
 @dataclass(frozen=True)

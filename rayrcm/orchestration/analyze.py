@@ -16,7 +16,7 @@ import pandas as pd
 from rayrcm.analysis import read_results, result_labels, summary_table, to_markdown, write_analysis
 from rayrcm.errors import ConfigError
 from rayrcm.orchestration import tracking
-from rayrcm.orchestration.certify_prepare import PROTOCOL_FILE, RUN_FILE
+from rayrcm.result_parts import PROTOCOL_FILE, RUN_FILE
 from rayrcm.sections import default_tracking_uri
 
 if TYPE_CHECKING:
@@ -151,7 +151,6 @@ def _from_run(run_id: str, uri: str, radii: list[float] | None, tmp: Path) -> li
     """An MLflow run's results: its ``results.parquet`` (an evaluation), its rows and protocol (a
     certification), or its robustness metrics (a fine-tuning run: one result per mode). A
     certification or evaluation run is known also by its parent (the training run of its model)."""
-    from rayrcm.analysis.compare import PROTOCOL_FILE as PROTO
     from rayrcm.analysis.compare import load_result, metric_cells
     from rayrcm.analysis.paper import Result, model_name
     from rayrcm.analysis.robustness import RESULTS_FILE
@@ -159,9 +158,9 @@ def _from_run(run_id: str, uri: str, radii: list[float] | None, tmp: Path) -> li
     run, names = tracking.run_artifacts(uri, run_id)
     label = run.info.run_name or run_id[:8]
     if RESULTS_FILE in names:
-        wanted = [RESULTS_FILE] + [f for f in (PROTO, "per_class.csv") if f in names]
+        wanted = [RESULTS_FILE] + [f for f in (PROTOCOL_FILE, "per_class.csv") if f in names]
     else:
-        wanted = ["rows", PROTO] if {"rows", PROTO} <= names else []
+        wanted = ["rows", PROTOCOL_FILE] if {"rows", PROTOCOL_FILE} <= names else []
     if wanted:
         dst = tmp / run_id
         dst.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,9 @@ A thin launcher around ``mlflow server`` that makes the secure setup the default
   ``gs://`` bucket on a cluster): only the head node needs bucket credentials.
 
 ``--no-auth`` gives a plain server (a laptop, loopback only). ``--detach`` starts it in the
-background, waits until ``/health`` answers and prints its pid; the cluster files use that.
+background, waits until ``/health`` answers and prints its pid; the cluster files use that, with
+``--stop-with-ray``: a watcher stops the server once the host's Ray, started after it, has stopped,
+so ``ray down`` leaves no server behind.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from rayrcm.errors import ConfigError
 
 MIN_PASSWORD = 12
+RAY_PROCESSES = ("raylet", "gcs_server")  # a host runs Ray while one of these runs
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def command(spec: ServerSpec) -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
-def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_healthy(url: str, timeout: float = 300.0, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -129,7 +132,7 @@ def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None
     raise RuntimeError(f"mlflow server at {url} did not answer /health within {timeout:.0f} s")
 
 
-def start(spec: ServerSpec, log: str | Path, timeout: float = 120.0) -> subprocess.Popen:
+def start(spec: ServerSpec, log: str | Path, timeout: float = 300.0) -> subprocess.Popen:
     """Start the server in its own session, wait until it answers, return the process."""
     cmd, env = command(spec)
     log = Path(log).expanduser()
@@ -160,8 +163,60 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
+def _running(names: tuple[str, ...]) -> bool:
+    import psutil
+
+    return any(p.info["name"] in names for p in psutil.process_iter(["name"]))
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process group ``pid`` has a process (its leader, if still there, not a zombie)."""
+    import psutil
+
+    try:
+        os.killpg(pid, 0)
+    except OSError:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True  # the leader is gone, the rest of its group is not
+
+
+def stop_with_ray(pid: int, poll_s: float = 1.0, wait_for_ray_s: float = 900.0,
+                  ray_processes: tuple[str, ...] = RAY_PROCESSES) -> bool:
+    """Stop the server whose process group is ``pid`` once Ray, which starts on this host after it
+    (within ``wait_for_ray_s``), is no longer running here (no process named as Ray's); True if it
+    was stopped."""
+    import signal
+
+    deadline = time.monotonic() + wait_for_ray_s
+    while not _running(ray_processes):
+        if time.monotonic() > deadline or not _alive(pid):
+            return False  # Ray never came (or the server went): the server is someone else's to stop
+        time.sleep(poll_s)
+    while _running(ray_processes) and _alive(pid):
+        time.sleep(poll_s)
+    if not _alive(pid):
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    for _ in range(int(30 / poll_s)):
+        if not _alive(pid):
+            return True
+        time.sleep(poll_s)
+    os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def _watch(pid: int) -> None:
+    """A detached watcher process running :func:`stop_with_ray` for the server ``pid``."""
+    code = f"from rayrcm.orchestration.mlflow_server import stop_with_ray; stop_with_ray({int(pid)})"
+    subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def serve(spec: ServerSpec, *, detach: bool = False, log: str = "~/.rayrcm/mlflow/server.log",
-          pidfile: str = "") -> int:
+          pidfile: str = "", stop_with_ray_: bool = False) -> int:
     """``rayrcm mlflow-server``: run in the foreground (exec), or ``detach`` and print the pid. A port
     something already listens on is refused first: the new server would fail to bind while the old
     one answered its health check, and the start would report a server that is not this one."""
@@ -178,6 +233,8 @@ def serve(spec: ServerSpec, *, detach: bool = False, log: str = "~/.rayrcm/mlflo
         return 1
     if pidfile:
         Path(pidfile).expanduser().write_text(str(proc.pid))
+    if stop_with_ray_:
+        _watch(proc.pid)
     kind = "basic auth" if spec.auth else "no auth, loopback only"
     print(f"[rayrcm] MLflow server ({kind}) at {spec.url}, pid {proc.pid}, log {Path(log).expanduser()}")
     return 0

@@ -311,7 +311,8 @@ def _table(recipe: str, planned: list[Planned], done: dict[str, StageOutput], fo
 
 def _plot(certs: list[Planned], done: dict[str, StageOutput], folder: Path, recipe: str) -> Path:
     from rayrcm.analysis import plot_curves, read_results
-    from rayrcm.analysis.compare import PROTOCOL_FILE, certify_reach
+    from rayrcm.analysis.compare import certify_reach
+    from rayrcm.result_parts import PROTOCOL_FILE
 
     rows = {p.stage.row or p.stage.name: read_results(done[p.stage.name].out) for p in certs}
     reach = {p.stage.row or p.stage.name: certify_reach(json.loads((Path(done[p.stage.name].out) / PROTOCOL_FILE).read_text()))

@@ -230,6 +230,18 @@ def _report(s: Session, out: _Rank0, step: int, metrics: dict[str, float], final
         _inject_fault(t.storage_path, s.cfg.job_name, step, "exit")
 
 
+def _nodes(node_rank: int, s: Session) -> int:
+    """How many nodes the job's workers are on (the largest node rank + 1, over the workers)."""
+    if s.world == 1:
+        return 1
+    import torch
+    import torch.distributed as dist
+
+    top = torch.tensor([node_rank], dtype=torch.int64, device=s.device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return int(top.item()) + 1
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -244,8 +256,9 @@ def train_worker(config: dict[str, Any]) -> None:
     out.progress.start = s.start
     s.objective.to(s.device)
     model = ray.train.torch.prepare_model(s.objective) if s.world > 1 else s.objective
+    nodes = _nodes(ctx.get_node_rank(), s)  # a collective: every worker
     out.say(f"[rayrcm] {cfg.job_name}: {'resuming at' if s.start else 'starting'} step {s.start}/{t.steps}, "
-            f"{s.world} worker(s), {len(s.train_set)} training images")
+            f"{s.world} worker(s) on {nodes} node(s), {len(s.train_set)} training images")
     validator = Validator(s, out.log, out.say)
 
     def checkpoint(step: int, metrics: dict[str, float]) -> None:

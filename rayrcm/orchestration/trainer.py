@@ -285,7 +285,8 @@ def _fit(cfg: ExperimentConfig, run_id: str | None, uri: str | None, callbacks: 
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "live": sink,
                            "quiet": say is not None},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                              placement_strategy=t.placement),
         run_config=ray.train.RunConfig(
             name=job,
             storage_path=t.storage_path,

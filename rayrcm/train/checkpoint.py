@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def model_meta(cfg_dict: dict, export: str, num_classes: int) -> dict[str, Any]:
+def model_meta(cfg_dict: dict[str, Any], export: str, num_classes: int) -> dict[str, Any]:
     """What ``model.pt`` records: the resolved config, the export kind (:mod:`rayrcm.models.export`)
     and, for readers that predate export kinds, the matching ``stage``."""
     from rayrcm.models.export import LEGACY_STAGES, kind_predicts_classes
@@ -51,7 +51,7 @@ def model_meta(cfg_dict: dict, export: str, num_classes: int) -> dict[str, Any]:
     }
 
 
-def save_state(directory: str | Path, objective: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int, meta: dict) -> None:
+def save_state(directory: str | Path, objective: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int, meta: dict[str, Any]) -> None:
     state = {
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -64,10 +64,10 @@ def save_state(directory: str | Path, objective: nn.Module, optimizer: torch.opt
 
 
 def load_state(directory: str | Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    return cast("dict[str, Any]", torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True))
 
 
-def save_model(path: str | Path, model: nn.Module, meta: dict) -> None:
+def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
     _atomic_save({"model": model.state_dict(), "meta": meta}, Path(path))
 
 
@@ -78,7 +78,7 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
     return load_file(path)
 
 
-def write_best(path: str | Path, model: nn.Module, meta: dict, step: int, metric: str, value: float) -> None:
+def write_best(path: str | Path, model: nn.Module, meta: dict[str, Any], step: int, metric: str, value: float) -> None:
     """Keep ``model`` as the best so far (``path``) with ``path.json`` = {step, metric, value}."""
     import json
 

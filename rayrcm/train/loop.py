@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,9 +27,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
 
 
-def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed: int, start_step: int, num_workers: int = 0,
+def batches_from(dataset: Dataset[Any], per_worker: int, rank: int, world: int, seed: int, start_step: int, num_workers: int = 0,
                  on_epoch: Callable[[int], Sequence[int] | None] | None = None,
-                 epoch_samples: Callable[[int], int] | None = None) -> Iterator:
+                 epoch_samples: Callable[[int], int] | None = None) -> Iterator[Any]:
     """Infinite per-worker batches, skipping the first ``start_step`` of them without loading them.
 
     Epoch ``e`` permutes its pool with seed ``(seed, e)`` and gives rank ``r`` every ``world``-th
@@ -71,7 +71,7 @@ def batches_from(dataset: Dataset, per_worker: int, rank: int, world: int, seed:
         epoch, skip = epoch + 1, 0
 
 
-def autocast_for(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -114,12 +114,12 @@ class Loop:
     clip_from: int = 0  # first step that clips (the RCM authors clip only after the warm-up)
     accum: int = 1  # micro-batches per update (train.accum_iter)
     clip_mode: str = "global"  # optim.clip_mode: global norm, or each parameter's gradient on its own
-    _params: list = field(default_factory=list)
+    _params: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
-    def step(self, step: int, batch) -> dict[str, float]:
+    def step(self, step: int, batch: Any) -> dict[str, float]:
         """One optimizer update from ``batch``. With ``accum`` > 1 the batch is cut into ``accum``
         equal micro-batches (in order), each forward and backward on its own with the loss divided by
         ``accum``, DDP's gradient all-reduce only on the last one, then one clip and one update, as the
@@ -169,7 +169,7 @@ class Loop:
         return {"loss": loss, **{k: float(v) for k, v in out.metrics.items()}}
 
 
-def run_steps(loop: Loop, batches: Iterator, *, start: int, total: int, seed: int, rank: int, batch_size: int,
+def run_steps(loop: Loop, batches: Iterator[Any], *, start: int, total: int, seed: int, rank: int, batch_size: int,
               log_every: int, checkpoint_every: int,
               on_log: Callable[[int, dict[str, float]], None],
               on_checkpoint: Callable[[int, dict[str, float]], None],

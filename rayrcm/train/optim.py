@@ -20,12 +20,15 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sized
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from rayrcm.sections import OptimConfig
+
+if TYPE_CHECKING:
+    from timm.scheduler.scheduler import Scheduler
 
 
 def _encoder_of(model: nn.Module) -> nn.Module | None:
@@ -43,11 +46,11 @@ def mae_layer_id(name: str, num_layers: int) -> int:
 
 
 def mae_layer_decay_groups(vit: nn.Module, weight_decay: float, no_weight_decay: set[str] | Any,
-                           decay: float) -> list[dict]:
+                           decay: float) -> list[dict[str, Any]]:
     """MAE/BEiT's ``param_groups_lrd`` on a ViT: ``num_layers = depth + 1``, layer ``l`` at
     ``decay^(num_layers - l)``; 1-d parameters and ``no_weight_decay`` names without weight decay."""
     num_layers = len(cast(Sized, vit.blocks)) + 1
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in vit.named_parameters():
         if not p.requires_grad:
             continue
@@ -59,7 +62,7 @@ def mae_layer_decay_groups(vit: nn.Module, weight_decay: float, no_weight_decay:
     return list(groups.values())
 
 
-def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> list[dict]:
+def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Parameter groups of ``module`` (the objective): no weight decay on biases and norms, or
     (``weight_decay_all``) one group in which every parameter decays, as the RCM authors'
     ``AdamW(model.parameters())`` and the ACL authors' ``LARS(model.parameters())``."""
@@ -67,7 +70,7 @@ def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> li
 
     own = getattr(module, "param_groups", None)
     if callable(own):  # an objective with its own groups (the linear probe: one lr per head)
-        return own(cfg)
+        return cast("list[dict[str, Any]]", own(cfg))
     if cfg.weight_decay_all:
         return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
 
@@ -86,13 +89,13 @@ def param_groups(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> li
         groups += [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                                {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}) if g["params"]]
         return groups
-    return param_groups_weight_decay(module, cfg.weight_decay)
+    return cast("list[dict[str, Any]]", param_groups_weight_decay(module, cfg.weight_decay))
 
 
 def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
-    kwargs: dict = {"momentum": cfg.momentum} if cfg.name in ("sgd", "lars") else {"betas": tuple(cfg.betas)}
+    kwargs: dict[str, Any] = {"momentum": cfg.momentum} if cfg.name in ("sgd", "lars") else {"betas": tuple(cfg.betas)}
     if cfg.name == "lars":  # the ACL authors' LARS: trust ratio eta |w| / (|g| + wd |w|) on every parameter
         kwargs.update(always_adapt=True, trust_coeff=0.001, trust_clip=False, eps=0.0)
     groups = param_groups(module, exported, cfg)
@@ -101,7 +104,7 @@ def build_optimizer(module: nn.Module, exported: nn.Module, cfg: OptimConfig) ->
     return create_optimizer_v2(groups, opt=opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Scheduler:
     """timm cosine (or multi-step, ``cfg.schedule="step"``) schedule with linear warmup from 0, stepped per optimizer update, over
     ``cfg.schedule_steps`` (or ``total_steps``); a longer schedule than the run cuts the cosine short."""
     from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler

@@ -101,7 +101,7 @@ def epoch_indexed(scheduler: Any, cfg: Experiment, n_train: int, world: int) -> 
     per_worker = cfg.data.batch_size // world * cfg.train.accum_iter
 
     def steps_in(epoch: int) -> int:
-        return max(1, (cfg.method.epoch_samples(epoch, n_train) // world) // per_worker)
+        return cast(int, max(1, (cfg.method.epoch_samples(epoch, n_train) // world) // per_worker))
 
     return EpochIndexedSchedule(scheduler, steps_in, max(1, n_train // (cfg.data.batch_size * cfg.train.accum_iter)))
 
@@ -144,7 +144,7 @@ def run_training(s: Session, model: nn.Module, *, on_log: Log, on_checkpoint: Lo
     n_train = len(s.train_set)
 
     def samples(epoch: int) -> int:
-        return cfg.method.epoch_samples(epoch, n_train)
+        return cast(int, cfg.method.epoch_samples(epoch, n_train))
 
     ctx = EpochContext(epochs=epoch_count(t.steps, samples, s.world, per_worker), train_set=s.train_set, val_set=s.val_set,
                        work_dir=s.work_dir, device=s.device, rank=s.rank, world=s.world, seed=t.seed,

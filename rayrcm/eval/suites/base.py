@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -125,7 +125,7 @@ class Suite:
         """Per image of one batch (``x`` in [0, 1], ``indices``: the images' indices, which seed any
         attack): whether the model classifies it right."""
         with torch.no_grad():
-            return model(x).argmax(1) == y
+            return cast(torch.Tensor, model(x).argmax(1) == y)
 
 
 __all__ = ["NONE", "Cell", "CellContext", "Row", "ShardSettings", "Suite", "resolved_path"]
