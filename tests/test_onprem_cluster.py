@@ -271,7 +271,12 @@ def test_losing_the_worker_host_midway_resumes_on_the_head_and_registers_once(on
 def test_ray_down_stops_every_process_it_started(onprem):
     c = onprem
     _run([str(BIN / "ray"), "down", "-y", str(c["file"])], c["env"], timeout=300)
+    deadline = time.time() + 60  # the MLflow server's watcher stops it within seconds of Ray (graceful exit)
     for h in c["hosts"].hosts:
-        procs = h.run("ps -eo args=").stdout
-        left = [p for p in procs.splitlines() if re.search(r"raylet|gcs_server|mlflow|uvicorn|gunicorn|default_worker", p)]
+        while True:
+            procs = h.run("ps -eo args=").stdout.splitlines()
+            left = [p for p in procs if re.search(r"raylet|gcs_server|mlflow|uvicorn|huey|default_worker", p)]
+            if not left or time.time() > deadline:
+                break
+            time.sleep(1)
         assert not left, f"{h.name}: {left}"
