@@ -24,6 +24,8 @@ from rayrcm.errors import ConfigError
 
 def load_plugin(spec: str, key: str = "train.plugins") -> ModuleType:
     """Import one plugin (idempotent: a module already imported is returned as it is)."""
+    if not spec.strip():
+        raise ConfigError(key, spec, "give module names or .py files")
     if spec.endswith(".py"):
         path = Path(spec).expanduser().resolve()
         if not path.is_file():

@@ -146,6 +146,42 @@ def test_old_model_files_load_and_foreign_ones_fail_in_one_line(tmp_path):
         build_from_blob({"model": net.state_dict(), "meta": {**meta, "export": "nosuch"}})
 
 
+SUITE_PLUGIN = """
+from rayrcm.eval.suites import EVALUATE_SUITES
+from rayrcm.eval.suites.clean import CleanSuite
+
+EVALUATE_SUITES.register("toy-clean")(CleanSuite())
+"""
+
+
+def test_an_evaluate_suite_of_a_plugin_passes_validation(tmp_path, monkeypatch):
+    """``rayrcm evaluate`` loads ``--plugin`` modules before it validates: a suite a plugin registers is
+    accepted (the job then goes on to the model, missing here), and refused without the plugin."""
+    import sys
+    from dataclasses import replace
+
+    from rayrcm.eval.suites import EVALUATE_SUITES
+    from rayrcm.eval.suites.config import EvaluateConfig
+    from rayrcm.orchestration.evaluate_prepare import prepare
+    from rayrcm.sections import TrackingConfig
+
+    monkeypatch.setattr(EVALUATE_SUITES, "_items", dict(EVALUATE_SUITES._items))  # the toy suite leaves with the test
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    plugin = tmp_path / "toy_suite_plugin.py"
+    plugin.write_text(SUITE_PLUGIN)
+    cfg = EvaluateConfig(model=str(tmp_path / "missing.pt"), suite=("toy-clean",), out_dir=str(tmp_path / "out"),
+                         tracking=TrackingConfig(enabled=False))
+    try:
+        with pytest.raises(ConfigError) as refused:
+            prepare(cfg)
+        assert refused.value.key == "suite" and "toy-clean" in str(refused.value)
+        with pytest.raises(ConfigError) as past:
+            prepare(replace(cfg, plugins=(str(plugin),)))
+        assert past.value.key == "model", str(past.value)  # validation passed: the missing model is what stops it
+    finally:
+        sys.modules.pop("toy_suite_plugin", None)
+
+
 @pytest.mark.slow
 def test_toy_method_evaluation_and_export_through_ray_train_and_certification(tmp_path, ray_cluster):
     from rayrcm.orchestration import certify_job

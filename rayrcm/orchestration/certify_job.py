@@ -45,7 +45,7 @@ from rayrcm.analysis import (
 from rayrcm.analysis.per_class import per_class_metrics
 from rayrcm.analysis.report import table_radii
 from rayrcm.analysis.results import COHEN_CERTIFY, TSV_NAME
-from rayrcm.certify.collect import Collector, CountSettings, write_part
+from rayrcm.certify.collect import Collector, CountSettings
 from rayrcm.certify.protocol import CertifyConfig
 from rayrcm.certify.sampling import sampling_mode
 from rayrcm.orchestration import results_job
@@ -88,9 +88,6 @@ class _Progress(results_job.Progress):
         super().__init__(p.out, len(p.indices), len(p.indices) - len(collector.todo), label=f"{p.cfg.mode} {p.name}",
                          unit="img", flush_every=c.flush_every, every_s=c.progress_every_s, logger=logger)
         self.mode, self.workers, self.collector = p.cfg.mode, c.workers, collector
-
-    def write(self, rows_dir: Path, records: list[dict[str, Any]]) -> None:
-        write_part(rows_dir, records)  # looked up in this module when called (a test swaps it for a failing one)
 
     def work(self) -> int:
         return self.collector.samples

@@ -186,8 +186,8 @@ def prepare(cfg: CertifyConfig) -> Prepared:
     from rayrcm.data import DATASETS
     from rayrcm.data.datasets import eval_images, eval_split
 
+    load_plugins(cfg.plugins, key="plugins")  # first: a sampling mode, export kind or dataset of the user's is then valid
     cfg = validate_certify(cfg)
-    load_plugins(cfg.plugins, key="plugins")  # an export kind or a dataset of the user's
     uri = None
     if cfg.tracking.enabled:
         uri = tracking.normalize_uri(cfg.tracking.uri)

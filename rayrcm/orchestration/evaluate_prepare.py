@@ -119,8 +119,8 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     from rayrcm.models.denoisers import file_sha256
     from rayrcm.plugins import load_plugins
 
+    load_plugins(cfg.plugins, key="plugins")  # first: a suite, export kind or dataset of the user's is then valid
     cfg = validate(cfg)
-    load_plugins(cfg.plugins, key="plugins")
     uri = None
     if cfg.tracking.enabled:
         uri = tracking.normalize_uri(cfg.tracking.uri)
