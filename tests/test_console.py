@@ -38,24 +38,29 @@ def test_progress_line_has_a_steady_cadence_and_an_eta():
     assert lines[-1].endswith("done") and duration(3725) == "1h02m" and duration(75) == "1m15s"
 
 
-def _train(tmp: Path, *flags: str) -> list[str]:
+def _train(tmp: Path, *flags: str) -> subprocess.Popen:
+    """A ``rayrcm train`` process of its own (its own HOME, Ray temp dir and local cluster)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "r.yaml").write_text(RECIPE)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RAYRCM_", "MLFLOW_"))}
     env.update(HOME=str(tmp / "home"), RAY_TMPDIR=tempfile.mkdtemp(prefix="rc", dir="/tmp"),
                RAYRCM_STORAGE=str(tmp / "results"))
-    out = subprocess.run([sys.executable, "-m", "rayrcm.cli", "train", "r.yaml", *flags], cwd=tmp, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return (out.stdout + out.stderr).splitlines()
+    return subprocess.Popen([sys.executable, "-m", "rayrcm.cli", "train", "r.yaml", *flags], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _lines(proc: subprocess.Popen) -> list[str]:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return (out + err).splitlines()
 
 
 @pytest.mark.slow
 def test_quiet_by_default_and_everything_with_verbose(tmp_path):
-    quiet = _train(tmp_path / "quiet")
+    runs = _train(tmp_path / "quiet"), _train(tmp_path / "verbose", "--verbose")  # side by side: mostly waiting
+    quiet, verbose = _lines(runs[0]), _lines(runs[1])
     assert quiet and all(line.startswith("[rayrcm]") for line in quiet), "\n".join(quiet)
     assert any("console: step 8/8" in line for line in quiet) and any("done in" in line for line in quiet)
     assert len(quiet) <= 12
-    verbose = _train(tmp_path / "verbose", "--verbose")
     assert len(verbose) > len(quiet) and any(not line.startswith("[rayrcm]") for line in verbose)
     assert any("RayTrainWorker" in line or "TrainController" in line for line in verbose)

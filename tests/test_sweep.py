@@ -382,7 +382,8 @@ def test_a_sweep_whose_every_trial_fails_exits_1_in_one_line(tune_cluster, tmp_p
     from rayrcm.cli_parse import one_line_errors
 
     base = _base(f"train.storage_path={tmp_path}", "tracking.enabled=false", "train.epochs=0", "train.steps=20",
-                 "optim.warmup_epochs=0", "optim.schedule_epochs=0", "train.checkpoint_epochs=0")
+                 "optim.warmup_epochs=0", "optim.schedule_epochs=0", "train.checkpoint_epochs=0",
+                 "train.max_failures=0")  # no retry: a retry would only meet the same divergence
     sw = sweep.SweepConfig(space={"optim.lr": "grid:1e30"}, max_concurrent_trials=1, name="diverge")
     with pytest.raises(SystemExit) as exit_:
         with one_line_errors():
