@@ -32,9 +32,14 @@ from rayrcm.certify.protocol import (
 from rayrcm.certify.sampling import sampling_mode
 from rayrcm.errors import ConfigError
 from rayrcm.models.denoisers import file_sha256
-from rayrcm.models.export import EXPORTS, build_from_blob, export_kind, load_file
+from rayrcm.models.export import EXPORTS, export_kind, load_file
 from rayrcm.orchestration import tracking
-from rayrcm.orchestration.results_inputs import data_config, first_line, load_classifier_file
+from rayrcm.orchestration.results_inputs import (
+    data_config,
+    first_line,
+    load_classifier_file,
+    rebuilt,
+)
 from rayrcm.plugins import load_plugins
 from rayrcm.result_parts import PROTOCOL_FILE, RUN_FILE, read_parts
 from rayrcm.sections import check_job_name, short_sigma
@@ -151,12 +156,7 @@ def _load_denoiser(cfg: CertifyConfig, uri: str | None, meta: dict[str, Any]) ->
     if kind != "denoiser":
         raise ConfigError("denoiser", ref, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} model file, not a denoiser "
                           "(export kind 'denoiser': the model.pt of a ddpm run)")
-    try:
-        den, dmeta = build_from_blob(blob)
-    except ConfigError as err:
-        raise ConfigError("denoiser", ref, f"{err.value}: {err.allowed}") from None
-    except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
-        raise ConfigError("denoiser", ref, f"does not match its own config ({first_line(err)})") from None
+    den, dmeta = rebuilt(blob, "denoiser", ref)
     size, want = int(dmeta.get("image_size", 0)), int(meta["image_size"])
     if size != want:
         raise ConfigError("denoiser", ref, f"works on {size} px images but model {cfg.model} on {want} px; "

@@ -17,6 +17,16 @@ def first_line(err: Exception) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:160]
 
 
+def rebuilt(blob: dict[str, Any], key: str, ref: str) -> tuple[Any, dict[str, Any]]:
+    """``(network, meta)`` of a loaded model file; a file its builder refuses is one line naming ``key``."""
+    try:
+        return build_from_blob(blob)
+    except ConfigError as err:
+        raise ConfigError(key, ref, f"{err.value}: {err.allowed}") from None
+    except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
+        raise ConfigError(key, ref, f"does not match its own config ({first_line(err)})") from None
+
+
 def load_classifier_file(ref: str, uri: str | None) -> tuple[Path, dict[str, Any]]:
     """The local model file of ``ref`` (``--model``: a path, run id, ``runs:/`` or ``models:/``) and its
     meta, once it is known to rebuild into a classifier here; one-line errors naming ``model``."""
@@ -34,12 +44,7 @@ def load_classifier_file(ref: str, uri: str | None) -> tuple[Path, dict[str, Any
     if not predicts_classes(blob["meta"]):
         raise ConfigError("model", ref, f"is a{'n' if kind[0] in 'aeiou' else ''} {kind} "
                           "checkpoint; certification needs a classifier (a model that predicts classes)")
-    try:
-        _, meta = build_from_blob(blob)
-    except ConfigError as err:
-        raise ConfigError("model", ref, f"{err.value}: {err.allowed}") from None
-    except Exception as err:  # noqa: BLE001 - a builder that fails on this file's config
-        raise ConfigError("model", ref, f"does not match its own config ({first_line(err)})") from None
+    _, meta = rebuilt(blob, "model", ref)
     return local, meta
 
 
