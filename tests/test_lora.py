@@ -13,10 +13,16 @@ from rayrcm.config import ExperimentConfig, apply_overrides, to_dict, validate
 from rayrcm.errors import ConfigError
 from rayrcm.models import build_classifier
 from rayrcm.models.export import build_from_file
-from rayrcm.models.lora import LoRAQKV, apply_lora, lora_parameters, merge_lora
+from rayrcm.models.lora import LORA_NAMES, LoRAQKV, apply_lora, merge_lora
 from rayrcm.train.checkpoint import load_state, model_meta, save_model, save_state
 
 SIZE, CLASSES = 8, 10
+
+
+def lora_parameters(module):
+    """The ``A`` and ``B`` weights of every LoRA layer in ``module``."""
+    layers = [m for m in module.modules() if isinstance(m, LoRAQKV)]
+    return [p for m in layers for n in LORA_NAMES for p in getattr(m, n).parameters()]
 
 
 def _cfg(*extra: str) -> ExperimentConfig:

@@ -145,7 +145,7 @@ def test_trials_are_named_by_their_values():
     assert sweep.trial_label(config, keys) == "lbd=5 lr=0.001235"
     assert sweep.trial_label({"a.lr": 1, "b.lr": 2}, ["a.lr", "b.lr"]) == "a.lr=1 b.lr=2"  # clashing short names
     name = sweep.TrialNames(keys)(_Trial("a3d56_00000", config))
-    assert name == "a3d56_00000-lbd=5,lr=0.001235" and sweep.trial_id_of(f"/x/{name}") == "a3d56_00000"
+    assert name == "a3d56_00000-lbd=5,lr=0.001235" and name.split("-", 1)[0] == "a3d56_00000"
     assert sweep.TrialNames(["data.augmentation"])(_Trial("b_1", {"data.augmentation": "a/b c"})) == "b_1-augmentation=a_b_c"
 
 

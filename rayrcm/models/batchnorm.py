@@ -102,8 +102,4 @@ def sync_batchnorm(module: nn.Module, device: torch.device | str, world: int) ->
     return _convert(module, AllReduceBatchNorm)
 
 
-def count_batchnorms(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-__all__ = ["AllReduceBatchNorm", "count_batchnorms", "sync_batchnorm"]
+__all__ = ["AllReduceBatchNorm", "sync_batchnorm"]

@@ -128,8 +128,3 @@ def merge_lora(module: nn.Module) -> nn.Module:
             merge_lora(child)
     return module
 
-
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The ``A`` and ``B`` weights of every LoRA layer in ``module``."""
-    layers = [m for m in module.modules() if isinstance(m, LoRAQKV)]
-    return [p for m in layers for n in LORA_NAMES for p in getattr(m, n).parameters()]

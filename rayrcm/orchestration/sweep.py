@@ -197,11 +197,6 @@ class TrialNames:
         return f"{trial.trial_id}-{safe}" if safe else trial.trial_id
 
 
-def trial_id_of(path: str) -> str:
-    """The Tune trial id that starts a trial folder's name (see :class:`TrialNames`)."""
-    return Path(path).name.split("-", 1)[0]
-
-
 def _tuner(trainable: Any, base: ExperimentConfig, sw: SweepConfig, parsed: dict[str, Any], folder: Path,
            reports: int, max_conc: int) -> Any:
     """A new Tuner, or the sweep's Tune experiment restored from ``folder``."""
