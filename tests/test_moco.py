@@ -467,32 +467,39 @@ def test_the_mocov2_view_flips_half_the_images():
 
 
 @pytest.mark.slow
-def test_patch_negatives_push_the_nonsemantic_logit_below_plain_mocos(tmp_path, ray_cluster, mlflow_server):
-    """The digits recipe, plain (monitoring q.t of patch negatives it does not train on) against patch
-    negatives, same steps and seed, on 2 Ray Train workers tracked in MLflow: the patch run's mean
-    non-semantic logit over its last logged points is the lower one (the issue's ordering; accuracy is
-    not asserted at this scale); the exported model is the query encoder (no key encoder, no head)."""
+def test_patch_negatives_push_the_nonsemantic_logit_below_plain_mocos(tmp_path, ray_cluster, mlflow_server, capsys):
+    """The digits recipe's whole table in one command (``moco_digits.py all``): plain MoCo (monitoring
+    q.t of patch negatives it does not train on) against patch negatives, same steps and seed, on 2
+    Ray Train workers per stage tracked in MLflow, each followed by a short linear probe: the patch
+    run's mean non-semantic logit over its last logged points is the lower one (the issue's ordering;
+    accuracy is not asserted at this scale); the exported model is the query encoder (no key encoder,
+    no head); the table has a row per method with its k-NN and probe accuracy."""
     from helpers import load_experiment
     from mlflow import MlflowClient
 
-    from rayrcm.orchestration.trainer import fit
+    from rayrcm.orchestration.pipeline_job import run_all
     from rayrcm.train.checkpoint import load_model_file
 
     recipe = load_experiment("moco_digits")
+    sets = [f"train.storage_path={tmp_path / 'storage'}", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=e2e-moco-order", "tracking.register_as=", "tracking.alias="]
+    for alias in ("plain", "patch"):
+        sets += [f"pretrain-{alias}:data.batch_size=64", f"pretrain-{alias}:train.steps=60",
+                 f"pretrain-{alias}:train.checkpoint_every=60", f"pretrain-{alias}:train.log_every=10",
+                 f"probe-{alias}:train.epochs=2", f"probe-{alias}:train.checkpoint_epochs=1"]
+    result = run_all("moco-digits", recipe.table_stages(), sets)
+    printed = capsys.readouterr().out
     logits = {}
-    for negatives in ("none", "patch"):
-        cfg = apply_overrides(recipe.pretrain_config(negatives), [
-            "data.batch_size=64", "train.steps=60", "train.checkpoint_every=60", "train.log_every=10",
-            f"train.storage_path={tmp_path / 'storage'}", f"train.name=moco-order-{negatives}",
-            f"tracking.uri={mlflow_server}", "tracking.experiment=e2e-moco-order", "tracking.register_as=",
-            "tracking.alias="])
-        result = fit(cfg)
-        run = result.run_id
-        state = load_model_file(result.model_file)["model"]
+    for alias in ("plain", "patch"):
+        pre = result.outputs[f"pretrain-{alias}"]
+        state = load_model_file(f"{tmp_path / 'storage'}/{pre.job}/model.pt")["model"]
         assert state and all(not k.startswith(("key_", "head.")) for k in state)
-        history = MlflowClient(mlflow_server).get_metric_history(run, "nonsem_logit")
+        history = MlflowClient(mlflow_server).get_metric_history(pre.run_id, "nonsem_logit")
         last = [m.value for m in sorted(history, key=lambda m: m.step)][-3:]
         assert len(last) == 3 and all(math.isfinite(v) for v in last)
-        logits[negatives] = sum(last) / len(last)
-    print(f"mean non-semantic logit over the last 30 steps: plain {logits['none']:.4f}, patch {logits['patch']:.4f}")
-    assert logits["patch"] < logits["none"], logits
+        logits[alias] = sum(last) / len(last)
+    table = result.table.table
+    assert list(table.index) == ["MoCo v2", "MoCo v2 + patch negatives"] and "| MoCo v2 |" in printed
+    assert table[["k-NN", "linear probe"]].notna().all().all()
+    print(f"mean non-semantic logit over the last 30 steps: plain {logits['plain']:.4f}, patch {logits['patch']:.4f}")
+    assert logits["patch"] < logits["plain"], logits

@@ -206,31 +206,36 @@ ORDER_MARGIN = 0.05
 
 
 @pytest.mark.slow
-def test_class_groups_beat_simclr_in_the_linear_probe(tmp_path, ray_cluster, mlflow_server):
-    """The digits recipe on 2 Ray Train workers, tracked in MLflow: StableRep with same-class groups of 4
-    views (``groups=label``) against SimCLR (``groups=image``, 2 views, the same temperature, head and
+def test_class_groups_beat_simclr_in_the_linear_probe(tmp_path, ray_cluster, mlflow_server, capsys):
+    """The digits recipe's whole table in one command (``stablerep_digits.py all``) on 2 Ray Train
+    workers per stage, tracked in MLflow: StableRep with same-class groups of 4 views
+    (``groups=label``) against SimCLR (``groups=image``, 2 views, the same temperature, head and
     optimizer), each followed by the recipe's linear probe (10 heads, the best on the held-out split);
-    the class-grouped encoder's test accuracy is the higher one. The pretraining logs its loss and
+    the table's class-grouped row has the higher probe accuracy. The pretraining logs its loss and
     ``multi_pos`` and exports the encoder without the projector."""
     from helpers import load_experiment
     from mlflow import MlflowClient
 
-    from rayrcm.orchestration.trainer import fit
+    from rayrcm.orchestration.pipeline_job import run_all
     from rayrcm.train.checkpoint import load_model_file
 
     recipe = load_experiment("stablerep_digits")
-    common = [f"train.storage_path={tmp_path / 'storage'}", f"tracking.uri={mlflow_server}",
-              "tracking.experiment=e2e-stablerep-order", "tracking.register_as=", "tracking.alias="]
-    acc = {}
-    for groups, n in (("label", 4), ("image", 2)):
-        pre = fit(apply_overrides(recipe.pretrain_config(groups, n), [
-            *common, f"train.steps={ORDER_STEPS}", f"data.batch_size={ORDER_BATCH}",
-            f"train.checkpoint_every={ORDER_STEPS}", f"train.name=order-{groups}"]))
-        assert math.isfinite(pre.metrics["loss"]) and "multi_pos" in pre.metrics
-        state = load_model_file(pre.model_file)["model"]
+    sets = [f"train.storage_path={tmp_path / 'storage'}", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=e2e-stablerep-order", "tracking.register_as=", "tracking.alias="]
+    for groups in ("label", "image"):
+        sets += [f"pretrain-{groups}:train.steps={ORDER_STEPS}", f"pretrain-{groups}:data.batch_size={ORDER_BATCH}",
+                 f"pretrain-{groups}:train.checkpoint_every={ORDER_STEPS}",
+                 f"probe-{groups}:train.epochs={ORDER_PROBE_EPOCHS}"]
+    result = run_all("stablerep-digits", recipe.table_stages(), sets)
+    printed = capsys.readouterr().out
+    table = result.table.table
+    client = MlflowClient(mlflow_server)
+    for groups in ("label", "image"):
+        pre = result.outputs[f"pretrain-{groups}"]
+        assert math.isfinite(pre.metrics["loss"]) and "multi_pos" in client.get_run(pre.run_id).data.metrics
+        state = load_model_file(f"{tmp_path / 'storage'}/{pre.job}/model.pt")["model"]
         assert state and not any(k.startswith("projector.") for k in state)
-        probe = fit(apply_overrides(recipe.probe_config(pre.run_id, epochs=ORDER_PROBE_EPOCHS),
-                                    [*common, f"train.name=order-probe-{groups}"]))
-        acc[groups] = MlflowClient(mlflow_server).get_run(probe.run_id).data.metrics["test_acc_clean"]
-    print(f"linear probe test accuracy: class groups {acc['label']:.4f}, SimCLR {acc['image']:.4f}")
-    assert acc["label"] > acc["image"] + ORDER_MARGIN, acc
+    acc = {row: float(table.loc[row, "linear probe"]) for row in ("StableRep (class groups)", "SimCLR")}
+    assert "| StableRep (class groups) |" in printed and {"k-NN", "linear probe"} <= set(table.columns)
+    print(f"linear probe test accuracy: {acc}")
+    assert acc["StableRep (class groups)"] > acc["SimCLR"] + ORDER_MARGIN, acc
