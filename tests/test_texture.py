@@ -19,7 +19,6 @@ from rayrcm.data.texture import TextureFolder, texture_of
 from rayrcm.data.views import MultiView, data_transform
 from rayrcm.errors import ConfigError
 from rayrcm.objectives import build_objective
-from rayrcm.objectives.moco import moco_logits, moco_loss
 
 WNIDS = ("n01440764", "n01443537")
 PER_CLASS = 4
@@ -142,7 +141,13 @@ def test_the_objective_takes_the_third_view_as_its_negative(pairs):
     out = obj([xq, xk, xt], torch.zeros(4, dtype=torch.long), 5)
     q = F.normalize(obj._encode(obj.encoder, obj.head, xq, cfg.method.groups(1)).float(), dim=1)
     k, t = obj.key_features(xk, 5, 0), obj.key_features(xt, 5, 1)
-    torch.testing.assert_close(out.loss, moco_loss(moco_logits(q, k, obj.queue, [t], 3.0, 0.5)))
+    # transcribed from the authors' moco/builder.py (einsum logits, label 0), not from our helpers:
+    # the texture negative's logit is scaled by alpha before the temperature
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", q, obj.queue.clone().detach())
+    l_tex = 3.0 * torch.einsum("nc,nc->n", q, t).unsqueeze(-1)
+    logits = torch.cat([l_pos, l_neg, l_tex], dim=1) / 0.5
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)))
     torch.testing.assert_close(out.metrics["nonsem_logit"], (q * t).sum(1).mean())
     with pytest.raises(ValueError, match="third view"):
         obj([xq, xk], torch.zeros(4, dtype=torch.long), 5)
