@@ -127,8 +127,8 @@ def _kill_midway(sets, tmp_path):
 def test_all_resumes_when_killed_reuses_what_finished_and_reruns_what_changed(ray_cluster, mlflow_server, tmp_path,
                                                                              capsys):
     """Killed midway, the same command reuses the pretraining (same run) and resumes the fine-tuning from
-    its checkpoint; then the table; run again, every stage is reused; with one fine-tuning key changed,
-    only that fine-tuning and its certification run."""
+    its checkpoint; then the table, equal to an uninterrupted run's; run again, every stage is reused;
+    with one fine-tuning key changed, only that fine-tuning and its certification run."""
     import json
 
     from mlflow import MlflowClient
@@ -166,6 +166,12 @@ def test_all_resumes_when_killed_reuses_what_finished_and_reruns_what_changed(ra
             assert run.data.tags[PIPELINE_TAG] == first.parent_run_id
     hist = client.get_metric_history(resumed.run_id, "loss")  # the resumed run logged each step once
     assert len(hist) == len({m.step for m in hist})
+
+    fresh_sets = [x.replace(str(tmp_path / "train"), str(tmp_path / "fresh-train"))
+                  .replace(str(tmp_path / "certify"), str(tmp_path / "fresh-certify")) for x in sets]
+    _, fresh = _all(capsys, fresh_sets)  # the same table, uninterrupted, from nothing
+    assert not any(o.reused for o in fresh.outputs.values())
+    assert fresh.table.table.equals(table), (fresh.table.table, table)
 
     out, again = _all(capsys, sets)  # nothing changed: every stage reused, no new run
     assert all(o.reused for o in again.outputs.values()) and out.count(": reused (") == 5
