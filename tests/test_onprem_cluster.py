@@ -90,7 +90,7 @@ def onprem():
     env.update(HOME=str(client), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     state = Path("/tmp/cluster-rayrcm.state")  # the local provider's record of the hosts, on the client
-    had_state = state.exists()
+    kept = state.read_bytes() if state.exists() else None  # a real cluster's record of the same name
     cluster_file, tunnel = base / "onprem.yaml", None
     try:
         hosts.up()
@@ -128,8 +128,10 @@ def onprem():
         if cluster_file.exists():
             _run([str(BIN / "ray"), "down", "-y", str(cluster_file)], env, timeout=300, check=False)
         hosts.close()
-        if not had_state:
+        if kept is None:
             state.unlink(missing_ok=True)
+        else:
+            state.write_bytes(kept)
         left = hosts.leftovers()
         import shutil
 
