@@ -134,7 +134,7 @@ def certified_table(table, images: int) -> str:
 # ----------------------------------------------------------------------------- the README's table
 
 README_BEGIN, README_END = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
-TOLERANCE = 0.035  # the README's numbers hold within this on another machine (about 3 of the 90 images)
+TOLERANCE = 0.07  # the README's numbers hold within this on another CPU (an AVX-512 EPYC moved them by up to 0.066: 6 of 90 images)
 
 
 def readme_block(out: dict) -> str:
