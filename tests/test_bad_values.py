@@ -16,7 +16,6 @@ from torch import nn
 
 from rayrcm.analysis import read_results, write_cohen_tsv
 from rayrcm.certify import CertifyConfig, SmoothingConfig, validate_certify
-from rayrcm.certify.collect import NonFiniteResult, write_part
 from rayrcm.cli import main
 from rayrcm.config import (
     ExperimentConfig,
@@ -33,6 +32,7 @@ from rayrcm.orchestration.analyze import analyze
 from rayrcm.orchestration.certify_job import config_from_args
 from rayrcm.orchestration.sweep_space import parse_spec
 from rayrcm.overrides import coerce
+from rayrcm.result_parts import NonFiniteResult, write_part
 from rayrcm.train.loop import Loop, NonFiniteLoss, run_steps
 
 FINITE = "must be a finite number"

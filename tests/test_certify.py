@@ -220,7 +220,8 @@ def _batch(rows, counts, device="cpu"):
 def test_collector_sums_rows_once_and_certifies_from_the_totals(tmp_path):
     from rayrcm.analysis.results import read_rows_dir
     from rayrcm.certify import CertifyConfig, SmoothingConfig
-    from rayrcm.certify.collect import Collector, write_part
+    from rayrcm.certify.collect import Collector
+    from rayrcm.result_parts import write_part
 
     cfg = CertifyConfig(model="m", smoothing=SmoothingConfig(n0=100, n=1000, chunk=400, sigma=0.5))
     col = Collector(cfg, [20, 40], labels=[1, 0], num_classes=3)

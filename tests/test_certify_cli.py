@@ -155,7 +155,7 @@ def test_certify_on_a_released_corruption_at_one_severity(capsys, model, tmp_pat
     assert "-cifar10c-contrast-3-" in p.name
     p.out.mkdir(parents=True)
     (p.out / "protocol.json").write_text(json.dumps(p.protocol))
-    from rayrcm.certify.collect import write_part
+    from rayrcm.result_parts import write_part
 
     write_part(p.out / "rows", [{"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 0.1}])
     with pytest.raises(ConfigError, match="severity 3 != 4"):  # the same name, another severity

@@ -146,7 +146,7 @@ ROW = {"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 
 
 
 def test_a_plain_jobs_name_is_refused_with_a_denoiser_and_an_older_protocol_still_resumes(files, tmp_path):
-    from rayrcm.certify.collect import write_part
+    from rayrcm.result_parts import write_part
 
     model_file, den_file = files
     plain = certify_job.prepare(_cfg(model_file, tmp_path / "out", name="job"))

@@ -58,8 +58,8 @@ def _seed004_rows(rng):
 def _certify_dir(root, name, sigma=0.25, n=1000, alpha=0.001, images=40, seed=0, model="m.pt", sha="0" * 64):
     """A certification folder as the job writes it: Parquet parts (write_part) and protocol_dict, with
     the model reference added as the job's start adds it."""
-    from rayrcm.certify.collect import write_part
     from rayrcm.certify.protocol import CertifyConfig, protocol_dict
+    from rayrcm.result_parts import write_part
 
     rng = np.random.default_rng(seed)
     out = root / name

@@ -228,7 +228,7 @@ def test_an_older_protocol_without_the_image_size_still_resumes(tmp_path):
     f.write_text(json.dumps({**old, "image_size": 16}))
     fresh = certify_job.prepare(cfg)  # no results yet under the other protocol: it gives way, said once
     assert fresh.superseded and any("starting afresh with this one" in w for w in fresh.warnings)
-    from rayrcm.certify.collect import write_part
+    from rayrcm.result_parts import write_part
 
     write_part(p.out / "rows", [{"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 0.1}])
     with pytest.raises(ConfigError, match=r"holds results of another protocol \(image_size 16 != 8\)"):
@@ -294,7 +294,7 @@ def test_a_results_part_that_cannot_be_written_is_one_line_and_leaves_the_earlie
     script = textwrap.dedent(f"""
         import resource, signal, sys
         from pathlib import Path
-        from rayrcm.certify.collect import ResultsNotWritten, write_part
+        from rayrcm.result_parts import ResultsNotWritten, write_part
         rows = Path({str(tmp_path / "rows")!r})
         row = {{"idx": 0, "label": 0, "predict": 0, "radius": 0.1, "correct": 1, "time": 0.1}}
         write_part(rows, [row])

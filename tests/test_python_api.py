@@ -60,7 +60,7 @@ def test_images_a_model_cannot_take_are_one_line(digits, images, labels, needle)
 
 
 def test_read_results_reads_a_folder_and_refuses_what_is_not_one(tmp_path):
-    from rayrcm.certify.collect import write_part
+    from rayrcm.result_parts import write_part
 
     write_part(tmp_path / "job" / "rows", [{"idx": 0, "label": 1, "predict": 1, "radius": 0.3, "correct": 1, "time": 0.1}])
     assert api.read_results(tmp_path / "job")["radius"].tolist() == [0.3]

@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from rayrcm.certify.collect import write_part
 from rayrcm.cli import main
 from rayrcm.orchestration.analyze import same_server
+from rayrcm.result_parts import write_part
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):

@@ -2,7 +2,7 @@
 the driver's per-image sums of row counts. The rows of an image, what an actor does with them and
 how an image's totals become its results row are its sampling mode's
 (:mod:`rayrcm.certify.sampling`); the Parquet parts finished images are written to are
-:mod:`rayrcm.result_parts` (``write_part`` is re-exported here).
+:mod:`rayrcm.result_parts`.
 
 Ordering: every row counts *all* classes, and ``c_A`` is taken from the selection counts after
 both roles are in. This is the same test as counting ``c_A`` only, because the estimation draws
@@ -29,9 +29,8 @@ import numpy as np
 
 from rayrcm.certify.config import CertifyConfig
 from rayrcm.certify.sampling import sampling_mode
-from rayrcm.result_parts import NonFiniteResult, ResultsNotWritten, check_record, write_part
 
-__all__ = ["Collector", "CountSettings", "NonFiniteResult", "ResultsNotWritten", "check_record", "write_part"]
+__all__ = ["Collector", "CountSettings"]
 
 
 @dataclass(frozen=True)

@@ -83,11 +83,8 @@ class Progress:
         self.tic = self.last = time.perf_counter()
         self.bar = live.bar(total, label, unit, initial=before) if live.interactive() else None
 
-    def write(self, rows_dir: Path, records: list[dict[str, Any]]) -> None:
-        write_part(rows_dir, records)
-
     def flush(self) -> None:
-        self.write(self.out / ROWS_DIR, self.buffer)
+        write_part(self.out / ROWS_DIR, self.buffer)
         self.buffer = []
 
     def done(self, records: list[dict[str, Any]]) -> None:
