@@ -154,9 +154,9 @@ def _aa_job_cfg(model, out, name, *extra):
 def test_the_evaluate_job_accepts_aa_and_names_it_autoattack_standard(tmp_path):
     import pandas as pd
 
+    from rayrcm.eval.suites.shards import shard_correct, shard_images
     from rayrcm.models.export import build_from_file
     from rayrcm.orchestration import evaluate_job as ej
-    from rayrcm.orchestration.evaluate_actor import shard_correct, shard_images
 
     model_file = make_model(tmp_path / "model.pt", seed=1)
     p = ej.prepare(_aa_job_cfg(model_file, tmp_path / "out", "aa"))

@@ -188,9 +188,9 @@ def _chain_equals_job(tmp_path):
 
     from rayrcm.analysis.robustness import results_table, robust_cells
     from rayrcm.eval.robust import RobustAccuracy, RobustEvalConfig
+    from rayrcm.eval.suites.shards import shard_correct, shard_images
     from rayrcm.models.export import build_from_file
     from rayrcm.orchestration import evaluate_job as ej
-    from rayrcm.orchestration.evaluate_actor import shard_correct, shard_images
 
     model_file = trained_digits_model(tmp_path / "model.pt")
     budget = {"eps": 0.03, "step_size": 0.01, "pgd_steps": 3, "aa_iters": 5, "aa_targets": 3, "aa_queries": 30}

@@ -7,7 +7,7 @@ and maps shard rows to counts. Everything a shard's result depends on is in its 
 :class:`ShardSettings` (the corruption key ``(seed, image index, corruption, severity)``; the
 attacks' seeds from the image indices, as the fine-tuning chain's evaluation:
 :mod:`rayrcm.eval.robust`), never in which actor ran it or in what order: results are the same on
-any number of workers. The names the job and the tests import from here are re-exported.
+any number of workers.
 """
 
 from __future__ import annotations
@@ -19,18 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayrcm.analysis.robustness import NONE
 from rayrcm.eval.suites.base import ShardSettings
-from rayrcm.eval.suites.folders import MaskedModel
-from rayrcm.eval.suites.shards import (
-    SOURCES,
-    class_counts,
-    row_hits,
-    shard_correct,
-    shard_hits,
-    shard_images,
-    shard_model,
-)
+from rayrcm.eval.suites.shards import class_counts, row_hits
 from rayrcm.plugins import load_plugins
 
 
@@ -73,5 +63,4 @@ class EvalActor:
                 "device": np.asarray([self.device_name] * len(keys))}
 
 
-__all__ = ["NONE", "SOURCES", "EvalActor", "MaskedModel", "ShardSettings", "class_counts", "row_hits", "shard_correct",
-           "shard_hits", "shard_images", "shard_model"]
+__all__ = ["EvalActor"]

@@ -56,7 +56,7 @@ class Prepared:
     protocol: dict[str, Any]
     experiment: str
     parent_run_id: str | None
-    settings: Any  # evaluate_actor.ShardSettings
+    settings: Any  # rayrcm.eval.suites.base.ShardSettings
 
     @property
     def todo(self) -> list[dict[str, Any]]:
@@ -175,7 +175,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
 def _settings(cfg: EvaluateConfig, data: Any, num_classes: int, large: bool, classes: tuple[str, ...],
               shifted: dict[str, dict[str, Any]]) -> Any:
     from rayrcm.data.shift import FOLDER_SETS
-    from rayrcm.orchestration.evaluate_actor import ShardSettings
+    from rayrcm.eval.suites.base import ShardSettings
 
     return ShardSettings(seed=cfg.seed, batch=cfg.batch, eps=cfg.eps, step_size=cfg.step_size,
                          pgd_steps=cfg.pgd_steps, aa_iters=cfg.aa_iters, aa_targets=cfg.aa_targets,
