@@ -14,12 +14,13 @@ test image (500). On GPUs: ``--set train.use_gpu=true --set train.workers=4``.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
+
+from rayrcm.sections import sigma_alias
 
 SIGMA = 0.25
 REGISTER_AS = "cifar10-gaussian"
-ALIAS = "sigma-" + f"{SIGMA:.2f}".replace(".", "_")
+ALIAS = sigma_alias(SIGMA)
 JOB = f"{REGISTER_AS}-{ALIAS}"
 EXAMPLES = {
     "train": "python examples/cifar10_gaussian.py train --set data.path=$HOME/data --set train.use_gpu=true",
@@ -50,8 +51,12 @@ def certify() -> list[str]:
             "smoothing.n=100000", "smoothing.alpha=0.001", "smoothing.skip=20", "smoothing.max=-1"]
 
 
-if __name__ == "__main__":
-    from _stages import main
+def main(argv: list[str] | None = None) -> None:
+    from rayrcm import recipe_cli
 
-    main(sys.argv[1:], prog="python examples/cifar10_gaussian.py", doc=__doc__, recipe="examples/cifar10_gaussian.py",
-         config=config, certify=certify, examples=EXAMPLES)
+    recipe_cli.main(argv, doc=__doc__, commands=recipe_cli.classifier_commands(
+        config, certify, examples=EXAMPLES, recipe="examples/cifar10_gaussian.py"))
+
+
+if __name__ == "__main__":
+    main()

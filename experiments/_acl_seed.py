@@ -30,17 +30,14 @@ in evaluation, then AutoAttack. The encoder keeps the adversarial BatchNorm bran
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import yaml
 
-from rayrcm import stages
-from rayrcm.cli import add_verbose_arg
-from rayrcm.cli_parse import RecipeParser
-from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, to_dict, validate
+from rayrcm import recipe_cli
+from rayrcm.config import ExperimentConfig, from_dict
 
 METHODS = ("cl", "acl", "air", "acl_rcs")
 MODES = ("slf", "alf", "aff")
@@ -122,46 +119,10 @@ def finetune_tree(mode: str, cmd: dict[str, Any], common: dict[str, Any], *, ini
     }
 
 
-def stage_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """``pretrain`` and ``finetune`` subcommands, each with its own ``--help``: its flags and an example."""
-    prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = RecipeParser(description=doc, formatter_class=fmt)
-    sub = p.add_subparsers(dest="stage", required=True)
-    keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
-    pre = sub.add_parser("pretrain", help="adversarial contrastive pretraining of the encoder (Ray Train)",
-                         description="adversarial contrastive pretraining of the encoder (Ray Train)", formatter_class=fmt,
-                         epilog=f"example:\n  python {prog} pretrain --method acl_rcs --set data.path=DIR{keys}")
-    ft = sub.add_parser("finetune", help="SLF / ALF / AFF fine-tuning with SA, PGD-20 and AutoAttack (Ray Train)",
-                        description="SLF / ALF / AFF fine-tuning with SA, PGD-20 and AutoAttack (Ray Train)",
-                        formatter_class=fmt,
-                        epilog=f"example:\n  python {prog} finetune --method acl_rcs --mode all --set data.path=DIR{keys}")
-    every = sub.add_parser("all", help="the whole table in one resumable job: pretrain, then SLF, ALF and AFF",
-                           description="the whole table in one resumable job: pretrain, then SLF, ALF and AFF side by "
-                                       "side (SA, PGD-20, AutoAttack per mode)", formatter_class=fmt,
-                           epilog=f"example:\n  python {prog} all --method air [--set finetune-aff:optim.lr=0.01] "
-                                  "[--dry-run]\n\nstages: pretrain, finetune-slf, finetune-alf, finetune-aff; --set "
-                                  "KEY=VALUE goes to every stage with KEY, --set STAGE:KEY=VALUE to one; a finished stage "
-                                  "with the same settings is reused")
-    for sp in (pre, ft, every):
-        sp.add_argument("--method", default="air", choices=METHODS, help="pretraining method (default air)")
-    ft.add_argument("--mode", default="all", choices=[*MODES, "all"], help="SLF, ALF, AFF or all three in sequence")
-    ft.add_argument("--from", dest="init_from", help="the pretrained encoder (default: the registry alias of --method)")
-    for sp in (pre, ft, every):
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable)")
-        sp.add_argument("--dry-run", action="store_true", help="print the resolved config(s) and exit")
-        add_verbose_arg(sp)
-    add_verbose_arg(p)
-    return p
-
-
 def table_stages(pretrain: Callable[[str], ExperimentConfig],
                  finetune: Callable[[str, str, str | None], ExperimentConfig], method: str) -> list:
     """The seed's table as stages: the pretraining, then SLF, ALF and AFF from it (a row each: SA, PGD-20,
     AutoAttack)."""
-    from functools import partial
-
     from rayrcm.pipeline import Stage
 
     out = [Stage("pretrain", "train", partial(pretrain, method))]
@@ -170,30 +131,45 @@ def table_stages(pretrain: Callable[[str], ExperimentConfig],
     return out
 
 
-def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
-               finetune: Callable[[str, str, str | None], ExperimentConfig], recipe: str = "acl") -> None:
-    """``pretrain --method M``; ``finetune --mode slf|alf|aff|all --method M [--from REF]``; ``all
-    --method M`` (the table in one job); ``--set key=value`` overrides (every fine-tuning mode gets
-    them) and ``--dry-run``."""
-    p = stage_parser(doc)
-    args = p.parse_args(argv)
-    with stages.recipe_errors(getattr(args, "verbose", False)):
-        if args.stage == "all":
-            stages.table(recipe, table_stages(pretrain, finetune, args.method), args.overrides, args.dry_run)
-            return
-        if args.stage == "pretrain":
-            stages.train("pretrain", pretrain(args.method), args.overrides, args.dry_run)
-            return
-        modes = MODES if args.mode == "all" else (args.mode,)  # the chain: one parent run, a child per mode
-        cfgs = {m: validate(apply_overrides(finetune(m, args.method, args.init_from), args.overrides),
-                            check_paths=not args.dry_run) for m in modes}
-        if args.dry_run:
-            print(yaml.safe_dump({m: to_dict(c) for m, c in cfgs.items()}, sort_keys=False), end="")
-            return
-        from rayrcm.orchestration.transfer import run_all
+def _finetune(finetune: Callable[[str, str, str | None], ExperimentConfig], args: Any) -> None:
+    """``finetune --mode slf|alf|aff|all``: one mode, or the three in sequence (one parent run, a child per mode)."""
+    from rayrcm.config import apply_overrides, to_dict, validate
 
-        run_all(cfgs, name=cfgs[modes[0]].train.name.rsplit("-", 1)[0])
+    modes = MODES if args.mode == "all" else (args.mode,)
+    cfgs = {m: validate(apply_overrides(finetune(m, args.method, args.init_from), args.overrides),
+                        check_paths=not args.dry_run) for m in modes}
+    if args.dry_run:
+        print(yaml.safe_dump({m: to_dict(c) for m, c in cfgs.items()}, sort_keys=False), end="")
+        return
+    from rayrcm.orchestration.transfer import run_all
+
+    run_all(cfgs, name=cfgs[modes[0]].train.name.rsplit("-", 1)[0])
+
+
+def commands(*, pretrain: Callable[[str], ExperimentConfig], finetune: Callable[[str, str, str | None], ExperimentConfig],
+             recipe: str = "acl") -> list[recipe_cli.Command]:
+    """``pretrain --method M``; ``finetune --mode slf|alf|aff|all --method M [--from REF]``; ``all
+    --method M`` (the table in one job) (:mod:`rayrcm.recipe_cli`)."""
+    method = recipe_cli.option("--method", default="air", choices=METHODS, help="pretraining method (default air)")
+    mode = recipe_cli.option("--mode", default="all", choices=[*MODES, "all"],
+                             help="SLF, ALF, AFF or all three in sequence")
+    source = recipe_cli.option("--from", dest="init_from",
+                               help="the pretrained encoder (default: the registry alias of --method)")
+    pre = "adversarial contrastive pretraining of the encoder (Ray Train)"
+    ft = "SLF / ALF / AFF fine-tuning with SA, PGD-20 and AutoAttack (Ray Train)"
+    return [
+        recipe_cli.train("pretrain", pre, lambda a: pretrain(a.method), options=[method],
+                         example="python {prog} pretrain --method acl_rcs --set data.path=DIR"),
+        recipe_cli.Command("finetune", ft, partial(_finetune, finetune), options=[method, mode, source],
+                           example="python {prog} finetune --method acl_rcs --mode all --set data.path=DIR"),
+        recipe_cli.table(recipe, lambda a: table_stages(pretrain, finetune, a.method), options=[method],
+                         help="the whole table in one resumable job: pretrain, then SLF, ALF and AFF",
+                         description="the whole table in one resumable job: pretrain, then SLF, ALF and AFF side by "
+                                     "side (SA, PGD-20, AutoAttack per mode)",
+                         example="python {prog} all --method air [--set finetune-aff:optim.lr=0.01] [--dry-run]",
+                         names="pretrain, finetune-slf, finetune-alf, finetune-aff"),
+    ]
 
 
 __all__ = ["FINETUNE", "FINETUNE_BY_METHOD", "FINETUNE_COMMON", "METHODS", "MODES", "PRETRAIN", "PRETRAIN_COMMON",
-           "finetune_cmd", "finetune_tree", "from_dict", "pretrain_tree", "stage_main", "table_stages"]
+           "commands", "finetune_cmd", "finetune_tree", "from_dict", "pretrain_tree", "table_stages"]

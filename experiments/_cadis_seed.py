@@ -65,13 +65,12 @@ validation folder (1000 classes x 50 images, sorted as ImageFolder sorts them).
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from rayrcm import stages
+from rayrcm import recipe_cli
+from rayrcm.errors import ConfigError
 from rayrcm.sections import sigma_alias
 
 SIGMAS = (0.25, 0.5, 1.0)
@@ -152,54 +151,35 @@ HELPS = {"finetune": "CADIS fine-tuning of the user's off-the-shelf classifier b
          "certify": "randomized-smoothing certification of the fine-tuned denoised classifier (Ray Data)"}
 
 
-def stage_parser(doc: str, examples: dict[str, str], prog: str | None = None) -> argparse.ArgumentParser:
-    """``finetune`` and ``certify``, each with its own ``--help``: its flags and an example."""
-    from rayrcm.cli import add_verbose_arg
-    from rayrcm.cli_parse import RecipeParser
-
-    prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = RecipeParser(description=doc, formatter_class=fmt)
-    sub = p.add_subparsers(dest="stage", required=True)
-    keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
-    for name in ("finetune", "certify"):
-        sp = sub.add_parser(name, help=HELPS[name], description=HELPS[name], formatter_class=fmt,
-                            epilog=f"example:\n  {examples[name].format(prog=prog)}{keys}"
-                                   + (" (certification keys: model, data_path, smoothing.n, compute.workers, ...)"
-                                      if name == "certify" else ""))
-        sp.add_argument("--sigma", type=float, default=1.0,
-                        help="noise in pixel units, one of 0.25, 0.5, 1.0 (default 1.0, the seed's; other values keep "
-                             "its sigma-1.0 settings)")
-        if name == "finetune":
-            sp.add_argument("--from", dest="init_from", required=True,
-                            help="the off-the-shelf classifier: a local model.pt, models:/... or a run id (never "
-                                 "downloaded)")
-            sp.add_argument("--denoiser", help="adm:MODULE:FACTORY building the OpenAI diffusion model")
-            sp.add_argument("--denoiser-weights", help="its state dict file (the authors' checkpoint)")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable)")
-        sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-        add_verbose_arg(sp)
-    add_verbose_arg(p)
-    return p
+def _sigma(sigma: float) -> float:
+    if sigma not in SIGMAS:
+        raise ConfigError("--sigma", sigma, "the seed certifies at 0.25, 0.5 or 1.0 (pixel units)")
+    return sigma
 
 
-def stage_main(argv: list[str] | None, *, doc: str, examples: dict[str, str],
-               finetune: Callable[..., dict[str, Any]], certify: Callable[[float], list[str]]) -> None:
-    """``finetune --from REF [--sigma] [--denoiser ...]`` and ``certify [--sigma]``; ``--set`` and ``--dry-run``."""
-    args = stage_parser(doc, examples).parse_args(argv)
+def commands(*, examples: dict[str, str], finetune: Callable[..., dict[str, Any]],
+             certify: Callable[[float], list[str]]) -> list[recipe_cli.Command]:
+    """``finetune --from REF [--sigma] [--denoiser ...]`` and ``certify [--sigma]`` (:mod:`rayrcm.recipe_cli`)."""
     from rayrcm.config import from_dict
-    from rayrcm.errors import ConfigError
 
-    with stages.recipe_errors(getattr(args, "verbose", False)):
-        if args.sigma not in SIGMAS:
-            raise ConfigError("--sigma", args.sigma, "the seed certifies at 0.25, 0.5 or 1.0 (pixel units)")
-        if args.stage == "certify":
-            stages.certify(certify(args.sigma) + args.overrides, args.dry_run)
-            return
-        den = {k: v for k, v in (("denoiser", args.denoiser), ("denoiser_weights", args.denoiser_weights)) if v}
-        stages.train("finetune", from_dict(finetune(args.sigma, args.init_from, **den)), args.overrides, args.dry_run)
+    sigma = recipe_cli.option("--sigma", type=float, default=1.0,
+                              help="noise in pixel units, one of 0.25, 0.5, 1.0 (default 1.0, the seed's; other values "
+                                   "keep its sigma-1.0 settings)")
+    source = recipe_cli.option("--from", dest="init_from", required=True,
+                               help="the off-the-shelf classifier: a local model.pt, models:/... or a run id (never "
+                                    "downloaded)")
+    denoiser = recipe_cli.option("--denoiser", help="adm:MODULE:FACTORY building the OpenAI diffusion model")
+    weights = recipe_cli.option("--denoiser-weights", help="its state dict file (the authors' checkpoint)")
+
+    def tree(a: Any) -> Any:
+        den = {k: v for k, v in (("denoiser", a.denoiser), ("denoiser_weights", a.denoiser_weights)) if v}
+        return from_dict(finetune(_sigma(a.sigma), a.init_from, **den))
+
+    return [recipe_cli.train("finetune", HELPS["finetune"], tree, example=examples["finetune"],
+                             options=[sigma, source, denoiser, weights]),
+            recipe_cli.certify(HELPS["certify"], lambda a: certify(_sigma(a.sigma)), example=examples["certify"],
+                               options=[sigma])]
 
 
 __all__ = ["CERTIFY", "CIFAR10", "IMAGENET", "SIGMAS", "certify_args", "effective_batch", "finetune_tree",
-           "one_per_class", "seed_lr", "stage_main"]
+           "commands", "one_per_class", "seed_lr"]

@@ -34,15 +34,11 @@ below; every conversion to rayrcm's units and names is written here, once:
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from rayrcm import stages
-from rayrcm.cli import add_verbose_arg
-from rayrcm.cli_parse import RecipeParser
-from rayrcm.config import ExperimentConfig, apply_overrides, from_dict, validate
+from rayrcm import recipe_cli
+from rayrcm.config import ExperimentConfig, from_dict
 from rayrcm.errors import ConfigError
 from rayrcm.quickstart import sigma_alias
 
@@ -145,54 +141,11 @@ STAGE_EXAMPLES = {  # {prog}: this recipe's path
     "analyze": "python {prog} analyze rayrcm_results/certify/<job> [more results ...]",
     "all": "python {prog} all [--sigmas 0.25,0.5,1.0] [--set finetune-0.25:optim.lr=1e-3] [--dry-run]",
 }
-
-
-def stage_parser(doc: str, sizes: tuple[str, ...] = ("b",), tune: bool = True,
-                 prog: str | None = None) -> argparse.ArgumentParser:
-    """One subcommand per stage, each with its own ``--help``: its flags and an example."""
-    from rayrcm.cli import add_sweep_args
-
-    prog = prog or (sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "experiments/RECIPE.py")
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = RecipeParser(description=doc, formatter_class=fmt)
-    sub = p.add_subparsers(dest="stage", required=True)
-    helps = {"pretrain": "RCM contrastive-denoising pretraining of the encoder (Ray Train)",
-             "finetune": "consistency fine-tuning of a classifier at one sigma (Ray Train)",
-             "tune": "a Ray Tune sweep around the seed's fine-tuning values (ASHA, MLflow parent/child runs)",
-             "certify": "randomized-smoothing certification of the registered model (Ray Data)",
-             "analyze": "certified-accuracy table, ACR and curve of certification results",
-             "all": "the whole table in one resumable job: pretrain, fine-tune and certify at each sigma, the table"}
-    keys = "\n\nkeys: --set takes any config key; list them with --dry-run"
-    stages = {}
-    for name in ("pretrain", "finetune", *(("tune",) if tune else ()), "certify", "analyze", "all"):
-        epilog = "example:\n  " + STAGE_EXAMPLES[name].format(prog=prog)
-        if name == "all":
-            epilog += ("\n\nstages: pretrain, finetune-<sigma>, certify-<sigma>; --set KEY=VALUE goes to every stage "
-                       "with KEY, --set STAGE:KEY=VALUE to one; a finished stage with the same settings is reused")
-        elif name != "analyze":
-            epilog += keys + (" (certification keys: model, data_path, smoothing.n, compute.workers, ...)"
-                              if name == "certify" else "")
-        stages[name] = sub.add_parser(name, help=helps[name], description=helps[name], epilog=epilog, formatter_class=fmt)
-    stages["analyze"].add_argument("results", nargs="+", help="certification folders or Cohen-format .tsv files")
-    stages["pretrain"].add_argument("--size", default=sizes[0], choices=sizes,
-                                    help="model size: " + " or ".join(f"{SIZE_NAMES.get(z, z)} ({z})" for z in sizes))
-    for name, sp in stages.items():
-        if name in ("finetune", "tune", "certify"):
-            sp.add_argument("--sigma", type=float, default=0.25, choices=SIGMAS,
-                            help="noise level in pixel units, data in [0, 1] (default 0.25)")
-        if name != "analyze":
-            sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a config value (repeatable)")
-            sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-        if name == "all":
-            sp.add_argument("--sigmas", default=",".join(f"{x:g}" for x in SIGMAS),
-                            help="the table's noise levels, comma-separated (default 0.25,0.5,1)")
-        if name == "tune":
-            sp.add_argument("--random", action="store_true", help="the random/loguniform space instead of the grid")
-            add_sweep_args(sp)
-        add_verbose_arg(sp)
-    add_verbose_arg(p)
-    return p
+HELPS = {"pretrain": "RCM contrastive-denoising pretraining of the encoder (Ray Train)",
+         "finetune": "consistency fine-tuning of a classifier at one sigma (Ray Train)",
+         "tune": "a Ray Tune sweep around the seed's fine-tuning values (ASHA, MLflow parent/child runs)",
+         "certify": "randomized-smoothing certification of the registered model (Ray Data)",
+         "all": "the whole table in one resumable job: pretrain, fine-tune and certify at each sigma, the table"}
 
 
 def table_stages(pretrain: Callable[[], ExperimentConfig], finetune: Callable[[float], ExperimentConfig],
@@ -223,30 +176,33 @@ def _sigmas(text: str) -> tuple[float, ...]:
     return sigmas
 
 
-def stage_main(argv: list[str] | None, *, doc: str, pretrain: Callable[[str], ExperimentConfig],
-               finetune: Callable[[float], ExperimentConfig], certify: Callable[[float], list[str]],
-               sweep: Callable[[float, bool], Any] | None = None, sizes: tuple[str, ...] = ("b",),
-               recipe: str = "rcm") -> None:
-    """``pretrain [--size]``, ``finetune --sigma``, ``tune --sigma [--random]``, ``certify --sigma``,
-    ``analyze RESULTS...``, ``all [--sigmas]``; ``--set key=value`` overrides and ``--dry-run`` prints
-    the resolved config (``all``: the stage graph, with what would be reused)."""
-    args = stage_parser(doc, sizes).parse_args(argv)
-    with stages.recipe_errors(getattr(args, "verbose", False)):
-        if args.stage == "all":
-            stages.table(recipe, table_stages(lambda: pretrain(sizes[0]), finetune, certify, _sigmas(args.sigmas)),
-                         args.overrides, args.dry_run)
-        elif args.stage == "analyze":
-            stages.analyze(args.results)
-        elif args.stage == "certify":
-            stages.certify(certify(args.sigma) + args.overrides, args.dry_run)
-        elif args.stage == "tune":
-            if sweep is None:
-                raise ConfigError("stage", "tune", "this recipe defines no sweep")
-            cfg = validate(apply_overrides(finetune(args.sigma), args.overrides), check_paths=not args.dry_run)
-            stages.tune(cfg, sweep(args.sigma, args.random), args.sweep, args.space, args.dry_run)
-        else:
-            base = pretrain(args.size) if args.stage == "pretrain" else finetune(args.sigma)
-            stages.train(args.stage, base, args.overrides, args.dry_run)
+def commands(*, pretrain: Callable[[str], ExperimentConfig], finetune: Callable[[float], ExperimentConfig],
+             certify: Callable[[float], list[str]], sweep: Callable[[float, bool], Any] | None = None,
+             sizes: tuple[str, ...] = ("b",), recipe: str = "rcm") -> list[recipe_cli.Command]:
+    """``pretrain [--size]``, ``finetune --sigma``, ``tune --sigma [--random]`` (with ``sweep``),
+    ``certify --sigma``, ``analyze RESULTS...``, ``all [--sigmas]`` (:mod:`rayrcm.recipe_cli`)."""
+    sigma = recipe_cli.option("--sigma", type=float, default=0.25, choices=SIGMAS,
+                              help="noise level in pixel units, data in [0, 1] (default 0.25)")
+    size = recipe_cli.option("--size", default=sizes[0], choices=sizes,
+                             help="model size: " + " or ".join(f"{SIZE_NAMES.get(z, z)} ({z})" for z in sizes))
+    out = [recipe_cli.train("pretrain", HELPS["pretrain"], lambda a: pretrain(a.size), example=STAGE_EXAMPLES["pretrain"],
+                            options=[size]),
+           recipe_cli.train("finetune", HELPS["finetune"], lambda a: finetune(a.sigma), example=STAGE_EXAMPLES["finetune"],
+                            options=[sigma])]
+    if sweep is not None:
+        random = recipe_cli.option("--random", action="store_true", help="the random/loguniform space instead of the grid")
+        out.append(recipe_cli.tune(HELPS["tune"], lambda a: finetune(a.sigma), lambda a: sweep(a.sigma, a.random),
+                                   example=STAGE_EXAMPLES["tune"], options=[sigma, random]))
+    out.append(recipe_cli.certify(HELPS["certify"], lambda a: certify(a.sigma), example=STAGE_EXAMPLES["certify"],
+                                  options=[sigma]))
+    out.append(recipe_cli.analyze(example=STAGE_EXAMPLES["analyze"]))
+    sigmas = recipe_cli.option("--sigmas", default=",".join(f"{x:g}" for x in SIGMAS),
+                               help="the table's noise levels, comma-separated (default 0.25,0.5,1)")
+    out.append(recipe_cli.table(recipe, lambda a: table_stages(lambda: pretrain(sizes[0]), finetune, certify,
+                                                               _sigmas(a.sigmas)),
+                                example=STAGE_EXAMPLES["all"], names="pretrain, finetune-<sigma>, certify-<sigma>",
+                                options=[sigmas], help=HELPS["all"]))
+    return out
 
 
-__all__ = ["SIGMAS", "certify_args", "finetune_tree", "from_dict", "pretrain_tree", "stage_main", "table_stages"]
+__all__ = ["SIGMAS", "certify_args", "commands", "finetune_tree", "from_dict", "pretrain_tree", "table_stages"]

@@ -17,12 +17,13 @@ from _acl_seed import (
     FINETUNE_COMMON,
     PRETRAIN,
     PRETRAIN_COMMON,
+    commands,
     finetune_cmd,
     finetune_tree,
     pretrain_tree,
-    stage_main,
 )
 
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "acl-cifar10"
@@ -42,5 +43,10 @@ def finetune_config(mode: str, method: str, init_from: str | None = None) -> Exp
                                    name=f"{REGISTER_AS}-{method.replace('_', '-')}-to-cifar100", experiment=EXPERIMENT, workers=4))
 
 
+def main(argv: list[str] | None = None) -> None:
+    recipe_cli.main(argv, doc=__doc__, commands=commands(pretrain=pretrain_config, finetune=finetune_config,
+                                                         recipe="acl-cifar10"))
+
+
 if __name__ == "__main__":
-    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config)
+    main()

@@ -4,9 +4,8 @@ PGD-20 / AA, the same code paths as the CIFAR recipes (acl_cifar10.py) at digits
 
     python experiments/acl_digits.py pretrain --method air
     python experiments/acl_digits.py finetune --method air --mode all
-    python experiments/acl_digits.py chain    --method air        # both, one after the other
-    python experiments/acl_digits.py all      --method air        # the table as one resumable job
-    (pretrain, finetune) --dry-run
+    python experiments/acl_digits.py all      --method air        # both, as one resumable job, and the table
+    (pretrain, finetune, all) --dry-run
 
 Digits-sized settings (everything else as the authors'): CIFAR ResNet-20 with a 128-wide projector,
 batch 128, 20 pretraining epochs with Adam lr 2e-3 (LARS lr 5.0 is tuned for batch 512 and 1000
@@ -18,18 +17,17 @@ L-inf 8/255. No horizontal flips (digits are not mirror-symmetric).
 
 from __future__ import annotations
 
-import sys
-
 from _acl_seed import (
     FINETUNE_COMMON,
     PRETRAIN,
     PRETRAIN_COMMON,
+    commands,
     finetune_cmd,
     finetune_tree,
     pretrain_tree,
-    stage_main,
 )
 
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "acl-digits"
@@ -59,11 +57,10 @@ def finetune_config(mode: str, method: str, init_from: str | None = None) -> Exp
                                    experiment=EXPERIMENT, workers=2, use_gpu=False, eval_extra=EVAL_DIGITS))
 
 
+def main(argv: list[str] | None = None) -> None:
+    recipe_cli.main(argv, doc=__doc__, commands=commands(pretrain=pretrain_config, finetune=finetune_config,
+                                                         recipe="acl-digits"))
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if argv and argv[0] == "chain":
-        rest = argv[1:]
-        stage_main(["pretrain", *rest], doc=__doc__, pretrain=pretrain_config, finetune=finetune_config)
-        stage_main(["finetune", "--mode", "all", *rest], doc=__doc__, pretrain=pretrain_config, finetune=finetune_config)
-    else:
-        stage_main(argv, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, recipe="acl-digits")
+    main()

@@ -22,11 +22,12 @@ from _acl_seed import (
     FINETUNE_COMMON,
     PRETRAIN,
     PRETRAIN_COMMON,
+    commands,
     finetune_tree,
     pretrain_tree,
-    stage_main,
 )
 
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "acl-imagenet32"
@@ -56,5 +57,10 @@ def finetune_config(mode: str, method: str, init_from: str | None = None) -> Exp
                                    experiment=EXPERIMENT, workers=4))
 
 
+def main(argv: list[str] | None = None) -> None:
+    recipe_cli.main(argv, doc=__doc__, commands=commands(pretrain=pretrain_config, finetune=finetune_config,
+                                                         recipe="acl-imagenet32"))
+
+
 if __name__ == "__main__":
-    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config)
+    main()

@@ -24,7 +24,9 @@ experiments/cadis_cifar10.py finetune ...``.
 
 from __future__ import annotations
 
-from _cadis_seed import CERTIFY, CIFAR10, certify_args, finetune_tree, stage_main
+from _cadis_seed import CERTIFY, CIFAR10, certify_args, commands, finetune_tree
+
+from rayrcm import recipe_cli
 
 REGISTER_AS = "cadis-cifar10"
 EXPERIMENT = "rayrcm-cadis-cifar10"
@@ -48,5 +50,10 @@ def certify_config(sigma: float = 1.0) -> list[str]:
     return certify_args(REGISTER_AS, sigma, "cifar10", CERTIFY["cifar10"])
 
 
+def main(argv: list[str] | None = None) -> None:
+    recipe_cli.main(argv, doc=__doc__, commands=commands(examples=EXAMPLES, finetune=finetune_tree_for,
+                                                         certify=certify_config))
+
+
 if __name__ == "__main__":
-    stage_main(None, doc=__doc__, examples=EXAMPLES, finetune=finetune_tree_for, certify=certify_config)
+    main()

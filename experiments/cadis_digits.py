@@ -9,7 +9,7 @@ denoised smoothing (DDS), then confidence-aware denoised fine-tuning behind the 
                                                  [--denoiser wiener_cov | wiener | a ddpm model.pt] [--set k=v ...]
     python experiments/cadis_digits.py certify   [--from models:/cadis-digits@cadis-sigma-0_50]    # the fine-tuned f(D)
     python experiments/cadis_digits.py all       [--sigma 0.5] [--set key=value | STAGE:key=value ...]   # the table
-    (every stage) --dry-run    # print the resolved config (certify: the rayrcm certify command; all: the stages)
+    (every stage) --dry-run    # print the resolved config (all: the stages, with what would be reused)
 
 The whole seed pipeline (train the denoiser -> certify the off-the-shelf classifier through it ->
 CADIS fine-tune -> certify) runs with the ``denoiser`` job's model
@@ -39,10 +39,7 @@ unique images fit one step); docs/fidelity.md lists every difference.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from rayrcm import stages
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 from rayrcm.sections import sigma_alias
 
@@ -83,10 +80,10 @@ def denoiser_config() -> ExperimentConfig:
     })
 
 
-def certify_args(model: str, sigma: float, denoiser: str | None) -> list[str]:
-    """``rayrcm certify`` of ``model`` (through ``denoiser``, a ddpm model, for DDS) at ``sigma``."""
-    return ["certify", "--model", model, "--sigma", f"{sigma:g}", "--n0", "100", "--n", "1000", "--skip", "4",
-            "--workers", "2", "--experiment", EXPERIMENT, *(["--denoiser", denoiser] if denoiser else [])]
+def certify_args(model: str, sigma: float, denoiser: str | None = None) -> list[str]:
+    """``rayrcm certify`` keys for ``model`` (through ``denoiser``, a ddpm model, for DDS) at ``sigma``."""
+    return [f"model={model}", f"smoothing.sigma={sigma:g}", "smoothing.n0=100", "smoothing.n=1000", "smoothing.skip=4",
+            "compute.workers=2", f"tracking.experiment={EXPERIMENT}", *([f"denoiser={denoiser}"] if denoiser else [])]
 
 
 def finetune_config(init_from: str, sigma: float = 0.5, denoiser: str = "wiener_cov") -> ExperimentConfig:
@@ -114,9 +111,7 @@ def table_stages(sigma: float = 0.5) -> list:
     from rayrcm.pipeline import Stage
 
     def certify(denoiser: bool):
-        return config_from_args(["model=placeholder", f"smoothing.sigma={sigma:g}", "smoothing.n0=100", "smoothing.n=1000",
-                                 "smoothing.skip=4", "compute.workers=2", f"tracking.experiment={EXPERIMENT}",
-                                 *(["denoiser=placeholder"] if denoiser else [])])
+        return config_from_args(certify_args("placeholder", sigma, "placeholder" if denoiser else None))
 
     return [Stage("base", "train", base_config), Stage("denoiser", "train", denoiser_config),
             Stage("certify-dds", "certify", partial(certify, True), inputs={"model": "base", "denoiser": "denoiser"},
@@ -125,41 +120,39 @@ def table_stages(sigma: float = 0.5) -> list:
             Stage("certify-cadis", "certify", partial(certify, False), inputs={"model": "finetune"}, row="FT-CADIS")]
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("base", "denoiser", "finetune", "certify", "all"))
-    p.add_argument("--from", dest="init_from", default=None,
-                   help="finetune: the classifier (default models:/cadis-digits@base); certify: the model to certify "
-                        "(default the fine-tuned models:/cadis-digits@cadis-sigma-<sigma>)")
-    p.add_argument("--sigma", type=float, default=0.5)
-    p.add_argument("--denoiser", default=None,
-                   help="finetune: wiener_cov (default) | wiener | a ddpm model.pt; certify: a ddpm model (DDS)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
-    if args.stage == "all":
-        with stages.recipe_errors():
-            stages.table("cadis-digits", table_stages(args.sigma), args.overrides, args.dry_run)
-        return
-    if args.stage == "certify":
-        alias = f"cadis-{sigma_alias(args.sigma)}"
-        cmd = certify_args(args.init_from or f"models:/{REGISTER_AS}@{alias}", args.sigma, args.denoiser)
-        cmd += [x for kv in args.overrides for x in ("--set", kv)]
-        if args.dry_run:
-            print("rayrcm " + " ".join(cmd))
-            return
-        from rayrcm.cli import main as cli_main
+def main(argv: list[str] | None = None) -> None:
+    sigma = recipe_cli.option("--sigma", type=float, default=0.5, help="noise in pixel units (default 0.5)")
+    ft_from = recipe_cli.option("--from", dest="init_from", default=f"models:/{REGISTER_AS}@base",
+                                help="the off-the-shelf classifier (default models:/cadis-digits@base)")
+    ft_den = recipe_cli.option("--denoiser", default="wiener_cov",
+                               help="wiener_cov (default) | wiener | a ddpm model.pt")
+    cert_from = recipe_cli.option("--from", dest="init_from",
+                                  help="the model to certify (default the fine-tuned models:/cadis-digits@cadis-sigma-"
+                                       "<sigma>)")
+    cert_den = recipe_cli.option("--denoiser", help="a ddpm model (file or models:/...): certify the classifier behind "
+                                                    "it (DDS)")
 
-        cli_main(cmd)
-        return
-    if args.stage == "finetune":
-        base = finetune_config(args.init_from or f"models:/{REGISTER_AS}@base", args.sigma,
-                               args.denoiser or "wiener_cov")
-    else:
-        base = base_config() if args.stage == "base" else denoiser_config()
-    with stages.recipe_errors():
-        stages.train(args.stage, base, args.overrides, args.dry_run)
+    def certified(a) -> list[str]:
+        return certify_args(a.init_from or f"models:/{REGISTER_AS}@cadis-{sigma_alias(a.sigma)}", a.sigma, a.denoiser)
+
+    recipe_cli.main(argv, doc=__doc__, commands=[
+        recipe_cli.train("base", "the off-the-shelf classifier: cross-entropy on clean digits (Ray Train)",
+                         lambda a: base_config(), example="python {prog} base"),
+        recipe_cli.train("denoiser", "a ddpm denoiser trained on the clean digits (Ray Train)",
+                         lambda a: denoiser_config(), example="python {prog} denoiser"),
+        recipe_cli.train("finetune", "CADIS fine-tuning of the classifier behind the frozen denoiser (Ray Train)",
+                         lambda a: finetune_config(a.init_from, a.sigma, a.denoiser), options=[ft_from, sigma, ft_den],
+                         example="python {prog} finetune --sigma 0.5 --denoiser wiener_cov"),
+        recipe_cli.certify("randomized-smoothing certification (Ray Data): the fine-tuned f(D), or DDS with --denoiser",
+                           certified, options=[cert_from, sigma, cert_den],
+                           example="python {prog} certify --from models:/cadis-digits@base "
+                                   "--denoiser models:/cadis-digits-denoiser@ddpm"),
+        recipe_cli.table("cadis-digits", lambda a: table_stages(a.sigma), options=[sigma],
+                         help="the whole table in one resumable job: DDS and FT-CADIS certified at --sigma",
+                         example="python {prog} all [--sigma 0.5] [--set finetune:train.epochs=10] [--dry-run]",
+                         names="base, denoiser, certify-dds, finetune, certify-cadis"),
+    ])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

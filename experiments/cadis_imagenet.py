@@ -24,7 +24,9 @@ The seed trains at sigma = 1.0 only; ``--sigma 0.25 | 0.5`` keeps the sigma-1.0 
 
 from __future__ import annotations
 
-from _cadis_seed import CERTIFY, IMAGENET, certify_args, finetune_tree, stage_main
+from _cadis_seed import CERTIFY, IMAGENET, certify_args, commands, finetune_tree
+
+from rayrcm import recipe_cli
 
 REGISTER_AS = "cadis-imagenet"
 EXPERIMENT = "rayrcm-cadis-imagenet"
@@ -50,5 +52,10 @@ def certify_config(sigma: float = 1.0) -> list[str]:
     return certify_args(REGISTER_AS, sigma, "imagefolder", CERTIFY["imagenet"])
 
 
+def main(argv: list[str] | None = None) -> None:
+    recipe_cli.main(argv, doc=__doc__, commands=commands(examples=EXAMPLES, finetune=finetune_tree_for,
+                                                         certify=certify_config))
+
+
 if __name__ == "__main__":
-    stage_main(None, doc=__doc__, examples=EXAMPLES, finetune=finetune_tree_for, certify=certify_config)
+    main()

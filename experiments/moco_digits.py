@@ -22,10 +22,7 @@ epochs), here 60 epochs of the digits; the head starts at zero (the authors: N(0
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from rayrcm import stages
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "moco-digits"
@@ -78,23 +75,24 @@ def table_stages() -> list:
     return out
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("pretrain", "probe", "all"))
-    p.add_argument("--negatives", default="patch", choices=("none", "patch"))
-    p.add_argument("--alpha", type=float, default=2.0)
-    p.add_argument("--from", dest="init_from", default=f"models:/{REGISTER_AS}@patch-a2")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
-    if args.stage == "all":
-        with stages.recipe_errors():
-            stages.table("moco-digits", table_stages(), args.overrides, args.dry_run)
-        return
-    base = pretrain_config(args.negatives, args.alpha) if args.stage == "pretrain" else probe_config(args.init_from)
-    with stages.recipe_errors():
-        stages.train(args.stage, base, args.overrides, args.dry_run)
+def main(argv: list[str] | None = None) -> None:
+    negatives = recipe_cli.option("--negatives", default="patch", choices=("none", "patch"),
+                                  help="patch negatives (default) or plain MoCo v2 (none)")
+    alpha = recipe_cli.option("--alpha", type=float, default=2.0, help="the patch negatives' weight (default 2)")
+    source = recipe_cli.option("--from", dest="init_from", default=f"models:/{REGISTER_AS}@patch-a2",
+                               help="the pretrained encoder to probe (default models:/moco-digits@patch-a2)")
+    recipe_cli.main(argv, doc=__doc__, commands=[
+        recipe_cli.train("pretrain", "MoCo v2 pretraining, with or without patch negatives (Ray Train)",
+                         lambda a: pretrain_config(a.negatives, a.alpha), options=[negatives, alpha],
+                         example="python {prog} pretrain --negatives patch --alpha 2"),
+        recipe_cli.train("probe", "linear probe of a pretrained encoder (Ray Train)",
+                         lambda a: probe_config(a.init_from), options=[source], example="python {prog} probe"),
+        recipe_cli.table("moco-digits", lambda a: table_stages(),
+                         help="the whole table in one resumable job: MoCo v2 and patch negatives, each probed",
+                         example="python {prog} all [--set pretrain-patch:train.steps=600] [--dry-run]",
+                         names="pretrain-plain, pretrain-patch, probe-plain, probe-patch"),
+    ])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

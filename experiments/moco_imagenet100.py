@@ -54,10 +54,7 @@ frozen encoder in eval mode, SGD momentum 0.9, wd 0, lr x0.1 at epochs 30, 40, 5
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from rayrcm import stages
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "moco-imagenet100"
@@ -127,26 +124,27 @@ def probe_config(init_from: str) -> ExperimentConfig:
     return from_dict(tree)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("pretrain", "probe"))
-    p.add_argument("--setting", default="table1", choices=tuple(SETTINGS),
-                   help="table1: --lr 0.03 --batch-size 128 --moco-m 0.999 (the paper's Table 1); "
-                        "readme: --lr 0.8 --batch-size 512 --moco-m 0.99 (the README's commands)")
-    p.add_argument("--negatives", "--robust", dest="negatives", default="patch", choices=("none", "patch", "texture"))
-    p.add_argument("--alpha", type=float, default=2.0)
-    p.add_argument("--queue", type=int, default=16384)
-    p.add_argument("--from", dest="init_from", default=f"models:/{REGISTER_AS}@k16384-patch-a2")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
-    if args.stage == "pretrain":
-        base = pretrain_config(args.negatives, args.alpha, args.queue, setting=args.setting)
-    else:
-        base = probe_config(args.init_from)
-    with stages.recipe_errors():
-        stages.train(args.stage, base, args.overrides, args.dry_run)
+def main(argv: list[str] | None = None) -> None:
+    setting = recipe_cli.option("--setting", default="table1", choices=tuple(SETTINGS),
+                                help="table1: --lr 0.03 --batch-size 128 --moco-m 0.999 (the paper's Table 1); "
+                                     "readme: --lr 0.8 --batch-size 512 --moco-m 0.99 (the README's commands)")
+    negatives = recipe_cli.option("--negatives", "--robust", dest="negatives", default="patch",
+                                  choices=("none", "patch", "texture"), help="the robust negatives (default patch)")
+    alpha = recipe_cli.option("--alpha", type=float, default=2.0, help="their weight (default 2)")
+    queue = recipe_cli.option("--queue", type=int, default=16384, help="the queue length (default 16384)")
+    source = recipe_cli.option("--from", dest="init_from", default=f"models:/{REGISTER_AS}@k16384-patch-a2",
+                               help="the pretrained encoder to probe (default models:/moco-imagenet100@k16384-patch-a2)")
+    recipe_cli.main(argv, doc=__doc__, commands=[
+        recipe_cli.train("pretrain", "MoCo v2 pretraining with robust negatives (Ray Train)",
+                         lambda a: pretrain_config(a.negatives, a.alpha, a.queue, setting=a.setting),
+                         options=[setting, negatives, alpha, queue],
+                         example="python {prog} pretrain --negatives patch --set data.path=DIR"),
+        recipe_cli.train("probe", "the linear classification protocol (main_lincls.py) on a pretrained encoder "
+                                  "(Ray Train)", lambda a: probe_config(a.init_from), options=[source],
+                         example="python {prog} probe --from models:/moco-imagenet100@k16384-patch-a2 "
+                                 "--set data.path=DIR"),
+    ])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

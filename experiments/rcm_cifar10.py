@@ -14,8 +14,9 @@ experiments/rcm_cifar10.py finetune --sigma 0.5 ...``. Units and conversions: ``
 
 from __future__ import annotations
 
-from _rcm_seed import certify_args, finetune_tree, pretrain_tree, seed_sweep, stage_main
+from _rcm_seed import certify_args, commands, finetune_tree, pretrain_tree, seed_sweep
 
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "rcm-b-cifar10"
@@ -62,6 +63,11 @@ def certify_config(sigma: float) -> list[str]:
     return certify_args(REGISTER_AS, sigma, "cifar10", skip=1, max_index=500)  # certify.py: test images 0-499
 
 
+def main(argv: list[str] | None = None) -> None:
+    recipe_cli.main(argv, doc=__doc__, commands=commands(
+        pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
+        sweep=lambda sigma, random: seed_sweep(SEED_FINETUNE[sigma], random), recipe="rcm-cifar10"))
+
+
 if __name__ == "__main__":
-    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
-               sweep=lambda sigma, random: seed_sweep(SEED_FINETUNE[sigma], random), recipe="rcm-cifar10")
+    main()

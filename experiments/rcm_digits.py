@@ -19,10 +19,9 @@ image. On a cluster: ``ray job submit --working-dir . -- python experiments/rcm_
 
 from __future__ import annotations
 
-import sys
+from _rcm_seed import commands, finetune_tree, seed_sweep
 
-from _rcm_seed import finetune_tree, seed_sweep, stage_main
-
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 from rayrcm.quickstart import certify_config as quickstart_certify
 from rayrcm.quickstart import pretrain_config as quickstart_pretrain
@@ -70,10 +69,20 @@ def certify_config(sigma: float) -> list[str]:
             "smoothing.skip=4", "smoothing.chunk=1000", "compute.workers=2"]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "quickstart":
-        from rayrcm.cli import main as cli_main
+def _quickstart(args) -> None:
+    from rayrcm import quickstart
 
-        cli_main(["quickstart", *sys.argv[2:]])
-    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
-               sweep=lambda sigma, random: seed_sweep(FINETUNE[sigma], random), recipe="rcm-digits")
+    quickstart.run(args.overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    quick = recipe_cli.Command("quickstart", "pretrain, consistency fine-tune and certify at sigma 0.25 (rayrcm "
+                               "quickstart)", _quickstart, "python {prog} quickstart --set train.workers=1",
+                               dry_run=False)
+    recipe_cli.main(argv, doc=__doc__, commands=[*commands(
+        pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
+        sweep=lambda sigma, random: seed_sweep(FINETUNE[sigma], random), recipe="rcm-digits"), quick])
+
+
+if __name__ == "__main__":
+    main()

@@ -15,8 +15,9 @@ the val folder is sorted by class, so its first 500 images would cover 10 classe
 
 from __future__ import annotations
 
-from _rcm_seed import certify_args, finetune_tree, pretrain_tree, seed_sweep, stage_main
+from _rcm_seed import certify_args, commands, finetune_tree, pretrain_tree, seed_sweep
 
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "rcm-b-imagenet"
@@ -65,7 +66,11 @@ def certify_config(sigma: float) -> list[str]:
     return certify_args(REGISTER_AS, sigma, "imagefolder", skip=100)  # 500 of the 50,000 validation images
 
 
+def main(argv: list[str] | None = None) -> None:
+    recipe_cli.main(argv, doc=__doc__, commands=commands(
+        pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
+        sweep=lambda sigma, random: seed_sweep(SEED_FINETUNE[sigma], random), sizes=("b", "s"), recipe="rcm-imagenet"))
+
+
 if __name__ == "__main__":
-    stage_main(None, doc=__doc__, pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
-               sweep=lambda sigma, random: seed_sweep(SEED_FINETUNE[sigma], random),
-               sizes=("b", "s"), recipe="rcm-imagenet")
+    main()

@@ -25,10 +25,7 @@ digits are not mirror-symmetric: the recipe keeps the method's views as they are
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from rayrcm import stages
+from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 
 REGISTER_AS = "stablerep-digits"
@@ -80,22 +77,23 @@ def table_stages() -> list:
     return out
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("pretrain", "probe", "all"))
-    p.add_argument("--groups", default="label", choices=("label", "image"))
-    p.add_argument("--from", dest="init_from", default=f"models:/{REGISTER_AS}@label")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
-    if args.stage == "all":
-        with stages.recipe_errors():
-            stages.table("stablerep-digits", table_stages(), args.overrides, args.dry_run)
-        return
-    base = pretrain_config(args.groups) if args.stage == "pretrain" else probe_config(args.init_from)
-    with stages.recipe_errors():
-        stages.train(args.stage, base, args.overrides, args.dry_run)
+def main(argv: list[str] | None = None) -> None:
+    groups = recipe_cli.option("--groups", default="label", choices=("label", "image"),
+                               help="label: StableRep's class groups of 4 views (default); image: SimCLR's pairs")
+    source = recipe_cli.option("--from", dest="init_from", default=f"models:/{REGISTER_AS}@label",
+                               help="the pretrained encoder to probe (default models:/stablerep-digits@label)")
+    recipe_cli.main(argv, doc=__doc__, commands=[
+        recipe_cli.train("pretrain", "StableRep multi-positive contrastive pretraining (Ray Train)",
+                         lambda a: pretrain_config(a.groups), options=[groups],
+                         example="python {prog} pretrain --groups label"),
+        recipe_cli.train("probe", "linear probe of a pretrained encoder (Ray Train)",
+                         lambda a: probe_config(a.init_from), options=[source], example="python {prog} probe"),
+        recipe_cli.table("stablerep-digits", lambda a: table_stages(),
+                         help="the whole table in one resumable job: SimCLR and StableRep, each probed",
+                         example="python {prog} all [--set pretrain-label:train.steps=600] [--dry-run]",
+                         names="pretrain-image, pretrain-label, probe-image, probe-label"),
+    ])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -343,11 +343,10 @@ def test_digits_recipe_runs_the_whole_seed_pipeline_stage_by_stage(capsys):
                                                                                           "denoiser")
     assert den.data.image_size == validate(recipe.base_config(), check_paths=False).data.image_size == 16
     recipe.main(["certify", "--from", "models:/cadis-digits@base", "--denoiser", "den/model.pt", "--dry-run"])
-    dds = capsys.readouterr().out.split()
-    assert dds[:4] == ["rayrcm", "certify", "--model", "models:/cadis-digits@base"]
-    assert dds[dds.index("--denoiser") + 1] == "den/model.pt" and dds[dds.index("--sigma") + 1] == "0.5"
+    dds = capsys.readouterr().out
+    assert "model='models:/cadis-digits@base'" in dds and "denoiser='den/model.pt'" in dds and "sigma=0.5," in dds
     recipe.main(["certify", "--sigma", "0.25", "--dry-run"])
-    tuned = capsys.readouterr().out.split()
-    assert tuned[tuned.index("--model") + 1] == "models:/cadis-digits@cadis-sigma-0_25" and "--denoiser" not in tuned
+    tuned = capsys.readouterr().out
+    assert "model='models:/cadis-digits@cadis-sigma-0_25'" in tuned and "denoiser=''" in tuned
     recipe.main(["finetune", "--denoiser", "den/model.pt", "--dry-run"])
     assert "denoiser: den/model.pt" in capsys.readouterr().out

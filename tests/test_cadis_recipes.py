@@ -130,7 +130,7 @@ def test_certify_stages_use_the_authors_protocol():
 
 
 def _run(name, argv, monkeypatch):
-    """The recipe's stage_main with training and certification replaced by failures (a dry run
+    """The recipe's command line with training and certification replaced by failures (a dry run
     must reach neither, so Ray never starts)."""
     import rayrcm.orchestration.certify_job as certify_job
     import rayrcm.orchestration.trainer as trainer
@@ -141,9 +141,7 @@ def _run(name, argv, monkeypatch):
     monkeypatch.setattr(trainer, "fit", never)
     monkeypatch.setattr(certify_job, "run", never)
     recipe = _recipe(name)
-    from _cadis_seed import stage_main
-
-    stage_main(argv, doc="", examples=recipe.EXAMPLES, finetune=recipe.finetune_tree_for, certify=recipe.certify_config)
+    recipe.main(argv)
 
 
 @pytest.mark.parametrize("name", sorted(SEED))

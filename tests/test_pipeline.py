@@ -76,14 +76,12 @@ def test_overrides_reach_the_stages_with_the_key_and_fingerprints_change_downstr
 ])
 def test_bad_input_to_all_is_one_line_before_ray(capsys, argv, needle):
     import rcm_digits
-    from _rcm_seed import stage_main
 
     def no_ray(**_kw):
         raise AssertionError("bad input reached Ray")
 
     with mock.patch("rayrcm.orchestration.cluster.ensure_ray", side_effect=no_ray), pytest.raises(SystemExit) as exit_:
-        stage_main(["all", *argv], doc="", pretrain=rcm_digits.pretrain_config, finetune=rcm_digits.finetune_config,
-                   certify=rcm_digits.certify_config, recipe="rcm-digits")
+        rcm_digits.main(["all", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], err
 

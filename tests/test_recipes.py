@@ -104,22 +104,18 @@ def test_digits_recipe_validates_for_every_sigma():
 
 def test_recipe_override_with_an_unknown_key_is_one_line(capsys):
     cifar = _load("rcm_cifar10")
-    from _rcm_seed import stage_main  # noqa: E402  (on sys.path while the recipe loads)
 
     with pytest.raises(SystemExit) as exit_:
-        stage_main(["finetune", "--sigma", "0.5", "--set", "optim.nosuch=1", "--dry-run"], doc="", pretrain=cifar.pretrain_config,
-                   finetune=cifar.finetune_config, certify=cifar.certify_config)
+        cifar.main(["finetune", "--sigma", "0.5", "--set", "optim.nosuch=1", "--dry-run"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "optim.nosuch" in err and "unknown key" in err
 
 
 def test_recipe_certify_stage_validates_before_any_work(capsys, tmp_path):
     digits = _load("rcm_digits")
-    from _rcm_seed import stage_main
 
     with pytest.raises(SystemExit) as exit_:
-        stage_main(["certify", "--set", "smoothing.sigma=-1", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"], doc="",
-                   pretrain=digits.pretrain_config, finetune=digits.finetune_config, certify=digits.certify_config)
+        digits.main(["certify", "--set", "smoothing.sigma=-1", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err == "rayrcm: error: sigma=-1.0 is invalid: must be > 0 (pixel units, data in [0, 1])"
 
