@@ -124,7 +124,8 @@ def run_stage(p: Planned, refs: dict[str, str], folder: str, parent: str | None)
     if p.stage.kind == "train":
         from rayrcm.orchestration.trainer import fit
 
-        res = fit(cfg, tags=tags)
+        # nested under the table's run, but a probe stays the child of the run it probes (its own rule)
+        res = fit(cfg, tags=tags, parent_run_id=None if cfg.method.child_of_source else parent)
         metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
         out = StageOutput(p.stage.name, p.fingerprint, cfg.job_name, res.run_id, res.run_id or str(res.model_file),
                           metrics=metrics)
