@@ -40,7 +40,7 @@ from typing import Any
 from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 from rayrcm.errors import ConfigError
-from rayrcm.quickstart import sigma_alias
+from rayrcm.sections import short_sigma, sigma_alias
 
 SIGMAS = (0.25, 0.5, 1.0)
 # rrcm_tune.py: the pretraining grid is ema_scale_fn(pretrained steps) of the fine-tuning config's schedule
@@ -80,7 +80,7 @@ def finetune_tree(cmd: dict[str, Any], conf: dict[str, Any], *, data: dict[str, 
         "optim": {"name": cmd["optimizer"], "lr": cmd["lr"] * cmd["batch_size"] / 256 if conf["scale_lr"] else cmd["lr"],
                   "weight_decay": cmd["weight_decay"], "layer_decay": cmd["lr_layer_decay"],
                   "warmup_epochs": conf["warmup_epochs"], "schedule_epochs": conf["schedule_epochs"]},
-        "train": {"name": f"{register_as}-finetune-sigma-{sigma_alias(sigma)[6:]}", "epochs": cmd["epochs"], "workers": workers,
+        "train": {"name": f"{register_as}-finetune-sigma-{short_sigma(sigma)}", "epochs": cmd["epochs"], "workers": workers,
                   "use_gpu": True, "precision": "fp32", "eval_sigmas": SIGMAS, "select_metric": f"val_acc_sigma_{sigma:g}",
                   "checkpoint_epochs": 5},
         "tracking": {"experiment": experiment, "register_as": register_as, "alias": sigma_alias(sigma)},

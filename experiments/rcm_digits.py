@@ -25,7 +25,7 @@ from rayrcm import recipe_cli
 from rayrcm.config import ExperimentConfig, from_dict
 from rayrcm.quickstart import certify_config as quickstart_certify
 from rayrcm.quickstart import pretrain_config as quickstart_pretrain
-from rayrcm.quickstart import sigma_alias
+from rayrcm.sections import sigma_alias
 
 REGISTER_AS = "rcm-digits"
 EXPERIMENT = "rayrcm-digits"
