@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from rayrcm.config import ExperimentConfig, apply_overrides, from_dict
-from rayrcm.sections import sigma_alias  # noqa: F401 - the recipes take it from here too
+from rayrcm.sections import sigma_alias
 
 if TYPE_CHECKING:
     from rayrcm.certify.protocol import CertifyConfig
