@@ -9,8 +9,9 @@ the original smoothing code, the Ray Data job against the engine alone, and scal
 * ``engine``: :class:`rayrcm.certify.Smoother`: one noise buffer filled in place from the row's
   generator, broadcast add, ``inference_mode``, ``argmax`` + ``bincount`` on the device, one host
   copy per row; optional bf16/fp16 autocast and channels_last.
-* ``ray``: ``rayrcm certify`` on a local cluster with 1 actor (same batch, same threads), wall
-  time of the whole job (actor start included) and steady-state samples/s.
+* ``ray``: ``rayrcm certify`` on a local cluster (the running one of ``RAY_ADDRESS`` when set)
+  with 1 actor (same batch, same threads), wall time of the whole job (actor start included) and
+  steady-state samples/s.
 * ``scaling``: samples/s of the Ray job with 1, 2, 4 actors (one CPU thread each, or one GPU each).
 
 Same model, same images, same n. ``--ref-n`` times the fp32 loops on fewer samples per image (the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -170,7 +172,10 @@ def main() -> None:
             model_file = _save_for_ray(model, args, Path(tmp))
             import ray
 
-            ray.init(num_cpus=max(4, args.threads * 4), include_dashboard=False, log_to_driver=False)
+            if os.environ.get("RAY_ADDRESS"):  # a running cluster (the GPU pack's): join it
+                ray.init(log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(4, args.threads * 4), include_dashboard=False, log_to_driver=False)
             for w in [int(v) for v in args.workers.split(",")]:
                 res = time_ray(model_file, Path(tmp) / "out", args, w)
                 print(json.dumps({"case": "ray", **res}))

@@ -22,6 +22,13 @@ the date and every section's summary, and prints the Markdown rows for ``docs/be
 ``--smoke`` runs the same sections on the CPU with tiny sizes (the test suite does, so a broken
 pack fails CI).
 
+The sections that use Ray (``RAY_SECTIONS``) share one local Ray cluster: the pack starts it (every
+CPU, at least 4, and the GPUs of the machine; a ``RAY_ADDRESS`` already set is not used) before the
+first of them, hands its address to each in ``RAY_ADDRESS`` and stops it at the end, so no section
+times, or waits for, a cluster start of its own. Its auth mode is the sections' one:
+``RAY_AUTH_MODE`` from the environment, ``disabled`` when unset (a token, when ``token``, under
+``$HOME/.ray``).
+
     bash benchmarks/gpu_pack.sh                    # on the GPU machine (installs Ray from .whl/ if needed)
     python benchmarks/gpu_pack.py --smoke --out /tmp/pack.json
 """
@@ -38,12 +45,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RAY_SECTIONS = {"ray_certify", "train_overhead", "sampling"}  # the sections that run on the pack's Ray cluster
 
 
 def sections(smoke: bool, device: str) -> list[tuple[str, list[str], int]]:
     """``(name, argv after the python executable, time limit in seconds)`` of each section."""
     b = str(HERE)
-    if smoke:  # tiny sizes on the CPU: every section's code path, in about a minute
+    if smoke:  # tiny sizes on the CPU: every section's code path and every row
         return [
             ("engine_vit", [f"{b}/certify_engine.py", "--device", device, "--model", "vit_digits", "--image-size", "16",
                             "--n", "400", "--images", "2", "--batch", "200", "--precision", "bf16", "--plain-bf16",
@@ -52,11 +60,13 @@ def sections(smoke: bool, device: str) -> list[tuple[str, list[str], int]]:
                              "--n", "400", "--images", "2", "--batch", "200", "--workers", "1"], 180),
             ("train_overhead", [f"{b}/train_overhead.py", "--device", device, "--steps", "6", "--window", "3",
                                 "--set", "data.image_size=16", "--set", "data.batch_size=16"], 180),
+            # a UNet of 16 channels: clearly more work than the ResNet-8 (8 channels timed within noise of it on a busy CPU)
             ("denoised", [f"{b}/certify_denoised.py", "--device", device, "--encoder", "cifar_resnet8", "--image-size", "16",
-                          "--unet-channels", "8", "--mults", "1,2", "--n", "200", "--images", "1", "--batch", "100",
+                          "--unet-channels", "16", "--mults", "1,2", "--n", "200", "--images", "1", "--batch", "100",
                           "--skip-ray"], 120),
-            ("sampling", [f"{b}/certify_sampling.py", "--cifar", "--train-steps", "4", "--sigma", "0.5", "--n", "1000",
-                          "--iss-n0", "200", "--radii", "0,0.25", "--skip", "120", "--workers", "1",
+            # 2 images (of 360, every 180th); sequential stops at n at the latest, fixed draws n0 + n: fewer draws always
+            ("sampling", [f"{b}/certify_sampling.py", "--cifar", "--train-steps", "4", "--sigma", "0.5", "--n", "400",
+                          "--iss-n0", "100", "--radii", "0,0.25", "--skip", "180", "--workers", "1",
                           "--modes", "fixed,iss,sequential"], 300),  # tolerant: sequential's code with one more threshold
         ]
     gpu = ["--device", "cuda"]
@@ -108,6 +118,22 @@ def run_section(name: str, argv: list[str], limit: int, env: dict[str, str]) -> 
     return out
 
 
+def start_ray(env: dict[str, str]) -> str:
+    """Start the pack's local Ray cluster in this process, with the sections' environment (its
+    workers inherit it: ``PYTHONPATH``, ``RAY_AUTH_MODE``); returns its address. It stops when
+    this process ends, killed included (rayrcm's watchdog, :mod:`rayrcm.orchestration.reaper`)."""
+    os.environ.update(env)
+    os.environ.pop("RAY_ADDRESS", None)
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
+    import ray
+
+    from rayrcm.orchestration.cluster import ensure_ray
+
+    ensure_ray(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    return ray.get_runtime_context().gcs_address
+
+
 def _f(v: object, fmt: str = ".2f") -> str:
     return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
@@ -156,21 +182,42 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("[gpu_pack] no CUDA device: run with --smoke on a CPU", file=sys.stderr)
         return 2
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # the Ray sections get the pack's cluster
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     pack = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "torch": torch.__version__,
             "cuda": torch.version.cuda or "-", "date": datetime.date.today().isoformat(), "smoke": args.smoke, "sections": {}}
     chosen = [n for n in args.only.split(",") if n]
     tic = time.perf_counter()
-    for name, argv, limit in sections(args.smoke, device):
-        if chosen and name not in chosen:
-            continue
-        left = args.budget_s - (time.perf_counter() - tic)
-        if left < 20:
-            pack["sections"][name] = {"rc": None, "error": ["not started: the pack's time budget is spent"]}
-            continue
-        pack["sections"][name] = run_section(name, argv, int(min(limit, left)), env)
-        Path(args.out).write_text(json.dumps(pack, indent=1))  # what is measured so far survives a killed pack
+    ray_error = ""
+    try:
+        for name, argv, limit in sections(args.smoke, device):
+            if chosen and name not in chosen:
+                continue
+            left = args.budget_s - (time.perf_counter() - tic)
+            if left < 20:
+                pack["sections"][name] = {"rc": None, "error": ["not started: the pack's time budget is spent"]}
+                continue
+            if name in RAY_SECTIONS and "RAY_ADDRESS" not in env and not ray_error:
+                try:  # one cluster for every Ray section; the pack's cluster never grows: no section waits for GPUs
+                    started = time.perf_counter()
+                    env = {**env, "RAY_ADDRESS": start_ray(env), "RAYRCM_GPU_WAIT_S": "0"}
+                    pack["ray_start_s"] = round(time.perf_counter() - started, 1)
+                    print(f"[gpu_pack] Ray cluster at {env['RAY_ADDRESS']} in {pack['ray_start_s']} s, for "
+                          f"{', '.join(sorted(RAY_SECTIONS))}", flush=True)
+                except Exception as err:  # noqa: BLE001 (no Ray here: the Ray sections fail, the others still run)
+                    ray_error = f"{type(err).__name__}: {err}".splitlines()[0]
+                    print(f"[gpu_pack] no Ray cluster ({ray_error})", file=sys.stderr, flush=True)
+            if name in RAY_SECTIONS and ray_error:
+                pack["sections"][name] = {"rc": None, "error": [f"not started: no Ray cluster ({ray_error})"]}
+            else:
+                pack["sections"][name] = run_section(name, argv, int(min(limit, left)), env)
+            Path(args.out).write_text(json.dumps(pack, indent=1))  # what is measured so far survives a killed pack
+    finally:
+        if "RAY_ADDRESS" in env:
+            import ray
+
+            ray.shutdown()
     print(markdown(pack), flush=True)
     failed = [n for n, r in pack["sections"].items() if r.get("rc") != 0]
     print(f"[gpu_pack] {len(pack['sections']) - len(failed)}/{len(pack['sections'])} sections in "

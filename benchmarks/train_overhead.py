@@ -3,7 +3,8 @@
 Same objective, model, batch, precision and thread count (a 1-CPU Ray worker runs torch on one
 thread, so the direct loop is pinned to one thread too). Throughput is measured over the last
 ``--window`` steps of ``--steps``, after warm-up, in the same way on both sides (the loop's own
-``images_per_s``); start-up of Ray and the worker group is reported separately.
+``images_per_s``); start-up of Ray and the worker group is reported separately (of the worker
+group only when a running cluster is joined, ``RAY_ADDRESS``: ``ray_cluster`` says which).
 
     python benchmarks/train_overhead.py [--steps 120 --window 60 --device cpu|cuda --set key=value ...]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -78,6 +80,7 @@ def main() -> None:
         "direct_images_per_s": round(d, 1), "ray_images_per_s": round(r, 1),
         "ray_over_direct": round(r / d, 3), "overhead_pct": round(100 * (1 - r / d), 1),
         "ray_wall_s_including_startup": round(wall, 1),
+        "ray_cluster": "joined" if os.environ.get("RAY_ADDRESS") else "started",
     }
     print(json.dumps(out))
 
