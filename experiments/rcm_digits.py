@@ -78,7 +78,7 @@ def _quickstart(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     quick = recipe_cli.Command("quickstart", "pretrain, consistency fine-tune and certify at sigma 0.25 (rayrcm "
                                "quickstart)", _quickstart, "python {prog} quickstart --set train.workers=1",
-                               dry_run=False)
+                               keys="keys: --set goes to both its pretraining and its fine-tuning", dry_run=False)
     recipe_cli.main(argv, doc=__doc__, commands=[*commands(
         pretrain=pretrain_config, finetune=finetune_config, certify=certify_config,
         sweep=lambda sigma, random: seed_sweep(FINETUNE[sigma], random), recipe="rcm-digits"), quick])
