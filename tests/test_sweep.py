@@ -58,13 +58,10 @@ def test_bad_spaces_rejected_with_one_line(space, fragment):
 def test_bad_space_on_the_command_line_exits_2_before_ray(capsys):
     import ray
     import rcm_digits
-    from _rcm_seed import seed_sweep, stage_main
 
     was = ray.is_initialized()
     with pytest.raises(SystemExit) as ex:
-        stage_main(["tune", "--sigma", "0.25", "--space", "method.sigma=grid:-1,0.5"], doc="", pretrain=rcm_digits.pretrain_config,
-                   finetune=rcm_digits.finetune_config, certify=rcm_digits.certify_config,
-                   sweep=lambda s, r: seed_sweep(rcm_digits.FINETUNE[s], r))
+        rcm_digits.main(["tune", "--sigma", "0.25", "--space", "method.sigma=grid:-1,0.5"])
     assert ex.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rayrcm: error: space.method.sigma=")
