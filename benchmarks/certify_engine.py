@@ -166,16 +166,12 @@ def main() -> None:
                "batch": args.batch, "precision": args.precision, "channels_last": args.channels_last,
                **{f"{k}_s_per_image": v / args.images for k, v in rows.items()}}
     if not args.skip_ray:
-        from rayrcm.train.checkpoint import model_meta, save_model  # noqa: F401
-
         with tempfile.TemporaryDirectory() as tmp:
             model_file = _save_for_ray(model, args, Path(tmp))
             import ray
 
-            if os.environ.get("RAY_ADDRESS"):  # a running cluster (the GPU pack's): join it
-                ray.init(log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(4, args.threads * 4), include_dashboard=False, log_to_driver=False)
+            own = {"num_cpus": max(4, args.threads * 4), "include_dashboard": False}
+            ray.init(log_to_driver=False, **({} if os.environ.get("RAY_ADDRESS") else own))  # join a running one
             for w in [int(v) for v in args.workers.split(",")]:
                 res = time_ray(model_file, Path(tmp) / "out", args, w)
                 print(json.dumps({"case": "ray", **res}))
