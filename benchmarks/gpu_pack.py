@@ -118,9 +118,10 @@ def run_section(name: str, argv: list[str], limit: int, env: dict[str, str]) -> 
     return out
 
 
-def start_ray(env: dict[str, str]) -> str:
+def start_ray(env: dict[str, str]) -> dict[str, str]:
     """Start the pack's local Ray cluster in this process, with the sections' environment (its
-    workers inherit it: ``PYTHONPATH``, ``RAY_AUTH_MODE``); returns its address. It stops when
+    workers inherit it: ``PYTHONPATH``, ``RAY_AUTH_MODE``); returns what the sections need to join it
+    (its address, and no wait for GPUs: it never grows). It stops when
     this process ends, killed included (rayrcm's watchdog, :mod:`rayrcm.orchestration.reaper`)."""
     os.environ.update(env)
     os.environ.pop("RAY_ADDRESS", None)
@@ -128,10 +129,10 @@ def start_ray(env: dict[str, str]) -> str:
         sys.path.insert(0, str(HERE.parent))
     import ray
 
-    from rayrcm.orchestration.cluster import ensure_ray
+    from rayrcm.orchestration.cluster import GPU_WAIT_ENV, ensure_ray
 
     ensure_ray(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
-    return ray.get_runtime_context().gcs_address
+    return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, GPU_WAIT_ENV: "0"}
 
 
 def _f(v: object, fmt: str = ".2f") -> str:
@@ -199,9 +200,9 @@ def main() -> int:
                 pack["sections"][name] = {"rc": None, "error": ["not started: the pack's time budget is spent"]}
                 continue
             if name in RAY_SECTIONS and "RAY_ADDRESS" not in env and not ray_error:
-                try:  # one cluster for every Ray section; the pack's cluster never grows: no section waits for GPUs
+                try:  # one cluster for every Ray section
                     started = time.perf_counter()
-                    env = {**env, "RAY_ADDRESS": start_ray(env), "RAYRCM_GPU_WAIT_S": "0"}
+                    env = {**env, **start_ray(env)}
                     pack["ray_start_s"] = round(time.perf_counter() - started, 1)
                     print(f"[gpu_pack] Ray cluster at {env['RAY_ADDRESS']} in {pack['ray_start_s']} s, for "
                           f"{', '.join(sorted(RAY_SECTIONS))}", flush=True)

@@ -80,6 +80,11 @@ def denoiser_config() -> ExperimentConfig:
     })
 
 
+def cadis_alias(sigma: float) -> str:
+    """The registry alias of the CADIS fine-tuning at ``sigma`` (``cadis-sigma-0_50``)."""
+    return f"cadis-{sigma_alias(sigma)}"
+
+
 def certify_args(model: str, sigma: float, denoiser: str | None = None) -> list[str]:
     """``rayrcm certify`` keys for ``model`` (through ``denoiser``, a ddpm model, for DDS) at ``sigma``."""
     return [f"model={model}", f"smoothing.sigma={sigma:g}", "smoothing.n0=100", "smoothing.n=1000", "smoothing.skip=4",
@@ -88,7 +93,7 @@ def certify_args(model: str, sigma: float, denoiser: str | None = None) -> list[
 
 def finetune_config(init_from: str, sigma: float = 0.5, denoiser: str = "wiener_cov") -> ExperimentConfig:
     """CADIS fine-tuning of the base classifier behind ``denoiser`` at ``sigma`` (pixel units)."""
-    alias = f"cadis-{sigma_alias(sigma)}"
+    alias = cadis_alias(sigma)
     return from_dict({
         "data": {**DATA},
         "model": {"encoder": ENCODER, "init_from": init_from},
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                                                     "it (DDS)")
 
     def certified(a) -> list[str]:
-        return certify_args(a.init_from or f"models:/{REGISTER_AS}@cadis-{sigma_alias(a.sigma)}", a.sigma, a.denoiser)
+        return certify_args(a.init_from or f"models:/{REGISTER_AS}@{cadis_alias(a.sigma)}", a.sigma, a.denoiser)
 
     recipe_cli.main(argv, doc=__doc__, commands=[
         recipe_cli.train("base", "the off-the-shelf classifier: cross-entropy on clean digits (Ray Train)",
